@@ -1,0 +1,19 @@
+"""adaptzip: convert existing PEFT LoRA adapters into compact parameter-shared forms and back.
+
+Public API::
+
+    import adaptzip
+    ad = adaptzip.load_adapter("lora_dir")
+    adaptzip.compress("lora_dir", "small.safetensors", to="svd", budget=0.25)
+    adaptzip.expand("small.safetensors", "lora_out/")
+    c = adaptzip.open_container("small.safetensors"); c.verify()
+"""
+__version__ = "0.1.0"
+
+from .adapter import Adapter, ModuleInfo, load_adapter  # noqa: E402
+from .container import Container, open_container  # noqa: E402
+from .api import compress, expand, inspect, list_forms, verify  # noqa: E402
+from .errors import AdaptzipError  # noqa: E402
+
+__all__ = ["Adapter", "ModuleInfo", "load_adapter", "Container", "open_container", "compress", "expand",
+           "inspect", "list_forms", "verify", "AdaptzipError", "__version__"]

@@ -1,0 +1,375 @@
+"""Reading PEFT LoRA directories into a neutral model of the adapter.
+
+An :class:`Adapter` knows, for every adapted module, its base-model name, layer, type, shapes,
+rank, alpha and effective scale, and gives lazy access to its factors: ``A`` (r×in) and ``B``
+(out×r), so that the module's update is ``ΔW = scale · B @ A`` (out×in). Tensors stay in the
+memory-mapped safetensors file until asked for; nothing is held twice.
+
+Everything in the weights file that is not a LoRA factor (``modules_to_save`` copies,
+``lora_B.bias``, DoRA's ``lora_magnitude_vector``, embedding base layers saved by PEFT) is a
+*carried* tensor: kept verbatim and restored on expand, with a role that says what it is.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import AdapterError, UnsupportedAdapter
+
+PREFIX = "base_model.model."
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+TORCH_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+
+# A layer index is the first number that follows one of these container names in a module path.
+_LAYER_RE = re.compile(r"^(?P<stack>(?:.*\.)?(?:layers|layer|h|blocks|block|decoder_layers|encoder_layers|transformer_blocks))\.(?P<idx>\d+)\.(?P<rest>.+)$")
+_GENERIC_LAYER_RE = re.compile(r"^(?P<stack>(?:.*\.)?[A-Za-z_][A-Za-z_0-9]*)\.(?P<idx>\d+)\.(?P<rest>.+)$")
+
+_FACTOR_KEYS = {
+    ".lora_A.weight": ("linear", "A"),
+    ".lora_B.weight": ("linear", "B"),
+    ".lora_embedding_A": ("embedding", "A"),
+    ".lora_embedding_B": ("embedding", "B"),
+}
+
+
+def split_layer(name: str) -> tuple[str | None, int | None, str]:
+    """``model.layers.3.self_attn.q_proj`` → (``model.layers``, 3, ``self_attn.q_proj``).
+
+    Modules without a layer index give (None, None, name)."""
+    m = _LAYER_RE.match(name) or _GENERIC_LAYER_RE.match(name)
+    if not m:
+        return None, None, name
+    return m["stack"], int(m["idx"]), m["rest"]
+
+
+def pattern_key(pattern_keys, name: str) -> str | None:
+    """PEFT's own rule (``peft.utils.other.get_pattern_key``): the first key that matches the end
+    of the module name, as a regex, on a ``.`` boundary."""
+    for key in pattern_keys:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One adapted module. ``in_features``/``out_features`` are those of the update ΔW (out×in);
+    for an embedding LoRA ``in`` is the vocabulary size and ``out`` the embedding width, and its
+    dense update is transposed like a Conv1D (``fan_in_fan_out``)."""
+
+    name: str
+    stack: str | None
+    layer: int | None
+    type: str
+    in_features: int
+    out_features: int
+    rank: int
+    alpha: float
+    scale: float
+    kind: str = "linear"  # "linear" | "embedding"
+    fan_in_fan_out: bool = False
+
+    @property
+    def group(self) -> tuple[str | None, int | None]:
+        """The layer this module belongs to (stack, index); (None, None) when it has none."""
+        return (self.stack, self.layer)
+
+    @property
+    def type_key(self) -> str:
+        """Module type within its stack, e.g. ``model.layers.*.self_attn.q_proj``."""
+        return f"{self.stack}.*.{self.type}" if self.stack is not None else self.type
+
+    @property
+    def dense_transposed(self) -> bool:
+        """True when the base weight is stored (in, out): Conv1D with fan_in_fan_out, embeddings."""
+        return self.fan_in_fan_out or self.kind == "embedding"
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["in"] = d.pop("in_features")
+        d["out"] = d.pop("out_features")
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ModuleInfo":
+        d = dict(d)
+        d["in_features"] = d.pop("in")
+        d["out_features"] = d.pop("out")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Carried:
+    """A tensor carried verbatim: its key in the PEFT weights file and what it is."""
+
+    key: str
+    role: str  # modules_to_save | lora_bias | dora_magnitude | embedding_base | other
+    module: str | None = None  # the adapted module it belongs to (bias, magnitude)
+
+
+def natural_key(s: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def _role_of(key: str, module_names: set[str]) -> Carried:
+    name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    for suffix, role in ((".lora_B.bias", "lora_bias"), (".lora_magnitude_vector", "dora_magnitude"),
+                         (".lora_magnitude_vector.weight", "dora_magnitude")):
+        if name.endswith(suffix):
+            mod = name[: -len(suffix)]
+            return Carried(key, role, mod if mod in module_names else None)
+    if name.endswith(".base_layer.weight"):
+        return Carried(key, "embedding_base", name[: -len(".base_layer.weight")])
+    if ".modules_to_save." in name or ".original_module." in name:
+        return Carried(key, "modules_to_save")
+    if any(part.startswith("lora_") for part in name.split(".")):
+        return Carried(key, "other")
+    return Carried(key, "modules_to_save")
+
+
+class Adapter:
+    """A PEFT LoRA adapter on disk, read lazily. Use :func:`load_adapter`."""
+
+    def __init__(self, path: Path, config: dict, weights_file: Path, keys: dict[str, tuple]):
+        self.path = path
+        self.config = config
+        self.weights_file = weights_file
+        self._shapes = keys  # key -> (shape, dtype)
+        self._bin_state: dict | None = None
+        self.modules: list[ModuleInfo] = []
+        self.carried: list[Carried] = []
+        self._keys: dict[str, tuple[str, str]] = {}  # module name -> (key A, key B)
+        self._parse()
+
+    # ----------------------------------------------------------------- parsing
+    def _parse(self) -> None:
+        cfg = self.config
+        pairs: dict[str, dict[str, str]] = {}
+        kinds: dict[str, str] = {}
+        for key in self._shapes:
+            for suffix, (kind, which) in _FACTOR_KEYS.items():
+                if key.endswith(suffix):
+                    name = key[: -len(suffix)]
+                    name = name[len(PREFIX):] if name.startswith(PREFIX) else name
+                    pairs.setdefault(name, {})[which] = key
+                    kinds[name] = kind
+                    break
+        if not pairs:
+            raise AdapterError(self.weights_file, "no LoRA tensors (lora_A/lora_B) found")
+        use_rslora = bool(cfg.get("use_rslora", False))
+        fifo = bool(cfg.get("fan_in_fan_out", False))
+        rank_pattern = cfg.get("rank_pattern") or {}
+        alpha_pattern = cfg.get("alpha_pattern") or {}
+        r_default = int(cfg.get("r", 8))
+        alpha_default = float(cfg.get("lora_alpha", 8))
+        for name in sorted(pairs, key=natural_key):
+            p = pairs[name]
+            if set(p) != {"A", "B"}:
+                missing = "lora_B" if "B" not in p else "lora_A"
+                raise AdapterError(self.weights_file, f"module {name} has no {missing} tensor")
+            (sa, _), (sb, _) = self._shapes[p["A"]], self._shapes[p["B"]]
+            if len(sa) != 2 or len(sb) != 2:
+                raise UnsupportedAdapter(self.weights_file, f"module {name}: {len(sa)}-D LoRA factors (convolution LoRA) are not supported")
+            r, n_in = sa
+            n_out, r_b = sb
+            if r != r_b:
+                raise AdapterError(self.weights_file, f"module {name}: lora_A has rank {r} but lora_B has rank {r_b}")
+            rk = pattern_key(rank_pattern, name)
+            r_cfg = int(rank_pattern[rk]) if rk is not None else r_default
+            if r != r_cfg:
+                raise AdapterError(self.weights_file, f"module {name}: tensors have rank {r} but adapter_config.json says r={r_cfg}")
+            ak = pattern_key(alpha_pattern, name)
+            alpha = float(alpha_pattern[ak]) if ak is not None else alpha_default
+            scale = alpha / (r ** 0.5) if use_rslora else alpha / r
+            stack, layer, mtype = split_layer(name)
+            kind = kinds[name]
+            self.modules.append(ModuleInfo(
+                name=name, stack=stack, layer=layer, type=mtype, in_features=int(n_in), out_features=int(n_out),
+                rank=int(r), alpha=alpha, scale=float(scale), kind=kind, fan_in_fan_out=fifo and kind == "linear"))
+            self._keys[name] = (p["A"], p["B"])
+        factor_keys = {k for ab in self._keys.values() for k in ab}
+        names = set(self._keys)
+        self.carried = [_role_of(k, names) for k in sorted(self._shapes, key=natural_key) if k not in factor_keys]
+        other = [c.key for c in self.carried if c.role == "other"]
+        if other:
+            raise UnsupportedAdapter(self.weights_file, f"unrecognised LoRA tensor {other[0]} (a LoRA variant adaptzip does not know)")
+        if cfg.get("use_dora"):
+            need = {m.name for m in self.modules}
+            have = {c.module for c in self.carried if c.role == "dora_magnitude"}
+            if need - have:
+                raise AdapterError(self.weights_file, f"use_dora is set but module {sorted(need - have, key=natural_key)[0]} has no lora_magnitude_vector")
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    @property
+    def peft_version(self) -> str | None:
+        return self.config.get("peft_version")
+
+    @cached_property
+    def bytes(self) -> int:
+        """Bytes of the weights file on disk."""
+        return self.weights_file.stat().st_size
+
+    @cached_property
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        with open(self.weights_file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        return h.hexdigest()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the LoRA factors (the most common one)."""
+        counts: dict[torch.dtype, int] = {}
+        for a, b in self._keys.values():
+            for k in (a, b):
+                counts[self._shapes[k][1]] = counts.get(self._shapes[k][1], 0) + 1
+        return max(counts, key=counts.get)
+
+    @property
+    def n_params(self) -> int:
+        return sum(m.rank * (m.in_features + m.out_features) for m in self.modules)
+
+    @property
+    def uses_dora(self) -> bool:
+        return bool(self.config.get("use_dora"))
+
+    def module(self, name: str) -> ModuleInfo:
+        for m in self.modules:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    # ----------------------------------------------------------------- tensors
+    def _get(self, key: str) -> torch.Tensor:
+        if self._bin_state is not None:
+            return self._bin_state[key]
+        try:
+            with safe_open(self.weights_file, framework="pt") as f:
+                return f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise AdapterError(self.weights_file, f"cannot read tensor {key}: {e}") from e
+
+    def lora_A(self, name: str) -> torch.Tensor:
+        """The stored A (r×in) of a module, in its file dtype."""
+        return self._get(self._keys[name][0])
+
+    def lora_B(self, name: str) -> torch.Tensor:
+        """The stored B (out×r) of a module, in its file dtype."""
+        return self._get(self._keys[name][1])
+
+    def factors(self, m: ModuleInfo | str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale·B, A) in ``dtype``: ΔW = (scale·B) @ A, out×in."""
+        m = self.module(m) if isinstance(m, str) else m
+        return self.lora_B(m.name).to(dtype) * m.scale, self.lora_A(m.name).to(dtype)
+
+    def iter_factors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[ModuleInfo, torch.Tensor, torch.Tensor]]:
+        for m in self.modules:
+            B, A = self.factors(m, dtype)
+            yield m, B, A
+
+    def carried_tensor(self, key: str) -> torch.Tensor:
+        return self._get(key)
+
+    def summary(self) -> dict:
+        return {
+            "path": str(self.path), "base_model": self.base_model, "peft_version": self.peft_version,
+            "weights_file": self.weights_file.name, "bytes": self.bytes, "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype)),
+            "n_modules": len(self.modules), "n_params": self.n_params,
+            "use_rslora": bool(self.config.get("use_rslora")), "use_dora": self.uses_dora,
+            "fan_in_fan_out": bool(self.config.get("fan_in_fan_out")),
+            "carried": [{"key": c.key, "role": c.role} for c in self.carried],
+        }
+
+
+def _read_config(path: Path) -> dict:
+    cfg_file = path / "adapter_config.json"
+    if not path.exists():
+        raise AdapterError(path, "no such directory")
+    if not path.is_dir():
+        raise AdapterError(path, "not a directory (expected a PEFT adapter directory)")
+    if not cfg_file.is_file():
+        raise AdapterError(path, "no adapter_config.json (not a PEFT adapter directory)")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(cfg_file, f"invalid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise AdapterError(cfg_file, "not a JSON object")
+    ptype = cfg.get("peft_type")
+    if ptype != "LORA":
+        raise UnsupportedAdapter(cfg_file, f"peft_type {ptype!r} is not supported (only LORA)")
+    if cfg.get("target_parameters"):
+        raise UnsupportedAdapter(cfg_file, "target_parameters (LoRA on nn.Parameter, e.g. MoE experts) is not supported")
+    for key in ("r", "lora_alpha"):
+        if key in cfg and not isinstance(cfg[key], (int, float)):
+            raise AdapterError(cfg_file, f"{key} must be a number, got {cfg[key]!r}")
+    return cfg
+
+
+def load_adapter(path: str | Path) -> Adapter:
+    """Read a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors`` or
+    ``adapter_model.bin``). Raises :class:`AdapterError` with the file and cause on bad input."""
+    path = Path(path)
+    cfg = _read_config(path)
+    st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    if st.is_file():
+        try:
+            with safe_open(st, framework="pt") as f:
+                keys = {}
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    keys[k] = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype(), st, k))
+        except SafetensorError as e:
+            raise AdapterError(st, f"corrupt safetensors file: {e}") from e
+        except OSError as e:
+            raise AdapterError(st, f"cannot read: {e}") from e
+        _check_file_length(st)
+        return Adapter(path, cfg, st, keys)
+    if binf.is_file():
+        try:
+            state = torch.load(binf, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises many types here: all mean "refused"
+            raise UnsupportedAdapter(binf, f"refused: not loadable with torch.load(weights_only=True) ({type(e).__name__})") from e
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise AdapterError(binf, "not a state dict of tensors")
+        ad = Adapter(path, cfg, binf, {k: (tuple(v.shape), v.dtype) for k, v in state.items()})
+        ad._bin_state = state
+        return ad
+    raise AdapterError(path, "no adapter_model.safetensors or adapter_model.bin")
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _st_dtype(name: str, path: Path, key: str) -> torch.dtype:
+    if name not in _ST_DTYPES:
+        raise UnsupportedAdapter(path, f"tensor {key} has unsupported dtype {name}")
+    return _ST_DTYPES[name]
+
+
+def _check_file_length(path: Path) -> None:
+    """safe_open maps lazily: a truncated payload is caught here, not at first use."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > path.stat().st_size:
+        raise AdapterError(path, f"truncated safetensors file: payload needs {8 + n + end} bytes, file has {path.stat().st_size}")

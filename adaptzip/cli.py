@@ -1,0 +1,231 @@
+"""The ``adaptzip`` command line. It only parses options, calls :mod:`adaptzip.api` and prints:
+results on stdout (one JSON object with ``--json``), everything else on stderr."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import api
+from .errors import AdaptzipError, OptionError
+from .forms import REGISTRY
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Convert PEFT LoRA adapters into compact parameter-shared forms, and back.")
+err = Console(stderr=True)
+_STATE = {"debug": False}
+
+FormName = Enum("FormName", {n.replace("-", "_"): n for n in sorted(REGISTRY)}, type=str)  # type: ignore[misc]
+
+
+class DType(str, Enum):
+    fp16 = "fp16"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+class ExpandTo(str, Enum):
+    peft = "peft"
+    dense = "dense"
+    merged = "merged"
+
+
+class Target(str, Enum):
+    peft = "peft"
+    vllm = "vllm"
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (human output suppressed).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")]
+
+
+def _command() -> str:
+    return "adaptzip " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _emit(result: Any, as_json: bool, human) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=str, allow_nan=True) + "\n")
+    else:
+        human(result)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _kv_table(title: str, rows: dict) -> None:
+    t = Table(title=title, show_header=False)
+    for k, v in rows.items():
+        t.add_row(str(k), f"{v:.4g}" if isinstance(v, float) else str(v))
+    err.print(t)
+
+
+def _parse_opts(opts: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for o in opts or []:
+        if "=" not in o:
+            raise OptionError(None, f"--opt {o!r}: expected KEY=VALUE")
+        k, v = o.split("=", 1)
+        out[k.strip().replace("-", "_")] = _auto_value(v.strip())
+    return out
+
+
+def _auto_value(v: str) -> Any:
+    if "," in v:
+        return tuple(_auto_value(x) for x in v.split(",") if x)
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(v.lower(), v)
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    _STATE["debug"] = debug
+
+
+@app.command()
+def inspect(lora_dir: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.")], as_json: JsonOpt = False) -> None:
+    """Show an adapter: base model, PEFT version, modules per type and layer, ranks, alphas/scales,
+    dtype, parameters, bytes, and a per-module spectrum (effective rank, energy in top-k)."""
+    res = api.inspect(lora_dir)
+
+    def human(r):
+        _kv_table(f"adapter {r['path']}", {k: r[k] for k in ("base_model", "peft_version", "weights_file", "bytes", "dtype", "n_modules", "n_params", "use_rslora", "use_dora", "fan_in_fan_out")})
+        _kv_table("modules per type", r["modules_per_type"])
+        _kv_table("ranks / alphas / scales", {"ranks": r["ranks"], "alphas": r["alphas"], "scales": r["scales"]})
+        if r["carried"]:
+            _kv_table("carried tensors", {c["key"]: c["role"] for c in r["carried"]})
+        t = Table(title="per-module spectrum")
+        for col in ("module", "in", "out", "r", "scale", "‖ΔW‖", "eff. rank", "energy top-1", "top-4"):
+            t.add_column(col)
+        for m in r["modules"]:
+            t.add_row(m["name"], str(m["in"]), str(m["out"]), str(m["rank"]), f"{m['scale']:.4g}", f"{m['norm']:.4g}",
+                      f"{m['effective_rank']:.2f}", f"{m['energy_top'].get('1', 0):.3f}", f"{m['energy_top'].get('4', 1.0):.3f}")
+        err.print(t)
+    _emit(res, as_json, human)
+
+
+@app.command()
+def forms(as_json: JsonOpt = False) -> None:
+    """List the registered forms with their options and defaults."""
+    res = api.list_forms()
+
+    def human(r):
+        for f in r:
+            t = Table(title=f"[bold]{f['name']}[/]: {f['summary']}", title_justify="left")
+            t.add_column("option")
+            t.add_column("default")
+            t.add_column("help")
+            for o in f["options"]:
+                t.add_row("--" + o["name"].replace("_", "-"), str(o["default"]), o["help"])
+            err.print(t)
+    _emit({"forms": res}, as_json, lambda r: human(r["forms"]))
+
+
+@app.command()
+def compress(
+    lora_dir: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Container file to write (.safetensors).")],
+    to: Annotated[FormName, typer.Option("--to", help="Target form (see `adaptzip forms`).")] = "svd",  # type: ignore[assignment]
+    budget: Annotated[Optional[str], typer.Option(help="Size of the whole container: a fraction of the source's bytes (0.25) or a size (5MB, 300KiB).")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="svd/masa: rank per module.")] = None,
+    ranks: Annotated[Optional[str], typer.Option(help="bslora-*: ranks L,I,G (local, intra-layer, inter-layer).")] = None,
+    shared_size: Annotated[Optional[int], typer.Option(help="bslora-gt/ke: shared size d_s / s.")] = None,
+    group: Annotated[Optional[int], typer.Option(help="masa: layers per group S.")] = None,
+    experts: Annotated[Optional[int], typer.Option(help="masa: A-experts per group N.")] = None,
+    bank: Annotated[Optional[int], typer.Option(help="vblora: vectors in the bank h.")] = None,
+    vector_len: Annotated[Optional[int], typer.Option(help="vblora: sub-vector length b.")] = None,
+    topk: Annotated[Optional[int], typer.Option(help="vblora: bank vectors mixed per sub-vector k.")] = None,
+    opt: Annotated[Optional[list[str]], typer.Option("--opt", help="Any other form option as KEY=VALUE (repeatable).")] = None,
+    dtype: Annotated[Optional[DType], typer.Option(help="Container float dtype (default: the source's).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed: same inputs and seed give a byte-identical container.")] = 0,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fit a PEFT LoRA into a compact form and write one container; prints size, error and the
+    same-bytes svd baseline's error."""
+    options = {"rank": rank, "ranks": None if ranks is None else _auto_value(ranks if "," in ranks else ranks + ","),
+               "shared_size": shared_size, "group": group, "experts": experts, "bank": bank,
+               "vector_len": vector_len, "topk": topk, **_parse_opts(opt)}
+    res = api.compress(lora_dir, output, to=str(to.value if isinstance(to, Enum) else to), budget=budget,
+                       dtype=None if dtype is None else dtype.value, seed=seed, options=options, force=force,
+                       progress=not as_json, command=_command())
+
+    def human(r):
+        rows = {"output": r["output"], "form": r["form"], "source bytes": _fmt_bytes(r["source_bytes"]),
+                "container bytes": _fmt_bytes(r["bytes"]), "ratio": f"{r['ratio']:.4f}",
+                "stored params": r["stored_params"], "rel. error": r["rel_error"],
+                "worst module": f"{r['worst_module_rel_error']:.4g} ({r['worst_module']})"}
+        if "svd_baseline_rel_error" in r:
+            rows["svd baseline (same bytes)"] = r["svd_baseline_rel_error"]
+        _kv_table("compressed", rows)
+    _emit(res, as_json, human)
+
+
+@app.command()
+def expand(
+    container: Annotated[Path, typer.Argument(help="adaptzip container (.safetensors).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output directory (peft, merged) or file (dense).")],
+    to: Annotated[ExpandTo, typer.Option("--to", help="peft: a PEFT LoRA dir; dense: ΔW per module; merged: base model + ΔW.")] = ExpandTo.peft,
+    target: Annotated[Target, typer.Option(help="For --to peft: 'vllm' also satisfies vLLM's loader (one global rank, scale folded).")] = Target.peft,
+    max_lora_rank: Annotated[Optional[int], typer.Option(help="vLLM's max_lora_rank (1, 8, 16, 32, 64, 128, 256, 320, 512); larger modules are re-factored by SVD.")] = None,
+    base_model: Annotated[Optional[Path], typer.Option(help="Base model directory (safetensors) for --to merged.")] = None,
+    dtype: Annotated[Optional[DType], typer.Option(help="Output float dtype (default: container's; dense: fp32).")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Restore a container as a PEFT LoRA directory (also for vLLM), a dense ΔW file, or a merged model."""
+    res = api.expand(container, output, to=to.value, target=target.value, max_lora_rank=max_lora_rank,
+                     base_model=base_model, dtype=None if dtype is None else dtype.value, force=force)
+    _emit(res, as_json, lambda r: _kv_table("expanded", {k: v for k, v in r.items() if not isinstance(v, dict) or len(v) < 8}))
+
+
+@app.command()
+def verify(container: Annotated[Path, typer.Argument(help="adaptzip container (.safetensors).")], as_json: JsonOpt = False) -> None:
+    """Check a container: manifest schema, tensor shapes against the manifest, payload hash."""
+    res = api.verify(container)
+    _emit(res, as_json, lambda r: err.print(f"[green]ok[/] {r['path']}: form {r['form']}, {r['tensors']} tensors, {_fmt_bytes(r['bytes'])}"))
+
+
+def main() -> None:
+    """Entry point: one-line errors (``adaptzip: error: <path>: <cause>``), exit 2; tracebacks with --debug."""
+    try:
+        app(standalone_mode=False)
+    except AdaptzipError as e:
+        if _STATE["debug"]:
+            raise
+        sys.stderr.write(f"adaptzip: error: {e.line()}\n")
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.stderr.write("adaptzip: interrupted\n")
+        sys.exit(130)
+    except Exception as e:  # click usage errors and unexpected failures: still one line
+        import click
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if _STATE["debug"]:
+            raise
+        sys.stderr.write(f"adaptzip: error: {type(e).__name__}: {' '.join(str(e).split())}\n")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Expanding a container: PEFT LoRA directory (optionally vLLM-compatible), dense ΔW file, or a
+merged base model. Dense and merged outputs stream: one ΔW (or one base tensor) in memory at a
+time, written at its planned offset by :class:`adaptzip.fileio.StreamingWriter`."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import linalg
+from .adapter import PREFIX, TORCH_DTYPES, ModuleInfo, pattern_key
+from .container import Container
+from .errors import BaseModelError, ExportError
+from .fileio import StreamingWriter, atomic_dir, atomic_file
+from .forms.base import Form
+
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def _resolve_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
+    return default if name is None else TORCH_DTYPES[name]
+
+
+def _alpha_for(scale: float, r: int, rslora: bool) -> float:
+    a = scale * (math.sqrt(r) if rslora else r)
+    return int(round(a)) if abs(a - round(a)) < 1e-9 else a
+
+
+def _config_reproduces(cfg: dict, want: dict[str, tuple[int, float]]) -> bool:
+    """Whether PEFT, reading ``cfg``, gives every module the (rank, alpha) in ``want``."""
+    rp, ap = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    for name, (r, alpha) in want.items():
+        rk, ak = pattern_key(rp, name), pattern_key(ap, name)
+        r_cfg = rp[rk] if rk is not None else cfg.get("r", 8)
+        a_cfg = ap[ak] if ak is not None else cfg.get("lora_alpha", 8)
+        if int(r_cfg) != r or abs(float(a_cfg) - float(alpha)) > 1e-9 * max(1.0, abs(float(alpha))):
+            return False
+    return True
+
+
+def _lora_config(source: dict, modules: list[ModuleInfo], ranks: dict[str, int], alphas: dict[str, float],
+                 rslora: bool) -> dict:
+    """A LoraConfig dict that gives each module its rank and alpha: the source's own config when it
+    does, else a uniform r/alpha (the most common) plus rank_pattern/alpha_pattern entries."""
+    cfg = dict(source)
+    cfg["use_rslora"] = rslora
+    cfg["inference_mode"] = True
+    present = [m for m in modules if m.name in ranks]
+    if len(present) != len(modules):
+        cfg["target_modules"] = [m.name for m in present]
+    want = {m.name: (ranks[m.name], alphas[m.name]) for m in present}
+    if _config_reproduces(cfg, want):
+        return cfg
+    r0 = Counter(ranks[m.name] for m in present).most_common(1)[0][0] if present else 1
+    a0 = Counter(alphas[m.name] for m in present).most_common(1)[0][0] if present else 1
+    cfg.update(r=r0, lora_alpha=a0,
+               rank_pattern={m.name: ranks[m.name] for m in present if ranks[m.name] != r0},
+               alpha_pattern={m.name: alphas[m.name] for m in present if alphas[m.name] != a0})
+    return cfg
+
+
+def _factor_keys(m: ModuleInfo) -> tuple[str, str]:
+    if m.kind == "embedding":
+        return f"{PREFIX}{m.name}.lora_embedding_A", f"{PREFIX}{m.name}.lora_embedding_B"
+    return f"{PREFIX}{m.name}.lora_A.weight", f"{PREFIX}{m.name}.lora_B.weight"
+
+
+def to_peft(c: Container, out: Path, *, target: str = "peft", max_lora_rank: int | None = None,
+            dtype: str | None = None, form: Form | None = None) -> dict:
+    """Write a PEFT LoRA directory. ``target='vllm'`` also satisfies vLLM's loader (one global
+    rank ≤ max_lora_rank, scale folded into B, only lora_A/lora_B tensors)."""
+    form = form or c.form()
+    out_dtype = _resolve_dtype(dtype, c.dtype)
+    src_cfg = c.source_config
+    rslora = bool(src_cfg.get("use_rslora"))
+    tensors: dict[str, torch.Tensor] = {}
+    info: dict = {"output": str(out), "target": target}
+    scales: dict[str, float] = {}
+    with torch.no_grad():
+        if target == "vllm":
+            bad = [x for x in c.carried if x["role"] in ("lora_bias", "dora_magnitude", "modules_to_save")]
+            if bad:
+                why = {"lora_bias": "a LoRA bias (lora_B.bias)", "dora_magnitude": "DoRA (lora_magnitude_vector)",
+                       "modules_to_save": "modules_to_save"}[bad[0]["role"]]
+                raise ExportError(c.path, f"vLLM cannot load {why} ({bad[0]['key']}); expand with --target peft instead")
+            facs = [(m, *form.factors(i)) for i, m in enumerate(c.modules)]
+            R = max((A.shape[0] for _, _, A in facs), default=1)
+            if max_lora_rank is None:
+                max_lora_rank = next((n for n in VLLM_RANKS if n >= R), VLLM_RANKS[-1])
+            if max_lora_rank not in VLLM_RANKS:
+                raise ExportError(out, f"--max-lora-rank {max_lora_rank} is not one vLLM accepts ({', '.join(map(str, VLLM_RANKS))})")
+            r = max(1, min(R, max_lora_rank))
+            refactored = {}
+            for m, B, A in facs:
+                k = A.shape[0]
+                if k > r:
+                    s = linalg.factored_svd(B, A)
+                    B2, A2 = s.truncate(r)
+                    refactored[m.name] = math.sqrt(float(linalg.sq_error(B, A, B2, A2).clamp_min(0)) / max(float(linalg.sq_norm(B, A)), 1e-30))
+                    B, A = B2, A2
+                elif k < r:  # zero-pad to the global rank
+                    B = torch.cat([B, B.new_zeros(B.shape[0], r - k)], 1)
+                    A = torch.cat([A, A.new_zeros(r - k, A.shape[1])], 0)
+                ka, kb = _factor_keys(m)
+                tensors[ka], tensors[kb] = A.to(out_dtype).contiguous(), B.to(out_dtype).contiguous()
+            cfg = dict(src_cfg)
+            cfg.update(r=r, lora_alpha=r, use_rslora=False, rank_pattern={}, alpha_pattern={}, use_dora=False,
+                       lora_bias=False, bias="none", modules_to_save=None, inference_mode=True)
+            dropped = [x["key"] for x in c.carried if x["role"] == "embedding_base"]
+            info.update(r=r, max_lora_rank=max_lora_rank, refactored=refactored, dropped=dropped)
+        else:
+            ranks, alphas = {}, {}
+            for i, m in enumerate(c.modules):
+                B, A, scale = form.lora_factors(i)
+                k = A.shape[0]
+                if k == 0:
+                    continue  # ΔŴ = 0: the module is simply not adapted
+                ka, kb = _factor_keys(m)
+                tensors[ka], tensors[kb] = A.to(out_dtype).contiguous(), B.to(out_dtype).contiguous()
+                ranks[m.name], alphas[m.name] = k, _alpha_for(scale, k, rslora)
+                scales[m.name] = scale
+            cfg = _lora_config(src_cfg, c.modules, ranks, alphas, rslora)
+            info.update(r=cfg["r"], ranks=ranks)
+        for j, x in enumerate(c.carried):
+            if target == "vllm":
+                continue
+            t = c.carried_tensor(j)
+            if x["role"] == "lora_bias" and x["module"] in scales:
+                # PEFT scales lora_B's bias with the module's scaling: keep scaling·bias unchanged.
+                src = next(m for m in c.modules if m.name == x["module"])
+                if scales[x["module"]] != src.scale:
+                    t = (t.float() * (src.scale / scales[x["module"]])).to(t.dtype)
+            tensors[x["key"]] = t.contiguous()
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    info["bytes"] = (out / "adapter_model.safetensors").stat().st_size
+    return info
+
+
+def _delta(form: Form, i: int, m: ModuleInfo, dtype: torch.dtype) -> torch.Tensor:
+    """Dense ΔŴ of module i as the base weight stores it (transposed for Conv1D / embeddings)."""
+    B, A = form.factors(i)
+    d = B.float() @ A.float()  # out×in
+    return (d.T if m.dense_transposed else d).to(dtype).contiguous()
+
+
+def to_dense(c: Container, out: Path, *, dtype: str | None = "fp32", form: Form | None = None) -> dict:
+    """One safetensors file: ΔW per module keyed by the base weight name, written module by module
+    (peak memory: one ΔW). LoRA biases become ``<module>.bias`` deltas."""
+    if any(x["role"] == "dora_magnitude" for x in c.carried):
+        raise ExportError(c.path, "a DoRA update depends on the base weights and has no dense ΔW; use --to merged --base-model DIR")
+    form = form or c.form()
+    out_dtype = _resolve_dtype(dtype, torch.float32)
+    plan = []
+    for m in c.modules:
+        shape = (m.in_features, m.out_features) if m.dense_transposed else (m.out_features, m.in_features)
+        plan.append((f"{m.name}.weight", out_dtype, shape))
+    biases = {x["module"]: j for j, x in enumerate(c.carried) if x["role"] == "lora_bias"}
+    for m in c.modules:
+        if m.name in biases:
+            plan.append((f"{m.name}.bias", out_dtype, (m.out_features,)))
+    not_included = [x["key"] for x in c.carried if x["role"] in ("modules_to_save", "embedding_base")]
+    meta = {"adaptzip": json.dumps({"kind": "dense_delta", "source_container": c.path.name,
+                                    "form": c.form_name, "not_included": not_included}, sort_keys=True)}
+    with torch.no_grad(), atomic_file(out) as tmp, StreamingWriter(tmp, plan, meta) as w:
+        for i, m in enumerate(c.modules):
+            w.write(f"{m.name}.weight", _delta(form, i, m, out_dtype))
+        for m in c.modules:
+            if m.name in biases:
+                w.write(f"{m.name}.bias", (c.carried_tensor(biases[m.name]).float() * m.scale).to(out_dtype))
+    return {"output": str(out), "tensors": len(plan), "bytes": out.stat().st_size, "not_included": not_included}
+
+
+# ----------------------------------------------------------------------------- merged
+def _base_shards(base: Path) -> tuple[list[Path], Path | None]:
+    if not base.is_dir():
+        raise BaseModelError(base, "not a directory (--base-model must be a local model directory with safetensors weights)")
+    idx = base / "model.safetensors.index.json"
+    if idx.is_file():
+        files = sorted(set(json.loads(idx.read_text())["weight_map"].values()))
+        return [base / f for f in files], idx
+    single = base / "model.safetensors"
+    if single.is_file():
+        return [single], None
+    raise BaseModelError(base, "no model.safetensors or model.safetensors.index.json")
+
+
+def _match_key(name: str, keys: set[str], suffix: str) -> str | None:
+    """The base checkpoint key of ``name.suffix``: exact, or the unique key that differs only
+    by a leading model prefix (``transformer.h.0...`` vs ``h.0...``)."""
+    k = f"{name}.{suffix}"
+    if k in keys:
+        return k
+    parts = name.split(".")
+    if len(parts) > 1 and f"{'.'.join(parts[1:])}.{suffix}" in keys:
+        return f"{'.'.join(parts[1:])}.{suffix}"
+    cands = [x for x in keys if x.endswith("." + k)]
+    return cands[0] if len(cands) == 1 else None
+
+
+def to_merged(c: Container, base: Path, out: Path, *, form: Form | None = None) -> dict:
+    """The base model's safetensors shards with ΔŴ added (DoRA and LoRA biases applied,
+    modules_to_save replaced), written shard by shard and tensor by tensor; other files copied."""
+    form = form or c.form()
+    shards, index = _base_shards(base)
+    keys: dict[str, Path] = {}
+    for s in shards:
+        try:
+            with safe_open(s, framework="pt") as f:
+                for k in f.keys():
+                    keys[k] = s
+        except (SafetensorError, OSError) as e:
+            raise BaseModelError(s, f"cannot read: {e}") from e
+    kset = set(keys)
+    edits: dict[str, tuple] = {}  # base key -> ("delta", i) | ("bias", j, i) | ("replace", j)
+    magnitude = {x["module"]: j for j, x in enumerate(c.carried) if x["role"] == "dora_magnitude"}
+    for i, m in enumerate(c.modules):
+        k = _match_key(m.name, kset, "weight")
+        if k is None:
+            raise BaseModelError(base, f"module {m.name} of the adapter has no weight in the base model")
+        if m.name in magnitude and m.kind == "embedding":
+            raise ExportError(c.path, f"merging DoRA on an embedding ({m.name}) is not supported; expand with --to peft")
+        edits[k] = ("delta", i)
+    for j, x in enumerate(c.carried):
+        if x["role"] == "lora_bias":
+            k = _match_key(x["module"], kset, "bias")
+            if k is None:
+                raise BaseModelError(base, f"module {x['module']} has a LoRA bias but the base layer has no bias to merge it into")
+            i = next(i for i, m in enumerate(c.modules) if m.name == x["module"])
+            edits[k] = ("bias", j, i)
+        elif x["role"] in ("modules_to_save", "embedding_base"):
+            name = x["key"][len(PREFIX):] if x["key"].startswith(PREFIX) else x["key"]
+            name = name.replace(".base_layer.weight", ".weight").replace(".modules_to_save.", ".").replace(".original_module.", ".")
+            k = name if name in kset else _match_key(name.rsplit(".", 1)[0], kset, name.rsplit(".", 1)[1])
+            if k is None:
+                raise BaseModelError(base, f"tensor {x['key']} of the adapter has no counterpart in the base model")
+            edits[k] = ("replace", j)
+    with torch.no_grad(), atomic_dir(out) as tmp:
+        for f in sorted(base.iterdir()):
+            if f.is_file() and f not in shards:
+                shutil.copy2(f, tmp / f.name)
+        for s in shards:
+            with safe_open(s, framework="pt") as fh:
+                names = list(fh.keys())
+                meta = fh.metadata()
+                plan = [(n, _st_torch(fh.get_slice(n).get_dtype()), tuple(fh.get_slice(n).get_shape())) for n in names]
+                with StreamingWriter(tmp / s.name, plan, meta) as w:
+                    for n, dt, _ in plan:
+                        t = fh.get_tensor(n)
+                        e = edits.get(n)
+                        if e is not None:
+                            t = _apply(c, form, e, t, magnitude)
+                        w.write(n, t.to(dt).contiguous())
+    return {"output": str(out), "base_model": str(base), "shards": len(shards), "edited_tensors": len(edits)}
+
+
+def _apply(c: Container, form: Form, e: tuple, t: torch.Tensor, magnitude: dict[str, int]) -> torch.Tensor:
+    if e[0] == "replace":
+        return c.carried_tensor(e[1])
+    if e[0] == "bias":
+        m = c.modules[e[2]]
+        return t.float() + m.scale * c.carried_tensor(e[1]).float()
+    i = e[1]
+    m = c.modules[i]
+    W = t.float()
+    d = _delta(form, i, m, torch.float32)
+    if W.shape != d.shape:
+        raise BaseModelError(None, f"module {m.name}: base weight has shape {list(W.shape)} but the adapter's update is {list(d.shape)}")
+    W = W + d
+    if m.name in magnitude:
+        Wo = W.T if m.dense_transposed else W  # (out, in), PEFT's DoRA convention
+        norm = torch.linalg.norm(Wo, dim=1)
+        Wo = (c.carried_tensor(magnitude[m.name]).float() / norm)[:, None] * Wo
+        W = Wo.T if m.dense_transposed else Wo
+    return W
+
+
+def _st_torch(name: str) -> torch.dtype:
+    from .adapter import _ST_DTYPES
+    return _ST_DTYPES[name]

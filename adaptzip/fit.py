@@ -1,0 +1,113 @@
+"""The factored objective and the optimiser shared by all forms.
+
+Objective: Σ_m ‖ΔW_m − ΔŴ_m‖²_{Σ_m} / Σ_m ‖ΔW_m‖²_{Σ_m}, with ΔW_m = scale·B_m A_m the source
+update and ΔŴ_m = form.factors(m) — computed from Gram products (``linalg.sq_error``), never from
+dense matrices. Σ_m is the module's input second moment when statistics exist, else the identity.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import linalg
+from .adapter import Adapter
+from .forms.base import FitContext, Form
+from .progress import progress_bar
+
+
+@dataclass
+class Target:
+    """Source factors of one module (scale folded into B) and its Σ (or None)."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    Sigma: torch.Tensor | None
+    norm2: float
+
+
+def targets(adapter: Adapter, ctx: FitContext) -> list[Target]:
+    """Source updates in fp32 with their Σ-weighted squared norms (cached in ctx)."""
+    key = ("targets", id(adapter))
+    if key not in ctx.cache:
+        out = []
+        for m, B, A in adapter.iter_factors():
+            S = ctx.sigma(m)
+            out.append(Target(B, A, S, float(linalg.sq_norm(B, A, S))))
+        ctx.cache[key] = out
+    return ctx.cache[key]
+
+
+def module_sq_errors(form: Form, tg: list[Target]) -> torch.Tensor:
+    """‖ΔW_m − ΔŴ_m‖²_Σ per module (differentiable)."""
+    errs = []
+    for i, t in enumerate(tg):
+        B, A = form.factors(i)
+        errs.append(linalg.sq_error(t.B, t.A, B, A, t.Sigma))
+    return torch.stack(errs)
+
+
+@dataclass
+class FitReport:
+    rel_error: float  # sqrt(Σ err² / Σ ‖ΔW‖²): energy-weighted over modules
+    worst_module_rel_error: float
+    worst_module: str
+    module_rel_errors: list[float]
+
+    def to_json(self) -> dict:
+        return {"rel_error": self.rel_error, "worst_module_rel_error": self.worst_module_rel_error,
+                "worst_module": self.worst_module}
+
+
+@torch.no_grad()
+def evaluate(form: Form, adapter: Adapter, ctx: FitContext) -> FitReport:
+    """Relative errors of a form against its source (Σ-weighted when ctx has statistics)."""
+    tg = targets(adapter, ctx)
+    e2 = module_sq_errors(form, tg).double().clamp_min(0)
+    n2 = torch.tensor([t.norm2 for t in tg], dtype=torch.float64)
+    rel = [math.sqrt(float(e) / float(n)) if n > 0 else (0.0 if e == 0 else math.inf) for e, n in zip(e2, n2)]
+    total = math.sqrt(float(e2.sum()) / max(float(n2.sum()), 1e-30))
+    worst = max(range(len(rel)), key=rel.__getitem__)
+    return FitReport(total, rel[worst], adapter.modules[worst].name, rel)
+
+
+def optimise(form: Form, adapter: Adapter, ctx: FitContext, *, lr: float = 1e-2, max_steps: int = 500,
+             tol: float = 1e-4, patience: int = 25, params=None, label: str = "fit") -> list[float]:
+    """Adam on the relative factored objective with early stopping: stop when the best loss has
+    not improved by a relative ``tol`` in ``patience`` steps; the best state is restored.
+    Returns the loss history."""
+    tg = targets(adapter, ctx)
+    total = max(sum(t.norm2 for t in tg), 1e-30)
+    params = [p for p in (params if params is not None else form.parameters()) if p.requires_grad]
+    if not params:
+        return []
+    steps = ctx.max_steps if ctx.max_steps is not None else max_steps
+    torch.manual_seed(ctx.seed)
+    opt = torch.optim.Adam(params, lr=lr)
+    best = math.inf
+    best_state = [p.detach().clone() for p in params]
+    since = 0
+    history: list[float] = []
+    with progress_bar(ctx.progress, label, steps) as bar:
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = module_sq_errors(form, tg).sum() / total
+            loss.backward()
+            opt.step()
+            val = float(loss)
+            history.append(val)
+            bar(loss=val)
+            if val < best * (1 - tol):
+                best, since = val, 0
+                best_state = [p.detach().clone() for p in params]
+            else:
+                since += 1
+                if since >= patience:
+                    break
+    with torch.no_grad():
+        final = float(module_sq_errors(form, tg).sum() / total)
+        if final > best:
+            for p, b in zip(params, best_state):
+                p.copy_(b)
+    return history

@@ -1,0 +1,3 @@
+"""Form registry: one file per form, one import line here."""
+from .base import REGISTRY, FitContext, Form, get_form, make_config  # noqa: F401
+from . import lora, svd  # noqa: F401  (each module registers its form)

@@ -1,0 +1,164 @@
+"""The one interface every form implements, and the form registry.
+
+A form is a ``torch.nn.Module`` whose parameters produce, for each module ``i`` of the adapter's
+module table, two factors ``factors(i) -> (B, A)`` with ΔŴ_i = B @ A (out×in, the scale folded
+in), differentiably. The same object is
+
+* fitted in weight space (:mod:`adaptzip.fit`),
+* run live inside a base model for distillation (:mod:`adaptzip.calibrate`),
+* stored (``tensors()`` / ``from_tensors()``) and expanded (:mod:`adaptzip.export`).
+
+A form adds: a hyperparameter dataclass ``Config`` (defaults from its paper, help text in the
+field metadata), ``fit``, ``factors``, ``tensors``, ``tensor_specs`` (the exact names, shapes and
+dtypes of what it stores, used by ``verify``), ``from_tensors`` and ``config_for_budget``. Adding a
+form is one file in ``adaptzip/forms/`` plus one line in ``adaptzip/forms/__init__.py``.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from ..adapter import Adapter, ModuleInfo
+from ..errors import OptionError
+
+Tensor = torch.Tensor
+
+# name -> (shape, dtype or None for "the container's float dtype")
+TensorSpecs = dict[str, tuple[tuple[int, ...], torch.dtype | None]]
+
+
+@dataclass
+class FitContext:
+    """What a fit may use beyond the adapter: Σ statistics per module name (in×in, fp32) or None,
+    the seed, whether to show progress, and a bound on optimiser steps."""
+
+    stats: dict[str, Tensor] | None = None
+    seed: int = 0
+    progress: bool = False
+    max_steps: int | None = None
+    cache: dict = field(default_factory=dict)  # per-run memo (e.g. spectra shared by budget and fit)
+
+    def sigma(self, m: ModuleInfo) -> Tensor | None:
+        return None if self.stats is None else self.stats.get(m.name)
+
+
+class Form(nn.Module, metaclass=abc.ABCMeta):
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, modules: Sequence[ModuleInfo], config: Any):
+        super().__init__()
+        self.modules_info: list[ModuleInfo] = list(modules)
+        self.config = config
+        # Form-specific facts chosen at fit time that the manifest must record (e.g. svd ranks).
+        self.state_info: dict[str, Any] = {}
+        # Metrics the fit measured (e.g. soft vs hard top-k error); copied into the manifest.
+        self.fit_info: dict[str, Any] = {}
+
+    # -- construction ---------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def fit(cls, adapter: Adapter, config: Any, ctx: FitContext) -> "Form":
+        """Weight-space (Σ-weighted when ctx.stats) fit of the adapter's updates."""
+
+    @classmethod
+    @abc.abstractmethod
+    def tensor_specs(cls, modules: Sequence[ModuleInfo], config: Any, state: dict) -> TensorSpecs:
+        """Exact names, shapes and dtypes of the stored tensors for this configuration."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_tensors(cls, modules: Sequence[ModuleInfo], config: Any, state: dict, tensors: dict[str, Tensor]) -> "Form":
+        """Rebuild the form from stored tensors (shapes already checked against tensor_specs)."""
+
+    @classmethod
+    def config_for_budget(cls, adapter: Adapter, config: Any, budget_bytes: int, float_bytes: int, ctx: FitContext) -> Any:
+        """A configuration whose stored payload fits ``budget_bytes`` (floats of ``float_bytes``)."""
+        raise OptionError(None, f"form {cls.name} does not support --budget")
+
+    # -- use --------------------------------------------------------------------
+    @abc.abstractmethod
+    def factors(self, i: int) -> tuple[Tensor, Tensor]:
+        """(B, A) of module i: B (out×k), A (k×in), fp32, ΔŴ_i = B @ A with the scale folded in."""
+
+    def lora_factors(self, i: int) -> tuple[Tensor, Tensor, float]:
+        """(B, A, scale) to write as a PEFT LoRA: ΔŴ_i = scale · B @ A. Forms that keep the
+        source's own factors (``lora``) override this to restore them exactly."""
+        B, A = self.factors(i)
+        return B, A, 1.0
+
+    @abc.abstractmethod
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors to store (floats in any dtype: the container casts them)."""
+
+    def float_params(self) -> int:
+        """Stored float values (what the container dtype applies to)."""
+        specs = self.tensor_specs(self.modules_info, self.config, self.state_info)
+        return sum(_numel(s) for s, dt in specs.values() if dt is None)
+
+    def index_bytes(self) -> int:
+        specs = self.tensor_specs(self.modules_info, self.config, self.state_info)
+        return sum(_numel(s) * torch.empty(0, dtype=dt).element_size() for s, dt in specs.values() if dt is not None)
+
+    def trainable_groups(self) -> list[dict]:
+        """Parameter groups for distillation (default: every parameter, one group)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def finalize(self) -> None:
+        """Called after distillation (e.g. VB-LoRA re-freezes its top-k selection)."""
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+REGISTRY: dict[str, type[Form]] = {}
+
+
+def register(cls: type[Form]) -> type[Form]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_form(name: str) -> type[Form]:
+    if name not in REGISTRY:
+        raise OptionError(None, f"unknown form {name!r} (known: {', '.join(sorted(REGISTRY))})")
+    return REGISTRY[name]
+
+
+def config_fields(cls: type) -> list[dict]:
+    """The options of a form's Config: name, default, type and help (for `adaptzip forms`)."""
+    out = []
+    for f in fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out.append({"name": f.name, "default": default, "type": str(f.type), "help": f.metadata.get("help", "")})
+    return out
+
+
+def make_config(form: type[Form], options: dict[str, Any]) -> Any:
+    """Build ``form.Config`` from options; unknown options are refused naming the form."""
+    known = {f.name for f in fields(form.Config)}
+    unknown = sorted(k for k, v in options.items() if v is not None and k not in known)
+    if unknown:
+        raise OptionError(None, f"form {form.name} has no option {unknown[0]!r} (its options: {', '.join(sorted(known)) or 'none'})")
+    try:
+        return form.Config(**{k: v for k, v in options.items() if v is not None})
+    except (TypeError, ValueError) as e:
+        raise OptionError(None, f"form {form.name}: {e}") from e
+
+
+def config_to_json(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_json(form: type[Form], d: dict) -> Any:
+    return form.Config(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})

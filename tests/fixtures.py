@@ -1,0 +1,69 @@
+"""Real fixtures built locally: tiny transformers models saved as safetensors directories and
+PEFT LoRA adapters trained a few steps (so B ≠ 0). No model hub, no mocks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama_config(layers: int = 3, hidden: int = 64, inter: int = 96, vocab: int = 128) -> LlamaConfig:
+    return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, tie_word_embeddings=False,
+                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def make_base(path: Path, kind: str = "llama", seed: int = 0, **cfg) -> Path:
+    """A tiny randomly initialised causal LM saved with save_pretrained (safetensors)."""
+    torch.manual_seed(seed)
+    if kind == "llama":
+        model = LlamaForCausalLM(tiny_llama_config(**cfg))
+    elif kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=cfg.get("hidden", 64), n_layer=cfg.get("layers", 2), n_head=4,
+                                           vocab_size=cfg.get("vocab", 128), n_positions=128, bos_token_id=1, eos_token_id=2))
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(path)
+    return path
+
+
+def load_base(path: Path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+
+
+def train_lora(base_dir: Path, out: Path, *, steps: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32,
+               lr: float = 2e-2, init_seed: int | None = None, data_seed: int | None = None, **lora_kwargs) -> Path:
+    """Train a PEFT LoRA a few steps on random token sequences and save it in ``dtype``.
+
+    ``init_seed`` fixes the LoRA initialisation (A) independently of the data (``data_seed``), as in
+    pipelines that train many adapters from one seed."""
+    model = load_base(base_dir)
+    kw = {"r": 8, "lora_alpha": 16, "target_modules": LLAMA_TARGETS if model.config.model_type == "llama" else ["c_attn", "c_proj", "c_fc"]}
+    kw.update(lora_kwargs)
+    torch.manual_seed(seed if init_seed is None else init_seed)
+    pm = get_peft_model(model, LoraConfig(**kw))
+    g = torch.Generator().manual_seed(seed if data_seed is None else data_seed)
+    vocab = model.config.vocab_size
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        ids = torch.randint(3, vocab, (4, 24), generator=g)
+        ids[:, 1::2] = (ids[:, ::2] * 7 + 3) % vocab  # a learnable pattern
+        loss = pm(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if dtype != torch.float32:
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(dtype)
+    pm.save_pretrained(out)
+    return out
+
+
+def random_ids(n: int = 2, length: int = 16, vocab: int = 128, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
