@@ -29,8 +29,8 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 TORCH_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 # A layer index is the first number that follows one of these container names in a module path.
-_LAYER_RE = re.compile(r"^(?P<stack>(?:.*\.)?(?:layers|layer|h|blocks|block|decoder_layers|encoder_layers|transformer_blocks))\.(?P<idx>\d+)\.(?P<rest>.+)$")
-_GENERIC_LAYER_RE = re.compile(r"^(?P<stack>(?:.*\.)?[A-Za-z_][A-Za-z_0-9]*)\.(?P<idx>\d+)\.(?P<rest>.+)$")
+_LAYER_RE = re.compile(r"^(?P<stack>(?:.*?\.)?(?:layers|layer|h|blocks|block|decoder_layers|encoder_layers|transformer_blocks))\.(?P<idx>\d+)\.(?P<rest>.+)$")
+_GENERIC_LAYER_RE = re.compile(r"^(?P<stack>(?:.*?\.)?[A-Za-z_][A-Za-z_0-9]*)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 
 _FACTOR_KEYS = {
     ".lora_A.weight": ("linear", "A"),
@@ -330,6 +330,7 @@ def load_adapter(path: str | Path) -> Adapter:
     cfg = _read_config(path)
     st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
     if st.is_file():
+        _check_file_length(st)
         try:
             with safe_open(st, framework="pt") as f:
                 keys = {}
@@ -340,7 +341,6 @@ def load_adapter(path: str | Path) -> Adapter:
             raise AdapterError(st, f"corrupt safetensors file: {e}") from e
         except OSError as e:
             raise AdapterError(st, f"cannot read: {e}") from e
-        _check_file_length(st)
         return Adapter(path, cfg, st, keys)
     if binf.is_file():
         try:
@@ -366,10 +366,18 @@ def _st_dtype(name: str, path: Path, key: str) -> torch.dtype:
 
 
 def _check_file_length(path: Path) -> None:
-    """safe_open maps lazily: a truncated payload is caught here, not at first use."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    """Say "truncated" when the header promises more bytes than the file has (a file cut short
+    by a failed download or copy); other header damage is reported by safetensors itself."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > path.stat().st_size:
+                return
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return
+    if not isinstance(header, dict):
+        return
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
     if 8 + n + end > path.stat().st_size:
         raise AdapterError(path, f"truncated safetensors file: payload needs {8 + n + end} bytes, file has {path.stat().st_size}")

@@ -1,6 +1,7 @@
 """The Python API behind every CLI command (the CLI only parses and prints)."""
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections import Counter
@@ -49,7 +50,10 @@ def fit_to_budget(adapter: Adapter, form_cls: type[Form], config: Any, budget_by
     included, fits the budget. Returns (form, tensors, manifest, size)."""
     fb = torch.empty(0, dtype=dtype).element_size()
     carried = sum(adapter.carried_tensor(c.key).numel() * adapter.carried_tensor(c.key).element_size() for c in adapter.carried)
-    overhead = carried + 2048 + 256 * len(adapter.modules)
+    # header estimate: module table + source config (as in the manifest) + tensor entries; refined below
+    table = json.dumps([m.to_json() for m in adapter.modules]) + json.dumps(adapter.config)
+    overhead = carried + len(table) + 1024 + 96 * 2 * len(adapter.modules)
+    best = None
     for _ in range(8):
         cfg = config
         if budget_bytes is not None:
@@ -63,12 +67,23 @@ def fit_to_budget(adapter: Adapter, form_cls: type[Form], config: Any, budget_by
         if metrics_fn is not None:
             tensors, manifest = ct.build(form, adapter, dtype, metrics=metrics_fn(form, size), command=command)
             size = ct.serialized_size(tensors, manifest)
-        if budget_bytes is None or size <= budget_bytes:
+        if budget_bytes is None:
             return form, tensors, manifest, size
-        # the header is bigger than estimated: measure it, keep a margin for rank-dependent parts
-        stored = sum(t.numel() * t.element_size() for t in tensors.values())
-        overhead = max(overhead + size - budget_bytes, size - stored) + 64
-    raise OptionError(adapter.path, f"could not fit form {form_cls.name} into {budget_bytes} bytes")
+        form_payload = sum(t.numel() * t.element_size() for n, t in tensors.items() if not n.startswith("carry."))
+        measured = size - form_payload  # the real header + carried bytes of this configuration
+        if size <= budget_bytes:
+            if best is None or size > best[3]:
+                best = (form, tensors, manifest, size)
+            if overhead - measured <= 256:
+                break  # the estimate was tight: nothing left to give back
+            overhead = measured + 128  # second pass: give the unused header reserve back to the payload
+        else:
+            if best is not None:
+                break  # the tighter pass overshot: keep the one that fits
+            overhead = max(overhead + size - budget_bytes, measured) + 64
+    if best is None:
+        raise OptionError(adapter.path, f"could not fit form {form_cls.name} into {budget_bytes} bytes")
+    return best
 
 
 def svd_baseline(adapter: Adapter, budget_bytes: int, dtype: torch.dtype, ctx: FitContext) -> tuple[Form, int]:
@@ -81,11 +96,12 @@ def svd_baseline(adapter: Adapter, budget_bytes: int, dtype: torch.dtype, ctx: F
 def compress(lora_dir: str | Path, output: str | Path, *, to: str = "svd", budget: str | float | None = None,
              dtype: str | None = None, seed: int = 0, options: dict[str, Any] | None = None, force: bool = False,
              progress: bool = False, command: str | None = None, stats: dict[str, torch.Tensor] | None = None,
-             baseline: bool = True) -> dict:
+             baseline: bool = True, **form_options: Any) -> dict:
     """Fit ``lora_dir`` into form ``to`` and write one container to ``output``.
 
     ``budget``: a fraction of the source's bytes (``0.25``) or a size (``"5MB"``): the whole
-    container file fits it. ``options``: the form's hyperparameters (see ``adaptzip forms``).
+    container file fits it. Form hyperparameters (see ``adaptzip forms``) come as keyword
+    arguments (``rank=4``) or as the dict ``options`` (the CLI's way).
     ``stats``: Σ per module name for activation-weighted fitting. Returns the summary printed by
     ``adaptzip compress --json``."""
     t0 = time.perf_counter()
@@ -93,7 +109,7 @@ def compress(lora_dir: str | Path, output: str | Path, *, to: str = "svd", budge
     output = Path(output)
     check_output(output, force, sources=(adapter.path, adapter.weights_file))
     form_cls = get_form(to)
-    config = make_config(form_cls, options or {})
+    config = make_config(form_cls, {**(options or {}), **form_options})
     dt = resolve_dtype(dtype, adapter)
     budget_bytes = None if budget is None else parse_budget(budget, adapter.bytes)
     torch.manual_seed(seed)

@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import __version__
+from . import quant
 from .adapter import DTYPE_NAMES, TORCH_DTYPES, Adapter, Carried, ModuleInfo
 from .errors import ContainerError
 from .fileio import atomic_file
@@ -38,7 +39,7 @@ def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
         t = tensors[name].detach().contiguous().cpu()
         h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
         if t.numel():
-            h.update(t.view(torch.uint8).numpy().tobytes())
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no bytes copy
     return h.hexdigest()
 
 
@@ -47,27 +48,70 @@ def manifest_schema() -> dict:
     return json.loads(SCHEMA_FILE.read_text())
 
 
+@functools.cache
+def _validator():
+    """One validator, the schema checked once (``jsonschema.validate`` re-checks it every call:
+    ~0.25 s each, several calls per compress)."""
+    schema = manifest_schema()
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
 def validate_manifest(manifest: dict, path: Path | str | None = None) -> None:
-    try:
-        jsonschema.validate(manifest, manifest_schema())
-    except jsonschema.ValidationError as e:
+    e = jsonschema.exceptions.best_match(_validator().iter_errors(manifest))
+    if e is not None:
         where = "/".join(str(p) for p in e.absolute_path) or "(root)"
-        raise ContainerError(path, f"manifest does not match the schema at {where}: {e.message}") from e
+        raise ContainerError(path, f"manifest does not match the schema at {where}: {e.message}")
 
 
-def encode_tensors(form: Form, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The form's tensors as stored: floats cast to the container dtype, integers unchanged."""
+def encode_tensors(form: Form, dtype: torch.dtype, storage: quant.Storage | None = None) -> dict[str, torch.Tensor]:
+    """The form's tensors as stored: a tensor whose ``tensor_specs`` entry names a dtype gets that
+    dtype (e.g. VB-LoRA's fp16 mixing weights); a float tensor listed in ``storage`` becomes its
+    quantised parts (``T.q``, ``T.scale`` [, ``T.zero``]: formats/quantization.md); other floats
+    the container dtype; integers unchanged."""
+    specs = form.tensor_specs(form.modules_info, form.config, form.state_info)
+    qt = storage.tensors if storage is not None else {}
     out = {}
     for name, t in form.tensors().items():
         t = t.detach().cpu()
-        out[name] = t.to(dtype).contiguous() if t.is_floating_point() else t.contiguous()
+        want = specs[name][1] if name in specs else None
+        if name in qt:
+            if want is not None or not t.is_floating_point():
+                raise ContainerError(None, f"tensor {name} of form {form.name} is not a container-dtype float tensor and cannot be quantised")
+            try:
+                out.update(quant.encode(name, t, qt[name], dtype))
+            except quant.QuantError as e:
+                raise ContainerError(None, f"cannot quantise tensor {name}: {e}") from e
+            continue
+        if want is not None:
+            t = t.to(want)
+        elif t.is_floating_point():
+            t = t.to(dtype)
+        out[name] = t.contiguous()
     return out
 
 
 def build(form: Form, adapter: Adapter, dtype: torch.dtype, *, metrics: dict | None = None,
-          command: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and manifest of a container (nothing written)."""
-    tensors = encode_tensors(form, dtype)
+          command: str | None = None, shared: dict | None = None,
+          storage: quant.Storage | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and manifest of a container (nothing written).
+
+    ``shared``: ``{"file": "_shared/<sha256>.safetensors", "sha256": ..., "tensors": [names]}``
+    when some of the form's tensors live in a zoo-level shared file (formats/shared.md): those are
+    left out of the container and its payload hash, and the manifest references the file.
+
+    ``storage``: the quantisation of the form's float tensors (:mod:`adaptzip.quant`), recorded as
+    the manifest's ``storage`` section; tensors in a shared file are never quantised."""
+    if storage is not None and shared is not None:
+        storage = quant.Storage(storage.scheme, storage.group_size,
+                                {k: v for k, v in storage.tensors.items() if k not in set(shared["tensors"])},
+                                storage.allocation)
+    tensors = encode_tensors(form, dtype, storage)
+    if shared is not None:
+        shared = {"file": shared["file"], "sha256": shared["sha256"], "tensors": sorted(shared["tensors"])}
+        for n in shared["tensors"]:
+            tensors.pop(n)
     carried = []
     for j, c in enumerate(adapter.carried):
         name = f"carry.{j}"
@@ -97,6 +141,10 @@ def build(form: Form, adapter: Adapter, dtype: torch.dtype, *, metrics: dict | N
         "metrics": {**form.fit_info, **(metrics or {})},
         "command": command,
     }
+    if shared is not None:
+        manifest["shared"] = shared
+    if storage is not None:
+        manifest["storage"] = storage.to_json()
     validate_manifest(manifest)
     return tensors, manifest
 
@@ -116,7 +164,7 @@ def serialized_size(tensors: dict[str, torch.Tensor], manifest: dict) -> int:
     for name in sorted(tensors):
         t = tensors[name]
         n = t.numel() * t.element_size()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [off, off + n]}
+        header[name] = {"dtype": _st_name(t.dtype), "shape": list(t.shape), "data_offsets": [off, off + n]}
         off += n
     hb = len(json.dumps(header, separators=(",", ":")).encode())
     return 8 + hb + (-hb % 8) + off
@@ -171,12 +219,61 @@ class Container:
             raise ContainerError(self.path, f"cannot read tensor {name}: {e}") from e
 
     def tensors(self, names=None) -> dict[str, torch.Tensor]:
+        """Tensors by name (default: every tensor stored in this file); names listed in the
+        manifest's ``shared`` section are read from the (hash-checked) shared file."""
         names = self.tensor_names if names is None else names
+        shared = self.shared_names
         try:
             with safe_open(self.path, framework="pt") as f:
-                return {n: f.get_tensor(n) for n in names}
+                out = {n: f.get_tensor(n) for n in names if n not in shared}
         except (SafetensorError, OSError) as e:
             raise ContainerError(self.path, f"cannot read tensors: {e}") from e
+        want = [n for n in names if n in shared]
+        if want:
+            path = self.shared_path
+            try:
+                with safe_open(path, framework="pt") as f:
+                    out.update({n: f.get_tensor(n) for n in want})
+            except (SafetensorError, OSError) as e:
+                raise ContainerError(path, f"cannot read shared tensors: {e}") from e
+        return out
+
+    # ------------------------------------------------------------- zoo-level shared file
+    @property
+    def shared_names(self) -> frozenset[str]:
+        """Names of the form tensors that live in the referenced shared file (empty if none)."""
+        return frozenset((self.manifest.get("shared") or {}).get("tensors", ()))
+
+    @cached_property
+    def shared_path(self) -> Path | None:
+        """The shared file this container references (``manifest.shared``), looked up beside the
+        container and in each parent directory, and checked against its sha256; None if the
+        container references none. Raises ContainerError when it is missing or altered."""
+        s = self.manifest.get("shared")
+        if s is None:
+            return None
+        if Path(s["file"]).name != f"{s['sha256']}.safetensors":
+            raise ContainerError(self.path, f"manifest shared.file {s['file']} does not carry its sha256 {s['sha256'][:12]}… in its name")
+        path = find_shared(self.path, s["file"])
+        if path is None:
+            raise ContainerError(self.path, f"shared file {s['file']} referenced by the manifest is missing "
+                                 "(looked beside the container and in every parent directory; keep the zoo's _shared/ folder with its containers)")
+        got = file_sha256(path)
+        if got != s["sha256"]:
+            raise ContainerError(path, f"sha256 {got[:12]}… does not match {s['sha256'][:12]}… that {self.path.name} references: the shared file was modified or corrupted")
+        return path
+
+    @cached_property
+    def shared_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Shapes and dtypes of the tensors in the referenced shared file ({} if none)."""
+        path = self.shared_path
+        if path is None:
+            return {}
+        try:
+            with safe_open(path, framework="pt") as f:
+                return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+        except (SafetensorError, OSError) as e:
+            raise ContainerError(path, f"not a readable safetensors file: {e}") from e
 
     def carried_tensor(self, j: int) -> torch.Tensor:
         return self.tensor(self.carried[j]["tensor"])
@@ -209,7 +306,15 @@ class Container:
         expected = {n: (tuple(s), dt) for n, (s, dt) in specs.items()}
         for c in m["carried"]:
             expected[c["tensor"]] = None  # any shape: carried verbatim
-        names = set(self._shapes)
+        shared = self.shared_names
+        if shared:  # resolves and hash-checks the shared file
+            both = sorted(shared & set(self._shapes))
+            if both:
+                raise ContainerError(self.path, f"tensor {both[0]} is stored in the container and also referenced in the shared file")
+            gone = sorted(shared - set(self.shared_shapes))
+            if gone:
+                raise ContainerError(self.shared_path, f"tensor {gone[0]} referenced by {self.path.name} is missing from the shared file")
+        names = set(self._shapes) | shared
         missing = sorted(set(expected) - names)
         if missing:
             raise ContainerError(self.path, f"tensor {missing[0]} listed by the manifest is missing")
@@ -222,7 +327,7 @@ class Container:
             if spec is None:
                 continue
             shape, dt = spec
-            got_shape, got_dt = self._shapes[n]
+            got_shape, got_dt = self._shapes[n] if n in self._shapes else self.shared_shapes[n]
             if tuple(got_shape) != shape:
                 raise ContainerError(self.path, f"tensor {n} has shape {list(got_shape)} but the manifest implies {list(shape)}")
             if dt is None and (got_dt not in float_st or got_dt != want_float):
@@ -232,8 +337,36 @@ class Container:
         actual = payload_sha256(self.tensors())
         if actual != m["payload_sha256"]:
             raise ContainerError(self.path, f"payload sha256 {actual[:12]}… does not match the manifest's {m['payload_sha256'][:12]}… (corrupted or edited)")
-        return {"path": str(self.path), "ok": True, "form": m["form"], "format_version": m["format_version"],
-                "tensors": len(names), "bytes": self.bytes, "payload_sha256": actual}
+        res = {"path": str(self.path), "ok": True, "form": m["form"], "format_version": m["format_version"],
+               "tensors": len(names), "bytes": self.bytes, "payload_sha256": actual}
+        if shared:
+            res["shared"] = str(self.shared_path)
+        return res
+
+
+def find_shared(container: Path, rel: str) -> Path | None:
+    """``rel`` (``_shared/<sha256>.safetensors``) in the container's directory or the nearest
+    parent directory that has it; None when none has it."""
+    for d in Path(container).absolute().parents:
+        p = d / rel
+        if p.is_file():
+            return p
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _sha256_of(path: str, size: int, mtime_ns: int, ino: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (memoised per path, size, mtime and inode within a process)."""
+    st = path.stat()
+    return _sha256_of(str(path.absolute()), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def _st_name(dtype: torch.dtype) -> str:

@@ -115,8 +115,8 @@ class StreamingWriter:
         exp_name, dtype, shape, n = self._order[self._next]
         if name != exp_name or t.dtype != dtype or tuple(t.shape) != shape:
             raise ValueError(f"streaming writer: expected {exp_name} {dtype} {shape}, got {name} {t.dtype} {tuple(t.shape)}")
-        data = t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() if n else b""
-        self._f.write(data)
+        if n:  # the tensor's own buffer, no bytes copy (peak memory: one tensor)
+            self._f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
         self._next += 1
 
     def close(self) -> None:

@@ -1,0 +1,547 @@
+"""Calibration distillation and behavioural metrics: convert by behaviour, not by weights.
+
+:func:`prepare` loads the base model with the source LoRA (the teacher), tokenises the
+calibration text into three splits — *train* (Σ statistics and distillation batches), *held-out*
+(early stopping) and *eval* (``--eval`` text, or a third split of the calibration text) — and
+caches the teacher's outputs on them in one pass per split:
+
+* causal LMs (``task='lm'``): the teacher's top-k next-token log-probabilities (k=64 for train and
+  held-out, 256 for eval; the full distribution when the vocabulary is ≤ 2k). KL(p_t‖p_s) is taken
+  over the teacher's top-k tokens plus one bucket for the rest of the vocabulary (exact when the
+  cache holds the full distribution, a tight lower bound otherwise);
+* encoders (``task='cls'`` / ``'hidden'``): final hidden states (relative MSE) and, when the
+  adapter carries a classifier head, its logits (KL over classes).
+
+:meth:`Calibration.distil` then trains a form's parameters inside the base model (the form live via
+forward hooks, :class:`adaptzip.calibrate.Modes`) to minimise that divergence: AdamW, cosine
+schedule with warm-up, gradient clipping, early stopping on the held-out split, the best state
+kept, ``form.finalize()`` at the end. :meth:`Calibration.measure` is the whole step for one form:
+metrics before, distillation, metrics after.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import calibrate as cb
+from . import fit
+from .adapter import Adapter
+from .errors import CalibrationError
+from .forms.base import FitContext, Form
+from .progress import progress_bar
+
+Tensor = torch.Tensor
+TRAIN_TOPK = 64
+EVAL_TOPK = 256
+
+
+def default_lr(output_rel_error: float) -> float:
+    """The learning-rate rule: a strong start (Σ-weighted output error < 0.5, e.g. svd at ≥ 5%)
+    gets 1e-4 — larger steps first undo what the closed-form fit found; a weak start (shared forms
+    at small budgets, rank-1 floors) gets 1e-3. Distillation backs off ×0.1 once by itself when the
+    first held-out check is worse than the start."""
+    return 1e-4 if output_rel_error < 0.5 else 1e-3
+
+
+@dataclass
+class Split:
+    """Token rows and the teacher's cached outputs on them.
+
+    ids, mask: (N, T); lm: t_logp (N, T, k) teacher log-probs of tokens t_idx (N, T, k) (t_idx None:
+    the full vocabulary, k = V); encoders: t_hidden (N, T, H), t_logits (N, C) or None."""
+
+    ids: Tensor
+    mask: Tensor | None = None
+    t_idx: Tensor | None = None
+    t_logp: Tensor | None = None
+    t_hidden: Tensor | None = None
+    t_logits: Tensor | None = None
+    loss_source: float | None = None  # teacher next-token CE (lm)
+    loss_base: float | None = None  # base next-token CE (lm)
+    base_objective: float | None = None  # divergence of the base model from the teacher (encoders)
+
+    @property
+    def n(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def tokens(self) -> int:
+        return int(self.ids.numel() if self.mask is None else self.mask.sum())
+
+
+@dataclass
+class Calibration:
+    """One calibration session for one adapter (see the module docstring)."""
+
+    adapter: Adapter
+    base: cb.Base
+    modes: cb.Modes
+    train: Split
+    heldout: Split
+    eval: Split
+    eval_source: str  # "eval" (the --eval text) or "calib" (a held-out part of --calib)
+    stats: dict[str, Tensor] | None
+    stats_info: dict = field(default_factory=dict)
+    batch_size: int = 4
+    seed: int = 0
+    progress: bool = False
+    timings: dict = field(default_factory=dict)
+
+    # ----------------------------------------------------------------- forward passes
+    @property
+    def task(self) -> str:
+        return self.base.task
+
+    def _forward(self, ids: Tensor, mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """(logits, hidden): lm → ((B, T, V), None); cls → ((B, C), (B, T, H)); hidden → (None, (B, T, H))."""
+        dev = self.base.device
+        ids = ids.to(dev)
+        m = self.base.model
+        if self.task == "lm":
+            return m(input_ids=ids).logits.float(), None
+        mk = None if mask is None else mask.to(dev)
+        if self.task == "cls":
+            out = m(input_ids=ids, attention_mask=mk, output_hidden_states=True)
+            return out.logits.float(), out.hidden_states[-1].float()
+        out = m(input_ids=ids, attention_mask=mk)
+        return None, out.last_hidden_state.float()
+
+    def _batches(self, sp: Split, bs: int | None = None):
+        bs = bs or max(self.batch_size, 1)
+        for s in range(0, sp.n, bs):
+            yield slice(s, min(s + bs, sp.n))
+
+    # ----------------------------------------------------------------- teacher caches
+    @torch.no_grad()
+    def _cache(self, sp: Split, topk: int, label: str, sigma: cb.SigmaHooks | None = None, base_pass: bool = False) -> None:
+        """Fill the teacher outputs of a split (and Σ when ``sigma``; the base loss when
+        ``base_pass``)."""
+        lp_k, idx_k, hid, lgt = [], [], [], []
+        ce_t = ce_b = 0.0
+        n_ce = 0
+        ob_num = ob_den = kl_b = 0.0
+        with progress_bar(self.progress, label, sp.n) as bar:
+            for sl in self._batches(sp):
+                ids = sp.ids[sl]
+                mask = None if sp.mask is None else sp.mask[sl]
+                with self.modes.teacher():
+                    if sigma is not None:
+                        sigma.new_batch(None if mask is None else mask.to(self.base.device))
+                    logits, hidden = self._forward(ids, mask)
+                if self.task == "lm":
+                    logp = torch.log_softmax(logits, -1)  # (B, T, V)
+                    ce_t += _next_token_ce(logp, ids.to(logp.device)) * ids[:, 1:].numel()
+                    n_ce += ids[:, 1:].numel()
+                    if topk >= logp.shape[-1]:
+                        lp_k.append(logp.cpu())
+                    else:
+                        v, i = logp.topk(topk, -1)
+                        lp_k.append(v.cpu())
+                        idx_k.append(i.to(torch.int32).cpu())
+                    if base_pass:
+                        with self.modes.base_only():
+                            lb, _ = self._forward(ids, mask)
+                        ce_b += _next_token_ce(torch.log_softmax(lb, -1), ids.to(lb.device)) * ids[:, 1:].numel()
+                else:
+                    hid.append(hidden.cpu())
+                    if logits is not None:
+                        lgt.append(logits.cpu())
+                    if base_pass:
+                        with self.modes.base_only():
+                            lb, hb = self._forward(ids, mask)
+                        num, den = _hidden_err(hb, hidden, mask)
+                        ob_num += num
+                        ob_den += den
+                        if logits is not None:
+                            kl_b += float(_class_kl(torch.log_softmax(logits, -1), lb).sum())
+                bar(sl.stop - sl.start)
+        if self.task == "lm":
+            sp.t_logp = torch.cat(lp_k)
+            sp.t_idx = torch.cat(idx_k) if idx_k else None
+            sp.loss_source = ce_t / max(n_ce, 1)
+            if base_pass:
+                sp.loss_base = ce_b / max(n_ce, 1)
+        else:
+            sp.t_hidden = torch.cat(hid)
+            sp.t_logits = torch.cat(lgt) if lgt else None
+            if base_pass:
+                sp.base_objective = ob_num / max(ob_den, 1e-30) + (kl_b / sp.n if lgt else 0.0)
+
+    # ----------------------------------------------------------------- divergence
+    def _divergence(self, sp: Split, sl: slice, logits: Tensor | None, hidden: Tensor | None) -> dict[str, Tensor]:
+        """Per-batch sums against the teacher cache: kl (lm: over tokens; cls: over sequences),
+        top1 (agreements), n (count), hnum/hden (hidden-state error), ce (next-token CE sum)."""
+        dev = self.base.device
+        out: dict[str, Tensor] = {}
+        if self.task == "lm":
+            logp = torch.log_softmax(logits, -1)  # (B, T, V)
+            t_logp = sp.t_logp[sl].to(dev)
+            t_idx = None if sp.t_idx is None else sp.t_idx[sl].to(dev).long()
+            out["kl"] = _topk_kl(logp, t_logp, t_idx).sum()
+            t_top = t_logp.argmax(-1) if t_idx is None else t_idx[..., 0]
+            out["top1"] = (logp.argmax(-1) == t_top).sum()
+            out["n"] = torch.tensor(float(logp.shape[0] * logp.shape[1]))
+            ids = sp.ids[sl].to(dev)
+            out["ce"] = _next_token_ce(logp, ids) * ids[:, 1:].numel()
+            out["n_ce"] = torch.tensor(float(ids[:, 1:].numel()))
+            return out
+        mask = None if sp.mask is None else sp.mask[sl].to(dev)
+        num, den = _hidden_err_t(hidden, sp.t_hidden[sl].to(dev), mask)
+        out["hnum"], out["hden"] = num, den
+        out["n"] = torch.tensor(float(hidden.shape[0]))
+        if logits is not None and sp.t_logits is not None:
+            t = torch.log_softmax(sp.t_logits[sl].to(dev), -1)
+            out["kl"] = _class_kl(t, logits).sum()
+            out["top1"] = (logits.argmax(-1) == t.argmax(-1)).sum()
+        return out
+
+    def _objective(self, d: dict[str, Tensor]) -> Tensor:
+        """What distillation minimises: mean KL (lm); relative hidden MSE (+ mean class KL) (encoders)."""
+        if self.task == "lm":
+            return d["kl"] / d["n"]
+        obj = d["hnum"] / d["hden"].clamp_min(1e-30)
+        if "kl" in d:
+            obj = obj + d["kl"] / d["n"]
+        return obj
+
+    @torch.no_grad()
+    def evaluate(self, form: Form | None, split: str = "eval") -> dict[str, float]:
+        """Divergence of the student (``form`` live; None: the base model) from the teacher on a
+        split: ``kl`` (nats per token, lm; per sequence over classes, cls), ``top1`` agreement,
+        ``loss`` (lm next-token CE), ``objective``, ``hidden_rel_mse`` (encoders)."""
+        sp = getattr(self, split)
+        tot: dict[str, float] = {}
+        for sl in self._batches(sp):
+            mask = None if sp.mask is None else sp.mask[sl]
+            ctxm = self.modes.base_only() if form is None else self.modes.student(form)
+            with ctxm:
+                logits, hidden = self._forward(sp.ids[sl], mask)
+            for k, v in self._divergence(sp, sl, logits, hidden).items():
+                tot[k] = tot.get(k, 0.0) + float(v)
+        res: dict[str, float] = {}
+        if self.task == "lm":
+            res["kl"] = tot["kl"] / tot["n"]
+            res["top1"] = tot["top1"] / tot["n"]
+            res["loss"] = tot["ce"] / max(tot["n_ce"], 1.0)
+            res["objective"] = res["kl"]
+        else:
+            res["hidden_rel_mse"] = tot["hnum"] / max(tot["hden"], 1e-30)
+            res["objective"] = res["hidden_rel_mse"]
+            if "kl" in tot:
+                res["kl"] = tot["kl"] / tot["n"]
+                res["top1"] = tot["top1"] / tot["n"]
+                res["objective"] += res["kl"]
+        return res
+
+    def improvement_kept(self, ev: dict[str, float]) -> float | None:
+        """(loss_base − loss_compressed)/(loss_base − loss_source) on the eval split (lm); for
+        encoders 1 − d(compressed)/d(base), d = the divergence from the teacher. None when the
+        adapter does not change the eval loss (the ratio is undefined)."""
+        sp = self.eval
+        if self.task == "lm":
+            gain = sp.loss_base - sp.loss_source
+            if abs(gain) < 1e-9:
+                return None
+            return (sp.loss_base - ev["loss"]) / gain
+        if not sp.base_objective:
+            return None
+        return 1.0 - ev["objective"] / sp.base_objective
+
+    # ----------------------------------------------------------------- distillation
+    def distil(self, form: Form, *, steps: int, lr: float, eval_every: int | None = None, patience: int = 4,
+               warmup: float = 0.05, clip: float = 1.0, weight_decay: float = 0.0, label: str = "distil") -> dict:
+        """Train ``form``'s parameters (``form.trainable_groups()``) to imitate the teacher.
+
+        AdamW (lr, no weight decay by default), cosine schedule after a linear warm-up of
+        ``warmup·steps``, gradient-norm clipping, batches of ``batch_size`` random train rows
+        (seeded). Every ``eval_every`` steps (default: steps/10, ≥ 5) the held-out objective is
+        measured; the best state (the start included) is kept and training stops after
+        ``patience`` checks without improvement. If the first check is worse than the start the
+        run restarts once from the start with lr/10. Returns what happened."""
+        t0 = time.perf_counter()
+        dev = self.base.device
+        form.to(dev)
+        form.train()
+        groups = [g for g in form.trainable_groups() if any(p.requires_grad for p in g["params"])]
+        params = [p for g in groups for p in g["params"] if p.requires_grad]
+        start = self.evaluate(form, "heldout")["objective"]
+        info: dict[str, Any] = {"distill_steps": 0, "distill_lr": lr, "heldout_before": start, "heldout_after": start,
+                                "distill_best_step": 0}
+        if steps <= 0 or not params:
+            form.eval()
+            return info
+        every = eval_every or max(5, steps // 10)
+        init_state = _snapshot(form)
+        best, best_state, best_step = start, init_state, 0
+        done = 0
+        g = torch.Generator().manual_seed(self.seed)
+        for attempt in range(2):
+            # fresh group dicts per attempt; a form's group may carry ``lr_scale`` (× the run's lr)
+            pg = [{**{k: v for k, v in grp.items() if k not in ("initial_lr", "lr_scale")},
+                   "lr": grp.get("lr", lr * grp.get("lr_scale", 1.0))} for grp in groups]
+            opt = torch.optim.AdamW(pg, lr=lr, weight_decay=weight_decay)
+            n_warm = max(1, int(warmup * steps))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / n_warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+            since = 0
+            restart = False
+            with progress_bar(self.progress, f"{label} {form.name}", steps) as bar:
+                for step in range(1, steps + 1):
+                    rows = torch.randint(self.train.n, (min(self.batch_size, self.train.n),), generator=g)
+                    ids = self.train.ids[rows]
+                    mask = None if self.train.mask is None else self.train.mask[rows]
+                    with self.modes.student(form):
+                        logits, hidden = self._forward(ids, mask)
+                    loss = self._objective(self._divergence(_Rows(self.train, rows), slice(None), logits, hidden))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if clip:
+                        nn.utils.clip_grad_norm_(params, clip)
+                    opt.step()
+                    sched.step()
+                    done += 1
+                    fields = {"loss": float(loss)}
+                    if step % every == 0 or step == steps:
+                        v = self.evaluate(form, "heldout")["objective"]
+                        fields["heldout"] = v
+                        if attempt == 0 and step == every and v > start:
+                            restart = True  # the first check is worse than the start: lr too large
+                            bar(1, **fields)
+                            break
+                        if v < best * (1 - 1e-4):
+                            best, best_state, best_step, since = v, _snapshot(form), step, 0
+                        else:
+                            since += 1
+                    bar(1, **fields)
+                    if since >= patience:
+                        break
+            if not restart:
+                break
+            _restore(form, init_state)
+            lr /= 10
+            info["distill_lr"] = lr
+            info["distill_restarted"] = True
+        _restore(form, best_state)
+        form.finalize()
+        form.eval()
+        secs = time.perf_counter() - t0
+        tok_per_row = self.train.ids.shape[1]
+        info.update({"distill_steps": done, "distill_best_step": best_step, "heldout_after": self.evaluate(form, "heldout")["objective"],
+                     "distill_seconds": secs, "distill_tokens_per_s": done * self.batch_size * tok_per_row / max(secs, 1e-9)})
+        return info
+
+    # ----------------------------------------------------------------- the whole step
+    def measure(self, form: Form, ctx: FitContext, dtype: torch.dtype, *, steps: int, lr: float | None = None,
+                prefix: str = "") -> dict[str, Any]:
+        """Metrics of ``form`` before distillation, ``steps`` of distillation (in place), metrics
+        after. The form's floats are rounded to the container ``dtype`` before each measurement
+        so the numbers describe what is stored. Keys (with ``prefix``): kl_before, kl_after,
+        top1_agreement_before, top1_agreement, improvement_kept_before, improvement_kept,
+        ppl_compressed_before, ppl_compressed, output_rel_error_before, output_rel_error,
+        worst_module_output_rel_error, worst_module, distill_* and, for encoders,
+        objective_before/after and hidden_rel_mse_before/after."""
+        _round(form, dtype)
+        form.cpu()
+        rep0 = fit.evaluate(form, self.adapter, ctx)  # Σ-weighted: ‖(ΔW−ΔŴ)X‖/‖ΔW X‖ on the calibration X
+        form.to(self.base.device)
+        ev0 = self.evaluate(form)
+        lr = default_lr(rep0.rel_error) if lr is None else lr
+        info = self.distil(form, steps=steps, lr=lr, label=f"distil{'' if not prefix else ' ' + prefix.rstrip('_')}")
+        _round(form, dtype)
+        ev1 = self.evaluate(form) if info["distill_steps"] else ev0
+        form.cpu()
+        rep1 = fit.evaluate(form, self.adapter, ctx)
+        m: dict[str, Any] = {
+            "kl_before": ev0.get("kl"), "kl_after": ev1.get("kl"),
+            "top1_agreement_before": ev0.get("top1"), "top1_agreement": ev1.get("top1"),
+            "improvement_kept_before": self.improvement_kept(ev0), "improvement_kept": self.improvement_kept(ev1),
+            "objective_before": ev0["objective"], "objective_after": ev1["objective"],
+            "output_rel_error_before": rep0.rel_error, "output_rel_error": rep1.rel_error,
+            "worst_module_output_rel_error": rep1.worst_module_rel_error, "worst_module": rep1.worst_module,
+            **{k: v for k, v in info.items() if k.startswith("distill_") or k.startswith("heldout_")},
+        }
+        if self.task == "lm":
+            m["ppl_compressed_before"] = math.exp(min(ev0["loss"], 700))
+            m["ppl_compressed"] = math.exp(min(ev1["loss"], 700))
+        else:
+            m["hidden_rel_mse_before"] = ev0["hidden_rel_mse"]
+            m["hidden_rel_mse_after"] = ev1["hidden_rel_mse"]
+        return {prefix + k: _json_num(v) for k, v in m.items()}
+
+    def reference_metrics(self) -> dict[str, Any]:
+        """Facts about the calibration itself: tokens, base/source perplexity on the eval split."""
+        m: dict[str, Any] = {"task": self.task, "calib_tokens": self.train.tokens + self.heldout.tokens,
+                             "heldout_tokens": self.heldout.tokens, "eval_tokens": self.eval.tokens,
+                             "eval_text": self.eval_source, "weighted": self.stats is not None}
+        if self.task == "lm":
+            m["ppl_base"] = math.exp(min(self.eval.loss_base, 700))
+            m["ppl_source"] = math.exp(min(self.eval.loss_source, 700))
+            m["loss_base"] = self.eval.loss_base
+            m["loss_source"] = self.eval.loss_source
+        else:
+            m["base_objective"] = self.eval.base_objective
+        return {k: _json_num(v) for k, v in m.items()}
+
+
+class _Rows:
+    """A view of a Split at given rows (for random training batches)."""
+
+    def __init__(self, sp: Split, rows: Tensor):
+        self.ids = sp.ids[rows]
+        self.mask = None if sp.mask is None else sp.mask[rows]
+        self.t_idx = None if sp.t_idx is None else sp.t_idx[rows]
+        self.t_logp = None if sp.t_logp is None else sp.t_logp[rows]
+        self.t_hidden = None if sp.t_hidden is None else sp.t_hidden[rows]
+        self.t_logits = None if sp.t_logits is None else sp.t_logits[rows]
+
+
+# --------------------------------------------------------------------------------- prepare
+def prepare(adapter: Adapter, base_model: str | Path, calib: str | Path, *, calib_tokens: int = 50000,
+            eval_text: str | Path | None = None, eval_tokens: int = 8192, stats: dict[str, Tensor] | None = None,
+            stats_file: str | Path | None = None, save_stats_to: str | Path | None = None, device: str | None = "auto",
+            seq_len: int = 128, batch_size: int = 4, heldout: float = 0.1, progress: bool = False, seed: int = 0,
+            weighted: bool = True) -> Calibration:
+    """Load the base + teacher, tokenise, compute Σ (or reuse ``stats`` / ``stats_file``) and the
+    teacher caches. ``calib_tokens`` tokens of ``calib`` are used: a ``heldout`` fraction for early
+    stopping, the same fraction for evaluation when no ``eval_text`` is given, the rest for
+    training. Σ is saved to ``save_stats_to`` when computed here."""
+    t0 = time.perf_counter()
+    if seq_len < 8:
+        raise CalibrationError(None, f"sequence length {seq_len} is too short (≥ 8)")
+    docs = cb.read_texts(calib)
+    base = cb.load_base(base_model, adapter, device)
+    t_load = time.perf_counter() - t0
+    modes = cb.Modes(base, adapter.modules)
+    tok = base.tokenizer
+    seq = seq_len
+    max_pos = getattr(base.model.config, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and max_pos > 0:
+        seq = min(seq, max_pos)
+
+    def rows(docs_: list[str], n_tok: int | None, path, what) -> tuple[Tensor, Tensor | None]:
+        if base.task == "lm":
+            return cb.pack(cb.tokenize_stream(tok, docs_), seq, n_tok, path, what), None
+        return cb.encoder_rows(tok, docs_, seq, n_tok, path, what)
+
+    ids, mask = rows(docs, calib_tokens, calib, "--calib text")
+    n = ids.shape[0]
+    n_hold = max(1, int(round(heldout * n)))
+    n_eval = 0 if eval_text is not None else n_hold
+    if n - n_hold - n_eval < 1:
+        raise CalibrationError(calib, f"{n} sequences of {seq} tokens are too few to split into train/held-out"
+                                      f"{'' if eval_text else '/eval'} (give more text or a larger --calib-tokens)")
+    # deterministic split: held-out and eval rows spread over the text (every k-th row)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    hold_rows, eval_rows, train_rows = perm[:n_hold], perm[n_hold:n_hold + n_eval], perm[n_hold + n_eval:]
+
+    def take(r: Tensor) -> Split:
+        r = r.sort().values
+        return Split(ids[r], None if mask is None else mask[r])
+
+    train, hold = take(train_rows), take(hold_rows)
+    if eval_text is not None:
+        e_ids, e_mask = rows(cb.read_texts(eval_text), None, eval_text, "--eval text")
+        e_ids = e_ids[: max(1, eval_tokens // seq)]
+        e_mask = None if e_mask is None else e_mask[: e_ids.shape[0]]
+        ev, src = Split(e_ids, e_mask), "eval"
+    else:
+        ev, src = take(eval_rows), "calib"
+    cal = Calibration(adapter, base, modes, train, hold, ev, src, None, batch_size=batch_size, seed=seed, progress=progress)
+    vocab = base.vocab_size
+    k_train = vocab if vocab and vocab <= 2 * TRAIN_TOPK else TRAIN_TOPK
+    k_eval = vocab if vocab and vocab <= 2 * EVAL_TOPK else EVAL_TOPK
+    t1 = time.perf_counter()
+    info: dict[str, Any] = {}
+    if stats is None and stats_file is not None and Path(stats_file).is_file():
+        stats, info = cb.load_stats(stats_file, adapter)
+    if stats is None and weighted:
+        hooks = cb.SigmaHooks(base, adapter.modules)
+        with hooks:
+            cal._cache(train, k_train, "Σ statistics + teacher", sigma=hooks)
+        stats, info = hooks.result()
+        info.update({"base_model": str(base_model), "adapter_sha256": adapter.sha256, "seq_len": seq})
+        target = save_stats_to if save_stats_to is not None else stats_file
+        if target is not None:
+            cb.save_stats(Path(target), stats, info)
+            info["saved_to"] = str(target)
+    else:
+        cal._cache(train, k_train, "teacher (train)")
+    t2 = time.perf_counter()
+    cal._cache(hold, k_train, "teacher (held-out)")
+    cal._cache(ev, k_eval, "teacher + base (eval)", base_pass=True)
+    cal.stats = stats
+    cal.stats_info = info
+    train_tokens = train.tokens
+    cal.timings = {"load_seconds": t_load, "stats_seconds": t2 - t1, "stats_tokens_per_s": train_tokens / max(t2 - t1, 1e-9),
+                   "prepare_seconds": time.perf_counter() - t0}
+    return cal
+
+
+# ------------------------------------------------------------------------------------ math
+def _next_token_ce(logp: Tensor, ids: Tensor) -> Tensor:
+    """Mean CE of predicting ids[:, 1:] from logp[:, :-1]: logp (B, T, V), ids (B, T)."""
+    return -logp[:, :-1].gather(-1, ids[:, 1:, None]).mean()
+
+
+def _topk_kl(logp: Tensor, t_logp: Tensor, t_idx: Tensor | None) -> Tensor:
+    """KL(p_t‖p_s) per token (B, T). logp: student log-probs (B, T, V); t_logp: teacher log-probs
+    (B, T, k) of tokens t_idx (B, T, k), or of the whole vocabulary when t_idx is None. With a
+    top-k cache the rest of the vocabulary is one bucket on both sides."""
+    if t_idx is None:
+        return (t_logp.exp() * (t_logp - logp)).sum(-1)
+    s_k = logp.gather(-1, t_idx)  # (B, T, k)
+    p_k = t_logp.exp()
+    kl = (p_k * (t_logp - s_k)).sum(-1)
+    rest_t = (1 - p_k.sum(-1)).clamp_min(1e-12)
+    rest_s = (1 - s_k.exp().sum(-1)).clamp_min(1e-12)
+    return kl + rest_t * (rest_t.log() - rest_s.log())
+
+
+def _class_kl(t_logp: Tensor, s_logits: Tensor) -> Tensor:
+    """KL over classes per sequence: t_logp (B, C) teacher log-probs, s_logits (B, C)."""
+    s = torch.log_softmax(s_logits.float(), -1)
+    return (t_logp.exp() * (t_logp - s)).sum(-1)
+
+
+def _hidden_err_t(h: Tensor, t: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(Σ‖h − t‖², Σ‖t − mean t‖²) over valid tokens: h, t (B, T, H), mask (B, T)."""
+    w = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.to(h.device).float()
+    num = ((h - t) ** 2).sum(-1).mul(w).sum()
+    mu = (t * w[..., None]).sum((0, 1)) / w.sum().clamp_min(1)
+    den = ((t - mu) ** 2).sum(-1).mul(w).sum()
+    return num, den
+
+
+def _hidden_err(h: Tensor, t: Tensor, mask: Tensor | None) -> tuple[float, float]:
+    a, b = _hidden_err_t(h, t, mask)
+    return float(a), float(b)
+
+
+def _snapshot(form: Form) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in form.state_dict().items()}
+
+
+@torch.no_grad()
+def _restore(form: Form, state: dict[str, Tensor]) -> None:
+    form.load_state_dict(state)
+
+
+@torch.no_grad()
+def _round(form: Form, dtype: torch.dtype) -> None:
+    """Round the form's float parameters through the container dtype (what will be stored)."""
+    if dtype == torch.float32:
+        return
+    for p in form.parameters():
+        if p.is_floating_point():
+            p.copy_(p.to(dtype).float())
+
+
+def _json_num(v):
+    if isinstance(v, float):
+        return cb.finite_or_none(v)
+    return v

@@ -1,0 +1,862 @@
+"""Group quantisation of a form's stored float tensors (int8 / int4 / 2-, 3-bit codes), bit
+packing, dequantisation, fake quantisation for distillation, and rate–distortion bit allocation.
+
+Layout (the full spec is formats/quantization.md). A float tensor ``T`` of any shape is seen in
+*row layout*: its group axis ``a`` moved last and the rest flattened, ``X = T.movedim(a, -1)
+.reshape(R, n)``. Each row is cut into ``ceil(n / G)`` groups of ``G`` consecutive values (the last
+one may be shorter); each group has one fp16 scale (and, asymmetric, one fp16 zero point). A row
+is stored at ``bits[r]`` ∈ {2, 3, 4, 8} bits per value, or at the container's float width (16/32:
+the raw float bits, no scale). Stored tensors, beside nothing else of ``T``:
+
+* ``T.q``     — I8 ``(R, n)`` when every row is 8-bit; else U8 ``(ceil(Σ_r bits[r]·n / 8),)``: the
+  rows' codes in row order, each code LSB-first in a little-endian bit stream;
+* ``T.scale`` — F16 ``(R_q, ceil(n/G))``, R_q = rows stored as codes (in row order);
+* ``T.zero``  — F16 ``(R_z, ceil(n/G))`` when asymmetric, R_z = rows with bits < 8.
+
+Dequantisation, in fp32 and nothing else (so every reader gets the same bits): 8-bit codes are
+two's complement ``q ∈ [−127, 127]``, ``x̂ = q · s``; b < 8 bits are unsigned ``u ∈ [0, 2^b − 1]``,
+``x̂ = (u − z) · s`` with ``z = (2^b − 1)/2`` (symmetric) or the stored zero point.
+
+Why rows: for the factors of a low-rank update (A: r×in, B: out×r) the group axis is the long
+one (``in`` for A, ``out`` for B), so each rank direction — a row of A, a column of B — owns its
+scales. Quantisation then commutes with the diagonal gauge ``B A = (B D)(D⁻¹ A)``, each
+direction's error is independent of the others' (the basis of per-direction bit allocation),
+and a direction can be dropped or stored at its own bit width.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+Tensor = torch.Tensor
+
+SCHEMES = ("none", "int8", "int4", "int4-asym", "auto")
+CODE_BITS = (2, 3, 4, 8)  # integer code widths a row can use
+AUTO_LEVELS = (2, 3, 4, 8)  # code widths `auto` considers (plus the container float width)
+DEFAULT_GROUP = 64
+CLIP_BITS = 4  # symmetric rows at ≤ this many bits search a clipping ratio (least group error)
+_CLIPS = tuple(1.0 - 0.05 * i for i in range(14))  # 1.00 … 0.35
+_FP16_MAX = 65504.0
+_CHUNK = 1 << 22  # values per packing chunk (a multiple of 8: chunks end on byte boundaries)
+
+
+class QuantError(ValueError):
+    """A quantisation spec that does not fit its tensor (callers wrap it with a path)."""
+
+
+def float_bits(dtype: torch.dtype) -> int:
+    """Bits of one value of a float dtype (16 for fp16/bf16, 32 for fp32)."""
+    return 8 * torch.empty(0, dtype=dtype).element_size()
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ----------------------------------------------------------------------------- specs
+@dataclass(frozen=True)
+class TensorQuant:
+    """How one logical float tensor is stored: ``bits`` (one width for every row, or one per row
+    of the row layout), the group ``axis`` of the logical tensor, ``group_size`` and whether rows
+    below 8 bits carry zero points (asymmetric)."""
+
+    bits: int | tuple[int, ...]
+    axis: int
+    group_size: int = DEFAULT_GROUP
+    zero: bool = False
+
+    def row_bits(self, rows: int) -> list[int]:
+        return [int(self.bits)] * rows if isinstance(self.bits, int) else [int(b) for b in self.bits]
+
+    def to_json(self) -> dict:
+        return {"bits": self.bits if isinstance(self.bits, int) else list(self.bits), "axis": self.axis,
+                "group_size": self.group_size, "zero": self.zero}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TensorQuant":
+        b = d["bits"]
+        return cls(int(b) if isinstance(b, int) else tuple(int(x) for x in b), int(d["axis"]), int(d["group_size"]),
+                   bool(d.get("zero", False)))
+
+
+@dataclass
+class Storage:
+    """The manifest's ``storage`` section: the user's scheme, the default group size, one
+    :class:`TensorQuant` per quantised tensor (tensors not listed are stored plainly) and, for
+    ``auto``, the bit allocation summary."""
+
+    scheme: str
+    group_size: int
+    tensors: dict[str, TensorQuant]
+    allocation: dict | None = None
+
+    def to_json(self) -> dict:
+        d = {"scheme": self.scheme, "group_size": self.group_size,
+             "tensors": {k: v.to_json() for k, v in sorted(self.tensors.items())}}
+        if self.allocation is not None:
+            d["allocation"] = self.allocation
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "Storage | None":
+        if not d:
+            return None
+        return cls(d["scheme"], int(d["group_size"]), {k: TensorQuant.from_json(v) for k, v in d["tensors"].items()},
+                   d.get("allocation"))
+
+
+def group_axis(shape: Sequence[int]) -> int:
+    """The default group axis: the longest dimension (the last on ties). For A (r×in) that is
+    ``in``, for B (out×r) ``out``: each rank direction gets its own scales."""
+    shape = list(shape)
+    if not shape:
+        return 0
+    m = max(shape)
+    return max(i for i, s in enumerate(shape) if s == m)
+
+
+def row_shape(shape: Sequence[int], axis: int) -> tuple[int, int]:
+    """(R, n) of the row layout of a tensor of ``shape`` grouped along ``axis``."""
+    shape = [int(s) for s in shape] or [1]
+    n = shape[axis]
+    R = 1
+    for i, s in enumerate(shape):
+        if i != axis:
+            R *= s
+    return R, n
+
+
+def to_rows(x: Tensor, axis: int) -> Tensor:
+    """Row layout (R×n): the group axis moved last, the rest flattened (C order)."""
+    if x.dim() == 0:
+        return x.reshape(1, 1)
+    return x.movedim(axis, -1).reshape(-1, x.shape[axis])
+
+
+def from_rows(rows: Tensor, shape: Sequence[int], axis: int) -> Tensor:
+    """Inverse of :func:`to_rows`."""
+    shape = list(shape)
+    if not shape:
+        return rows.reshape(())
+    moved = [s for i, s in enumerate(shape) if i != axis] + [shape[axis]]
+    return rows.reshape(moved).movedim(-1, axis)
+
+
+def check_spec(shape: Sequence[int], tq: TensorQuant, float_dtype: torch.dtype) -> None:
+    """Raise :class:`QuantError` when ``tq`` cannot describe a tensor of ``shape``."""
+    nd = max(len(shape), 1)
+    if not 0 <= tq.axis < nd:
+        raise QuantError(f"group axis {tq.axis} out of range for shape {list(shape)}")
+    if tq.group_size < 1:
+        raise QuantError(f"group size must be ≥ 1, got {tq.group_size}")
+    R, n = row_shape(shape, tq.axis)
+    bits = tq.row_bits(R)
+    if len(bits) != R:
+        raise QuantError(f"{len(bits)} row bit widths for {R} rows (shape {list(shape)}, axis {tq.axis})")
+    fb = float_bits(float_dtype)
+    bad = sorted({b for b in bits if b not in CODE_BITS and b != fb})
+    if bad:
+        raise QuantError(f"bit width {bad[0]} is not one of {', '.join(map(str, CODE_BITS))} or the container's {fb}")
+    if not any(b in CODE_BITS for b in bits):
+        raise QuantError("no row is quantised (store the tensor plainly instead)")
+
+
+# ----------------------------------------------------------------------------- scales
+def _fp16_up(s: Tensor) -> Tensor:
+    """The smallest fp16 value ≥ s (s ≥ 0, fp32): scales never shrink, so no code overflows."""
+    if bool((s > _FP16_MAX).any()):
+        raise QuantError(f"a group's scale {float(s.max()):.4g} exceeds the fp16 range (values too large to quantise)")
+    h = s.to(torch.float16)
+    low = h.float() < s
+    if bool(low.any()):
+        h = torch.where(low, (h.view(torch.int16) + 1).view(torch.float16), h)
+    return h
+
+
+def _safe(s: Tensor) -> Tensor:
+    sf = s.float()
+    return torch.where(sf > 0, sf, torch.ones_like(sf))
+
+
+@dataclass
+class Codes:
+    """Quantised rows: ``codes`` (R×n; int8 for 8 bits, uint8 below), ``scale`` (R×ng fp16),
+    ``zero`` (R×ng fp16 or None)."""
+
+    codes: Tensor
+    scale: Tensor
+    zero: Tensor | None
+    bits: int
+    group_size: int
+
+
+def quantize_rows(X: Tensor, bits: int, group_size: int, zero: bool = False) -> Codes:
+    """Quantise rows X (R×n) at ``bits`` with one scale per group of ``group_size``.
+
+    8 bits: symmetric midtread, s = max|x|/127 (rounded up to fp16), q = round(x/s) ∈ [−127, 127].
+    b < 8, symmetric: midrise, z = (2^b−1)/2, s = c·max|x|/z, u = clamp(round(x/s + z), 0, 2^b−1),
+    c ∈ {1, 0.95, …, 0.35} the clipping ratio of least squared error in the group.
+    b < 8, asymmetric: lo = min(x, 0), hi = max(x, 0), s = (hi − lo)/(2^b − 1), z = fp16(−lo/s).
+    Error bound, s the stored scale: |x − x̂| ≤ s/2 for every value inside the group's range
+    (all values when c = 1, 8-bit and asymmetric); a clipped value (|x| > z·s) has error |x| − z·s."""
+    if bits not in CODE_BITS:
+        raise QuantError(f"bits must be one of {CODE_BITS}, got {bits}")
+    X = X.detach().float()
+    R, n = X.shape
+    G = int(group_size)
+    ng = max(1, _ceil_div(n, G))
+    Xp = torch.nn.functional.pad(X, (0, ng * G - n)).view(R, ng, G)  # R×ng×G, zero-padded
+    if bits == 8:
+        s = _fp16_up(Xp.abs().amax(-1) / 127.0) if n else torch.zeros(R, ng, dtype=torch.float16)
+        q = torch.round(Xp / _safe(s)[..., None]).clamp_(-127, 127)
+        return Codes(q.view(R, ng * G)[:, :n].to(torch.int8), s, None, bits, G)
+    L = (1 << bits) - 1
+    if zero:
+        lo, hi = Xp.amin(-1).clamp(max=0), Xp.amax(-1).clamp(min=0)
+        s = _fp16_up((hi - lo) / L)
+        z = (-lo / _safe(s)).clamp(0, L).to(torch.float16)
+        u = torch.round(Xp / _safe(s)[..., None] + z.float()[..., None]).clamp_(0, L)
+        return Codes(u.view(R, ng * G)[:, :n].to(torch.uint8), s, z, bits, G)
+    zc = L / 2
+    amax = Xp.abs().amax(-1)
+    if bits <= CLIP_BITS and n:
+        mask = torch.zeros(ng * G, dtype=torch.bool)
+        mask[:n] = True
+        mask = mask.view(1, ng, G)
+        best_err = best_s = None
+        for c in _CLIPS:
+            sc = _fp16_up(amax * c / zc)
+            sf = _safe(sc)[..., None]
+            xh = (torch.round(Xp / sf + zc).clamp_(0, L) - zc) * sc.float()[..., None]
+            err = ((Xp - xh) ** 2 * mask).sum(-1)
+            if best_err is None:
+                best_err, best_s = err, sc
+            else:
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_s = torch.where(better, sc, best_s)
+        s = best_s
+    else:
+        s = _fp16_up(amax / zc)
+    u = torch.round(Xp / _safe(s)[..., None] + zc).clamp_(0, L)
+    return Codes(u.view(R, ng * G)[:, :n].to(torch.uint8), s, None, bits, G)
+
+
+def dequantize_rows(codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int) -> Tensor:
+    """x̂ (R×n, fp32) = q·s (8 bits) or (u − z)·s (b < 8), each group's s/z repeated over its values."""
+    R, n = codes.shape
+    s = scale.float().repeat_interleave(group_size, dim=1)[:, :n]
+    if bits == 8:
+        return codes.float() * s
+    if zero is None:
+        return (codes.float() - ((1 << bits) - 1) / 2) * s
+    return (codes.float() - zero.float().repeat_interleave(group_size, dim=1)[:, :n]) * s
+
+
+def roundtrip(x: Tensor, tq: TensorQuant, float_dtype: torch.dtype = torch.float16) -> Tensor:
+    """dequantize(quantize(x)) as stored under ``tq`` (fp32, same shape; no packing)."""
+    shape = tuple(x.shape)
+    check_spec(shape, tq, float_dtype)
+    rows = to_rows(x.detach().float(), tq.axis)
+    R, n = rows.shape
+    out = torch.empty_like(rows)
+    bits = tq.row_bits(R)
+    for b in sorted(set(bits)):
+        idx = torch.tensor([r for r in range(R) if bits[r] == b], dtype=torch.long)
+        sub = rows[idx]
+        if b in CODE_BITS:
+            c = quantize_rows(sub, b, tq.group_size, zero=tq.zero and b < 8)
+            out[idx] = dequantize_rows(c.codes, c.scale, c.zero, b, tq.group_size)
+        else:
+            out[idx] = sub.to(float_dtype).float()
+    return from_rows(out, shape, tq.axis)
+
+
+# ----------------------------------------------------------------------------- packing
+_W8 = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def _to_bits(codes: Tensor, bits: int) -> Tensor:
+    """codes (N,) non-negative ints < 2^bits → their bits LSB first, (N·bits,) uint8."""
+    c = codes.to(torch.int64)
+    return ((c[:, None] >> torch.arange(bits)) & 1).to(torch.uint8).reshape(-1)
+
+
+def _from_bits(bitv: Tensor, bits: int) -> Tensor:
+    """(N·bits,) uint8 bits → (N,) int64 codes (trailing bits short of a code are ignored)."""
+    bitv = bitv[: bitv.numel() - bitv.numel() % bits]
+    return (bitv.view(-1, bits).to(torch.int64) << torch.arange(bits)).sum(1)
+
+
+def _bits_to_bytes(bitv: Tensor) -> Tensor:
+    pad = -bitv.numel() % 8
+    if pad:
+        bitv = torch.cat([bitv, bitv.new_zeros(pad)])
+    return (bitv.view(-1, 8) * _W8).sum(1, dtype=torch.uint8) if bitv.numel() else bitv.new_zeros(0)
+
+
+def _bytes_to_bits(buf: Tensor) -> Tensor:
+    return ((buf.to(torch.uint8)[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)
+
+
+def pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """Pack codes (N,) in [0, 2^bits) into ceil(N·bits/8) bytes: code i occupies stream bits
+    [i·bits, (i+1)·bits), least significant first; stream bit t is bit t mod 8 of byte t div 8;
+    unused high bits of the last byte are 0. (4 bits: byte j = c[2j] | c[2j+1] << 4.)"""
+    codes = codes.reshape(-1)
+    N = codes.numel()
+    if bits == 8:
+        return codes.to(torch.uint8).clone()
+    if bits == 4:
+        c = codes.to(torch.uint8)
+        if N % 2:
+            c = torch.cat([c, c.new_zeros(1)])
+        c = c.view(-1, 2)
+        return c[:, 0] | (c[:, 1] << 4)
+    if bits == 2:
+        c = codes.to(torch.uint8)
+        if N % 4:
+            c = torch.cat([c, c.new_zeros(4 - N % 4)])
+        c = c.view(-1, 4)
+        return c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)
+    out = [_bits_to_bytes(_to_bits(codes[i:i + _CHUNK], bits)) for i in range(0, N, _CHUNK)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
+
+
+def unpack_bits(buf: Tensor, bits: int, count: int) -> Tensor:
+    """Inverse of :func:`pack_bits`: the first ``count`` codes (int64) of a packed stream."""
+    buf = buf.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return buf[:count].to(torch.int64)
+    if bits == 4:
+        return torch.stack([buf & 15, buf >> 4], 1).reshape(-1)[:count].to(torch.int64)
+    if bits == 2:
+        return torch.stack([(buf >> (2 * j)) & 3 for j in range(4)], 1).reshape(-1)[:count].to(torch.int64)
+    per = _CHUNK * bits // 8  # bytes per chunk of codes
+    out = [_from_bits(_bytes_to_bits(buf[i:i + per]), bits) for i in range(0, buf.numel(), per)]
+    codes = torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+    return codes[:count]
+
+
+# ----------------------------------------------------------------------------- tensors
+def stored_specs(name: str, shape: Sequence[int], tq: TensorQuant, float_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Exact stored names, shapes and dtypes of logical tensor ``name`` under ``tq``."""
+    check_spec(shape, tq, float_dtype)
+    R, n = row_shape(shape, tq.axis)
+    bits = tq.row_bits(R)
+    ng = max(1, _ceil_div(n, tq.group_size))
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    if all(b == 8 for b in bits):
+        specs[f"{name}.q"] = ((R, n), torch.int8)
+    else:
+        specs[f"{name}.q"] = ((_ceil_div(sum(bits) * n, 8),), torch.uint8)
+    n_q = sum(1 for b in bits if b in CODE_BITS)
+    specs[f"{name}.scale"] = ((n_q, ng), torch.float16)
+    n_z = sum(1 for b in bits if b < 8) if tq.zero else 0
+    if n_z:
+        specs[f"{name}.zero"] = ((n_z, ng), torch.float16)
+    return specs
+
+
+def stored_bytes(shape: Sequence[int], tq: TensorQuant | None, float_dtype: torch.dtype) -> int:
+    """Payload bytes of a tensor: q + scale (+ zero) under ``tq``, or numel × float size when None.
+    = ceil(Σ_r bits_r · n / 8) + 2·R_q·ceil(n/G) + 2·R_z·ceil(n/G)."""
+    if tq is None:
+        return math.prod(shape) * (float_bits(float_dtype) // 8)
+    return sum(math.prod(s) * torch.empty(0, dtype=dt).element_size() for s, dt in stored_specs("t", shape, tq, float_dtype).values())
+
+
+def _raw_float_codes(rows: Tensor, float_dtype: torch.dtype) -> Tensor:
+    """The container-dtype bit patterns of rows, as non-negative int64 (for the mixed stream)."""
+    fb = float_bits(float_dtype)
+    iv = rows.to(float_dtype).contiguous().view(torch.int16 if fb == 16 else torch.int32).to(torch.int64)
+    return iv & ((1 << fb) - 1)
+
+
+def encode(name: str, x: Tensor, tq: TensorQuant, float_dtype: torch.dtype) -> dict[str, Tensor]:
+    """The stored tensors of logical tensor ``name`` (``name.q``, ``name.scale`` [, ``name.zero``])."""
+    shape = tuple(x.shape)
+    check_spec(shape, tq, float_dtype)
+    rows = to_rows(x.detach().cpu().float(), tq.axis)
+    R, n = rows.shape
+    bits = tq.row_bits(R)
+    G = tq.group_size
+    ng = max(1, _ceil_div(n, G))
+    fb = float_bits(float_dtype)
+    if len(set(bits)) == 1:  # uniform: one quantisation, no per-row work
+        b = bits[0]
+        c = quantize_rows(rows, b, G, zero=tq.zero and b < 8)
+        out = {f"{name}.q": c.codes.contiguous() if b == 8 else pack_bits(c.codes.reshape(-1), b),
+               f"{name}.scale": c.scale.contiguous()}
+        if c.zero is not None:
+            out[f"{name}.zero"] = c.zero.contiguous()
+        return out
+    scale = torch.zeros(R, ng, dtype=torch.float16)
+    zero = torch.zeros(R, ng, dtype=torch.float16)
+    row_codes: list[Tensor | None] = [None] * R
+    for b in sorted(set(bits)):
+        idx = [r for r in range(R) if bits[r] == b]
+        sub = rows[idx]
+        if b == fb:
+            codes = _raw_float_codes(sub, float_dtype)
+        else:
+            c = quantize_rows(sub, b, G, zero=tq.zero and b < 8)
+            codes = c.codes.to(torch.int64) & 0xFF  # two's complement bytes for 8 bits
+            scale[idx] = c.scale
+            if c.zero is not None:
+                zero[idx] = c.zero
+        for j, r in enumerate(idx):
+            row_codes[r] = codes[j]
+    # the stream: runs of consecutive rows of equal width, each packed LSB first
+    bitv, r = [], 0
+    while r < R:
+        e = r
+        while e < R and bits[e] == bits[r]:
+            e += 1
+        bitv.append(_to_bits(torch.cat([row_codes[i] for i in range(r, e)]), bits[r]))  # type: ignore[misc]
+        r = e
+    out = {f"{name}.q": _bits_to_bytes(torch.cat(bitv)),
+           f"{name}.scale": scale[[r for r in range(R) if bits[r] in CODE_BITS]].contiguous()}
+    if tq.zero and any(b < 8 for b in bits):
+        out[f"{name}.zero"] = zero[[r for r in range(R) if bits[r] < 8]].contiguous()
+    return out
+
+
+def decode(name: str, parts: dict[str, Tensor], tq: TensorQuant, shape: Sequence[int], float_dtype: torch.dtype) -> Tensor:
+    """The dequantised logical tensor (fp32, ``shape``) from its stored parts."""
+    check_spec(shape, tq, float_dtype)
+    R, n = row_shape(shape, tq.axis)
+    bits = tq.row_bits(R)
+    G = tq.group_size
+    q, scale = parts[f"{name}.q"], parts[f"{name}.scale"]
+    zero = parts.get(f"{name}.zero")
+    fb = float_bits(float_dtype)
+    if len(set(bits)) == 1:
+        b = bits[0]
+        codes = q.reshape(R, n) if b == 8 else unpack_bits(q, b, R * n).reshape(R, n)
+        return from_rows(dequantize_rows(codes, scale, zero, b, G), shape, tq.axis)
+    allbits = _bytes_to_bits(q)
+    out = torch.empty(R, n, dtype=torch.float32)
+    off, r, iq, iz = 0, 0, 0, 0
+    while r < R:
+        e = r
+        while e < R and bits[e] == bits[r]:
+            e += 1
+        b, cnt = bits[r], e - r
+        codes = _from_bits(allbits[off:off + cnt * n * b], b).view(cnt, n)
+        off += cnt * n * b
+        if b == fb:  # raw container-dtype bits
+            signed = torch.where(codes >= 1 << (fb - 1), codes - (1 << fb), codes)
+            out[r:e] = signed.to(torch.int16 if fb == 16 else torch.int32).view(float_dtype).float()
+        else:
+            if b == 8:
+                codes = torch.where(codes >= 128, codes - 256, codes)
+            z = None
+            if b < 8 and zero is not None:
+                z = zero[iz:iz + cnt]
+                iz += cnt
+            out[r:e] = dequantize_rows(codes, scale[iq:iq + cnt], z, b, G)
+            iq += cnt
+        r = e
+    return from_rows(out, shape, tq.axis)
+
+
+def check_parts(name: str, parts: dict[str, Tensor], tq: TensorQuant, shape: Sequence[int], float_dtype: torch.dtype) -> None:
+    """Value invariants of stored parts (after names/shapes/dtypes matched): scales finite and
+    ≥ 0, zero points in [0, 2^b − 1], 8-bit codes ≠ −128, the stream's padding bits zero."""
+    R, n = row_shape(shape, tq.axis)
+    bits = tq.row_bits(R)
+    s = parts[f"{name}.scale"].float()
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        raise QuantError(f"{name}.scale has a negative or non-finite scale")
+    z = parts.get(f"{name}.zero")
+    if z is not None:
+        zb = [b for b in bits if b < 8]
+        hi = torch.tensor([(1 << b) - 1 for b in zb], dtype=torch.float32)[:, None]
+        zf = z.float()
+        if not bool(torch.isfinite(zf).all()) or bool((zf < 0).any()) or bool((zf > hi).any()):
+            raise QuantError(f"{name}.zero has a zero point outside [0, 2^bits − 1]")
+    q = parts[f"{name}.q"]
+    if q.dtype == torch.int8:
+        if bool((q == -128).any()):
+            raise QuantError(f"{name}.q holds the code −128 (8-bit codes are in [−127, 127])")
+        return
+    used = sum(bits) * n
+    if used % 8 and q.numel():
+        if int(q[-1]) >> (used % 8):
+            raise QuantError(f"{name}.q has non-zero padding bits after its last code")
+    if any(b == 8 for b in bits) and len(set(bits)) > 1:
+        allbits = _bytes_to_bits(q)
+        off = 0
+        for b in bits:
+            if b == 8 and bool((_from_bits(allbits[off:off + 8 * n], 8) == 128).any()):
+                raise QuantError(f"{name}.q holds the code −128 (8-bit codes are in [−127, 127])")
+            off += b * n
+
+
+# ----------------------------------------------------------------------------- plans
+def scheme_bits(scheme: str) -> tuple[int, bool]:
+    """(code bits, asymmetric) of a fixed scheme."""
+    return {"int8": (8, False), "int4": (4, False), "int4-asym": (4, True)}[scheme]
+
+
+def header_cost(name: str, tq: TensorQuant | None) -> int:
+    """Approximate header + manifest bytes of storing ``name`` under ``tq`` (for plan decisions
+    and budgets; the exact file size is always measured)."""
+    if tq is None:
+        return 60 + len(name)
+    nb = 1 if isinstance(tq.bits, int) else len(tq.bits)
+    return (3 if tq.zero else 2) * (62 + len(name)) + 70 + len(name) + 3 * nb
+
+
+def bytes_per_value(scheme: str, group_size: int, float_dtype: torch.dtype) -> float:
+    """Average stored bytes per float value under a fixed scheme (for configuration budgets)."""
+    if scheme in ("none", "auto"):
+        return float_bits(float_dtype) / 8
+    b, z = scheme_bits(scheme)
+    return b / 8 + (4 if z else 2) / group_size
+
+
+def plan_uniform(tensors: dict[str, Tensor], scheme: str, group_size: int, float_dtype: torch.dtype,
+                 axes: Callable[[str, tuple[int, ...]], int | None] | None = None) -> Storage | None:
+    """One width for every float tensor that quantising makes smaller (a tiny tensor whose
+    scales and extra header entries would outweigh its savings stays in the container dtype).
+    ``axes(name, shape)`` may choose a tensor's group axis (default: :func:`group_axis`)."""
+    if scheme == "none":
+        return None
+    if scheme not in ("int8", "int4", "int4-asym"):
+        raise QuantError(f"unknown quantisation scheme {scheme!r} (expected one of {', '.join(SCHEMES)})")
+    b, z = scheme_bits(scheme)
+    plan: dict[str, TensorQuant] = {}
+    for name, t in sorted(tensors.items()):
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        shape = tuple(t.shape)
+        ax = (axes(name, shape) if axes else None)
+        tq = TensorQuant(b, group_axis(shape) if ax is None else ax, group_size, z)
+        plain = stored_bytes(shape, None, float_dtype) + header_cost(name, None)
+        if stored_bytes(shape, tq, float_dtype) + header_cost(name, tq) < plain:
+            plan[name] = tq
+    return Storage(scheme, group_size, plan)
+
+
+# ----------------------------------------------------------------------------- fake quantisation
+def fake_quant(x: Tensor, tq: TensorQuant, float_dtype: torch.dtype = torch.float16) -> Tensor:
+    """Straight-through fake quantisation: the forward value is exactly what the container
+    stores under ``tq`` (dequantised), the gradient is the identity (x's own)."""
+    with torch.no_grad():
+        xq = roundtrip(x, tq, float_dtype).to(x.dtype)
+    return x + (xq - x).detach()
+
+
+class FakeQuant(nn.Module):
+    """Parametrization: a parameter seen through :func:`fake_quant` (quantisation-aware training)."""
+
+    def __init__(self, tq: TensorQuant, float_dtype: torch.dtype):
+        super().__init__()
+        self.tq, self.float_dtype = tq, float_dtype
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fake_quant(x, self.tq, self.float_dtype)
+
+
+class TunedScales(nn.Module):
+    """Parametrization: frozen codes, trainable per-group scales (``scale``, rows×groups, fp32,
+    rounded to fp16 in the forward by a straight-through estimator). The original float
+    parameter is ignored (and frozen) while attached."""
+
+    def __init__(self, x: Tensor, tq: TensorQuant, float_dtype: torch.dtype):
+        super().__init__()
+        self.tq, self.float_dtype, self.shape = tq, float_dtype, tuple(x.shape)
+        rows = to_rows(x.detach().float(), tq.axis)
+        R, n = rows.shape
+        bits = tq.row_bits(R)
+        ng = max(1, _ceil_div(n, tq.group_size))
+        self.row_bits = bits
+        codes = torch.zeros(R, n)
+        zeros = torch.zeros(R, ng)
+        scales = torch.ones(R, ng)
+        fixed = torch.zeros(R, n)
+        for b in sorted(set(bits)):
+            idx = torch.tensor([r for r in range(R) if bits[r] == b], dtype=torch.long)
+            if b in CODE_BITS:
+                c = quantize_rows(rows[idx], b, tq.group_size, zero=tq.zero and b < 8)
+                codes[idx] = c.codes.float()
+                scales[idx] = c.scale.float()
+                if b == 8:
+                    zeros[idx] = 0.0
+                elif c.zero is not None:
+                    zeros[idx] = c.zero.float()
+                else:
+                    zeros[idx] = ((1 << b) - 1) / 2
+            else:
+                fixed[idx] = rows[idx].to(float_dtype).float()
+        qrows = torch.tensor([b in CODE_BITS for b in bits])
+        self.register_buffer("codes", codes)
+        self.register_buffer("zeros", zeros)
+        self.register_buffer("fixed", fixed)
+        self.register_buffer("qrows", qrows)
+        self.scale = nn.Parameter(scales)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.scale.abs()
+        s = s + (s.to(torch.float16).float() - s).detach()  # STE: stored scales are fp16
+        G, n = self.tq.group_size, self.codes.shape[1]
+        deq = (self.codes - self.zeros.repeat_interleave(G, 1)[:, :n]) * s.repeat_interleave(G, 1)[:, :n]
+        rows = torch.where(self.qrows[:, None], deq, self.fixed)
+        return from_rows(rows, self.shape, self.tq.axis).to(x.dtype)
+
+
+@dataclass
+class QuantHandle:
+    """What :func:`attach_fake_quant` / :func:`attach_scale_tuning` attached. ``params``: the
+    parameters to optimise (the form's own for QAT, the per-group scales for scale tuning);
+    ``names``: the tensors covered; ``skipped``: stored tensors that are not parameters of the form
+    (left as they are). ``remove()`` detaches: QAT restores the latent floats (the container then
+    quantises them exactly as the forward did); scale tuning leaves the dequantised values with the
+    tuned scales in the parameters."""
+
+    form: nn.Module
+    entries: list[tuple[nn.Module, str]]
+    params: list[nn.Parameter]
+    names: list[str]
+    skipped: list[str]
+    leave: bool
+    _removed: bool = field(default=False, repr=False)
+
+    def remove(self) -> None:
+        if self._removed:
+            return
+        for mod, attr in self.entries:
+            parametrize.remove_parametrizations(mod, attr, leave_parametrized=self.leave)
+            if self.leave:
+                getattr(mod, attr).requires_grad_(True)
+        self._removed = True
+
+
+def parameter_map(form: nn.Module) -> dict[str, tuple[nn.Module, str, nn.Parameter]]:
+    """Stored tensor name → (owning module, attribute, parameter) for every float tensor of
+    ``form.tensors()`` that is a view of one of the form's parameters (same memory, shape, strides)."""
+    params = {}
+    for pname, p in form.named_parameters():
+        mod_name, _, attr = pname.rpartition(".")
+        params[(p.data_ptr(), tuple(p.shape), p.stride())] = (form.get_submodule(mod_name) if mod_name else form, attr, p)
+    out = {}
+    for name, t in form.tensors().items():  # type: ignore[operator]
+        if t.is_floating_point() and t.numel():
+            key = (t.data_ptr(), tuple(t.shape), t.stride())
+            if key in params:
+                out[name] = params[key]
+    return out
+
+
+def _attach(form: nn.Module, storage: Storage, float_dtype: torch.dtype, tuned: bool) -> QuantHandle:
+    form.train()  # forms that keep source tensors verbatim switch to their parameters
+    pmap = parameter_map(form)
+    entries, params, names = [], [], []
+    skipped = sorted(set(storage.tensors) - set(pmap))
+    for name in sorted(storage.tensors):
+        if name not in pmap:
+            continue
+        mod, attr, p = pmap[name]
+        tq = storage.tensors[name]
+        if tuned:
+            P = TunedScales(p.detach(), tq, float_dtype)
+            p.requires_grad_(False)
+            parametrize.register_parametrization(mod, attr, P, unsafe=True)
+            params.append(P.scale)
+        else:
+            parametrize.register_parametrization(mod, attr, FakeQuant(tq, float_dtype), unsafe=True)
+            params.append(p)
+        entries.append((mod, attr))
+        names.append(name)
+    return QuantHandle(form, entries, params, names, skipped, leave=tuned)
+
+
+def attach_fake_quant(form: nn.Module, storage: Storage, float_dtype: torch.dtype = torch.float16) -> QuantHandle:
+    """Quantisation-aware training: every stored tensor of ``storage`` that is a form parameter is
+    seen through :func:`fake_quant` by ``form.factors`` (straight-through gradients to the latent
+    float parameter). Optimise ``handle.params`` (or the form's own groups); ``handle.remove()``."""
+    return _attach(form, storage, float_dtype, tuned=False)
+
+
+def attach_scale_tuning(form: nn.Module, storage: Storage, float_dtype: torch.dtype = torch.float16) -> QuantHandle:
+    """Quantise now and keep the codes; only the per-group scales train (``handle.params``).
+    ``handle.remove()`` writes the dequantised values back into the parameters; re-encoding them
+    reproduces the same codes and (fp16) scales whenever a group's largest code is its extreme."""
+    return _attach(form, storage, float_dtype, tuned=True)
+
+
+# ----------------------------------------------------------------------------- rate–distortion
+def _hull(opts: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the lower convex hull of options (cost, error), from option 0 on, each next
+    one costlier and strictly better: the moves a greedy allocator takes in order."""
+    path = [0]
+    while True:
+        c0, e0 = opts[path[-1]]
+        best, best_slope = None, 0.0
+        for j, (c, e) in enumerate(opts):
+            if c > c0 and e < e0:
+                slope = (e0 - e) / (c - c0)
+                if slope > best_slope * (1 + 1e-12):
+                    best, best_slope = j, slope
+        if best is None:
+            return path
+        path.append(best)
+
+
+def allocate_levels(options: Sequence[Sequence[Sequence[tuple[float, float]]]], budget: float,
+                    prefix: bool = True) -> tuple[list[list[int]], float]:
+    """Greedy rate–distortion allocation by marginal error reduction per byte.
+
+    ``options[m][i][l] = (bytes, error)`` of item i of group m at level l; level 0 is the
+    starting point (for svd: the direction dropped, 0 bytes). Items move along the lower convex
+    hull of their options, best slope first, while the total stays within ``budget``. With
+    ``prefix``, item i of a group leaves level 0 only after item i−1 did (svd keeps a prefix of
+    its singular directions). Returns (level per item, bytes spent beyond the level-0 costs)."""
+    levels = [[0] * len(g) for g in options]
+    hulls = [[_hull(it) for it in g] for g in options]
+    pos = [[0] * len(g) for g in options]
+    heap: list[tuple[float, int, int]] = []
+
+    def push(m: int, i: int) -> None:
+        h = hulls[m][i]
+        p = pos[m][i]
+        if p + 1 < len(h):
+            (c0, e0), (c1, e1) = options[m][i][h[p]], options[m][i][h[p + 1]]
+            heapq.heappush(heap, (-(e0 - e1) / (c1 - c0), m, i))
+
+    for m, g in enumerate(options):
+        for i in range(len(g)):
+            if not prefix or i == 0:
+                push(m, i)
+    spent = 0.0
+    while heap:
+        _, m, i = heapq.heappop(heap)
+        h, p = hulls[m][i], pos[m][i]
+        dc = options[m][i][h[p + 1]][0] - options[m][i][h[p]][0]
+        if spent + dc > budget:
+            continue  # does not fit; a cheaper move elsewhere may
+        spent += dc
+        pos[m][i] = p + 1
+        levels[m][i] = h[p + 1]
+        push(m, i)
+        if prefix and p == 0 and i + 1 < len(options[m]):
+            push(m, i + 1)
+    return levels, spent
+
+
+def direction_options(B: Tensor, A: Tensor, Sigma: Tensor | None, levels: Sequence[int], group_size: int,
+                      float_dtype: torch.dtype, zero: bool = False) -> tuple[list[float], Tensor]:
+    """Per singular direction i of balanced factors B (out×k), A (k×in): the bytes and the
+    (Σ-weighted) squared error of storing it at each level. Levels: 0 (dropped), then each of
+    ``levels`` (code bits, or the container float width). Returns (bytes per level (L+1),
+    errors (k×(L+1)) float64). The error of direction i at b bits is ‖b̂ âᵀ − b aᵀ‖²_Σ with b, a
+    column i of B and row i of A quantised in their own groups (exactly as stored)."""
+    B = B.detach().float()
+    A = A.detach().float()
+    out, k = B.shape
+    n_in = A.shape[1]
+    fb = float_bits(float_dtype)
+    ngA, ngB = max(1, _ceil_div(n_in, group_size)), max(1, _ceil_div(out, group_size))
+    Bd, Ad = B.double(), A.double()
+    S = None if Sigma is None else Sigma.double()
+    AS = Ad if S is None else Ad @ S
+    nb2 = (Bd * Bd).sum(0)
+    costs = [0.0]
+    errs = [nb2 * (AS * Ad).sum(1)]  # dropped: ‖b‖² a Σ aᵀ (= σ_i² for balanced SVD factors)
+    for b in levels:
+        if b == fb or b not in CODE_BITS:
+            Bh, Ah = B.to(float_dtype).double(), A.to(float_dtype).double()
+            costs.append((out + n_in) * fb / 8 + 6)
+        else:
+            z = zero and b < 8
+            cb = quantize_rows(B.T.contiguous(), b, group_size, z)
+            ca = quantize_rows(A, b, group_size, z)
+            Bh = dequantize_rows(cb.codes, cb.scale, cb.zero, b, group_size).T.double()
+            Ah = dequantize_rows(ca.codes, ca.scale, ca.zero, b, group_size).double()
+            costs.append((out + n_in) * b / 8 + (4 if z else 2) * (ngA + ngB) + 4)
+        dB, dA = Bh - Bd, Ah - Ad
+        dAS = dA if S is None else dA @ S
+        AhS = Ah if S is None else Ah @ S
+        # ‖δb âᵀ + b δaᵀ‖²_Σ = ‖δb‖² âΣâᵀ + ‖b‖² δaΣδaᵀ + 2 (δb·b)(âΣδaᵀ)
+        e = (dB * dB).sum(0) * (AhS * Ah).sum(1) + nb2 * (dAS * dA).sum(1) + 2 * (dB * Bd).sum(0) * (AhS * dA).sum(1)
+        errs.append(e.clamp_min(0))
+    return costs, torch.stack(errs, 1)
+
+
+def allocation_summary(type_keys: Sequence[str], bits: Sequence[Sequence[int]], max_rank: int) -> dict:
+    """Bit allocation per module type and per rank position: kept directions, mean bits of the
+    kept ones and a histogram of widths (0 = dropped)."""
+    def hist(vals: Iterable[int]) -> dict:
+        h: dict[str, int] = {}
+        for v in vals:
+            h[str(v)] = h.get(str(v), 0) + 1
+        return dict(sorted(h.items(), key=lambda kv: int(kv[0])))
+
+    by_type: dict[str, dict] = {}
+    for t in sorted(set(type_keys)):
+        vals = [b for tk, row in zip(type_keys, bits) if tk == t for b in row]
+        kept = [b for b in vals if b > 0]
+        by_type[t] = {"directions": len(vals), "kept": len(kept),
+                      "mean_bits": (sum(kept) / len(kept)) if kept else 0.0, "bits": hist(vals)}
+    by_pos = []
+    for p in range(max_rank):
+        vals = [row[p] if p < len(row) else 0 for row in bits]
+        kept = [b for b in vals if b > 0]
+        by_pos.append({"position": p, "kept": len(kept), "mean_bits": (sum(kept) / len(kept)) if kept else 0.0,
+                       "bits": hist(vals)})
+    allv = [b for row in bits for b in row]
+    kept = [b for b in allv if b > 0]
+    return {"directions": len(allv), "kept": len(kept), "mean_bits": (sum(kept) / len(kept)) if kept else 0.0,
+            "bits": hist(allv), "by_type": by_type, "by_position": by_pos}
+
+
+@torch.no_grad()
+def tensor_options(form: nn.Module, names: Sequence[str], levels: Sequence[int], group_size: int,
+                   float_dtype: torch.dtype, module_errors: Callable[[list[int]], Tensor], n_modules: int,
+                   axes: Callable[[str, tuple[int, ...]], int | None] | None = None) -> dict[str, list[tuple[int, float, float]]]:
+    """Measured sensitivity of each stored float tensor: for each level (code bits or the float
+    width), (bits, bytes, increase of the total squared error) when that tensor alone is stored at
+    that level, the others kept in float. ``module_errors(idx)`` returns the squared errors of
+    modules ``idx`` for the form's current parameters. Only modules whose factors depend on the
+    tensor (found by autograd) are re-evaluated. Tensors that are not form parameters are skipped."""
+    pmap = parameter_map(form)
+    base = module_errors(list(range(n_modules))).double()
+    deps: dict[int, list[int]] = {}
+    plist = [p for _, _, p in pmap.values()]
+    with torch.enable_grad():
+        for i in range(n_modules):
+            B, A = form.factors(i)  # type: ignore[operator]
+            if not (B.requires_grad or A.requires_grad):
+                continue
+            gs = torch.autograd.grad(B.sum() + A.sum(), plist, allow_unused=True)
+            for p, g in zip(plist, gs):
+                if g is not None:
+                    deps.setdefault(id(p), []).append(i)
+    fb = float_bits(float_dtype)
+    out: dict[str, list[tuple[int, float, float]]] = {}
+    for name in names:
+        if name not in pmap:
+            continue
+        _, _, p = pmap[name]
+        idx = deps.get(id(p), list(range(n_modules)))
+        shape = tuple(p.shape)
+        ax = axes(name, shape) if axes else None
+        ax = group_axis(shape) if ax is None else ax
+        keep = p.detach().clone()
+        opts = []
+        for b in levels:
+            tq = None if b == fb else TensorQuant(b, ax, group_size)
+            p.copy_(keep.to(float_dtype).float() if tq is None else roundtrip(keep, tq, float_dtype))
+            e = float(module_errors(idx).double().sum() - base[idx].sum())
+            opts.append((b, float(stored_bytes(shape, tq, float_dtype) + header_cost(name, tq)), max(e, 0.0)))
+            p.copy_(keep)
+        out[name] = opts
+    return out

@@ -1,0 +1,220 @@
+"""Foundation benchmark: wall time and peak RSS of adaptzip's basic commands on a Llama-7B-shaped
+LoRA (32 layers, r=16, q/k/v/o/gate/up/down, fp16; see bench/llama7b_adapter.py).
+
+Every step runs in its own Python process (``--step NAME``), so its peak RSS (``ru_maxrss``) is
+its own; ``seconds`` is the operation alone (imports excluded), ``process_s`` the whole process.
+The references are a plain safetensors ``load_file`` + ``save_file`` of the same tensors:
+the source adapter's (what a lossless ``lora`` repack/expand moves) and the expanded svd adapter's
+(what ``expand --to peft`` of the svd container writes).
+
+    python bench/bench_foundation.py                 # full size (32 layers)
+    python bench/bench_foundation.py --layers 2      # quick run
+
+Prints a table; writes bench/out/foundation.json and bench/out/foundation.md.
+Targets (2 CPU cores): compress ≤ 60 s; expand to PEFT ≤ 2× a plain load+save of the same tensors;
+dense export peak RSS ≤ 1.5 GB whatever the model size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+TARGET_COMPRESS_S = 60.0
+TARGET_PEFT_RATIO = 2.0
+TARGET_DENSE_RSS_MB = 1500.0
+
+
+# ----------------------------------------------------------------------------- child side
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _dir_bytes(p: Path) -> int:
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def run_step(step: str, work: Path, layers: int, dense_dtype: str) -> dict:
+    """Run one step in this process; returns its facts (called in a child process)."""
+    import torch
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    import adaptzip
+    from adaptzip import api
+    from safetensors.torch import load_file, save_file
+
+    src = work / "adapter"
+    rss_before = _peak_rss_mb()
+    t0 = time.perf_counter()
+    res: dict = {}
+    if step == "import":
+        pass  # the interpreter + torch + adaptzip baseline every other step pays
+    elif step == "build":
+        sys.path.insert(0, str(HERE))
+        from llama7b_adapter import build_llama7b_adapter
+        build_llama7b_adapter(src, layers=layers)
+        res["bytes"] = _dir_bytes(src / "adapter_model.safetensors")
+    elif step == "ref_source":
+        t = load_file(str(src / "adapter_model.safetensors"))
+        save_file(t, str(work / "ref_source.safetensors"))
+        res["bytes"] = _dir_bytes(work / "ref_source.safetensors")
+    elif step == "inspect":
+        r = api.inspect(src)
+        res["modules"] = len(r["modules"])
+        res["mean_effective_rank"] = sum(m["effective_rank"] for m in r["modules"]) / len(r["modules"])
+    elif step == "compress_svd":
+        r = api.compress(src, work / "svd.safetensors", to="svd", budget=0.25, force=True)
+        res.update(bytes=r["bytes"], ratio=r["ratio"], rel_error=r["rel_error"], ranks=r["state"].get("ranks"))
+    elif step == "compress_lora":
+        r = api.compress(src, work / "lora.safetensors", to="lora", force=True)
+        res.update(bytes=r["bytes"], ratio=r["ratio"])
+    elif step == "expand_peft":
+        r = api.expand(work / "svd.safetensors", work / "svd_peft", to="peft", force=True)
+        res.update(bytes=_dir_bytes(work / "svd_peft"), r=r.get("r"))
+    elif step == "expand_peft_lora":
+        r = api.expand(work / "lora.safetensors", work / "lora_peft", to="peft", force=True)
+        res.update(bytes=_dir_bytes(work / "lora_peft"))
+    elif step == "ref_expanded":
+        t = load_file(str(work / "svd_peft" / "adapter_model.safetensors"))
+        save_file(t, str(work / "ref_expanded.safetensors"))
+        res["bytes"] = _dir_bytes(work / "ref_expanded.safetensors")
+    elif step == "expand_dense":
+        out = work / "dense.safetensors"
+        r = api.expand(work / "svd.safetensors", out, to="dense", dtype=dense_dtype, force=True)
+        res.update(bytes=r["bytes"], tensors=r["tensors"], dtype=dense_dtype)
+    elif step == "verify":
+        r = api.verify(work / "svd.safetensors")
+        res["ok"] = r["ok"]
+    else:
+        raise SystemExit(f"unknown step {step}")
+    res["seconds"] = time.perf_counter() - t0
+    res["peak_rss_mb"] = _peak_rss_mb()
+    res["rss_before_mb"] = rss_before
+    res["adaptzip_version"] = adaptzip.__version__
+    return res
+
+
+# ----------------------------------------------------------------------------- parent side
+STEPS = [  # (step, label)
+    ("import", "python + torch + adaptzip import (baseline)"),
+    ("build", "build the synthetic adapter"),
+    ("ref_source", "reference: safetensors load+save of the source"),
+    ("inspect", "adaptzip inspect"),
+    ("compress_svd", "adaptzip compress --to svd --budget 0.25"),
+    ("compress_lora", "adaptzip compress --to lora (lossless)"),
+    ("verify", "adaptzip verify (svd container)"),
+    ("expand_peft", "adaptzip expand --to peft (svd container)"),
+    ("ref_expanded", "reference: safetensors load+save of the expanded svd adapter"),
+    ("expand_peft_lora", "adaptzip expand --to peft (lora container)"),
+    ("expand_dense", "adaptzip expand --to dense (svd container)"),
+]
+
+
+def child(step: str, work: Path, layers: int, dense_dtype: str, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--step", step, "--work", str(work),
+           "--layers", str(layers), "--dense-dtype", dense_dtype]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"step {step} failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res["process_s"] = wall
+    return res
+
+
+def _fmt_mb(b: int | None) -> str:
+    return "" if b is None else f"{b / 1e6:.1f} MB"
+
+
+def markdown(result: dict) -> str:
+    s = result["steps"]
+    lines = [
+        f"Llama-7B-shaped LoRA: {result['layers']} layers, r={result['rank']}, fp16, "
+        f"{result['modules']} modules, {result['source_bytes'] / 1e6:.1f} MB; "
+        f"{result['threads']} torch threads on {result['cpu']} ({result['cpus']} CPUs). "
+        f"`seconds`: the operation alone; `process`: with interpreter start and imports; "
+        f"peak RSS of the whole process (the import baseline is {s['import']['peak_rss_mb']:.0f} MB).",
+        "",
+        "| step | seconds | process s | peak RSS MB | output |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for step, label in STEPS:
+        if step not in s:
+            continue
+        r = s[step]
+        lines.append(f"| {label} | {r['seconds']:.2f} | {r['process_s']:.2f} | {r['peak_rss_mb']:.0f} | {_fmt_mb(r.get('bytes'))} |")
+    lines += ["", "| target | measured | limit | met |", "|---|---:|---:|:---:|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['name']} | {t['measured']:.3g} | {t['limit']:.3g} | {'yes' if t['ok'] else '**no**'} |")
+    c = s.get("compress_svd", {})
+    if c:
+        lines += ["", f"svd at budget 0.25: {c['bytes'] / 1e6:.2f} MB (ratio {c['ratio']:.3f}), weight rel. error {c['rel_error']:.4f}."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="adaptzip foundation benchmark (Llama-7B-shaped LoRA)")
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers of the synthetic adapter (32 = Llama-7B)")
+    ap.add_argument("--dense-dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the dense ΔW export")
+    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one, removed afterwards)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--out", type=Path, default=OUT, help="where foundation.json / foundation.md go")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed per step")
+    ap.add_argument("--step", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+
+    if a.step:  # child mode
+        print(json.dumps(run_step(a.step, a.work, a.layers, a.dense_dtype)))
+        return 0
+
+    work = a.work or Path(tempfile.mkdtemp(prefix="adaptzip-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    steps: dict[str, dict] = {}
+    try:
+        for step, label in STEPS:
+            print(f"… {label}", file=sys.stderr, flush=True)
+            steps[step] = child(step, work, a.layers, a.dense_dtype, a.timeout)
+            if step == "expand_dense":
+                (work / "dense.safetensors").unlink(missing_ok=True)  # up to 23 GB at full size
+    finally:
+        if a.work is None and not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    sys.path.insert(0, str(HERE))
+    from llama7b_adapter import module_shapes
+    import torch
+    targets = [
+        {"name": "compress --to svd --budget 0.25 (s)", "measured": steps["compress_svd"]["seconds"], "limit": TARGET_COMPRESS_S},
+        {"name": "expand --to peft (svd) / load+save of its tensors", "measured": steps["expand_peft"]["seconds"] / steps["ref_expanded"]["seconds"], "limit": TARGET_PEFT_RATIO},
+        {"name": "expand --to peft (lora) / load+save of the source", "measured": steps["expand_peft_lora"]["seconds"] / steps["ref_source"]["seconds"], "limit": TARGET_PEFT_RATIO},
+        {"name": "expand --to dense peak RSS (MB)", "measured": steps["expand_dense"]["peak_rss_mb"], "limit": TARGET_DENSE_RSS_MB},
+    ]
+    for t in targets:
+        t["ok"] = t["measured"] <= t["limit"]
+    result = {
+        "benchmark": "foundation", "layers": a.layers, "rank": 16, "modules": a.layers * len(module_shapes()),
+        "source_bytes": steps["build"]["bytes"], "dense_dtype": a.dense_dtype,
+        "threads": max(1, min(2, os.cpu_count() or 1)), "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(), "torch": torch.__version__, "adaptzip_version": steps["import"]["adaptzip_version"],
+        "steps": steps, "targets": targets,
+    }
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "foundation.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    (a.out / "foundation.md").write_text(md)
+    print(md)
+    return 0 if all(t["ok"] for t in targets) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

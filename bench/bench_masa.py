@@ -1,0 +1,198 @@
+"""MASA benchmark: fit time, peak RSS, ratio and weight-space error against the same-bytes svd
+baseline, on the Llama-7B-shaped LoRA (32 layers, r=16, q/k/v/o/gate/up/down, fp16; see
+bench/llama7b_adapter.py).
+
+Every configuration runs in its own Python process (``--case NAME``) so its peak RSS
+(``ru_maxrss``) is its own. ``fit_s`` is ``MasaForm.fit`` alone (the closed-form fit);
+``compress_s`` is the whole ``adaptzip.compress`` (fit, evaluation, same-bytes svd baseline,
+container write); peak RSS is that of the compress.
+
+    python bench/bench_masa.py                 # full size (32 layers)
+    python bench/bench_masa.py --layers 4      # quick run
+
+Prints a table; writes bench/out/masa.json and bench/out/masa.md. Target (2 CPU cores): ≤ 60 s per fit.
+The synthetic layers share no subspace (like real adapters, see DESIGN.md), so MASA is expected to
+lose to same-bytes SVD in weight space; the table says by how much.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+TARGET_FIT_S = 60.0
+
+# name -> (label, options, budget)
+CASES: dict[str, tuple[str, dict, str | None]] = {
+    "default": ("rank 8, group 2, experts 1 (defaults)", {}, None),
+    "paper": ("rank 8, group 2, experts 5 (paper layout)", {"experts": 5}, None),
+    "r16": ("rank 16, group 2, experts 1", {"rank": 16}, None),
+    "g4r16": ("rank 16, group 4, experts 1", {"rank": 16, "group": 4}, None),
+    "budget": ("--budget 0.25, group 2, experts 1", {"group": 2}, "0.25"),
+}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+# ----------------------------------------------------------------------------- child side
+def run_case(case: str, work: Path, layers: int) -> dict:
+    """Run one case in this process (called in a child)."""
+    import torch
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    import adaptzip
+    from adaptzip import api
+    from adaptzip.forms import FitContext, get_form, make_config
+
+    src = work / "adapter"
+    if case == "build":
+        sys.path.insert(0, str(HERE))
+        from llama7b_adapter import build_llama7b_adapter
+        t0 = time.perf_counter()
+        build_llama7b_adapter(src, layers=layers, rank=16, seed=0)
+        return {"seconds": time.perf_counter() - t0, "bytes": (src / "adapter_model.safetensors").stat().st_size,
+                "modules": len(adaptzip.load_adapter(src).modules)}
+    _, options, budget = CASES[case]
+    rss_before = _peak_rss_mb()
+    t0 = time.perf_counter()
+    res = api.compress(src, work / f"masa_{case}.safetensors", to="masa", budget=budget, options=options, seed=0, force=True)
+    compress_s = time.perf_counter() - t0
+    peak = _peak_rss_mb()
+    # the fit alone, with the configuration compress settled on
+    ad = adaptzip.load_adapter(src)
+    cls = get_form("masa")
+    cfg = make_config(cls, res["config"])
+    t1 = time.perf_counter()
+    cls.fit(ad, cfg, FitContext(seed=0))
+    fit_s = time.perf_counter() - t1
+    keep = ("bytes", "source_bytes", "ratio", "stored_params", "rel_error", "worst_module_rel_error", "worst_module",
+            "svd_baseline_rel_error", "svd_baseline_bytes", "groups", "experts", "expert_params", "b_params",
+            "redundant_expert_params", "redundant_expert_share", "budget_choice", "config")
+    out = {k: res[k] for k in keep if k in res}
+    out.update(fit_s=fit_s, compress_s=compress_s, peak_rss_mb=peak, rss_before_mb=rss_before)
+    return out
+
+
+# ----------------------------------------------------------------------------- parent side
+def child(case: str, work: Path, layers: int, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--work", str(work), "--layers", str(layers)]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"case {case} failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    res["process_s"] = time.perf_counter() - t0
+    return res
+
+
+COLUMNS = ("case", "rank", "S", "N", "fit s", "compress s", "peak RSS MB", "MB", "ratio", "rel. error",
+           "svd same bytes", "error / svd", "redundant experts")
+
+
+def rows(result: dict) -> list[list[str]]:
+    out = []
+    for case, r in result["cases"].items():
+        c = r["config"]
+        base = r.get("svd_baseline_rel_error")
+        out.append([CASES[case][0], str(c["rank"]), str(c["group"]), str(c["experts"]), f"{r['fit_s']:.2f}",
+                    f"{r['compress_s']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['bytes'] / 1e6:.2f}", f"{r['ratio']:.4f}",
+                    f"{r['rel_error']:.4f}", "" if base is None else f"{base:.4f}",
+                    "" if not base else f"{r['rel_error'] / base:.2f}×", f"{100 * r['redundant_expert_share']:.1f}% of payload"])
+    return out
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"MASA on the Llama-7B-shaped LoRA: {result['layers']} layers, r=16, fp16, {result['modules']} modules, "
+        f"{result['source_bytes'] / 1e6:.1f} MB; {result['threads']} torch threads on {result['cpu']} ({result['cpus']} CPUs), "
+        f"torch {result['torch']}. Weight-space errors (no calibration); `svd same bytes` is the per-module SVD with global "
+        f"rank allocation whose container has the same size. `redundant experts`: the share of the stored floats that "
+        f"N > 1 adds without changing ΔŴ.",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows(result)]
+    lines += ["", "| target | measured | limit | met |", "|---|---:|---:|:---:|"]
+    for t in result["targets"]:
+        lines.append(f"| {t['name']} | {t['measured']:.3g} | {t['limit']:.3g} | {'yes' if t['ok'] else '**no**'} |")
+    b = result["cases"].get("budget", {}).get("budget_choice")
+    if b:
+        lines += ["", f"`--budget 0.25` chose rank {b['rank']} (payload {b['payload_bytes'] / 1e6:.2f} MB of "
+                      f"{b['budget_payload_bytes'] / 1e6:.2f} MB; rank {b['rank'] + 1} would need "
+                      f"{(b['next_rank_payload_bytes'] or 0) / 1e6:.2f} MB)."]
+    return "\n".join(lines) + "\n"
+
+
+def table(result: dict) -> str:
+    data = [list(COLUMNS)] + rows(result)
+    w = [max(len(r[i]) for r in data) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in data)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="adaptzip MASA benchmark (Llama-7B-shaped LoRA)")
+    ap.add_argument("--layers", type=int, default=32, help="decoder layers of the synthetic adapter (32 = Llama-7B)")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one, removed afterwards)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    ap.add_argument("--out", type=Path, default=OUT, help="where masa.json / masa.md go")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed per case")
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+
+    if a.case:  # child mode
+        print(json.dumps(run_case(a.case, a.work, a.layers)))
+        return 0
+
+    cases = [c for c in a.cases.split(",") if c]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        ap.error(f"unknown case {unknown[0]!r} (known: {', '.join(CASES)})")
+    work = a.work or Path(tempfile.mkdtemp(prefix="adaptzip-bench-masa-"))
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    try:
+        if not (work / "adapter" / "adapter_model.safetensors").exists():
+            print("… build the synthetic adapter", file=sys.stderr, flush=True)
+            child("build", work, a.layers, a.timeout)
+        build = {"bytes": (work / "adapter" / "adapter_model.safetensors").stat().st_size}
+        for case in cases:
+            print(f"… masa {CASES[case][0]}", file=sys.stderr, flush=True)
+            results[case] = child(case, work, a.layers, a.timeout)
+    finally:
+        if a.work is None and not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    import torch
+    sys.path.insert(0, str(HERE))
+    from llama7b_adapter import module_shapes
+    targets = [{"name": f"masa fit ({CASES[c][0]}) s", "measured": r["fit_s"], "limit": TARGET_FIT_S} for c, r in results.items()]
+    for t in targets:
+        t["ok"] = t["measured"] <= t["limit"]
+    result = {
+        "benchmark": "masa", "layers": a.layers, "rank": 16, "modules": a.layers * len(module_shapes()),
+        "source_bytes": build["bytes"], "threads": max(1, min(2, os.cpu_count() or 1)), "cpus": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
+        "cases": results, "targets": targets,
+    }
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "masa.json").write_text(json.dumps(result, indent=2) + "\n")
+    (a.out / "masa.md").write_text(markdown(result))
+    print(table(result))
+    return 0 if all(t["ok"] for t in targets) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

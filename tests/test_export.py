@@ -1,0 +1,235 @@
+"""Round trips: lora repack, svd, PEFT loads, vLLM layout, dense ΔW, merged model."""
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+import adaptzip
+from adaptzip import linalg
+from adaptzip.errors import BaseModelError, ExportError, OptionError
+from fixtures import load_base, random_ids
+
+VARIANTS = {
+    "plain": {},
+    "fp16": {"dtype": torch.float16},
+    "patterns": {"use_rslora": True, "lora_alpha": 12, "rank_pattern": {"v_proj": 4}, "alpha_pattern": {"o_proj": 3}},
+    "carry": {"target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"], "lora_bias": True},
+    "dora_emb": {"target_modules": ["q_proj", "v_proj", "embed_tokens"], "use_dora": True},
+}
+
+
+def _adapter(make_lora, variant):
+    return make_lora(f"exp_{variant}", steps=4, **VARIANTS[variant])
+
+
+@torch.no_grad()
+def peft_logits(base_dir, lora_dir, ids):
+    pm = PeftModel.from_pretrained(load_base(base_dir), lora_dir).eval()
+    return pm(input_ids=ids).logits
+
+
+def dense_deltas(lora_dir) -> dict[str, torch.Tensor]:
+    ad = adaptzip.load_adapter(lora_dir)
+    return {m.name: (B @ A) for m, B, A in ad.iter_factors()}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_lora_repack_is_exact(make_lora, llama_base, tmp_path, variant):
+    src = _adapter(make_lora, variant)
+    c = tmp_path / "c.safetensors"
+    adaptzip.compress(src, c, to="lora")
+    adaptzip.verify(c)
+    out = tmp_path / "out"
+    adaptzip.expand(c, out)
+    a, b = load_file(src / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    ca, cb = json.loads((src / "adapter_config.json").read_text()), json.loads((out / "adapter_config.json").read_text())
+    for k in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "target_modules", "modules_to_save", "lora_bias"):
+        assert ca.get(k) == cb.get(k), k
+    ids = random_ids()
+    assert torch.equal(peft_logits(llama_base, src, ids), peft_logits(llama_base, out, ids))
+
+
+@pytest.mark.parametrize("variant", ["plain", "patterns", "carry", "dora_emb"])
+def test_svd_full_rank_same_delta_and_outputs(make_lora, llama_base, tmp_path, variant):
+    src = _adapter(make_lora, variant)
+    c = tmp_path / "c.safetensors"
+    res = adaptzip.compress(src, c, to="svd", dtype="fp32")
+    assert res["rel_error"] < 1e-5
+    out = tmp_path / "out"
+    adaptzip.expand(c, out)
+    d0, d1 = dense_deltas(src), dense_deltas(out)
+    assert d0.keys() == d1.keys()
+    for k in d0:
+        assert float((d0[k] - d1[k]).norm() / d0[k].norm()) < 1e-5, k
+    ids = random_ids()
+    torch.testing.assert_close(peft_logits(llama_base, out, ids), peft_logits(llama_base, src, ids), rtol=1e-4, atol=1e-5)
+
+
+def test_expanded_equals_hand_applied_delta(lora_fp32, llama_base, tmp_path):
+    """The PEFT load of a lossy container gives exactly base + ΔŴ applied by hand."""
+    c = tmp_path / "c.safetensors"
+    adaptzip.compress(lora_fp32, c, to="svd", rank=2)
+    out = tmp_path / "out"
+    adaptzip.expand(c, out, dtype="fp32")
+    form = adaptzip.open_container(c).form()
+    model = load_base(llama_base)
+    sd = model.state_dict()
+    with torch.no_grad():
+        for i, m in enumerate(form.modules_info):
+            B, A = form.factors(i)
+            sd[m.name + ".weight"] += B @ A
+    model.load_state_dict(sd)
+    ids = random_ids()
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    torch.testing.assert_close(peft_logits(llama_base, out, ids), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_budget_never_exceeded_and_beats_uniform(lora_fp32, tmp_path):
+    from adaptzip import fit
+    from adaptzip.forms import FitContext, get_form
+    ad = adaptzip.load_adapter(lora_fp32)
+    svd, ctx = get_form("svd"), FitContext()
+    for rank in (1, 2, 4):  # at the payload of a uniform rank-k cut, global allocation fits better
+        uni = svd.fit(ad, svd.Config(rank=rank), ctx)
+        payload = uni.float_params() * 4
+        cfg = svd.config_for_budget(ad, svd.Config(), payload, 4, ctx)
+        alloc = svd.fit(ad, cfg, ctx)
+        assert alloc.float_params() <= uni.float_params()
+        assert fit.evaluate(alloc, ad, ctx).rel_error < fit.evaluate(uni, ad, ctx).rel_error
+    with pytest.raises(OptionError, match="below the container's fixed overhead"):
+        adaptzip.compress(lora_fp32, tmp_path / "tiny.safetensors", to="svd", budget=0.02)
+    assert not (tmp_path / "tiny.safetensors").exists()
+    fracs = (0.12, 0.2, 0.25, 0.5)
+    for frac in fracs:  # the whole file fits, and little of the budget is left unused
+        r = adaptzip.compress(lora_fp32, tmp_path / f"f{frac}.safetensors", to="svd", budget=frac, baseline=False)
+        assert (tmp_path / f"f{frac}.safetensors").stat().st_size == r["bytes"] <= frac * ad.bytes
+        assert r["bytes"] > frac * ad.bytes - 2 * 4 * (96 + 64) - 512
+    errs = [adaptzip.open_container(tmp_path / f"f{f}.safetensors").manifest["metrics"]["rel_error"] for f in fracs]
+    assert errs == sorted(errs, reverse=True)  # more bytes never fits worse
+
+
+def test_dense_export(make_lora, gpt2_base, lora_fp32, tmp_path):
+    for src in (lora_fp32, make_lora("gpt2x", base=gpt2_base, steps=3, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)):
+        c = tmp_path / f"{src.name}.safetensors"
+        adaptzip.compress(src, c, to="lora")
+        d = tmp_path / f"{src.name}.delta.safetensors"
+        res = adaptzip.expand(c, d, to="dense")
+        dense = load_file(d)
+        ad = adaptzip.load_adapter(src)
+        assert res["tensors"] == len(ad.modules) == len(dense)
+        for m, B, A in ad.iter_factors():
+            want = (B @ A).T if m.fan_in_fan_out else B @ A
+            assert torch.allclose(dense[m.name + ".weight"], want, atol=1e-6), m.name
+        if "gpt2" in src.name:  # Conv1D weights are (in, out): the dense ΔW must match their shape
+            base_sd = load_base(gpt2_base).state_dict()
+            for k, v in dense.items():
+                assert v.shape == base_sd[k].shape, k
+
+
+@pytest.mark.parametrize("variant", ["plain", "patterns", "dora_emb"])
+def test_merged_equals_peft(make_lora, llama_base, tmp_path, variant):
+    src = _adapter(make_lora, variant)
+    c = tmp_path / "c.safetensors"
+    adaptzip.compress(src, c, to="svd", rank=3, dtype="fp32")
+    out = tmp_path / "peft"
+    adaptzip.expand(c, out)
+    if variant == "dora_emb":  # DoRA on an embedding cannot be merged by us: refused clearly
+        with pytest.raises(ExportError, match="embedding"):
+            adaptzip.expand(c, tmp_path / "merged", to="merged", base_model=llama_base)
+        return
+    merged = tmp_path / "merged"
+    adaptzip.expand(c, merged, to="merged", base_model=llama_base)
+    from transformers import AutoModelForCausalLM
+    mm = AutoModelForCausalLM.from_pretrained(merged, torch_dtype=torch.float32).eval()
+    ids = random_ids()
+    with torch.no_grad():
+        got = mm(input_ids=ids).logits
+    torch.testing.assert_close(got, peft_logits(llama_base, out, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_merged_dora_and_gpt2(make_lora, llama_base, gpt2_base, tmp_path):
+    cases = [(llama_base, make_lora("dora_lin", steps=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)),
+             (gpt2_base, make_lora("gpt2m", base=gpt2_base, steps=3, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))]
+    from transformers import AutoModelForCausalLM
+    for base, src in cases:
+        c = tmp_path / f"{src.name}.safetensors"
+        adaptzip.compress(src, c, to="lora")
+        merged = tmp_path / f"{src.name}.merged"
+        adaptzip.expand(c, merged, to="merged", base_model=base)
+        mm = AutoModelForCausalLM.from_pretrained(merged, torch_dtype=torch.float32).eval()
+        ids = random_ids()
+        with torch.no_grad():
+            got = mm(input_ids=ids).logits
+        torch.testing.assert_close(got, peft_logits(base, src, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_merged_refuses_bias_without_base_bias(make_lora, llama_base, tmp_path):
+    src = _adapter(make_lora, "carry")
+    c = tmp_path / "c.safetensors"
+    adaptzip.compress(src, c, to="lora")
+    with pytest.raises(BaseModelError, match="no bias"):
+        adaptzip.expand(c, tmp_path / "m", to="merged", base_model=llama_base)
+    assert not (tmp_path / "m").exists()
+
+
+def test_vllm_layout(make_lora, lora_fp32, tmp_path):
+    c = tmp_path / "c.safetensors"
+    adaptzip.compress(lora_fp32, c, to="svd", budget=0.3)
+    ranks = adaptzip.open_container(c).manifest["state"]["ranks"]
+    out = tmp_path / "v"
+    res = adaptzip.expand(c, out, target="vllm")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    R = max(ranks)
+    assert cfg["r"] == R == res["r"] and cfg["lora_alpha"] == R and cfg["use_rslora"] is False
+    assert cfg["rank_pattern"] == {} and cfg["alpha_pattern"] == {}
+    sd = load_file(out / "adapter_model.safetensors")
+    assert all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in sd)
+    assert all(v.shape[0 if k.endswith("lora_A.weight") else 1] == R for k, v in sd.items())
+    form = adaptzip.open_container(c).form()
+    d0 = dense_deltas(out)
+    for i, m in enumerate(form.modules_info):
+        B, A = form.factors(i)
+        assert torch.allclose(d0[m.name], B @ A, atol=1e-6), m.name
+    # a max rank below the form's rank is re-factored by SVD, with its error reported
+    full = tmp_path / "full.safetensors"
+    adaptzip.compress(lora_fp32, full, to="lora")
+    res = adaptzip.expand(full, tmp_path / "v1", target="vllm", max_lora_rank=1)
+    assert res["r"] == 1 and len(res["refactored"]) == 21 and all(0 < e < 1 for e in res["refactored"].values())
+    with pytest.raises(ExportError, match="max-lora-rank 7"):
+        adaptzip.expand(full, tmp_path / "v7", target="vllm", max_lora_rank=7)
+    dora = tmp_path / "dora.safetensors"
+    adaptzip.compress(_adapter(make_lora, "dora_emb"), dora, to="lora")
+    with pytest.raises(ExportError, match="DoRA"):
+        adaptzip.expand(dora, tmp_path / "vd", target="vllm")
+    assert not (tmp_path / "vd").exists()
+
+
+def test_determinism(lora_fp32, tmp_path):
+    for form, kw in (("svd", {"budget": 0.25}), ("lora", {"dtype": "fp16"})):
+        a = adaptzip.compress(lora_fp32, tmp_path / f"{form}1.safetensors", to=form, seed=3, **kw)
+        b = adaptzip.compress(lora_fp32, tmp_path / f"{form}2.safetensors", to=form, seed=3, **kw)
+        assert (tmp_path / f"{form}1.safetensors").read_bytes() == (tmp_path / f"{form}2.safetensors").read_bytes()
+        assert a["bytes"] == b["bytes"]
+
+
+def test_factored_svd_weighted_is_optimal(lora_fp32):
+    """Weighted truncation beats the plain one in the Σ-norm (and matches a dense reference)."""
+    ad = adaptzip.load_adapter(lora_fp32)
+    m, B, A = next(ad.iter_factors())
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(500, m.in_features, generator=g) * torch.linspace(0.1, 3, m.in_features)
+    Sigma = X.T @ X / 500
+    L = linalg.sqrt_factor(Sigma)
+    sw, sp = linalg.factored_svd(B, A, L), linalg.factored_svd(B, A)
+    for k in (1, 2, 4):
+        e_w = float(linalg.sq_error(B, A, *sw.truncate(k), Sigma))
+        e_p = float(linalg.sq_error(B, A, *sp.truncate(k), Sigma))
+        assert e_w < e_p
+        dense = torch.linalg.svdvals((B @ A @ L).double())
+        assert e_w == pytest.approx(float((dense[k:] ** 2).sum()), rel=1e-3)
