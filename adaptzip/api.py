@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections import Counter
@@ -12,6 +13,7 @@ import torch
 
 from . import container as ct
 from . import export, fit, linalg
+from . import quant as qz
 from .adapter import DTYPE_NAMES, TORCH_DTYPES, Adapter, load_adapter
 from .errors import OptionError
 from .fileio import check_output
@@ -44,11 +46,14 @@ def resolve_dtype(dtype: str | None, adapter: Adapter) -> torch.dtype:
 
 
 def fit_to_budget(adapter: Adapter, form_cls: type[Form], config: Any, budget_bytes: int | None,
-                  dtype: torch.dtype, ctx: FitContext, *, metrics_fn=None, command: str | None = None):
+                  dtype: torch.dtype, ctx: FitContext, *, metrics_fn=None, command: str | None = None,
+                  quant: str = "none", group_size: int = qz.DEFAULT_GROUP):
     """Fit a form (choosing its configuration for the budget when one is given) so that the whole
     container file, header and manifest (with the metrics ``metrics_fn(form, size)`` returns)
-    included, fits the budget. Returns (form, tensors, manifest, size)."""
-    fb = torch.empty(0, dtype=dtype).element_size()
+    included, fits the budget. ``quant``: a fixed storage scheme (none, int8, int4, int4-asym)
+    for the form's float tensors; the configuration is then chosen at its bytes per value, and
+    ``metrics_fn`` sees the form as stored (dequantised). Returns (form, tensors, manifest, size)."""
+    fb = qz.bytes_per_value(quant, group_size, dtype)
     carried = sum(adapter.carried_tensor(c.key).numel() * adapter.carried_tensor(c.key).element_size() for c in adapter.carried)
     # header estimate: module table + source config (as in the manifest) + tensor entries; refined below
     table = json.dumps([m.to_json() for m in adapter.modules]) + json.dumps(adapter.config)
@@ -62,10 +67,13 @@ def fit_to_budget(adapter: Adapter, form_cls: type[Form], config: Any, budget_by
                 raise OptionError(adapter.path, f"--budget of {budget_bytes} bytes is below the container's fixed overhead (~{overhead} bytes)")
             cfg = form_cls.config_for_budget(adapter, config, payload, fb, ctx)
         form = form_cls.fit(adapter, cfg, ctx)
-        tensors, manifest = ct.build(form, adapter, dtype, command=command)
+        storage = ct.storage_plan(form, quant, group_size, dtype)
+        tensors, manifest = ct.build(form, adapter, dtype, command=command, storage=storage)
         size = ct.serialized_size(tensors, manifest)
         if metrics_fn is not None:
-            tensors, manifest = ct.build(form, adapter, dtype, metrics=metrics_fn(form, size), command=command)
+            stored = form if storage is None else ct.decoded_form(form, tensors, manifest)
+            tensors, manifest = ct.build(form, adapter, dtype, metrics=metrics_fn(stored, size), command=command,
+                                         storage=storage)
             size = ct.serialized_size(tensors, manifest)
         if budget_bytes is None:
             return form, tensors, manifest, size
@@ -96,18 +104,54 @@ def svd_baseline(adapter: Adapter, budget_bytes: int, dtype: torch.dtype, ctx: F
 def compress(lora_dir: str | Path, output: str | Path, *, to: str = "svd", budget: str | float | None = None,
              dtype: str | None = None, seed: int = 0, options: dict[str, Any] | None = None, force: bool = False,
              progress: bool = False, command: str | None = None, stats: dict[str, torch.Tensor] | None = None,
-             baseline: bool = True, **form_options: Any) -> dict:
+             baseline: bool = True, base_model: str | Path | None = None, calib: str | Path | None = None,
+             calib_tokens: int = 50000, calib_steps: int = 300, eval_text: str | Path | None = None,
+             stats_file: str | Path | None = None, device: str = "auto", lr: float | None = None,
+             seq_len: int = 128, batch_size: int = 4, auto_distil: int = 3, quant: str = "none",
+             group_size: int = qz.DEFAULT_GROUP, **form_options: Any) -> dict:
     """Fit ``lora_dir`` into form ``to`` and write one container to ``output``.
 
     ``budget``: a fraction of the source's bytes (``0.25``) or a size (``"5MB"``): the whole
     container file fits it. Form hyperparameters (see ``adaptzip forms``) come as keyword
     arguments (``rank=4``) or as the dict ``options`` (the CLI's way).
     ``stats``: Σ per module name for activation-weighted fitting. Returns the summary printed by
-    ``adaptzip compress --json``."""
+    ``adaptzip compress --json``.
+
+    Calibration (:mod:`adaptzip.distill`): with ``base_model`` (a model dir or ``.gguf`` file) and
+    ``calib`` (text or JSONL), Σ is computed on ``calib_tokens`` tokens of base + source LoRA (saved
+    to ``stats_file``, default ``<output>.stats.safetensors``; an existing ``stats_file`` is reused),
+    the fit is Σ-weighted, the form is distilled ``calib_steps`` steps (0: none; ``lr`` default by
+    the start's quality) and its KL / top-1 / improvement kept before and after (and those of the
+    same-bytes svd baseline) go into the metrics. ``stats_file`` alone gives a Σ-weighted fit.
+    ``to='auto'`` (needs ``budget`` and ``base_model``) tries every form and keeps the best by eval
+    KL, distilling ``auto_distil`` of them.
+
+    ``quant``: storage of the form's float tensors — ``none`` (the container dtype), ``int8``,
+    ``int4``, ``int4-asym`` (groups of ``group_size`` values with fp16 scales), or ``auto`` (needs
+    ``budget``: bits, and for svd ranks, chosen to minimise the error; formats/quantization.md)."""
     t0 = time.perf_counter()
+    if quant not in qz.SCHEMES:
+        raise OptionError(None, f"--quant {quant!r}: expected one of {', '.join(qz.SCHEMES)}")
+    if group_size < 1:
+        raise OptionError(None, f"--group-size must be ≥ 1, got {group_size}")
+    if quant == "auto" and budget is None:
+        raise OptionError(None, "--quant auto chooses bits for a size: give --budget too")
     adapter = load_adapter(lora_dir)
     output = Path(output)
     check_output(output, force, sources=(adapter.path, adapter.weights_file))
+    if to == "auto" and (budget is None or base_model is None):
+        raise OptionError(None, "--to auto needs --budget and --base-model/--calib (forms are compared by their eval KL)")
+    cal = None
+    if base_model is not None or stats_file is not None:
+        from . import distill
+        cal, stats = distill.setup(adapter, output, base_model=base_model, calib=calib, calib_tokens=calib_tokens,
+                                   eval_text=eval_text, stats=stats, stats_file=stats_file, device=device, force=force,
+                                   progress=progress, seed=seed, seq_len=seq_len, batch_size=batch_size)
+    elif calib is not None or eval_text is not None:
+        raise OptionError(None, "--calib/--eval need --base-model (the teacher runs on the base model)")
+    if to == "auto":
+        return _compress_auto(adapter, output, cal, budget, dtype, seed, progress, command, stats, calib_steps, lr,
+                              auto_distil, t0)
     form_cls = get_form(to)
     config = make_config(form_cls, {**(options or {}), **form_options})
     dt = resolve_dtype(dtype, adapter)
@@ -123,15 +167,260 @@ def compress(lora_dir: str | Path, output: str | Path, *, to: str = "svd", budge
             m["svd_baseline_bytes"] = base_size
         return m
 
-    form, tensors, manifest, size = fit_to_budget(adapter, form_cls, config, budget_bytes, dt, ctx,
-                                                  metrics_fn=metrics_fn, command=command)
+    if cal is not None and quant != "none":
+        raise OptionError(None, "--quant with --base-model (distillation) is not wired yet: compress with --quant "
+                          "without calibration, or distil without --quant (adaptzip.quant.attach_scale_tuning / "
+                          "attach_fake_quant are the hooks)")
+    if cal is not None:  # distillation runs once, after the budget is settled (see distill.fit_and_distil)
+        form, tensors, manifest, size = distill.fit_and_distil(
+            adapter, form_cls, config, budget_bytes, dt, ctx, cal, fit_to_budget=fit_to_budget,
+            svd_baseline=svd_baseline if baseline else None, steps=calib_steps, lr=lr, command=command)
+    elif quant == "auto":
+        form, tensors, manifest, size = _quant_auto(adapter, form_cls, config, budget_bytes, dt, ctx, group_size,
+                                                    metrics_fn, command)
+    else:
+        form, tensors, manifest, size = fit_to_budget(adapter, form_cls, config, budget_bytes, dt, ctx,
+                                                      metrics_fn=metrics_fn, command=command, quant=quant,
+                                                      group_size=group_size)
+    written = ct.write(output, tensors, manifest)
+    qinfo = {"quant": _quant_summary(manifest)} if "storage" in manifest else {}
+    return {
+        "output": str(output), "form": form.name, "config": config_to_json(form.config), "state": _state_summary(form),
+        "dtype": DTYPE_NAMES[dt], "source_bytes": adapter.bytes, "bytes": written, "ratio": written / adapter.bytes,
+        "stored_params": form.float_params(), "source_params": adapter.n_params,
+        **manifest["metrics"], **qinfo, **_calibration_extras(cal, form, adapter, ctx),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _calibration_extras(cal, form: Form, adapter: Adapter, ctx: FitContext) -> dict:
+    """Result-only facts of a calibrated compress (not in the manifest: per-module output
+    errors ‖(ΔW−ΔŴ)X‖/‖ΔW X‖, Σ file, timings)."""
+    if cal is None:
+        return {}
+    rep = fit.evaluate(form, adapter, ctx)
+    return {"module_output_rel_errors": dict(zip((m.name for m in adapter.modules), rep.module_rel_errors)),
+            "stats_file": cal.stats_info.get("saved_to"), "timings": cal.timings}
+
+
+def _compress_auto(adapter: Adapter, output: Path, cal, budget, dtype, seed, progress, command, stats, calib_steps, lr,
+                   auto_distil, t0) -> dict:
+    """``--to auto``: see :func:`adaptzip.distill.auto_select`."""
+    from . import distill
+    dt = resolve_dtype(dtype, adapter)
+    budget_bytes = parse_budget(budget, adapter.bytes)
+    torch.manual_seed(seed)
+    ctx = FitContext(stats=stats, seed=seed, progress=progress)
+    form, tensors, manifest, size, report = distill.auto_select(
+        adapter, budget_bytes, dt, ctx, cal, fit_to_budget=fit_to_budget, steps=calib_steps, lr=lr,
+        n_distil=auto_distil, command=command)
     written = ct.write(output, tensors, manifest)
     return {
         "output": str(output), "form": form.name, "config": config_to_json(form.config), "state": _state_summary(form),
         "dtype": DTYPE_NAMES[dt], "source_bytes": adapter.bytes, "bytes": written, "ratio": written / adapter.bytes,
         "stored_params": form.float_params(), "source_params": adapter.n_params,
-        **manifest["metrics"], "seconds": time.perf_counter() - t0,
+        **manifest["metrics"], "auto": report, **_calibration_extras(cal, form, adapter, ctx),
+        "seconds": time.perf_counter() - t0,
     }
+
+
+# ----------------------------------------------------------------------------- --quant auto
+def _quant_summary(manifest: dict) -> dict:
+    """The compress JSON's ``quant`` entry: scheme, group size, bits histogram over the stored
+    float tensors' rows and (auto) the allocation."""
+    st = manifest["storage"]
+    hist: dict[str, int] = {}
+    for t in st["tensors"].values():
+        for b in ([t["bits"]] if isinstance(t["bits"], int) else t["bits"]):
+            hist[str(b)] = hist.get(str(b), 0) + 1
+    out = {"scheme": st["scheme"], "group_size": st["group_size"], "quantised_tensors": len(st["tensors"]),
+           "row_bits": dict(sorted(hist.items(), key=lambda kv: int(kv[0])))}
+    if "allocation" in st:
+        out["allocation"] = st["allocation"]
+    return out
+
+
+def _svd_direction_bits(form: Form, storage: qz.Storage | None, fbits: int) -> list[list[int]]:
+    """Bits of every singular direction of every module of an svd form (0: dropped)."""
+    out = []
+    for i, m in enumerate(form.modules_info):
+        k = form.state_info["ranks"][i]
+        tq = None if storage is None else storage.tensors.get(f"A.{i}")
+        bits = tq.row_bits(k) if tq is not None else [fbits] * k
+        out.append(bits + [0] * max(0, m.rank - k))
+    return out
+
+
+def _auto_svd_candidates(adapter: Adapter, config: Any, target: int, dt: torch.dtype, ctx: FitContext,
+                         group_size: int, command: str | None) -> list[tuple[str, Form, qz.Storage, dict, dict, int]]:
+    """svd under ``--quant auto``: every singular direction (σ balanced into both factors) is
+    dropped or stored at 2/3/4/8 bits or the container float width, chosen by greedy marginal
+    (Σ-weighted) error reduction per byte (:func:`adaptzip.quant.allocate_levels`); also the
+    uniform 2- and 3-bit allocations. Each is fitted so that its real file fits ``target``."""
+    from .forms.svd import spectra
+    svd = get_form("svd")
+    fbits = qz.float_bits(dt)
+    levels = list(qz.AUTO_LEVELS) + [fbits]
+    key = ("quant-auto-options", id(adapter), group_size, fbits)
+    if key not in ctx.cache:
+        tabs = []
+        for s, m in zip(spectra(adapter, ctx), adapter.modules):
+            B, A = s.truncate(len(s.S))
+            tabs.append(qz.direction_options(B, A, ctx.sigma(m), levels, group_size, dt))
+        ctx.cache[key] = tabs
+    tabs = ctx.cache[key]
+    cap = config.rank
+    out = []
+    for label, allowed in (("mixed", levels), ("2-bit", [2]), ("3-bit", [3])):
+        cols = [0] + [1 + levels.index(b) for b in allowed]
+        opts = []
+        for (costs, errs), m in zip(tabs, adapter.modules):
+            k = errs.shape[0] if cap is None else min(cap, errs.shape[0])
+            opts.append([[(costs[c], float(errs[i, c])) for c in cols] for i in range(k)])
+        overhead = ct.serialized_size(*ct.build(svd.fit(adapter, svd.Config(ranks=(0,) * len(adapter.modules)), ctx),
+                                                adapter, dt, command=command)) + 220 * len(adapter.modules)
+        best = None
+        for _ in range(8):
+            payload = target - overhead
+            if payload <= 0:
+                break
+            lv, spent = qz.allocate_levels(opts, payload, prefix=True)
+            bits = [[levels[cols[l] - 1] for l in row if l > 0] for row in lv]
+            form = svd.fit(adapter, svd.Config(rank=cap, ranks=tuple(len(b) for b in bits)), ctx)
+            plan = {}
+            for i, b in enumerate(bits):
+                if not b or all(x == fbits for x in b):
+                    continue
+                bb: int | tuple[int, ...] = b[0] if len(set(b)) == 1 else tuple(b)
+                plan[f"A.{i}"] = qz.TensorQuant(bb, 1, group_size)
+                plan[f"B.{i}"] = qz.TensorQuant(bb, 0, group_size)
+            storage = qz.Storage("auto", group_size, plan)
+            tensors, manifest = ct.build(form, adapter, dt, command=command, storage=storage)
+            size = ct.serialized_size(tensors, manifest)
+            if size <= target:
+                if best is None or size > best[5]:
+                    best = (label, form, storage, tensors, manifest, size)
+                if target - size <= 64:
+                    break
+                overhead = size - spent + 16  # give the unused reserve back
+            else:
+                overhead += size - target + 32
+        if best is not None:
+            out.append(best)
+    return out
+
+
+def _auto_tensor_candidate(adapter: Adapter, form: Form, target: int, dt: torch.dtype, ctx: FitContext,
+                           group_size: int, command: str | None) -> tuple[str, Form, qz.Storage, dict, dict, int] | None:
+    """Any form under ``--quant auto``: bits per stored float tensor (2/3/4/8 or the container
+    width) by measured sensitivity (error increase when that tensor alone is quantised), greedy
+    by error reduction per byte from the all-2-bit start, within ``target``."""
+    fbits = qz.float_bits(dt)
+    levels = list(qz.AUTO_LEVELS) + [fbits]
+    specs = form.tensor_specs(form.modules_info, form.config, form.state_info)
+    names = sorted(n for n, (shape, d) in specs.items() if d is None and math.prod(shape) > 0)
+    tg = fit.targets(adapter, ctx)
+
+    def module_errors(idx: list[int]) -> torch.Tensor:
+        errs = [linalg.sq_error(tg[i].B, tg[i].A, *form.factors(i), tg[i].Sigma) for i in idx]
+        return torch.stack(errs) if errs else torch.zeros(0)
+
+    form.train()  # forms that keep source tensors verbatim switch to their parameters
+    sens = qz.tensor_options(form, names, levels, group_size, dt, module_errors, len(tg), getattr(form, "quant_axis", None))
+    form.eval()
+    if not sens:
+        return None
+    order = sorted(sens)
+    items = [sorted(((c, e, b) for b, c, e in sens[n]), key=lambda t: (t[0], t[1])) for n in order]
+    opts = [[[(c - it[0][0], e) for c, e, _ in it] for it in items]]  # one group, no prefix; costs above the cheapest
+    base = sum(it[0][0] for it in items)
+    tensors, manifest = ct.build(form, adapter, dt, command=command,
+                                 storage=qz.Storage("auto", group_size, {n: qz.TensorQuant(it[0][2], qz.group_axis(specs[n][0]), group_size)
+                                                                         for n, it in zip(order, items) if it[0][2] != fbits}))
+    overhead = ct.serialized_size(tensors, manifest) - sum(t.numel() * t.element_size() for n, t in tensors.items() if not n.startswith("carry."))
+    best = None
+    for _ in range(6):
+        extra = target - overhead - base
+        if extra < 0:
+            return best
+        lv, spent = qz.allocate_levels(opts, extra, prefix=False)
+        plan = {}
+        for n, it, l in zip(order, items, lv[0]):
+            b = it[l][2]
+            if b != fbits:
+                ax = getattr(form, "quant_axis", lambda *_: None)(n, tuple(specs[n][0]))
+                plan[n] = qz.TensorQuant(b, qz.group_axis(specs[n][0]) if ax is None else ax, group_size)
+        storage = qz.Storage("auto", group_size, plan)
+        tensors, manifest = ct.build(form, adapter, dt, command=command, storage=storage)
+        size = ct.serialized_size(tensors, manifest)
+        if size <= target:
+            if best is None or size > best[5]:
+                best = ("per-tensor", form, storage, tensors, manifest, size)
+            if target - size <= 64:
+                break
+            overhead = size - base - spent + 16
+        else:
+            overhead += size - target + 32
+    return best
+
+
+def _quant_auto(adapter: Adapter, form_cls: type[Form], config: Any, budget_bytes: int, dt: torch.dtype,
+                ctx: FitContext, group_size: int, metrics_fn, command: str | None):
+    """``--quant auto``: candidates — the fixed schemes none/int8/int4 (exactly what those options
+    give at this budget), and the rate–distortion allocations (svd: per singular direction; other
+    forms: per stored tensor) — each measured as stored (dequantised); the lowest error wins, so
+    auto is never worse than a fixed choice it considered. The manifest's ``storage.allocation``
+    records the bits and every candidate's bytes and error."""
+    fbits = qz.float_bits(dt)
+    n_types = len({m.type_key for m in adapter.modules})
+    # header room for the final metrics and the allocation summary (per type, per rank position, candidates)
+    reserve = 1000 + 110 * max((m.rank for m in adapter.modules), default=0) + 120 * n_types
+    for _ in range(4):
+        target = budget_bytes - reserve
+        cands: list[tuple[str, Form, qz.Storage | None, dict, dict, int]] = []
+        for scheme in ("none", "int8", "int4"):
+            try:
+                f, t, man, sz = fit_to_budget(adapter, form_cls, config, target, dt, ctx, command=command,
+                                              quant=scheme, group_size=group_size)
+            except OptionError:
+                continue
+            cands.append((scheme, f, qz.Storage.from_json(man.get("storage")), t, man, sz))
+        if form_cls.name == "svd":
+            cands += _auto_svd_candidates(adapter, config, target, dt, ctx, group_size, command)
+        else:
+            for _, f, _, _, _, _ in list(cands):
+                c = _auto_tensor_candidate(adapter, f, target, dt, ctx, group_size, command)
+                if c is not None:
+                    cands.append(c)
+        if not cands:
+            raise OptionError(adapter.path, f"--quant auto: form {form_cls.name} does not fit {budget_bytes} bytes")
+        scored = []
+        for j, (label, f, st, t, man, sz) in enumerate(cands):
+            err = fit.evaluate(ct.decoded_form(f, t, man), adapter, ctx).rel_error
+            scored.append((err, sz, j))
+        err, _, j = min(scored)
+        label, form, storage, tensors, manifest, size = cands[j]
+        considered = [{"candidate": cands[k][0], "bytes": s_, "rel_error": e_} for e_, s_, k in scored]
+        alloc: dict[str, Any] = {"chosen": label, "considered": considered}
+        if form.name == "svd":
+            alloc.update(qz.allocation_summary([m.type_key for m in form.modules_info],
+                                               _svd_direction_bits(form, storage, fbits),
+                                               max((m.rank for m in form.modules_info), default=0)))
+        else:
+            tb = {n: (storage.tensors[n].bits if storage is not None and n in storage.tensors else fbits)
+                  for n, (shape, d) in form.tensor_specs(form.modules_info, form.config, form.state_info).items()
+                  if d is None and math.prod(shape) > 0}
+            alloc["tensors"] = tb
+        final = qz.Storage("auto", group_size, dict(storage.tensors) if storage is not None else {}, alloc)
+        tensors, manifest = ct.build(form, adapter, dt, command=command, storage=final)
+        size = ct.serialized_size(tensors, manifest)
+        stored = ct.decoded_form(form, tensors, manifest)
+        tensors, manifest = ct.build(form, adapter, dt, metrics=metrics_fn(stored, size), command=command, storage=final)
+        size = ct.serialized_size(tensors, manifest)
+        if size <= budget_bytes:
+            return form, tensors, manifest, size
+        reserve += size - budget_bytes + 256
+    raise OptionError(adapter.path, f"--quant auto: could not fit form {form_cls.name} into {budget_bytes} bytes")
 
 
 def _state_summary(form: Form) -> dict:

@@ -369,14 +369,13 @@ class SigmaHooks:
     def __init__(self, base: Base, modules: Sequence[ModuleInfo]):
         self.modules = list(modules)
         self.base = base
-        self.slot: list[int] = []  # module -> accumulator index
+        self.slot: dict[int, int] = {}  # module index -> accumulator index
         self.acc: list[Tensor] = []
         self.count: list[int] = []
         self.mask: Tensor | None = None
         self._batch: dict[tuple, Tensor] = {}  # this batch's xᵀx by input identity
         self._leader_key: dict[int, tuple] = {}  # slot -> the input identity its leader saw this batch
         self.handles: list = []
-        self.first = True
 
     def __enter__(self):
         for j, m in enumerate(self.modules):
@@ -389,8 +388,6 @@ class SigmaHooks:
         self.handles = []
 
     def new_batch(self, mask: Tensor | None) -> None:
-        if self._batch:
-            self.first = False
         self.mask = mask
         self._batch = {}
         self._leader_key = {}
@@ -413,13 +410,13 @@ class SigmaHooks:
             if key not in self._batch:
                 self._batch[key] = self._xtx(m, x)
             xtx, n = self._batch[key]
-            if self.first and len(self.slot) == j:
-                # first batch: share the accumulator of an earlier module fed the same tensor
-                for k in range(j):
-                    if self._leader_key.get(self.slot[k]) == key:
-                        self.slot.append(self.slot[k])
+            if j not in self.slot:
+                # first batch: share the accumulator of a module that ran before on the same tensor
+                for s_, k_ in self._leader_key.items():
+                    if k_ == key:
+                        self.slot[j] = s_
                         return
-                self.slot.append(len(self.acc))
+                self.slot[j] = len(self.acc)
                 self.acc.append(xtx.clone())
                 self.count.append(n)
                 self._leader_key[self.slot[j]] = key
@@ -447,6 +444,8 @@ class SigmaHooks:
         out: dict[str, Tensor] = {}
         omitted: list[str] = []
         for j, m in enumerate(self.modules):
+            if j not in self.slot:
+                raise CalibrationError(None, f"module {m.name} never ran during calibration (is it used by the model's forward?)")
             s = sig[self.slot[j]]
             if m.kind == "embedding":
                 if m.in_features > MAX_EMBED_SIGMA_VOCAB:

@@ -149,6 +149,42 @@ def build(form: Form, adapter: Adapter, dtype: torch.dtype, *, metrics: dict | N
     return tensors, manifest
 
 
+def storage_plan(form: Form, scheme: str, group_size: int, dtype: torch.dtype) -> quant.Storage | None:
+    """The storage of a form under a fixed scheme (``none``, ``int8``, ``int4``, ``int4-asym``):
+    every float tensor stored in the container dtype (``tensor_specs`` dtype None) is quantised
+    when that makes it smaller, grouped along ``form.quant_axis(name, shape)`` if the form defines
+    it, else along its longest dimension (:func:`adaptzip.quant.group_axis`)."""
+    if scheme == "none":
+        return None
+    specs = form.tensor_specs(form.modules_info, form.config, form.state_info)
+    tensors = {n: t for n, t in form.tensors().items() if n in specs and specs[n][1] is None}
+    try:
+        return quant.plan_uniform(tensors, scheme, group_size, dtype, getattr(form, "quant_axis", None))
+    except quant.QuantError as e:
+        raise ContainerError(None, str(e)) from e
+
+
+def decoded_form(form: Form, tensors: dict[str, torch.Tensor], manifest: dict) -> Form:
+    """The form exactly as a reader of this (built, maybe unwritten) container rebuilds it:
+    quantised tensors dequantised, other floats as cast to the container dtype. Use it to measure
+    what is stored rather than what was fitted."""
+    cls = type(form)
+    specs = cls.tensor_specs(form.modules_info, form.config, form.state_info)
+    st = quant.Storage.from_json(manifest.get("storage"))
+    dtype = TORCH_DTYPES[manifest["dtype"]]
+    own = form.tensors()
+    dec = {}
+    for n, (shape, _) in specs.items():
+        if st is not None and n in st.tensors:
+            dec[n] = quant.decode(n, tensors, st.tensors[n], tuple(shape), dtype)
+        else:
+            dec[n] = tensors[n] if n in tensors else own[n].detach()
+    out = cls.from_tensors(form.modules_info, form.config, form.state_info, dec)
+    out.fit_info = dict(form.fit_info)
+    out.eval()
+    return out
+
+
 def write(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> int:
     """Atomically write a container; returns its size in bytes."""
     meta = {META_KEY: json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False)}
@@ -210,8 +246,30 @@ class Container:
     def carried_as(self, role: str) -> list[Carried]:
         return [Carried(c["key"], c["role"], c.get("module")) for c in self.carried if c["role"] == role]
 
+    @cached_property
+    def storage(self) -> quant.Storage | None:
+        """The manifest's quantisation section (None: every float stored in the container dtype)."""
+        return quant.Storage.from_json(self.manifest.get("storage"))
+
+    def _quant_parts(self, name: str) -> tuple[quant.TensorQuant, tuple[int, ...], list[str]]:
+        """(scheme, logical shape, stored part names) of quantised logical tensor ``name``."""
+        cls = get_form(self.form_name)
+        specs = cls.tensor_specs(self.modules, config_from_json(cls, self.manifest["config"]), self.manifest["state"])
+        if name not in specs:
+            raise ContainerError(self.path, f"storage lists tensor {name}, which form {self.form_name} does not store")
+        tq = self.storage.tensors[name]  # type: ignore[union-attr]
+        shape = tuple(specs[name][0])
+        try:
+            parts = list(quant.stored_specs(name, shape, tq, self.dtype))
+        except quant.QuantError as e:
+            raise ContainerError(self.path, f"storage entry of tensor {name}: {e}") from e
+        return tq, shape, parts
+
     # ------------------------------------------------------------- tensors
     def tensor(self, name: str) -> torch.Tensor:
+        """One tensor: a stored one as stored, or a quantised logical one dequantised (fp32)."""
+        if self.storage is not None and name in self.storage.tensors:
+            return self.tensors([name])[name]
         try:
             with safe_open(self.path, framework="pt") as f:
                 return f.get_tensor(name)
@@ -220,8 +278,20 @@ class Container:
 
     def tensors(self, names=None) -> dict[str, torch.Tensor]:
         """Tensors by name (default: every tensor stored in this file); names listed in the
-        manifest's ``shared`` section are read from the (hash-checked) shared file."""
+        manifest's ``shared`` section are read from the (hash-checked) shared file. A quantised
+        logical tensor (listed in the manifest's ``storage``) comes back dequantised, fp32."""
         names = self.tensor_names if names is None else names
+        st = self.storage
+        if st is not None and any(n in st.tensors for n in names):
+            logical = {n: self._quant_parts(n) for n in names if n in st.tensors}
+            out = self.tensors([n for n in names if n not in st.tensors])
+            parts = self.tensors([p for _, _, ps in logical.values() for p in ps])
+            for n, (tq, shape, _) in logical.items():
+                try:
+                    out[n] = quant.decode(n, parts, tq, shape, self.dtype)
+                except (quant.QuantError, RuntimeError) as e:
+                    raise ContainerError(self.path, f"cannot dequantise tensor {n}: {e}") from e
+            return out
         shared = self.shared_names
         try:
             with safe_open(self.path, framework="pt") as f:
@@ -306,6 +376,13 @@ class Container:
         expected = {n: (tuple(s), dt) for n, (s, dt) in specs.items()}
         for c in m["carried"]:
             expected[c["tensor"]] = None  # any shape: carried verbatim
+        st = self.storage
+        for n in sorted(st.tensors if st is not None else ()):
+            if n not in specs or specs[n][1] is not None:
+                raise ContainerError(self.path, f"storage lists tensor {n}, which is not a float tensor of form {m['form']}")
+            _, _, part_names = self._quant_parts(n)
+            del expected[n]  # stored as its parts: names, shapes and dtypes from the scheme
+            expected.update({k: (tuple(s), dt) for k, (s, dt) in quant.stored_specs(n, specs[n][0], st.tensors[n], self.dtype).items()})
         shared = self.shared_names
         if shared:  # resolves and hash-checks the shared file
             both = sorted(shared & set(self._shapes))
@@ -334,7 +411,13 @@ class Container:
                 raise ContainerError(self.path, f"tensor {n} has dtype {got_dt} but the container dtype is {want_float}")
             if dt is not None and got_dt != _st_name(dt):
                 raise ContainerError(self.path, f"tensor {n} has dtype {got_dt}, expected {_st_name(dt)}")
-        actual = payload_sha256(self.tensors())
+        stored = self.tensors()
+        for n in sorted(st.tensors if st is not None else ()):
+            try:
+                quant.check_parts(n, stored, st.tensors[n], tuple(specs[n][0]), self.dtype)
+            except quant.QuantError as e:
+                raise ContainerError(self.path, str(e)) from e
+        actual = payload_sha256(stored)
         if actual != m["payload_sha256"]:
             raise ContainerError(self.path, f"payload sha256 {actual[:12]}… does not match the manifest's {m['payload_sha256'][:12]}… (corrupted or edited)")
         res = {"path": str(self.path), "ok": True, "form": m["form"], "format_version": m["format_version"],

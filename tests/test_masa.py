@@ -143,6 +143,26 @@ def test_weighted_fit_optimum_with_proportional_sigmas(synth):
     assert fit.evaluate(form, ad, ctx).rel_error < fit.evaluate(plain, ad, ctx).rel_error
 
 
+def test_weighted_b_is_least_squares_with_own_sigma(synth):
+    """Σ_ℓ of different shapes per layer: A from the averaged shape, each B_ℓ optimal for its own Σ_ℓ
+    (the gradient (B_ℓ A − ΔW_ℓ) Σ_ℓ Aᵀ vanishes)."""
+    ad = adaptzip.load_adapter(synth)
+    g = torch.Generator().manual_seed(5)
+    stats = {}
+    for m in ad.modules:
+        X = torch.randn(300, m.in_features, generator=g) * torch.rand(m.in_features, generator=g) * 3
+        stats[m.name] = X.T @ X / 300
+    form = fit_form(ad, stats=stats, group=3, rank=4)
+    with torch.no_grad():
+        for i, m in enumerate(ad.modules):
+            B, A = (t.double() for t in form.factors(i))
+            S = stats[m.name].double()
+            W = dense(ad, m)
+            grad = (B @ A - W) @ S @ A.T
+            assert float(grad.norm()) <= 1e-4 * float((W @ S @ A.T).norm()), m.name
+    assert fit.evaluate(form, ad, FitContext(stats=stats)).rel_error < 1
+
+
 def test_separate_expert_sets_per_in_features(synth):
     ad = adaptzip.load_adapter(synth)
     form = fit_form(ad, group=2, rank=4, experts=2)

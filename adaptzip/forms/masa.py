@@ -50,6 +50,7 @@ Stored tensors (formats/forms/masa.md): ``A.{k}`` (N×r_k×in_k) per group k, ``
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -243,7 +244,6 @@ class MasaForm(Form):
                 experts.append(split_experts(A_sum.float(), config.experts, gen))
                 bar()
         form = cls(mods, config, groups, ranks, experts, Bs)  # type: ignore[arg-type]
-        form.fit_info["weighted"] = ctx.stats is not None
         note = ctx.cache.get(("masa", "budget", id(adapter)))
         if note is not None and note.get("rank") == config.rank and note.get("group") == config.group:
             form.fit_info["budget_choice"] = note
@@ -257,9 +257,9 @@ class MasaForm(Form):
         groups = make_groups(mods, config.group)
         cap = max(group_rank(mods, g, 10**9) for g in groups)
 
-        def payload(r: int) -> int:
+        def payload(r: int) -> int:  # float_bytes may be fractional (quantised storage)
             a, b = stored_params(mods, groups, [group_rank(mods, g, r) for g in groups], config.experts)
-            return (a + b) * float_bytes
+            return math.ceil((a + b) * float_bytes)
 
         best = 0
         for r in range(1, cap + 1):
