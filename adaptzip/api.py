@@ -176,14 +176,16 @@ def compress(lora_dir: str | Path, output: str | Path, *, to: str = "svd", budge
             adapter, form_cls, config, budget_bytes, dt, ctx, cal, fit_to_budget=fit_to_budget,
             svd_baseline=svd_baseline if baseline else None, steps=calib_steps, lr=lr, command=command)
     elif quant == "auto":
-        form, tensors, manifest, size = _quant_auto(adapter, form_cls, config, budget_bytes, dt, ctx, group_size,
-                                                    metrics_fn, command)
+        form, tensors, manifest, size, auto_report = _quant_auto(adapter, form_cls, config, budget_bytes, dt, ctx,
+                                                                 group_size, metrics_fn, command)
     else:
         form, tensors, manifest, size = fit_to_budget(adapter, form_cls, config, budget_bytes, dt, ctx,
                                                       metrics_fn=metrics_fn, command=command, quant=quant,
                                                       group_size=group_size)
     written = ct.write(output, tensors, manifest)
     qinfo = {"quant": _quant_summary(manifest)} if "storage" in manifest else {}
+    if quant == "auto":
+        qinfo["quant"]["auto"] = auto_report
     return {
         "output": str(output), "form": form.name, "config": config_to_json(form.config), "state": _state_summary(form),
         "dtype": DTYPE_NAMES[dt], "source_bytes": adapter.bytes, "bytes": written, "ratio": written / adapter.bytes,
@@ -226,8 +228,9 @@ def _compress_auto(adapter: Adapter, output: Path, cal, budget, dtype, seed, pro
 
 # ----------------------------------------------------------------------------- --quant auto
 def _quant_summary(manifest: dict) -> dict:
-    """The compress JSON's ``quant`` entry: scheme, group size, bits histogram over the stored
-    float tensors' rows and (auto) the allocation."""
+    """The compress JSON's ``quant`` entry: scheme, group size, a histogram of the stored float
+    tensors' row bits and the bit allocation (per tensor; per module type and rank position for
+    svd/lora: :func:`adaptzip.quant.describe_storage`)."""
     st = manifest["storage"]
     hist: dict[str, int] = {}
     for t in st["tensors"].values():
@@ -235,24 +238,13 @@ def _quant_summary(manifest: dict) -> dict:
             hist[str(b)] = hist.get(str(b), 0) + 1
     out = {"scheme": st["scheme"], "group_size": st["group_size"], "quantised_tensors": len(st["tensors"]),
            "row_bits": dict(sorted(hist.items(), key=lambda kv: int(kv[0])))}
-    if "allocation" in st:
-        out["allocation"] = st["allocation"]
-    return out
-
-
-def _svd_direction_bits(form: Form, storage: qz.Storage | None, fbits: int) -> list[list[int]]:
-    """Bits of every singular direction of every module of an svd form (0: dropped)."""
-    out = []
-    for i, m in enumerate(form.modules_info):
-        k = form.state_info["ranks"][i]
-        tq = None if storage is None else storage.tensors.get(f"A.{i}")
-        bits = tq.row_bits(k) if tq is not None else [fbits] * k
-        out.append(bits + [0] * max(0, m.rank - k))
+    out["bits"] = qz.describe_storage(manifest)
     return out
 
 
 def _auto_svd_candidates(adapter: Adapter, config: Any, target: int, dt: torch.dtype, ctx: FitContext,
-                         group_size: int, command: str | None) -> list[tuple[str, Form, qz.Storage, dict, dict, int]]:
+                         group_size: int, command: str | None, only: str | None = None
+                         ) -> list[tuple[str, Form, qz.Storage, dict, dict, int]]:
     """svd under ``--quant auto``: every singular direction (σ balanced into both factors) is
     dropped or stored at 2/3/4/8 bits or the container float width, chosen by greedy marginal
     (Σ-weighted) error reduction per byte (:func:`adaptzip.quant.allocate_levels`); also the
@@ -272,6 +264,8 @@ def _auto_svd_candidates(adapter: Adapter, config: Any, target: int, dt: torch.d
     cap = config.rank
     out = []
     for label, allowed in (("mixed", levels), ("2-bit", [2]), ("3-bit", [3])):
+        if only is not None and only != label:
+            continue
         cols = [0] + [1 + levels.index(b) for b in allowed]
         opts = []
         for (costs, errs), m in zip(tabs, adapter.modules):
@@ -366,61 +360,68 @@ def _auto_tensor_candidate(adapter: Adapter, form: Form, target: int, dt: torch.
 
 def _quant_auto(adapter: Adapter, form_cls: type[Form], config: Any, budget_bytes: int, dt: torch.dtype,
                 ctx: FitContext, group_size: int, metrics_fn, command: str | None):
-    """``--quant auto``: candidates — the fixed schemes none/int8/int4 (exactly what those options
-    give at this budget), and the rate–distortion allocations (svd: per singular direction; other
-    forms: per stored tensor) — each measured as stored (dequantised); the lowest error wins, so
-    auto is never worse than a fixed choice it considered. The manifest's ``storage.allocation``
-    records the bits and every candidate's bytes and error."""
-    fbits = qz.float_bits(dt)
-    n_types = len({m.type_key for m in adapter.modules})
-    # header room for the final metrics and the allocation summary (per type, per rank position, candidates)
-    reserve = 1000 + 110 * max((m.rank for m in adapter.modules), default=0) + 120 * n_types
-    for _ in range(4):
-        target = budget_bytes - reserve
-        cands: list[tuple[str, Form, qz.Storage | None, dict, dict, int]] = []
-        for scheme in ("none", "int8", "int4"):
-            try:
-                f, t, man, sz = fit_to_budget(adapter, form_cls, config, target, dt, ctx, command=command,
-                                              quant=scheme, group_size=group_size)
-            except OptionError:
-                continue
-            cands.append((scheme, f, qz.Storage.from_json(man.get("storage")), t, man, sz))
-        if form_cls.name == "svd":
-            cands += _auto_svd_candidates(adapter, config, target, dt, ctx, group_size, command)
-        else:
-            for _, f, _, _, _, _ in list(cands):
-                c = _auto_tensor_candidate(adapter, f, target, dt, ctx, group_size, command)
-                if c is not None:
-                    cands.append(c)
-        if not cands:
-            raise OptionError(adapter.path, f"--quant auto: form {form_cls.name} does not fit {budget_bytes} bytes")
-        scored = []
-        for j, (label, f, st, t, man, sz) in enumerate(cands):
-            err = fit.evaluate(ct.decoded_form(f, t, man), adapter, ctx).rel_error
-            scored.append((err, sz, j))
-        err, _, j = min(scored)
-        label, form, storage, tensors, manifest, size = cands[j]
-        considered = [{"candidate": cands[k][0], "bytes": s_, "rel_error": e_} for e_, s_, k in scored]
-        alloc: dict[str, Any] = {"chosen": label, "considered": considered}
-        if form.name == "svd":
-            alloc.update(qz.allocation_summary([m.type_key for m in form.modules_info],
-                                               _svd_direction_bits(form, storage, fbits),
-                                               max((m.rank for m in form.modules_info), default=0)))
-        else:
-            tb = {n: (storage.tensors[n].bits if storage is not None and n in storage.tensors else fbits)
-                  for n, (shape, d) in form.tensor_specs(form.modules_info, form.config, form.state_info).items()
-                  if d is None and math.prod(shape) > 0}
-            alloc["tensors"] = tb
-        final = qz.Storage("auto", group_size, dict(storage.tensors) if storage is not None else {}, alloc)
-        tensors, manifest = ct.build(form, adapter, dt, command=command, storage=final)
-        size = ct.serialized_size(tensors, manifest)
-        stored = ct.decoded_form(form, tensors, manifest)
-        tensors, manifest = ct.build(form, adapter, dt, metrics=metrics_fn(stored, size), command=command, storage=final)
-        size = ct.serialized_size(tensors, manifest)
-        if size <= budget_bytes:
-            return form, tensors, manifest, size
-        reserve += size - budget_bytes + 256
-    raise OptionError(adapter.path, f"--quant auto: could not fit form {form_cls.name} into {budget_bytes} bytes")
+    """``--quant auto``: candidates — the fixed schemes none/int8/int4, exactly as those options
+    fit this budget, and the rate–distortion allocations (svd: per singular direction; other
+    forms: per stored tensor), each fitted so that its final file fits — are measured as stored
+    (dequantised); the lowest error wins, so auto is never worse than a choice it considered.
+    The manifest records the chosen bits as its ``storage`` entries (scheme ``auto``); the
+    candidates and a summary of the bits go in the result (``quant``)."""
+
+    def relabel(f: Form, man: dict) -> tuple[qz.Storage, dict, dict, int]:
+        st = qz.Storage.from_json(man.get("storage"))
+        storage = qz.Storage("auto", group_size, dict(st.tensors) if st is not None else {})
+        t, m = ct.build(f, adapter, dt, metrics=man["metrics"], command=command, storage=storage)
+        return storage, t, m, ct.serialized_size(t, m)
+
+    cands: list[tuple[float, int, str, Form, dict, dict]] = []  # (rel_error, bytes, label, form, tensors, manifest)
+    fixed: list[tuple[str, Form]] = []
+    metrics_len = 0
+    for scheme in ("none", "int8", "int4"):
+        # "none" has no storage section of its own: leave room for the one auto adds
+        b = budget_bytes - (96 if scheme == "none" else 0)
+        try:
+            f, _, man, _ = fit_to_budget(adapter, form_cls, config, b, dt, ctx, metrics_fn=metrics_fn,
+                                         command=command, quant=scheme, group_size=group_size)
+        except OptionError:
+            continue
+        _, t, m, sz = relabel(f, man)  # int8/int4 → auto: the same length, the same bytes
+        fixed.append((scheme, f))
+        metrics_len = max(metrics_len, len(json.dumps(m["metrics"], separators=(",", ":"))))
+        if sz <= budget_bytes:
+            cands.append((float(m["metrics"]["rel_error"]), sz, scheme, f, t, m))
+
+    def finish(label: str, f: Form, storage: qz.Storage) -> tuple[dict, dict, int]:
+        t, m = ct.build(f, adapter, dt, command=command, storage=storage)
+        size = ct.serialized_size(t, m)
+        t, m = ct.build(f, adapter, dt, metrics=metrics_fn(ct.decoded_form(f, t, m), size), command=command,
+                        storage=storage)
+        return t, m, ct.serialized_size(t, m)
+
+    labels = ["mixed", "2-bit", "3-bit"] if form_cls.name == "svd" else [f"per-tensor({s})" for s, _ in fixed]
+    for label in labels:
+        target = budget_bytes - metrics_len - 64
+        for _ in range(4):
+            if form_cls.name == "svd":
+                got = _auto_svd_candidates(adapter, config, target, dt, ctx, group_size, command, label)
+                c = got[0] if got else None
+            else:
+                f0 = dict(fixed)[label[len("per-tensor("):-1]]
+                c = _auto_tensor_candidate(adapter, f0, target, dt, ctx, group_size, command)
+            if c is None:
+                break
+            _, f, storage, _, _, _ = c
+            t, m, sz = finish(label, f, storage)
+            if sz <= budget_bytes:
+                cands.append((float(m["metrics"]["rel_error"]), sz, label, f, t, m))
+                break
+            target -= sz - budget_bytes + 32
+    if not cands:
+        raise OptionError(adapter.path, f"--quant auto: form {form_cls.name} does not fit {budget_bytes} bytes")
+    order = sorted(range(len(cands)), key=lambda j: (cands[j][0], cands[j][1], j))
+    err, size, label, form, tensors, manifest = cands[order[0]]
+    report = {"chosen": label, "considered": [{"candidate": cands[j][2], "bytes": cands[j][1], "rel_error": cands[j][0]}
+                                              for j in order]}
+    return form, tensors, manifest, size, report
 
 
 def _state_summary(form: Form) -> dict:

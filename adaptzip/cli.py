@@ -2,6 +2,7 @@
 results on stdout (one JSON object with ``--json``), everything else on stderr."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import sys
@@ -86,10 +87,8 @@ def _auto_value(v: str) -> Any:
     if "," in v:
         return tuple(_auto_value(x) for x in v.split(",") if x)
     for cast in (int, float):
-        try:
+        with contextlib.suppress(ValueError):
             return cast(v)
-        except ValueError:
-            pass
     return {"true": True, "false": False, "none": None}.get(v.lower(), v)
 
 
@@ -202,10 +201,110 @@ def verify(container: Annotated[Path, typer.Argument(help="adaptzip container (.
     _emit(res, as_json, lambda r: err.print(f"[green]ok[/] {r['path']}: form {r['form']}, {r['tensors']} tensors, {_fmt_bytes(r['bytes'])}"))
 
 
+class Executor(str, Enum):
+    process = "process"
+    ray = "ray"
+
+
+@app.command()
+def batch(
+    zoo_dir: Annotated[Path, typer.Argument(help="Folder searched (at any depth) for PEFT LoRA adapters (folders with adapter_config.json).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder: OUT/<relative path>.safetensors per adapter, batch.json, batch.md.")],
+    to: Annotated[FormName, typer.Option("--to", help="Target form (see `adaptzip forms`).")] = "svd",  # type: ignore[assignment]
+    budget: Annotated[Optional[str], typer.Option(help="Size of each container: a fraction of its source's bytes (0.25) or a size (5MB).")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="svd/masa: rank per module.")] = None,
+    opt: Annotated[Optional[list[str]], typer.Option("--opt", help="Any other form option as KEY=VALUE (repeatable).")] = None,
+    dtype: Annotated[Optional[DType], typer.Option(help="Container float dtype (default: each source's).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed of every fit.")] = 0,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Worker processes (default: CPU cores).")] = None,
+    shared_basis: Annotated[bool, typer.Option("--shared-basis", help="Also fit one shared A basis per module across adapters of the same base model and shapes, where that saves bytes at equal or lower error.")] = False,
+    executor: Annotated[Executor, typer.Option(help="process: a local process pool; ray: Ray tasks (needs `ray`; RAY_ADDRESS picks the cluster).")] = Executor.process,
+    base_model: Annotated[Optional[Path], typer.Option(help="Calibration base model, passed to compress (when this adaptzip has calibration).")] = None,
+    calib: Annotated[Optional[str], typer.Option(help="Calibration text, passed to compress (when this adaptzip has calibration).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo containers that are already up to date.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Convert every PEFT LoRA adapter below ZOO_DIR, in parallel and resumably. Exit code 0 when all
+    converted, 1 when some failed (the rest are converted), 2 on a usage error, 130 when interrupted."""
+    from . import zoo
+    kw = {k: v for k, v in (("base_model", base_model), ("calib", calib)) if v is not None}
+    res = zoo.batch(zoo_dir, output, to=str(to.value if isinstance(to, Enum) else to), budget=budget,
+                    dtype=None if dtype is None else dtype.value, seed=seed, options={"rank": rank, **_parse_opts(opt)},
+                    jobs=jobs, force=force, shared_basis=shared_basis, executor=executor.value,
+                    progress=not as_json and err.is_terminal, command=_command(), **kw)
+
+    def human(r):
+        from rich.markup import escape
+        t = Table(title=f"batch → {escape(r['output'])}")
+        for col in ("adapter", "source bytes", "container bytes", "ratio", "error", "svd-baseline error", "time", "status"):
+            t.add_column(col)
+        f = lambda x: "–" if x is None else f"{x:.4g}"  # noqa: E731
+        for a in r["adapters"]:
+            st = a["status"] + (f": {a['error']}" if a.get("error") else "")
+            t.add_row(escape(a["adapter"]), "–" if a.get("source_bytes") is None else _fmt_bytes(a["source_bytes"]),
+                      "–" if a.get("bytes") is None else _fmt_bytes(a["bytes"]), f(a.get("ratio")), f(a.get("rel_error")),
+                      f(a.get("svd_baseline_rel_error")), f"{a.get('seconds', 0):.1f}s", escape(st))
+        err.print(t)
+        tot = r["totals"]
+        err.print(f"{', '.join(f'{k} {v}' for k, v in sorted(r['counts'].items()))}; zoo {_fmt_bytes(tot['zoo_bytes'])} of "
+                  f"{_fmt_bytes(tot['source_bytes'])} source" + (f" (ratio {tot['ratio']:.4f})" if tot["ratio"] else ""))
+        if r.get("sharing"):
+            s = r["sharing"]
+            err.print(f"zoo sharing: {s['shared_groups']} of {len(s['groups'])} groups shared; {_fmt_bytes(s['separate_bytes'])} separate → "
+                      f"{_fmt_bytes(s['zoo_bytes'])}")
+        err.print(f"summary: {escape(str(Path(r['output']) / 'batch.md'))}")
+    _emit(res, as_json, human)
+    if res["interrupted"]:
+        err.print("[yellow]interrupted[/]: finished containers are kept; rerun the same command to convert the rest")
+        raise typer.Exit(130)
+    if res["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    containers: Annotated[list[Path], typer.Argument(help="adaptzip containers (.safetensors).")],
+    against: Annotated[Optional[Path], typer.Option(help="The source PEFT LoRA folder: recompute every error, the svd baseline and spectra from it.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for report.md, report.json and the PNG charts.")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Sizes, ratios, parameters, per-module errors (worst first), accuracy metrics and bit allocation of
+    containers; with --out also charts (error per layer/type, error vs bytes with the svd baseline, spectra)."""
+    from . import report as rp
+    res = rp.report(containers, against=against, out=out, force=force)
+
+    def human(r):
+        from rich.markup import escape
+        for c in r["containers"]:
+            rows = {"form": c["form"], "bytes": _fmt_bytes(c["bytes"]), "ratio vs source": f"{c['ratio_source']:.4f}",
+                    "ratio vs fp16 LoRA": f"{c['ratio_fp16_lora']:.4f}", "stored params": c["params"]["stored"],
+                    "source params": c["params"]["source"], "rel. error": c["rel_error"], "error from": c["errors_from"]}
+            if c.get("svd_baseline_rel_error") is not None:
+                rows["svd baseline (same bytes)"] = c["svd_baseline_rel_error"]
+            if c.get("shared"):
+                rows["shared file"] = f"{c['shared']['file']} ({_fmt_bytes(c['shared']['bytes'])})"
+            rows.update({k: v for k, v in c["accuracy"].items()})
+            _kv_table(escape(c["path"]), rows)
+            if c["modules"]:
+                t = Table(title="per-module relative error (worst first)")
+                for col in ("module", "layer", "type", "rel. error", "stored rank"):
+                    t.add_column(col)
+                for m in c["modules"][:15]:
+                    t.add_row(escape(m["name"]), str(m["layer"]), escape(m["type"]), f"{m['rel_error']:.4g}" if m["rel_error"] is not None else "–",
+                              "–" if m.get("rank") is None else str(m["rank"]))
+                err.print(t)
+        if r.get("files"):
+            err.print(f"report: {escape(r['files']['report_md'])}")
+    _emit(res, as_json, human)
+
+
 def main() -> None:
     """Entry point: one-line errors (``adaptzip: error: <path>: <cause>``), exit 2; tracebacks with --debug."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # with standalone_mode=False click returns typer.Exit's code
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except AdaptzipError as e:
         if _STATE["debug"]:
             raise

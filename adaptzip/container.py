@@ -197,7 +197,8 @@ def serialized_size(tensors: dict[str, torch.Tensor], manifest: dict) -> int:
     """Exact size the container file will have (header + payload), without writing it."""
     header: dict[str, Any] = {"__metadata__": {META_KEY: json.dumps(manifest, sort_keys=True, separators=(",", ":"))}}
     off = 0
-    for name in sorted(tensors):
+    # safetensors lays tensors out by decreasing element size, then name (offsets change digit counts)
+    for name in sorted(tensors, key=lambda k: (-tensors[k].element_size(), k)):
         t = tensors[name]
         n = t.numel() * t.element_size()
         header[name] = {"dtype": _st_name(t.dtype), "shape": list(t.shape), "data_offsets": [off, off + n]}

@@ -136,7 +136,7 @@ class Calibration:
                     logits, hidden = self._forward(ids, mask)
                 if self.task == "lm":
                     logp = torch.log_softmax(logits, -1)  # (B, T, V)
-                    ce_t += _next_token_ce(logp, ids.to(logp.device)) * ids[:, 1:].numel()
+                    ce_t += float(_next_token_ce(logp, ids.to(logp.device))) * ids[:, 1:].numel()
                     n_ce += ids[:, 1:].numel()
                     if topk >= logp.shape[-1]:
                         lp_k.append(logp.cpu())
@@ -147,7 +147,7 @@ class Calibration:
                     if base_pass:
                         with self.modes.base_only():
                             lb, _ = self._forward(ids, mask)
-                        ce_b += _next_token_ce(torch.log_softmax(lb, -1), ids.to(lb.device)) * ids[:, 1:].numel()
+                        ce_b += float(_next_token_ce(torch.log_softmax(lb, -1), ids.to(lb.device))) * ids[:, 1:].numel()
                 else:
                     hid.append(hidden.cpu())
                     if logits is not None:
@@ -273,7 +273,7 @@ class Calibration:
         start = self.evaluate(form, "heldout")["objective"]
         info: dict[str, Any] = {"distill_steps": 0, "distill_lr": lr, "heldout_before": start, "heldout_after": start,
                                 "distill_best_step": 0}
-        if steps <= 0 or not params:
+        if steps <= 0 or not params or start <= 1e-10:  # nothing to train, or already the teacher
             form.eval()
             return info
         every = eval_every or max(5, steps // 10)
@@ -305,7 +305,7 @@ class Calibration:
                     opt.step()
                     sched.step()
                     done += 1
-                    fields = {"loss": float(loss)}
+                    fields = {"loss": float(loss.detach())}
                     if step % every == 0 or step == steps:
                         v = self.evaluate(form, "heldout")["objective"]
                         fields["heldout"] = v
@@ -601,7 +601,15 @@ def setup(adapter: Adapter, output: Path, *, base_model, calib, calib_tokens: in
     return cal, cal.stats
 
 
-def _template(adapter: Adapter, baseline: bool, extra: dict | None = None) -> dict:
+_AUTO_REASON_LEN = 300
+_AUTO_BASELINE_KEYS = ("svd_baseline_kl_after", "svd_baseline_kl_before", "svd_baseline_top1_agreement",
+                       "svd_baseline_improvement_kept", "svd_baseline_bytes")
+
+
+def _template(adapter: Adapter, baseline: bool, auto: bool = False) -> dict:
+    """Metrics with every value at its longest JSON length: the header room to reserve."""
+    from .forms.base import REGISTRY
+
     longest = max((m.name for m in adapter.modules), key=len)
     t: dict[str, Any] = {}
     for k in REFERENCE_KEYS + MEASURE_KEYS + LEGACY_KEYS:
@@ -611,20 +619,23 @@ def _template(adapter: Adapter, baseline: bool, extra: dict | None = None) -> di
             t["svd_baseline_" + k] = _PLACEHOLDER
         t["svd_baseline_worst_module"] = longest
     t.update({"worst_module": longest, "task": "hidden", "eval_text": "calib", "weighted": False})
-    t.update(extra or {})
+    if auto:
+        t.update({k: _PLACEHOLDER for k in _AUTO_BASELINE_KEYS})
+        t["auto_candidates"] = {n: _PLACEHOLDER for n in REGISTRY}
+        t["auto_reason"] = "x" * _AUTO_REASON_LEN
     return t
 
 
 def fit_and_distil(adapter: Adapter, form_cls, config, budget_bytes: int | None, dtype: torch.dtype, ctx: FitContext,
                    cal: Calibration, *, fit_to_budget, svd_baseline=None, steps: int, lr: float | None = None,
-                   command: str | None = None) -> tuple[Form, dict, dict, int]:
+                   command: str | None = None, auto: bool = False) -> tuple[Form, dict, dict, int]:
     """Fit to the budget with header room reserved for the metrics (``fit_to_budget`` with a
     placeholder ``metrics_fn``: every metric at its longest JSON length, so distillation runs once,
     not once per budget pass), then measure + distil the form (and the same-bytes svd baseline,
     when ``svd_baseline`` is given) and build the container. Returns (form, tensors, manifest, size)."""
     from . import container as ct
 
-    template = _template(adapter, svd_baseline is not None)
+    template = _template(adapter, svd_baseline is not None, auto)
     form, _, _, size = fit_to_budget(adapter, form_cls, config, budget_bytes, dtype, ctx,
                                      metrics_fn=lambda f, s: template, command=command)
     m: dict[str, Any] = {**cal.reference_metrics(), **cal.measure(form, ctx, dtype, steps=steps, lr=lr)}
@@ -674,11 +685,13 @@ def auto_select(adapter: Adapter, budget_bytes: int, dtype: torch.dtype, ctx: Fi
 
     names = sorted(REGISTRY) if forms is None else list(forms)
     rows: list[dict] = []
+    template = _template(adapter, False, auto=True)  # the same header reservation as the final container
     for name in names:
         cls = REGISTRY[name]
         row: dict[str, Any] = {"form": name}
         try:
-            form, _, _, size = fit_to_budget(adapter, cls, cls.Config(), budget_bytes, dtype, ctx)
+            form, _, _, size = fit_to_budget(adapter, cls, cls.Config(), budget_bytes, dtype, ctx,
+                                             metrics_fn=lambda f, s: template, command=command)
         except AdaptzipError as e:
             row["skipped"] = e.cause
             rows.append(row)
@@ -702,7 +715,8 @@ def auto_select(adapter: Adapter, budget_bytes: int, dtype: torch.dtype, ctx: Fi
     for r in shortlist:
         cls = REGISTRY[r["form"]]
         form, tensors, manifest, size = fit_and_distil(adapter, cls, cls.Config(), budget_bytes, dtype, ctx, cal,
-                                                       fit_to_budget=fit_to_budget, steps=steps, lr=lr, command=command)
+                                                       fit_to_budget=fit_to_budget, steps=steps, lr=lr, command=command,
+                                                       auto=True)
         mt = manifest["metrics"]
         r.update({"distilled": True, "bytes": size, "kl_after": mt.get("kl_after"), "top1_after": mt.get("top1_agreement"),
                   "improvement_kept": mt.get("improvement_kept"), "score_after": mt["objective_after"]})
@@ -714,7 +728,7 @@ def auto_select(adapter: Adapter, budget_bytes: int, dtype: torch.dtype, ctx: Fi
     if not win["distilled"]:  # a start beat every distilled candidate: take it as fitted
         cls = REGISTRY[win["form"]]
         form, _, manifest, _ = fit_and_distil(adapter, cls, cls.Config(), budget_bytes, dtype, ctx, cal,
-                                              fit_to_budget=fit_to_budget, steps=0, command=command)
+                                              fit_to_budget=fit_to_budget, steps=0, command=command, auto=True)
     else:
         _, form, manifest = best
     svd_row = next((r for r in fitted if r["form"] == "svd"), None)
@@ -730,6 +744,6 @@ def auto_select(adapter: Adapter, budget_bytes: int, dtype: torch.dtype, ctx: Fi
                         "svd_baseline_top1_agreement": svd_row.get("top1_after"),
                         "svd_baseline_improvement_kept": svd_row.get("improvement_kept"), "svd_baseline_bytes": svd_row["bytes"]})
     metrics["auto_candidates"] = {r["form"]: _json_num(r["score"]) for r in fitted}
-    metrics["auto_reason"] = reason
+    metrics["auto_reason"] = reason[:_AUTO_REASON_LEN]
     tensors, manifest, size = _build_within(form, adapter, dtype, metrics, budget_bytes, command)
     return form, tensors, manifest, size, report

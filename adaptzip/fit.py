@@ -116,16 +116,17 @@ def optimise(form: Form, adapter: Adapter, ctx: FitContext, *, lr: float = 1e-2,
     return history
 
 
-def refine(form: Form, adapter: Adapter, ctx: FitContext, *, solve: Callable[[], None] | None = None, params=None, lr: float = 1e-2,
-           relative_lr: bool = True, max_steps: int = 300, round_steps: int = 25, tol: float = 1e-4,
-           label: str = "refine") -> list[float]:
+def refine(form: Form, adapter: Adapter, ctx: FitContext, *, solve: Callable[[], None] | None = None,
+           params=None, lr: float = 1e-2, relative_lr: bool = True, max_steps: int = 300, round_steps: int = 25,
+           tol: float = 1e-4, chunk_values: int = 1 << 22, label: str = "refine") -> list[float]:
     """Alternating refinement (block-coordinate descent): rounds of Adam steps on ``params``
     (default: every parameter), each closed by ``solve()``, a callable that sets some blocks to
     their exact minimiser given the others (a truncated SVD, a least-squares solve).
 
     ``relative_lr``: each tensor's learning rate is ``lr`` × its RMS at the start of the round, so
     factors of very different scales (a kernel vs a factor) move alike. Gradients are accumulated
-    module by module (one module's graph held at a time). Stops when a round lowers the relative
+    over chunks of modules whose factors hold about ``chunk_values`` entries (bounded memory on large
+    adapters, few backward calls on small ones). Stops when a round lowers the relative
     loss by less than ``tol`` (relative), or after ``max_steps`` Adam steps in all (``ctx.max_steps``
     overrides). The loss is measured in fp64 after each ``solve()`` and the best state seen is
     restored. Returns the relative loss at the start and after each round."""
@@ -154,17 +155,21 @@ def refine(form: Form, adapter: Adapter, ctx: FitContext, *, solve: Callable[[],
             rms = [float(p.detach().pow(2).mean().sqrt()) if p.numel() else 0.0 for p in params]
             nz = [r for r in rms if r > 0]
             fallback = sum(nz) / len(nz) if nz else 1.0
-            groups = [{"params": [p], "lr": lr * (r if r > 0 else fallback) if relative_lr else lr} for p, r in zip(params, rms)]
-            opt = torch.optim.Adam(groups)
+            lrs = [lr * (r if r > 0 else fallback) if relative_lr else lr for r in rms]
+            opt = _Adam(params, lrs)
             for _ in range(min(round_steps, steps - done)):
-                opt.zero_grad(set_to_none=True)
-                val = 0.0
-                for i, t in enumerate(tg):  # one module's graph at a time
+                opt.zero_grad()
+                val, chunk, held = 0.0, None, 0
+                for i, t in enumerate(tg):  # graphs of ~chunk_values factor entries at a time
                     B, A = form.factors(i)
                     e = linalg.sq_error(t.B, t.A, B, A, t.Sigma) / total
-                    if e.requires_grad:
-                        e.backward()
-                    val += float(e)
+                    chunk = e if chunk is None else chunk + e
+                    held += B.numel() + A.numel()
+                    if held >= chunk_values or i == len(tg) - 1:
+                        if chunk.requires_grad:
+                            chunk.backward()
+                        val += float(chunk.detach())
+                        chunk, held = None, 0
                 opt.step()
                 done += 1
                 bar(loss=val)
@@ -183,3 +188,29 @@ def refine(form: Form, adapter: Adapter, ctx: FitContext, *, solve: Callable[[],
         for p, b in zip(every, best_state):
             p.copy_(b)
     return history
+
+
+class _Adam:
+    """Adam (Kingma & Ba) with one learning rate per tensor; the same update as torch.optim.Adam
+    without its first-use import of torch._dynamo (seconds on a busy 2-core machine)."""
+
+    def __init__(self, params: list[torch.Tensor], lrs: list[float], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params, self.lrs, self.betas, self.eps, self.t = params, lrs, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for p, lr, m, v in zip(self.params, self.lrs, self.m, self.v):
+            if p.grad is None:
+                continue
+            m.mul_(b1).add_(p.grad, alpha=1 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-lr / c1)

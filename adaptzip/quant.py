@@ -41,7 +41,7 @@ CODE_BITS = (2, 3, 4, 8)  # integer code widths a row can use
 AUTO_LEVELS = (2, 3, 4, 8)  # code widths `auto` considers (plus the container float width)
 DEFAULT_GROUP = 64
 CLIP_BITS = 4  # symmetric rows at ≤ this many bits search a clipping ratio (least group error)
-_CLIPS = tuple(1.0 - 0.05 * i for i in range(14))  # 1.00 … 0.35
+_CLIPS = tuple(1.0 - 0.05 * i for i in range(10))  # 1.00 … 0.55
 _FP16_MAX = 65504.0
 _CHUNK = 1 << 22  # values per packing chunk (a multiple of 8: chunks end on byte boundaries)
 
@@ -201,7 +201,7 @@ def quantize_rows(X: Tensor, bits: int, group_size: int, zero: bool = False) -> 
 
     8 bits: symmetric midtread, s = max|x|/127 (rounded up to fp16), q = round(x/s) ∈ [−127, 127].
     b < 8, symmetric: midrise, z = (2^b−1)/2, s = c·max|x|/z, u = clamp(round(x/s + z), 0, 2^b−1),
-    c ∈ {1, 0.95, …, 0.35} the clipping ratio of least squared error in the group.
+    c ∈ {1, 0.95, …, 0.55} the clipping ratio of least squared error in the group.
     b < 8, asymmetric: lo = min(x, 0), hi = max(x, 0), s = (hi − lo)/(2^b − 1), z = fp16(−lo/s).
     Error bound, s the stored scale: |x − x̂| ≤ s/2 for every value inside the group's range
     (all values when c = 1, 8-bit and asymmetric); a clipped value (|x| > z·s) has error |x| − z·s."""
@@ -217,6 +217,10 @@ def quantize_rows(X: Tensor, bits: int, group_size: int, zero: bool = False) -> 
         q = torch.round(Xp / _safe(s)[..., None]).clamp_(-127, 127)
         return Codes(q.view(R, ng * G)[:, :n].to(torch.int8), s, None, bits, G)
     L = (1 << bits) - 1
+    if not zero and bits <= CLIP_BITS and R > 1 and R * ng * G * len(_CLIPS) > _CHUNK * 4:
+        step = max(1, _CHUNK * 4 // (ng * G * len(_CLIPS)))  # bound the clip search's memory
+        parts = [quantize_rows(X[i:i + step], bits, G) for i in range(0, R, step)]
+        return Codes(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]), None, bits, G)
     if zero:
         lo, hi = Xp.amin(-1).clamp(max=0), Xp.amax(-1).clamp(min=0)
         s = _fp16_up((hi - lo) / L)
@@ -224,24 +228,18 @@ def quantize_rows(X: Tensor, bits: int, group_size: int, zero: bool = False) -> 
         u = torch.round(Xp / _safe(s)[..., None] + z.float()[..., None]).clamp_(0, L)
         return Codes(u.view(R, ng * G)[:, :n].to(torch.uint8), s, z, bits, G)
     zc = L / 2
-    amax = Xp.abs().amax(-1)
+    amax = Xp.abs().amax(-1)  # R×ng
     if bits <= CLIP_BITS and n:
-        mask = torch.zeros(ng * G, dtype=torch.bool)
-        mask[:n] = True
-        mask = mask.view(1, ng, G)
-        best_err = best_s = None
-        for c in _CLIPS:
-            sc = _fp16_up(amax * c / zc)
-            sf = _safe(sc)[..., None]
-            xh = (torch.round(Xp / sf + zc).clamp_(0, L) - zc) * sc.float()[..., None]
-            err = ((Xp - xh) ** 2 * mask).sum(-1)
-            if best_err is None:
-                best_err, best_s = err, sc
-            else:
-                better = err < best_err
-                best_err = torch.where(better, err, best_err)
-                best_s = torch.where(better, sc, best_s)
-        s = best_s
+        # all clipping ratios at once: C×R×ng scales, the least squared error per group wins (first on ties)
+        clips = torch.tensor(_CLIPS, dtype=torch.float32)[:, None, None]
+        sc = _fp16_up(amax[None] * clips / zc)  # C×R×ng
+        scf = sc.float()[..., None]
+        xh = (torch.round(Xp[None] / torch.where(scf > 0, scf, 1.0) + zc).clamp_(0, L) - zc) * scf
+        err = (Xp[None] - xh).square_()
+        if ng * G != n:
+            err[..., -1, n - (ng - 1) * G:] = 0  # padding values do not count
+        best = err.sum(-1).argmin(0)  # R×ng
+        s = sc.gather(0, best[None]).squeeze(0)
     else:
         s = _fp16_up(amax / zc)
     u = torch.round(Xp / _safe(s)[..., None] + zc).clamp_(0, L)
@@ -816,6 +814,51 @@ def allocation_summary(type_keys: Sequence[str], bits: Sequence[Sequence[int]], 
     kept = [b for b in allv if b > 0]
     return {"directions": len(allv), "kept": len(kept), "mean_bits": (sum(kept) / len(kept)) if kept else 0.0,
             "bits": hist(allv), "by_type": by_type, "by_position": by_pos}
+
+
+_FLOAT_BITS = {"fp16": 16, "bf16": 16, "fp32": 32}
+
+
+def direction_bits(manifest: dict) -> list[list[int]] | None:
+    """Bits of every rank direction of every module (0: not stored) for forms whose ``A.{i}``
+    rows are module i's rank directions (``svd``: up to the source rank; ``lora``); else None."""
+    form = manifest["form"]
+    if form not in ("svd", "lora"):
+        return None
+    fb = _FLOAT_BITS[manifest["dtype"]]
+    st = Storage.from_json(manifest.get("storage"))
+    mods = manifest["modules"]
+    ranks = manifest["state"].get("ranks") if form == "svd" else [m["rank"] for m in mods]
+    out = []
+    for i, m in enumerate(mods):
+        k = int(ranks[i])
+        tq = st.tensors.get(f"A.{i}") if st is not None else None
+        bits = tq.row_bits(k) if tq is not None else [fb] * k
+        out.append(bits + [0] * max(0, int(m["rank"]) - k))
+    return out
+
+
+def describe_storage(manifest: dict) -> dict:
+    """The bit allocation a container's manifest records, for reports: per stored tensor (bits,
+    or a histogram of its rows' bits) and, for svd/lora, per module type and per rank position
+    (:func:`allocation_summary`; 0 = a direction not stored)."""
+    fb = _FLOAT_BITS[manifest["dtype"]]
+    st = Storage.from_json(manifest.get("storage"))
+    per_tensor: dict[str, object] = {}
+    for n, tq in sorted((st.tensors if st is not None else {}).items()):
+        if isinstance(tq.bits, int):
+            per_tensor[n] = tq.bits
+        else:
+            h: dict[str, int] = {}
+            for b in tq.bits:
+                h[str(b)] = h.get(str(b), 0) + 1
+            per_tensor[n] = h
+    out: dict = {"float_bits": fb, "tensors": per_tensor}
+    db = direction_bits(manifest)
+    if db is not None:
+        keys = [f"{m['stack']}.*.{m['type']}" if m.get("stack") is not None else m["type"] for m in manifest["modules"]]
+        out.update(allocation_summary(keys, db, max((int(m["rank"]) for m in manifest["modules"]), default=0)))
+    return out
 
 
 @torch.no_grad()

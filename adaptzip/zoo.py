@@ -72,7 +72,7 @@ class Found:
     rel: str  # posix path relative to the zoo ('' for the zoo folder itself)
     path: Path
     problem: str | None = None
-    status: str = "failed"  # for refused entries: failed | ignored
+    status: str = "adapter"  # adapter, or for refused entries: failed | ignored
 
 
 def _inside(p: str, root: str) -> bool:
@@ -105,11 +105,12 @@ def discover(zoo: str | Path, exclude: str | Path | None = None) -> Iterator[Fou
             with os.scandir(d) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            yield Found(rel, Path(d), f"cannot list folder: {e.strerror or e}")
+            yield Found(rel, Path(d), f"cannot list folder: {e.strerror or e}", "failed")
             continue
         names = {e.name for e in entries}
         if "adapter_config.json" in names:
-            yield Found(rel, Path(d), _adapter_file_problem(d, zoo_real))
+            problem = _adapter_file_problem(d, zoo_real)
+            yield Found(rel, Path(d), problem, "adapter" if problem is None else "failed")
         subdirs = []
         for e in entries:
             if e.name.startswith("."):
@@ -123,7 +124,7 @@ def discover(zoo: str | Path, exclude: str | Path | None = None) -> Iterator[Fou
                     if _inside(target, zoo_real):
                         yield Found(sub_rel, Path(e.path), f"symlink to {os.path.relpath(target, zoo_real)} inside the zoo (converted at its real path)", "ignored")
                     else:
-                        yield Found(sub_rel, Path(e.path), f"symlink to {target}, outside the zoo (not followed)")
+                        yield Found(sub_rel, Path(e.path), f"symlink to {target}, outside the zoo (not followed)", "failed")
                     continue
                 if not e.is_dir(follow_symlinks=False):
                     continue
@@ -310,7 +311,8 @@ def convert(job: Job) -> dict:
                                command=stamp(job.command, job.digest), **job.compress_kwargs)
             row.update(status="converted", form=res["form"], bytes=res["bytes"], rel_error=res.get("rel_error"),
                        svd_baseline_rel_error=res.get("svd_baseline_rel_error"))
-        row["ratio"] = row["bytes"] / row["source_bytes"] if row["source_bytes"] else None
+        share = row.get("shared_share_bytes") or 0  # this container's part of a shared file
+        row["ratio"] = (row["bytes"] + share) / row["source_bytes"] if row["source_bytes"] else None
     except AdaptzipError as e:
         row.update(status="failed", error=e.cause, error_path=e.path)
     except Exception as e:  # an unexpected failure is still isolated to its adapter
@@ -579,8 +581,6 @@ def batch(zoo: str | Path, output: str | Path, *, to: str = "svd", budget: str |
         with _signals(), _Progress(progress) as prog:
             ex: Any = _Ray(jobs) if executor == "ray" else (_Inline() if jobs == 1 else _Pool(jobs, threads))
             _MAIN["executor"] = ex
-            if isinstance(ex, _Inline):
-                torch.set_num_threads(threads)
             try:
                 found = discover(zoo, exclude=out)
                 job_of = lambda f, o: Job(rel=f.rel, src=str(f.path), out=str(o), out_rel=o.relative_to(out).as_posix(),  # noqa: E731
@@ -672,7 +672,6 @@ def _loop(ex, found: Iterator[Found], job_of, out: Path, zoo_name: str, max_infl
                 resolve(fut)
             ex.renew()
         for job, tries in redo:
-            prog.start(job.rel or ".")
             pending[ex.submit(convert, job)] = (job, tries)
         if _MAIN["stop"]:
             run.interrupted = True
@@ -751,25 +750,28 @@ def module_basis(factors: list[tuple[torch.Tensor, torch.Tensor]], n_in: int, ca
     return ModuleBasis(lam.clamp_min(0), V[:k].contiguous(), overlap, norms)
 
 
-def choose_ranks(bases: list[ModuleBasis], costs: list[float], target_residual: float) -> list[int] | None:
-    """Greedy by captured energy per stored byte: the smallest ranks whose group residual
-    Σ_i (Σ_a ‖ΔW_{a,i}‖² − Σ_{j<k_i} λ_{i,j}) is ≤ target; None when unreachable within the caps."""
-    residual = sum(sum(b.norms) for b in bases)
-    ks = [0] * len(bases)
-    heap = [(-float(b.lam[0]) / c, i) for i, (b, c) in enumerate(zip(bases, costs)) if b.V.shape[0] > 0]
+def choose_ranks(lams: list[torch.Tensor], costs: list[float], total: float, target_residual: float) -> list[int] | None:
+    """Greedy by captured energy per stored byte: the smallest ranks k_i whose group residual
+    ``total − Σ_i Σ_{j<k_i} λ_{i,j}`` is ≤ ``target_residual``; None when the directions given
+    (``lams[i]``, descending) cannot reach it."""
+    residual = total
+    ks = [0] * len(lams)
+    heap = [(-float(lam[0]) / c, i) for i, (lam, c) in enumerate(zip(lams, costs)) if len(lam)]
     heapq.heapify(heap)
     while residual > target_residual:
         if not heap:
             return None
         _, i = heapq.heappop(heap)
-        residual -= float(bases[i].lam[ks[i]])
+        residual -= float(lams[i][ks[i]])
         ks[i] += 1
-        if ks[i] < bases[i].V.shape[0]:
-            heapq.heappush(heap, (-float(bases[i].lam[ks[i]]) / costs[i], i))
+        if ks[i] < len(lams[i]):
+            heapq.heappush(heap, (-float(lams[i][ks[i]]) / costs[i], i))
     return ks
 
 
 def _shared_blob(bases: list[ModuleBasis], ks: list[int], modules, dt: torch.dtype, n: int, gkey: str) -> tuple[dict, bytes, str]:
+    """The shared file's tensors (``A.{i}``: the top-k_i rows of V_i in the container dtype), its
+    exact bytes and their sha256 (its name)."""
     from safetensors.torch import save  # noqa: PLC0415
     tensors = {f"A.{i}": b.V[:k].to(dt).contiguous() for i, (b, k) in enumerate(zip(bases, ks))}
     meta = {"format": "adaptzip-shared", "format_version": 1, "kind": "row-basis", "dtype": DTYPE_NAMES[dt],
@@ -779,44 +781,50 @@ def _shared_blob(bases: list[ModuleBasis], ks: list[int], modules, dt: torch.dty
     return tensors, blob, hashlib.sha256(blob).hexdigest()
 
 
-def _shared_container(ad: Adapter, shared_tensors: dict, ks: list[int], dt: torch.dtype, ref: dict,
-                      metrics: dict, command: str) -> tuple[dict, dict, Any]:
-    """The svd container of one adapter whose A.{i} come from the shared file: B by least squares."""
+def _ref(sha: str, n_modules: int) -> dict:
+    return {"file": f"{SHARED_DIR}/{sha}.safetensors", "sha256": sha, "tensors": [f"A.{i}" for i in range(n_modules)]}
+
+
+def _shared_container(ad: Adapter, shared_tensors: dict, ks: list[int], dt: torch.dtype, sha: str,
+                      metrics: dict, command: str) -> tuple[dict, dict, fit.FitReport]:
+    """One adapter's ``svd`` container whose ``A.{i}`` live in the shared file:
+    B_i = argmin ‖ΔW_i − B V_i‖ (least squares against V_i as stored), rounded as stored."""
     from . import linalg  # noqa: PLC0415
     svd_cls = get_form("svd")
     facs = []
     for i, (m, B, A) in enumerate(ad.iter_factors()):
-        V = shared_tensors[f"A.{i}"].float()  # as stored (rounded to the container dtype)
+        V = shared_tensors[f"A.{i}"].float()  # k×in
         Bn = B.new_zeros(m.out_features, 0) if V.shape[0] == 0 else linalg.lstsq_B(B.double(), A.double(), V.double()).float()
-        facs.append((Bn.to(dt).float(), V))
+        facs.append((Bn.to(dt).float(), V))  # out×k
     form = svd_cls(ad.modules, svd_cls.Config(ranks=tuple(ks)), facs)
     rep = fit.evaluate(form, ad, FitContext())
     met = {**rep.to_json(), "module_rel_errors": rep.module_rel_errors, "weighted": False, **metrics}
-    tensors, manifest = ct.build(form, ad, dt, metrics=met, command=command, shared=ref)
+    tensors, manifest = ct.build(form, ad, dt, metrics=met, command=command, shared=_ref(sha, len(ks)))
     return tensors, manifest, rep
 
 
 def share_zoo(rows: list[dict], out: Path, *, command: str, log=print, job_of=None) -> dict:
-    """Phase 2 of ``--shared-basis``: for each group of ≥ 2 converted adapters, measure the A-subspace
-    overlap, fit the shared basis that matches the separate containers' group error with the
-    fewest bytes, and replace the group's containers when that saves bytes. Updates ``rows``."""
+    """Phase 2 of ``--shared-basis``: for each group of ≥ 2 converted adapters with the same base
+    model, dtype and module table, measure the A-subspace overlap, fit the shared basis that
+    matches the separate containers' group error with the fewest bytes, and replace the group's
+    containers when that saves bytes. Updates ``rows`` in place; returns the sharing report."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if r["status"] in OK_STATUSES and r.get("group"):
             groups.setdefault(r["group"], []).append(r)
     report = []
     for gkey, grp in sorted(groups.items()):
-        grp.sort(key=lambda r: r["adapter"])
-        if len(grp) < 2:
-            continue
-        report.append(_share_group(gkey, grp, out, command, log, job_of))
-    return {"groups": report,
-            "separate_bytes": sum(g["separate"]["bytes"] for g in report),
-            "zoo_bytes": sum(g["separate"]["bytes"] if g["decision"] != "shared" else g["shared"]["bytes"] for g in report),
+        if len(grp) >= 2:
+            grp.sort(key=lambda r: r["adapter"])
+            report.append(_share_group(gkey, grp, out, command, log, job_of))
+    sep = sum(g["separate"]["bytes"] for g in report)
+    zoo_b = sum(g["shared"]["bytes"] if g["decision"] == "shared" else g["separate"]["bytes"] for g in report)
+    return {"groups": report, "separate_bytes": sep, "zoo_bytes": zoo_b, "bytes_saved": sep - zoo_b,
             "shared_groups": sum(1 for g in report if g["decision"] == "shared")}
 
 
 def _group_err(errs: list[float], norms: list[float]) -> float:
+    """Energy-weighted group error sqrt(Σ_a e_a² ‖ΔW_a‖² / Σ_a ‖ΔW_a‖²)."""
     tot = sum(norms)
     return math.sqrt(sum(e * e * n for e, n in zip(errs, norms)) / tot) if tot > 0 else 0.0
 
@@ -827,104 +835,110 @@ def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_o
     dt = api.resolve_dtype(grp[0].get("dtype"), ads[0])
     fb = torch.empty(0, dtype=dt).element_size()
     modules = ads[0].modules
-    # the alternative: each adapter's separate container (best of its form and the same-bytes svd)
-    sep_bytes = [r["separate_bytes"] if r.get("shared_file") else r["bytes"] for r in grp]
-    sep_err = []
+    # the alternative: each adapter's separate container (the better of its form and the same-bytes svd)
+    sep_bytes, sep_err = [], []
     for r in grp:
-        if r.get("shared_file"):
+        if r.get("shared_file"):  # shared by an earlier run: its container remembers the alternative
+            sep_bytes.append(r["separate_bytes"])
             sep_err.append(r["separate_rel_error"])
         else:
-            cands = [x for x in (r.get("rel_error"), r.get("svd_baseline_rel_error")) if x is not None]
-            sep_err.append(min(cands))
+            sep_bytes.append(r["bytes"])
+            sep_err.append(min(x for x in (r.get("rel_error"), r.get("svd_baseline_rel_error")) if x is not None))
     T = sum(sep_bytes)
-    costs = [(m.in_features + n * m.out_features) * fb for m in modules]
-    bases = []
-    for i, m in enumerate(modules):
-        facs = [ad.factors(ad.modules[i]) for ad in ads]
-        bases.append(module_basis(facs, m.in_features, cap=max(0, int(T // costs[i]))))
+    costs = [(m.in_features + n * m.out_features) * fb for m in modules]  # one shared direction: A row once, B column n times
+    bases = [module_basis([ad.factors(ad.modules[i]) for ad in ads], m.in_features, cap=max(0, int(T // costs[i])))
+             for i, m in enumerate(modules)]
     norms = [sum(b.norms[a] for b in bases) for a in range(n)]
+    total = sum(norms)
     e_sep = _group_err(sep_err, norms)
+    target = e_sep ** 2 * total
     by_type: dict[str, list[float]] = {}
     for m, b in zip(modules, bases):
         if not math.isnan(b.overlap):
             by_type.setdefault(m.type_key, []).append(b.overlap)
-    ov = [b.overlap for b in bases if not math.isnan(b.overlap)]
+    ov = [x for v in by_type.values() for x in v]
+
+    def metrics(a: int, blob_bytes: int) -> dict:
+        return {"svd_baseline_rel_error": grp[a].get("svd_baseline_rel_error"), "svd_baseline_bytes": sep_bytes[a],
+                "zoo": {"group": gkey, "adapters": n, "shared_file_bytes": blob_bytes, "shared_share_bytes": blob_bytes / n,
+                        "separate_bytes": sep_bytes[a], "separate_rel_error": sep_err[a]}}
+
+    # fixed bytes of sharing (headers, carried tensors): the containers and shared file at rank 0
+    zero = [0] * len(modules)
+    _, blob0, sha0 = _shared_blob(bases, zero, modules, dt, n, gkey)
+    fixed = len(blob0) + sum(ct.serialized_size(*_shared_container(ad, {f"A.{i}": b.V[:0] for i, b in enumerate(bases)}, zero, dt, sha0, metrics(a, len(blob0)), command)[:2])
+                             for a, ad in enumerate(ads))
+    ks_eq = linalg_allocate([b.lam[:b.V.shape[0]] for b in bases], costs, T - fixed)
+    eq_err = math.sqrt(max(0.0, total - sum(float(b.lam[:k].sum()) for b, k in zip(bases, ks_eq))) / total) if total > 0 else 0.0
+    ks_need = choose_ranks([b.lam for b in bases], costs, total, target)
     res: dict[str, Any] = {
         "group": gkey, "adapters": n, "modules": len(modules), "dtype": DTYPE_NAMES[dt],
         "overlap": sum(ov) / len(ov) if ov else None,
         "overlap_by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
         "overlap_random": sum(m.rank / m.in_features for m in modules) / len(modules),
-        "separate": {"bytes": T, "rel_error": e_sep}, "shared": None, "decision": "separate", "reason": "",
+        "separate": {"bytes": T, "rel_error": e_sep},
+        "estimate": {"shared_rel_error_at_equal_bytes": eq_err,
+                     "shared_bytes_at_equal_error": None if ks_need is None else fixed + sum(k * c for k, c in zip(ks_need, costs))},
+        "shared": None, "decision": "separate", "reason": "",
     }
-    target = sum(e * e * nn for e, nn in zip(sep_err, norms))
-    best = None
-    for attempt in range(6):  # rounding to the container dtype can cost a little: tighten and retry
-        ks = choose_ranks(bases, costs, target * (0.97 ** attempt))
-        if ks is None or sum(k * c for k, c in zip(ks, costs)) >= T:
+    best, ks = None, None
+    for attempt in range(6):  # rounding to the container dtype costs a little: tighten the target and retry
+        ks = choose_ranks([b.lam[:b.V.shape[0]] for b in bases], costs, total, target * 0.97 ** attempt)
+        if ks is None or fixed + sum(k * c for k, c in zip(ks, costs)) >= T:
             break
         tensors, blob, sha = _shared_blob(bases, ks, modules, dt, n, gkey)
         sizes, errs = [], []
-        for ad in ads:
-            t, man, rep = _shared_container(ad, tensors, ks, dt, _ref(sha, ks), {}, command)
+        for a, ad in enumerate(ads):
+            t, man, rep = _shared_container(ad, tensors, ks, dt, sha, metrics(a, len(blob)), command)
             sizes.append(ct.serialized_size(t, man))
             errs.append(rep.rel_error)
-        total = len(blob) + sum(sizes)
-        e_sh = _group_err(errs, norms)
-        best = {"bytes": total, "shared_file_bytes": len(blob), "containers_bytes": sum(sizes), "rel_error": e_sh,
-                "ranks": {"total": sum(ks), "min": min(ks), "max": max(ks)}, "sha256": sha}
-        if e_sh <= e_sep * (1 + 1e-9):
+        best = {"bytes": len(blob) + sum(sizes), "shared_file_bytes": len(blob), "containers_bytes": sum(sizes),
+                "rel_error": _group_err(errs, norms), "ranks": {"total": sum(ks), "min": min(ks), "max": max(ks)}, "sha256": sha}
+        if best["rel_error"] <= e_sep * (1 + 1e-9):
             break
     res["shared"] = best
     if best is None:
-        res["reason"] = "a shared basis cannot reach the separate containers' error in fewer bytes"
+        res["reason"] = "a shared basis cannot match the separate containers' error in fewer bytes"
     elif best["rel_error"] > e_sep * (1 + 1e-9):
-        res["reason"] = f"shared error {best['rel_error']:.4g} > separate {e_sep:.4g} at the bytes it may use"
+        res["reason"] = f"shared error {best['rel_error']:.4g} > separate {e_sep:.4g} within the separate bytes"
     elif best["bytes"] >= T:
         res["reason"] = f"shared needs {best['bytes']} bytes ≥ {T} separate"
     else:
-        res["decision"] = "shared"
-        res["reason"] = f"{T - best['bytes']} bytes saved ({1 - best['bytes'] / T:.1%}) at group error {best['rel_error']:.4g} ≤ {e_sep:.4g}"
-        res["bytes_saved"] = T - best["bytes"]
-        res["error_change"] = best["rel_error"] - e_sep
-    log(f"zoo sharing, group {gkey} ({n} adapters, A-overlap {res['overlap'] or 0:.3f} vs random {res['overlap_random']:.3f}): "
+        res.update(decision="shared", bytes_saved=T - best["bytes"], error_change=best["rel_error"] - e_sep,
+                   reason=f"{T - best['bytes']} bytes saved ({1 - best['bytes'] / T:.1%}) at group error {best['rel_error']:.4g} ≤ {e_sep:.4g}")
+    log(f"zoo sharing, group {gkey} ({n} adapters, A-overlap {res['overlap'] or 0:.3f}, random {res['overlap_random']:.3f}): "
         f"{res['decision']}: {res['reason']}")
     if res["decision"] == "shared":
-        _write_shared(out, bases, ks, modules, dt, n, gkey, ads, grp, sep_bytes, sep_err, norms, e_sep, best, command)
-    else:
-        for r in grp:  # containers left shared by an earlier run whose sharing no longer pays
-            if r.get("shared_file") and job_of is not None:
-                src = Path(r["source"])
-                job = job_of(Found(r["adapter"] if r["adapter"] != "." else "", src), out / r["output"])
+        tensors, blob, sha = _shared_blob(bases, ks, modules, dt, n, gkey)
+        path = out / SHARED_DIR / f"{sha}.safetensors"
+        if not (path.is_file() and ct.file_sha256(path) == sha):  # content-addressed: an intact one is never rewritten
+            with atomic_file(path) as tmp:
+                tmp.write_bytes(blob)
+        for a, (ad, r) in enumerate(zip(ads, grp)):
+            if r.get("shared_sha256") == sha and r["status"] == "skipped":
+                continue  # verified up to date by this run
+            t, man, rep = _shared_container(ad, tensors, ks, dt, sha, metrics(a, len(blob)), command)
+            written = ct.write(out / r["output"], t, man)
+            r.update(status="shared", form="svd", bytes=written, ratio=(written + len(blob) / n) / r["source_bytes"],
+                     rel_error=rep.rel_error, shared_file=f"{SHARED_DIR}/{sha}.safetensors", shared_sha256=sha,
+                     shared_share_bytes=len(blob) / n, separate_bytes=sep_bytes[a], separate_rel_error=sep_err[a])
+    elif job_of is not None:
+        for r in grp:  # containers an earlier run shared, where sharing no longer pays: convert them one by one
+            if r.get("shared_file"):
+                job = job_of(Found("" if r["adapter"] == "." else r["adapter"], Path(r["source"])), out / r["output"])
                 job.force = True
                 r.clear()
                 r.update(convert(job))
     return res
 
 
-def _ref(sha: str, ks: list[int]) -> dict:
-    return {"file": f"{SHARED_DIR}/{sha}.safetensors", "sha256": sha, "tensors": [f"A.{i}" for i in range(len(ks))]}
+def linalg_allocate(gains: list[torch.Tensor], costs: list[float], budget: float) -> list[int]:
+    """:func:`adaptzip.linalg.allocate` (greedy σ² per byte within a budget); zeros for no budget."""
+    from . import linalg  # noqa: PLC0415
+    if budget <= 0:
+        return [0] * len(gains)
+    return linalg.allocate([g.double() for g in gains], costs, budget)
 
-
-def _write_shared(out: Path, bases, ks, modules, dt, n, gkey, ads, grp, sep_bytes, sep_err, norms, e_sep, best, command) -> None:
-    tensors, blob, sha = _shared_blob(bases, ks, modules, dt, n, gkey)
-    path = out / SHARED_DIR / f"{sha}.safetensors"
-    if not (path.is_file() and ct.file_sha256(path) == sha):  # content-addressed: an existing one is never rewritten
-        with atomic_file(path) as tmp:
-            tmp.write_bytes(blob)
-    share = len(blob) / n
-    for a, (ad, r) in enumerate(zip(ads, grp)):
-        if r.get("shared_sha256") == sha and r["status"] == "skipped":
-            continue  # verified up to date in this run
-        metrics = {"svd_baseline_rel_error": r.get("svd_baseline_rel_error"), "svd_baseline_bytes": sep_bytes[a],
-                   "zoo": {"group": gkey, "adapters": n, "shared_file_bytes": len(blob), "shared_share_bytes": share,
-                           "separate_bytes": sep_bytes[a], "separate_rel_error": sep_err[a],
-                           "group_rel_error": best["rel_error"], "group_separate_rel_error": e_sep}}
-        t, man, rep = _shared_container(ad, tensors, ks, dt, _ref(sha, ks), metrics, command)
-        target = out / r["output"]
-        written = ct.write(target, t, man)
-        r.update(status="shared", form="svd", bytes=written, ratio=(written + share) / r["source_bytes"],
-                 rel_error=rep.rel_error, shared_file=f"{SHARED_DIR}/{sha}.safetensors", shared_sha256=sha,
-                 shared_share_bytes=share, separate_bytes=sep_bytes[a], separate_rel_error=sep_err[a])
 
 
 # ============================================================== summary

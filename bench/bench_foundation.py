@@ -44,10 +44,10 @@ def _dir_bytes(p: Path) -> int:
     return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-def run_step(step: str, work: Path, layers: int, dense_dtype: str) -> dict:
+def run_step(step: str, work: Path, layers: int, dense_dtype: str, threads: int) -> dict:
     """Run one step in this process; returns its facts (called in a child process)."""
     import torch
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(threads)
     import adaptzip
     from adaptzip import api
     from safetensors.torch import load_file, save_file
@@ -99,6 +99,7 @@ def run_step(step: str, work: Path, layers: int, dense_dtype: str) -> dict:
     res["seconds"] = time.perf_counter() - t0
     res["peak_rss_mb"] = _peak_rss_mb()
     res["rss_before_mb"] = rss_before
+    res["load_avg_1min"] = os.getloadavg()[0]  # other processes on the machine distort timings
     res["adaptzip_version"] = adaptzip.__version__
     return res
 
@@ -119,9 +120,9 @@ STEPS = [  # (step, label)
 ]
 
 
-def child(step: str, work: Path, layers: int, dense_dtype: str, timeout: float) -> dict:
+def child(step: str, work: Path, layers: int, dense_dtype: str, threads: int, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--step", step, "--work", str(work),
-           "--layers", str(layers), "--dense-dtype", dense_dtype]
+           "--layers", str(layers), "--dense-dtype", dense_dtype, "--threads", str(threads)]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0
@@ -143,16 +144,18 @@ def markdown(result: dict) -> str:
         f"{result['modules']} modules, {result['source_bytes'] / 1e6:.1f} MB; "
         f"{result['threads']} torch threads on {result['cpu']} ({result['cpus']} CPUs). "
         f"`seconds`: the operation alone; `process`: with interpreter start and imports; "
-        f"peak RSS of the whole process (the import baseline is {s['import']['peak_rss_mb']:.0f} MB).",
+        f"peak RSS of the whole process (the import baseline is {s['import']['peak_rss_mb']:.0f} MB); "
+        f"`load avg`: the machine's 1-minute load average at the end of the step (above {result['cpus']} other "
+        f"processes were competing for the cores, and multi-threaded torch slows down sharply).",
         "",
-        "| step | seconds | process s | peak RSS MB | output |",
-        "|---|---:|---:|---:|---:|",
+        "| step | seconds | process s | peak RSS MB | output | load avg |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for step, label in STEPS:
         if step not in s:
             continue
         r = s[step]
-        lines.append(f"| {label} | {r['seconds']:.2f} | {r['process_s']:.2f} | {r['peak_rss_mb']:.0f} | {_fmt_mb(r.get('bytes'))} |")
+        lines.append(f"| {label} | {r['seconds']:.2f} | {r['process_s']:.2f} | {r['peak_rss_mb']:.0f} | {_fmt_mb(r.get('bytes'))} | {r['load_avg_1min']:.1f} |")
     lines += ["", "| target | measured | limit | met |", "|---|---:|---:|:---:|"]
     for t in result["targets"]:
         lines.append(f"| {t['name']} | {t['measured']:.3g} | {t['limit']:.3g} | {'yes' if t['ok'] else '**no**'} |")
@@ -170,11 +173,12 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--out", type=Path, default=OUT, help="where foundation.json / foundation.md go")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed per step")
+    ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="torch threads per step (default: min(2, CPUs))")
     ap.add_argument("--step", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
     if a.step:  # child mode
-        print(json.dumps(run_step(a.step, a.work, a.layers, a.dense_dtype)))
+        print(json.dumps(run_step(a.step, a.work, a.layers, a.dense_dtype, a.threads)))
         return 0
 
     work = a.work or Path(tempfile.mkdtemp(prefix="adaptzip-bench-"))
@@ -183,7 +187,7 @@ def main(argv=None) -> int:
     try:
         for step, label in STEPS:
             print(f"… {label}", file=sys.stderr, flush=True)
-            steps[step] = child(step, work, a.layers, a.dense_dtype, a.timeout)
+            steps[step] = child(step, work, a.layers, a.dense_dtype, a.threads, a.timeout)
             if step == "expand_dense":
                 (work / "dense.safetensors").unlink(missing_ok=True)  # up to 23 GB at full size
     finally:
@@ -204,7 +208,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "foundation", "layers": a.layers, "rank": 16, "modules": a.layers * len(module_shapes()),
         "source_bytes": steps["build"]["bytes"], "dense_dtype": a.dense_dtype,
-        "threads": max(1, min(2, os.cpu_count() or 1)), "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
+        "threads": a.threads, "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(), "torch": torch.__version__, "adaptzip_version": steps["import"]["adaptzip_version"],
         "steps": steps, "targets": targets,
     }

@@ -517,7 +517,7 @@ class _Fitted(_BSLoRA):
             steps = ctx.max_steps
         history = [init_loss]
         if steps > 0:
-            history = fitter.refine(form, adapter, ctx, solve=lambda: form.solve_local(targets, Ls), lr=1e-2,
+            history = fitter.refine(form, adapter, ctx, solve=lambda: form.solve_local(targets, Ls), lr=3e-2,
                                     max_steps=steps, round_steps=25, tol=1e-3, label=f"{cls.name} refine")
         form.fit_info = {"init": order, "init_rel_error": math.sqrt(max(init_loss, 0.0)),
                          "refine_rounds": len(history) - 1, "refine_max_steps": steps,

@@ -1,0 +1,355 @@
+"""Batch conversion of adapter zoos: discovery, failure isolation, resumability, kills, zoo sharing."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptzip import api, cli, fit, zoo
+from adaptzip import container as ct
+from adaptzip.adapter import load_adapter
+from adaptzip.errors import AdaptzipError, ContainerError, OptionError
+from adaptzip.forms import FitContext
+from fixtures import train_lora
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one torch thread is much faster on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """Run the real entry point (``adaptzip.cli.main``) in-process; returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["adaptzip", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+        raise SystemExit(0)
+    out = capsys.readouterr()
+    return int(e.value.code or 0), out.out, out.err
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def messy_zoo(tmp_path_factory, make_lora) -> Path:
+    """4 good adapters (two named ``a`` at different depths), a corrupt one, an unsupported one
+    (peft_type PREFIX_TUNING), a symlink to an adapter outside the zoo, and a plain folder."""
+    root = tmp_path_factory.mktemp("zoo")
+    z = root / "zoo"
+    a1, a2 = make_lora("zoo_a1", seed=1), make_lora("zoo_a2", seed=2)
+    _copy(a1, z / "a")
+    _copy(a2, z / "team" / "a")
+    _copy(a1, z / "team" / "b")
+    _copy(a2, z / "c")
+    bad = _copy(a1, z / "corrupt")
+    (bad / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    pre = _copy(a1, z / "prefix")
+    cfg = json.loads((pre / "adapter_config.json").read_text())
+    cfg["peft_type"] = "PREFIX_TUNING"
+    (pre / "adapter_config.json").write_text(json.dumps(cfg))
+    outside = _copy(a2, root / "elsewhere" / "ext")
+    os.symlink(outside, z / "outside")
+    (z / "notes").mkdir()
+    (z / "notes" / "README.txt").write_text("not an adapter")
+    return z
+
+
+def test_batch_converts_good_reports_bad_and_resumes(messy_zoo, tmp_path, monkeypatch, capsys, one_thread):
+    out = tmp_path / "out"
+    code, stdout, stderr = _cli(["batch", messy_zoo, "-o", out, "--to", "svd", "--budget", "0.3", "--jobs", "2", "--json"], monkeypatch, capsys)
+    assert code == 1, stderr
+    s = json.loads(stdout)
+    rows = {r["adapter"]: r for r in s["adapters"]}
+    assert s["counts"] == {"converted": 4, "failed": 3}
+    assert {k for k, r in rows.items() if r["status"] == "converted"} == {"a", "team/a", "team/b", "c"}
+    assert "corrupt" in rows["corrupt"]["error"] or "truncated" in rows["corrupt"]["error"]
+    assert "PREFIX_TUNING" in rows["prefix"]["error"] and "not supported" in rows["prefix"]["error"]
+    assert "outside the zoo" in rows["outside"]["error"]
+    assert "notes" not in rows
+    # the mirrored layout; the two adapters named "a" do not collide; nothing written for the bad ones
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.safetensors"))
+    assert written == ["a.safetensors", "c.safetensors", "team/a.safetensors", "team/b.safetensors"]
+    for rel, r in rows.items():
+        if r["status"] != "converted":
+            continue
+        c = ct.open_container(out / r["output"])
+        c.verify()
+        assert r["bytes"] == (out / r["output"]).stat().st_size
+        assert r["ratio"] == pytest.approx(r["bytes"] / r["source_bytes"])
+        assert r["bytes"] <= 0.3 * r["source_bytes"]
+        assert r["rel_error"] == pytest.approx(c.manifest["metrics"]["rel_error"])
+        assert 0 < r["svd_baseline_rel_error"] < 1
+        assert c.manifest["source"]["sha256"] == load_adapter(messy_zoo / rel).sha256
+        assert zoo.stamped_options(c.manifest["command"]) == s["options_sha256"]
+    assert s["totals"]["container_bytes"] == sum(r["bytes"] for r in rows.values() if r["status"] == "converted")
+    summary = json.loads((out / "batch.json").read_text())
+    assert summary["counts"] == s["counts"]
+    md = (out / "batch.md").read_text()
+    assert "| team/a |" in md and "PREFIX_TUNING" in md
+    assert not list(out.rglob("*.tmp"))
+
+    # rerun: every good container is up to date and left untouched
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
+    code, stdout, _ = _cli(["batch", messy_zoo, "-o", out, "--to", "svd", "--budget", "0.3", "--jobs", "1", "--json"], monkeypatch, capsys)
+    s2 = json.loads(stdout)
+    assert code == 1 and s2["counts"] == {"skipped": 4, "failed": 3}
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == mtimes
+
+    # a changed source is redone, the others are not; other options redo all; --force redoes all
+    src_b = messy_zoo / "team" / "b" / "adapter_model.safetensors"
+    saved = src_b.read_bytes()
+    try:
+        shutil.copy(messy_zoo / "c" / "adapter_model.safetensors", src_b)
+        code, stdout, _ = _cli(["batch", messy_zoo, "-o", out, "--budget", "0.3", "--jobs", "1", "--json"], monkeypatch, capsys)
+        r3 = {r["adapter"]: r["status"] for r in json.loads(stdout)["adapters"]}
+        assert r3["team/b"] == "converted" and r3["a"] == r3["c"] == r3["team/a"] == "skipped"
+    finally:
+        src_b.write_bytes(saved)
+    code, stdout, _ = _cli(["batch", messy_zoo, "-o", out, "--budget", "0.2", "--jobs", "1", "--json"], monkeypatch, capsys)
+    assert json.loads(stdout)["counts"] == {"converted": 4, "failed": 3}
+    code, stdout, _ = _cli(["batch", messy_zoo, "-o", out, "--budget", "0.2", "--jobs", "1", "--json", "--force"], monkeypatch, capsys)
+    assert json.loads(stdout)["counts"] == {"converted": 4, "failed": 3}
+
+
+def test_batch_usage_errors_exit_2(messy_zoo, tmp_path, monkeypatch, capsys):
+    code, _, err = _cli(["batch", tmp_path / "nope", "-o", tmp_path / "o"], monkeypatch, capsys)
+    assert code == 2 and "no such folder" in err and len(err.strip().splitlines()) == 1
+    code, _, err = _cli(["batch", messy_zoo, "-o", tmp_path / "o", "--opt", "bogus=1"], monkeypatch, capsys)
+    assert code == 2 and "has no option 'bogus'" in err
+    code, _, err = _cli(["batch", messy_zoo, "-o", messy_zoo.parent, "--jobs", "1"], monkeypatch, capsys)
+    assert code == 2 and "must not contain the zoo" in err
+    code, _, err = _cli(["batch", messy_zoo, "-o", tmp_path / "o", "--jobs", "0"], monkeypatch, capsys)
+    assert code == 2 and "--jobs 0" in err
+
+
+def test_output_paths_never_escape(tmp_path, make_lora):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert zoo.output_for(out, "team/a", "z") == (out / "team" / "a.safetensors", None)
+    assert zoo.output_for(out, "", "myzoo")[0] == out / "myzoo.safetensors"
+    for rel, why in [("../x", "not allowed"), ("a/../../x", "not allowed"), ("_shared/x", "reserved"),
+                     ("batch.json/x", "reserved"), ("m.safetensors/x", "clash"), ("a\nb", "control characters")]:
+        o, msg = zoo.output_for(out, rel, "z")
+        assert o is None and why in msg, (rel, msg)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, out / "linked")
+    o, msg = zoo.output_for(out, "linked/a", "z")
+    assert o is None and "symlink" in msg
+    # discovery: a symlink inside the zoo is not followed twice; hidden folders are skipped
+    z = tmp_path / "z"
+    _copy(make_lora("zoo_a1", seed=1), z / "real")
+    os.symlink(z / "real", z / "alias")
+    _copy(make_lora("zoo_a1", seed=1), z / ".hidden" / "x")
+    found = list(zoo.discover(z))
+    assert [(f.rel, f.status, f.problem is None) for f in found] == [("alias", "ignored", False), ("real", "adapter", True)]
+
+
+def _containers(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*.safetensors") if zoo.SHARED_DIR not in p.parts]
+
+
+def _run_until_new_then_signal(cmd: list[str], out: Path, sig: int, env: dict) -> tuple[int, str]:
+    """Start the CLI, wait for a container it writes, then send ``sig``."""
+    before = set(_containers(out)) if out.is_dir() else set()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out.is_dir() and set(_containers(out)) - before):
+        assert p.poll() is None, p.communicate()
+        assert time.monotonic() < deadline, "no container appeared"
+        time.sleep(0.01)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    return p.returncode, err
+
+
+def test_batch_killed_midway_then_finished(tmp_path, make_lora):
+    src = make_lora("zoo_a1", seed=1)
+    z = tmp_path / "zoo"
+    for i in range(24):
+        _copy(src, z / f"g{i // 8}" / f"ad{i:02d}")
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "adaptzip.cli", "batch", str(z), "-o", str(out), "--budget", "0.25", "--json"]
+    rc, err = _run_until_new_then_signal(cmd + ["--jobs", "2"], out, signal.SIGINT, env)
+    assert rc == 130, err
+    first = {p: p.stat().st_mtime_ns for p in _containers(out)}
+    assert 1 <= len(first) < 24
+    assert not list(out.rglob("*.tmp"))
+    for p in first:
+        ct.open_container(p).verify()
+    s = json.loads((out / "batch.json").read_text())
+    assert s["interrupted"] is True and 1 <= s["counts"].get("converted", 0) <= len(first)
+
+    rc, err = _run_until_new_then_signal(cmd + ["--jobs", "1"], out, signal.SIGTERM, env)
+    assert rc == 130, err
+    second = set(_containers(out))
+    assert len(first) < len(second) < 24
+    assert not list(out.rglob("*.tmp"))
+
+    done = subprocess.run(cmd + ["--jobs", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    s = json.loads(done.stdout)
+    assert s["interrupted"] is False and s["failed"] == 0
+    assert s["counts"].get("converted", 0) + s["counts"].get("skipped", 0) == 24
+    assert s["counts"].get("skipped", 0) >= len(first)
+    assert len(_containers(out)) == 24 and not list(out.rglob("*.tmp"))
+    for p, t in first.items():  # finished containers were never rewritten
+        assert p.stat().st_mtime_ns == t
+    for p in _containers(out):
+        ct.open_container(p).verify()
+
+
+# ------------------------------------------------------------------ zoo-level shared basis
+def _train_zoo(base: Path, root: Path, same_init: bool, n: int = 6) -> Path:
+    for k in range(n):  # lr 5e-3: A moves little from its initialisation, as in real LoRA training
+        train_lora(base, root / f"ad{k}", init_seed=0 if same_init else 100 + k, data_seed=k, lr=5e-3)
+    return root
+
+
+def _energy_weighted(paths: list[Path], sources: list[Path]) -> tuple[int, float]:
+    """Total bytes (shared files counted once) and sqrt(Σ err²/Σ‖ΔW‖²) recomputed from the sources."""
+    num = den = 0.0
+    total = 0
+    shared = set()
+    for p, s in zip(paths, sources):
+        c = ct.open_container(p)
+        ad = load_adapter(s)
+        tg = fit.targets(ad, FitContext())
+        n2 = sum(t.norm2 for t in tg)
+        e = fit.evaluate(c.form(), ad, FitContext()).rel_error
+        num += e * e * n2
+        den += n2
+        total += p.stat().st_size
+        if c.shared_path is not None:
+            shared.add(c.shared_path)
+    return total + sum(q.stat().st_size for q in shared), math.sqrt(num / den)
+
+
+@pytest.fixture(scope="module")
+def zoos(llama_base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("shzoo")
+    return _train_zoo(llama_base, root / "same", True), _train_zoo(llama_base, root / "diff", False)
+
+
+def test_shared_basis_pays_for_a_same_init_zoo(zoos, tmp_path, one_thread):
+    same, _ = zoos
+    sep = zoo.batch(same, tmp_path / "sep", budget=0.25, jobs=1)
+    sh = zoo.batch(same, tmp_path / "sh", budget=0.25, jobs=1, shared_basis=True)
+    g = sh["sharing"]["groups"][0]
+    assert g["adapters"] == 6 and g["decision"] == "shared", g
+    assert g["overlap"] > 0.8 > 0.2 > g["overlap_random"]
+    srcs = [same / f"ad{k}" for k in range(6)]
+    b_sep, e_sep = _energy_weighted([tmp_path / "sep" / f"ad{k}.safetensors" for k in range(6)], srcs)
+    b_sh, e_sh = _energy_weighted([tmp_path / "sh" / f"ad{k}.safetensors" for k in range(6)], srcs)
+    assert b_sh < b_sep and e_sh <= e_sep + 1e-9, (b_sh, b_sep, e_sh, e_sep)
+    assert b_sep == sep["totals"]["zoo_bytes"] == g["separate"]["bytes"]
+    assert b_sh == sh["totals"]["zoo_bytes"] == g["shared"]["bytes"]
+    assert e_sh == pytest.approx(g["shared"]["rel_error"], rel=1e-6)
+    assert g["estimate"]["shared_rel_error_at_equal_bytes"] < e_sep  # at the same bytes sharing is also better
+    assert sh["counts"] == {"shared": 6}
+    shared_files = list((tmp_path / "sh" / zoo.SHARED_DIR).iterdir())
+    assert len(shared_files) == 1 and shared_files[0].name == f"{ct.file_sha256(shared_files[0])}.safetensors"
+
+    # a shared container is an svd container whose A comes from the shared file: verify, form, expand
+    c = ct.open_container(tmp_path / "sh" / "ad0.safetensors")
+    assert c.verify()["shared"] == str(shared_files[0].absolute())
+    ad = load_adapter(srcs[0])
+    assert fit.evaluate(c.form(), ad, FitContext()).rel_error == pytest.approx(c.manifest["metrics"]["rel_error"], rel=1e-6)
+    api.expand(c.path, tmp_path / "peft0")
+    back = load_adapter(tmp_path / "peft0")
+    f = c.form()
+    for i, m in enumerate(back.modules):
+        B, A = back.factors(m)
+        Bc, Ac = f.factors(i)
+        assert torch.allclose(B @ A, (Bc @ Ac).detach(), atol=1e-6)
+
+    # rerun: all up to date, nothing rewritten
+    mt = {p: p.stat().st_mtime_ns for p in (tmp_path / "sh").rglob("*.safetensors")}
+    again = zoo.batch(same, tmp_path / "sh", budget=0.25, jobs=1, shared_basis=True)
+    assert again["counts"] == {"skipped": 6} and again["sharing"]["groups"][0]["decision"] == "shared"
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "sh").rglob("*.safetensors")} == mt
+
+    # the shared file is hash-checked, and its absence is named
+    moved = tmp_path / "moved"
+    shutil.copytree(tmp_path / "sh", moved)
+    data = bytearray(shared_files[0].read_bytes())
+    data[-1] ^= 0xFF
+    (moved / zoo.SHARED_DIR / shared_files[0].name).write_bytes(bytes(data))
+    with pytest.raises(ContainerError, match="modified or corrupted"):
+        api.verify(moved / "ad1.safetensors")
+    shutil.rmtree(moved / zoo.SHARED_DIR)
+    with pytest.raises(ContainerError, match=r"shared file _shared/[0-9a-f]{64}\.safetensors .* is missing"):
+        api.expand(moved / "ad1.safetensors", tmp_path / "peft1")
+    # without --shared-basis a rerun converts them back into separate containers
+    back_sep = zoo.batch(same, tmp_path / "sh", budget=0.25, jobs=1)
+    assert back_sep["counts"] == {"converted": 6} and back_sep["totals"]["shared_bytes"] == 0
+
+
+def test_shared_basis_not_worth_it_for_different_inits(zoos, tmp_path, one_thread):
+    _, diff = zoos
+    sh = zoo.batch(diff, tmp_path / "sh", budget=0.25, jobs=1, shared_basis=True)
+    g = sh["sharing"]["groups"][0]
+    assert g["decision"] == "separate" and g["shared"] is None, g
+    assert g["overlap"] < 0.25  # ≈ r/in for unrelated random subspaces
+    assert g["overlap"] == pytest.approx(g["overlap_random"], abs=0.05)
+    assert g["estimate"]["shared_rel_error_at_equal_bytes"] > g["separate"]["rel_error"]
+    assert g["estimate"]["shared_bytes_at_equal_error"] > g["separate"]["bytes"]
+    assert sh["counts"] == {"converted": 6} and sh["totals"]["shared_bytes"] == 0
+    assert not (tmp_path / "sh" / zoo.SHARED_DIR).exists()
+
+
+def test_module_basis_matches_dense_svd():
+    """The factored stacked basis equals the SVD of the dense stack, in both code paths."""
+    g = torch.Generator().manual_seed(0)
+    n_in, out = 12, 5
+    for r, n in [(2, 3), (4, 5)]:  # Σr ≤ in (QR path) and Σr > in (Gram path)
+        facs = [(torch.randn(out, r, generator=g), torch.randn(r, n_in, generator=g)) for _ in range(n)]
+        b = zoo.module_basis(facs, n_in)
+        dense = torch.cat([B.double() @ A.double() for B, A in facs], 0)
+        S = torch.linalg.svdvals(dense)
+        k = min(len(S), len(b.lam))
+        assert torch.allclose(b.lam[:k].sqrt(), S[:k], rtol=1e-6, atol=1e-8)
+        top = b.V[:3]
+        Vd = torch.linalg.svd(dense, full_matrices=False).Vh[:3]
+        assert torch.allclose(top.T @ top, Vd.T @ Vd, atol=1e-6)  # same subspace
+        assert b.norms == pytest.approx([float((B.double() @ A.double()).pow(2).sum()) for B, A in facs])
+    # identical row spaces → overlap 1; the pairwise normaliser
+    A = torch.randn(3, n_in, generator=g)
+    same = zoo.module_basis([(torch.randn(out, 3, generator=g), torch.randn(3, 3, generator=g) @ A) for _ in range(4)], n_in)
+    assert same.overlap == pytest.approx(1.0, abs=1e-6)
+    assert zoo._sum_pair_min([2, 3, 3]) == 2 * (2 + 2 + 3)
+
+
+def test_choose_ranks_is_the_smallest_greedy_prefix():
+    lams = [torch.tensor([9.0, 4.0, 1.0]), torch.tensor([8.0, 1.0])]
+    assert zoo.choose_ranks(lams, [1.0, 2.0], 23.0, 23.0) == [0, 0]
+    assert zoo.choose_ranks(lams, [1.0, 2.0], 23.0, 10.0) == [2, 0]  # 9/1, then 4/1 beats 8/2
+    assert zoo.choose_ranks(lams, [1.0, 2.0], 23.0, 0.0) == [3, 2]
+    assert zoo.choose_ranks(lams, [1.0, 2.0], 23.0, -1.0) is None
+
+
+def test_options_are_checked_before_any_work(messy_zoo, tmp_path):
+    with pytest.raises(OptionError, match="no option 'nope'"):
+        zoo.batch(messy_zoo, tmp_path / "o", nope=1)
+    with pytest.raises(OptionError, match="--executor"):
+        zoo.batch(messy_zoo, tmp_path / "o", executor="dask")
+    with pytest.raises(AdaptzipError, match="budget"):
+        zoo.batch(messy_zoo, tmp_path / "o", budget="lots")
+    assert not (tmp_path / "o").exists()
