@@ -7,6 +7,8 @@ Public API::
     adaptzip.compress("lora_dir", "small.safetensors", to="svd", budget=0.25)
     adaptzip.expand("small.safetensors", "lora_out/")
     c = adaptzip.open_container("small.safetensors"); c.verify()
+    adaptzip.batch("zoo_dir", "out_dir", to="svd", budget=0.25, shared_basis=True)   # every adapter below zoo_dir
+    adaptzip.report_containers(["small.safetensors"], against="lora_dir", out="report_dir")
 """
 __version__ = "0.1.0"
 
@@ -14,6 +16,8 @@ from .adapter import Adapter, ModuleInfo, load_adapter  # noqa: E402
 from .container import Container, open_container  # noqa: E402
 from .api import compress, expand, inspect, list_forms, verify  # noqa: E402
 from .errors import AdaptzipError  # noqa: E402
+from .zoo import batch  # noqa: E402
+from .report import report as report_containers  # noqa: E402  (the module adaptzip.report keeps its name)
 
 __all__ = ["Adapter", "ModuleInfo", "load_adapter", "Container", "open_container", "compress", "expand",
-           "inspect", "list_forms", "verify", "AdaptzipError", "__version__"]
+           "inspect", "list_forms", "verify", "AdaptzipError", "batch", "report_containers", "__version__"]

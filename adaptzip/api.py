@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from . import container as ct
-from . import export, fit, linalg
+from . import export, export_vblora, fit, linalg
 from . import quant as qz
 from .adapter import DTYPE_NAMES, TORCH_DTYPES, Adapter, load_adapter
 from .errors import OptionError
@@ -107,7 +107,7 @@ def compress(lora_dir: str | Path, output: str | Path, *, to: str = "svd", budge
              baseline: bool = True, base_model: str | Path | None = None, calib: str | Path | None = None,
              calib_tokens: int = 50000, calib_steps: int = 300, eval_text: str | Path | None = None,
              stats_file: str | Path | None = None, device: str = "auto", lr: float | None = None,
-             seq_len: int = 128, batch_size: int = 4, auto_distil: int = 3, quant: str = "none",
+             seq_len: int = 128, batch_size: int = 4, auto_distil: int = 3, fit_steps: int | None = None, quant: str = "none",
              group_size: int = qz.DEFAULT_GROUP, **form_options: Any) -> dict:
     """Fit ``lora_dir`` into form ``to`` and write one container to ``output``.
 
@@ -124,7 +124,8 @@ def compress(lora_dir: str | Path, output: str | Path, *, to: str = "svd", budge
     the start's quality) and its KL / top-1 / improvement kept before and after (and those of the
     same-bytes svd baseline) go into the metrics. ``stats_file`` alone gives a Σ-weighted fit.
     ``to='auto'`` (needs ``budget`` and ``base_model``) tries every form and keeps the best by eval
-    KL, distilling ``auto_distil`` of them.
+    KL, distilling ``auto_distil`` of them. ``fit_steps`` bounds the optimiser steps of iterative
+    weight-space fits (``FitContext.max_steps``).
 
     ``quant``: storage of the form's float tensors — ``none`` (the container dtype), ``int8``,
     ``int4``, ``int4-asym`` (groups of ``group_size`` values with fp16 scales), or ``auto`` (needs
@@ -151,13 +152,13 @@ def compress(lora_dir: str | Path, output: str | Path, *, to: str = "svd", budge
         raise OptionError(None, "--calib/--eval need --base-model (the teacher runs on the base model)")
     if to == "auto":
         return _compress_auto(adapter, output, cal, budget, dtype, seed, progress, command, stats, calib_steps, lr,
-                              auto_distil, t0)
+                              auto_distil, t0, fit_steps)
     form_cls = get_form(to)
     config = make_config(form_cls, {**(options or {}), **form_options})
     dt = resolve_dtype(dtype, adapter)
     budget_bytes = None if budget is None else parse_budget(budget, adapter.bytes)
     torch.manual_seed(seed)
-    ctx = FitContext(stats=stats, seed=seed, progress=progress)
+    ctx = FitContext(stats=stats, seed=seed, progress=progress, max_steps=fit_steps)
 
     def metrics_fn(form: Form, size: int) -> dict:
         m: dict[str, Any] = {**fit.evaluate(form, adapter, ctx).to_json(), "weighted": stats is not None}
@@ -206,13 +207,13 @@ def _calibration_extras(cal, form: Form, adapter: Adapter, ctx: FitContext) -> d
 
 
 def _compress_auto(adapter: Adapter, output: Path, cal, budget, dtype, seed, progress, command, stats, calib_steps, lr,
-                   auto_distil, t0) -> dict:
+                   auto_distil, t0, fit_steps=None) -> dict:
     """``--to auto``: see :func:`adaptzip.distill.auto_select`."""
     from . import distill
     dt = resolve_dtype(dtype, adapter)
     budget_bytes = parse_budget(budget, adapter.bytes)
     torch.manual_seed(seed)
-    ctx = FitContext(stats=stats, seed=seed, progress=progress)
+    ctx = FitContext(stats=stats, seed=seed, progress=progress, max_steps=fit_steps)
     form, tensors, manifest, size, report = distill.auto_select(
         adapter, budget_bytes, dt, ctx, cal, fit_to_budget=fit_to_budget, steps=calib_steps, lr=lr,
         n_distil=auto_distil, command=command)
@@ -328,23 +329,25 @@ def _auto_tensor_candidate(adapter: Adapter, form: Form, target: int, dt: torch.
     items = [sorted(((c, e, b) for b, c, e in sens[n]), key=lambda t: (t[0], t[1])) for n in order]
     opts = [[[(c - it[0][0], e) for c, e, _ in it] for it in items]]  # one group, no prefix; costs above the cheapest
     base = sum(it[0][0] for it in items)
-    tensors, manifest = ct.build(form, adapter, dt, command=command,
-                                 storage=qz.Storage("auto", group_size, {n: qz.TensorQuant(it[0][2], qz.group_axis(specs[n][0]), group_size)
-                                                                         for n, it in zip(order, items) if it[0][2] != fbits}))
-    overhead = ct.serialized_size(tensors, manifest) - sum(t.numel() * t.element_size() for n, t in tensors.items() if not n.startswith("carry."))
-    best = None
-    for _ in range(6):
-        extra = target - overhead - base
-        if extra < 0:
-            return best
-        lv, spent = qz.allocate_levels(opts, extra, prefix=False)
+
+    def plan_for(levels: list[int]) -> qz.Storage:
         plan = {}
-        for n, it, l in zip(order, items, lv[0]):
+        for n, it, l in zip(order, items, levels):
             b = it[l][2]
             if b != fbits:
                 ax = getattr(form, "quant_axis", lambda *_: None)(n, tuple(specs[n][0]))
                 plan[n] = qz.TensorQuant(b, qz.group_axis(specs[n][0]) if ax is None else ax, group_size)
-        storage = qz.Storage("auto", group_size, plan)
+        return qz.Storage("auto", group_size, plan)
+
+    tensors, manifest = ct.build(form, adapter, dt, command=command, storage=plan_for([0] * len(order)))
+    unmodelled = ct.serialized_size(tensors, manifest) - base  # header and carried bytes beyond the estimates
+    best = None
+    for _ in range(6):
+        extra = target - unmodelled - base
+        if extra < 0:
+            return best
+        lv, spent = qz.allocate_levels(opts, extra, prefix=False)
+        storage = plan_for(lv[0])
         tensors, manifest = ct.build(form, adapter, dt, command=command, storage=storage)
         size = ct.serialized_size(tensors, manifest)
         if size <= target:
@@ -352,9 +355,9 @@ def _auto_tensor_candidate(adapter: Adapter, form: Form, target: int, dt: torch.
                 best = ("per-tensor", form, storage, tensors, manifest, size)
             if target - size <= 64:
                 break
-            overhead = size - base - spent + 16
+            unmodelled = size - base - spent + 16
         else:
-            overhead += size - target + 32
+            unmodelled += size - target + 32
     return best
 
 
@@ -389,6 +392,11 @@ def _quant_auto(adapter: Adapter, form_cls: type[Form], config: Any, budget_byte
         metrics_len = max(metrics_len, len(json.dumps(m["metrics"], separators=(",", ":"))))
         if sz <= budget_bytes:
             cands.append((float(m["metrics"]["rel_error"]), sz, scheme, f, t, m))
+
+    if not fixed and form_cls.name != "svd":
+        # a form that cannot choose its configuration for a size (e.g. lora): fit it as configured;
+        # its bits per tensor are then what makes it fit
+        fixed.append(("configured", form_cls.fit(adapter, config, ctx)))
 
     def finish(label: str, f: Form, storage: qz.Storage) -> tuple[dict, dict, int]:
         t, m = ct.build(f, adapter, dt, command=command, storage=storage)
@@ -456,7 +464,9 @@ def expand(container: str | Path, output: str | Path, *, to: str = "peft", targe
         if base_model is None:
             raise OptionError(None, "--to merged needs --base-model DIR")
         return export.to_merged(c, Path(base_model), output)
-    raise OptionError(None, f"--to {to!r}: expected peft, dense or merged")
+    if to == "peft-vblora":
+        return export_vblora.to_peft_vblora(c, output, dtype=dtype)
+    raise OptionError(None, f"--to {to!r}: expected peft, dense, merged or peft-vblora")
 
 
 def verify(container: str | Path) -> dict:

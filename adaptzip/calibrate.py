@@ -111,14 +111,16 @@ def pack(ids: Sequence[int], seq_len: int, n_tokens: int | None, path: Path | st
 
 
 def encoder_rows(tokenizer, docs: Sequence[str], seq_len: int, n_tokens: int | None, path, what: str) -> tuple[Tensor, Tensor]:
-    """Encoder inputs: every document cut into chunks of ``seq_len − 2`` tokens wrapped in the
-    tokenizer's special tokens ([CLS] … [SEP]) and padded: (ids, attention_mask), both (N, T)."""
+    """Encoder inputs: every document cut into chunks wrapped in the tokenizer's special tokens
+    ([CLS] … [SEP]), ``seq_len`` tokens at most, and padded: (ids, attention_mask), both (N, T)."""
     rows: list[list[int]] = []
     total = 0
+    prefix, suffix = _special_wrap(tokenizer)
+    body = seq_len - len(prefix) - len(suffix)
     for d in docs:
         ids = tokenizer(d, add_special_tokens=False)["input_ids"]
-        for j in range(0, len(ids), seq_len - 2):
-            chunk = tokenizer.build_inputs_with_special_tokens(ids[j: j + seq_len - 2])[:seq_len]
+        for j in range(0, len(ids), body):
+            chunk = prefix + ids[j: j + body] + suffix
             rows.append(chunk)
             total += len(chunk)
             if n_tokens is not None and total >= n_tokens:
@@ -137,6 +139,18 @@ def encoder_rows(tokenizer, docs: Sequence[str], seq_len: int, n_tokens: int | N
         ids_t[i, : len(r)] = torch.tensor(r)
         mask[i, : len(r)] = 1
     return ids_t, mask
+
+
+def _special_wrap(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text (BERT: [CLS] … [SEP])."""
+    sp = list(tokenizer("", add_special_tokens=True)["input_ids"])
+    front = {tokenizer.cls_token_id, tokenizer.bos_token_id} - {None}
+    k = 0
+    while k < len(sp) and sp[k] in front:
+        k += 1
+    if len(sp) == 2 and k == 0:
+        k = 1
+    return sp[:k], sp[k:]
 
 
 # --------------------------------------------------------------------------------------- base
@@ -236,11 +250,11 @@ def load_base(base: str | Path, adapter: Adapter, device: str | torch.device | N
         raise
     except Exception as e:
         raise BaseModelError(base, f"cannot load the model: {_first_line(e)}") from e
+    check_base(model, adapter, base)
     try:
         tok = AutoTokenizer.from_pretrained(where, **kw)
     except Exception as e:
         raise BaseModelError(base, f"no usable tokenizer (calibration needs the base model's tokenizer): {_first_line(e)}") from e
-    check_base(model, adapter, base)
     model = teacher_model(model, adapter, base)
     model.to(dev).eval()
     for p in model.parameters():
@@ -373,7 +387,7 @@ class SigmaHooks:
         self.acc: list[Tensor] = []
         self.count: list[int] = []
         self.mask: Tensor | None = None
-        self._batch: dict[tuple, Tensor] = {}  # this batch's xᵀx by input identity
+        self._batch: dict[tuple, tuple] = {}  # this batch's (xᵀx, tokens, x) by input identity
         self._leader_key: dict[int, tuple] = {}  # slot -> the input identity its leader saw this batch
         self.handles: list = []
 
@@ -386,6 +400,7 @@ class SigmaHooks:
         for h in self.handles:
             h.remove()
         self.handles = []
+        self._batch = {}
 
     def new_batch(self, mask: Tensor | None) -> None:
         self.mask = mask
@@ -408,8 +423,10 @@ class SigmaHooks:
             x = args[0]
             key = (x.data_ptr(), tuple(x.shape), m.kind)
             if key not in self._batch:
-                self._batch[key] = self._xtx(m, x)
-            xtx, n = self._batch[key]
+                # keep x alive for the batch: its memory cannot be reused by a later input,
+                # so equal keys really mean the same tensor
+                self._batch[key] = (*self._xtx(m, x), x)
+            xtx, n, _ = self._batch[key]
             if j not in self.slot:
                 # first batch: share the accumulator of a module that ran before on the same tensor
                 for s_, k_ in self._leader_key.items():
@@ -429,7 +446,7 @@ class SigmaHooks:
             elif self._leader_key[s] != key:
                 # the sharing seen on the first batch does not hold: split this module off,
                 # exactly (its slot holds the leader's sum, the leader's batch part included)
-                lead_xtx, lead_n = self._batch[self._leader_key[s]]
+                lead_xtx, lead_n, _ = self._batch[self._leader_key[s]]
                 self.slot[j] = len(self.acc)
                 self.acc.append(self.acc[s] - lead_xtx + xtx)
                 self.count.append(self.count[s] - lead_n + n)

@@ -24,6 +24,16 @@ err = Console(stderr=True)
 _STATE = {"debug": False}
 
 FormName = Enum("FormName", {n.replace("-", "_"): n for n in sorted(REGISTRY)}, type=str)  # type: ignore[misc]
+# compress also takes "auto" (needs --budget and --base-model: picks the form by eval KL)
+CompressTo = Enum("CompressTo", {**{n.replace("-", "_"): n for n in sorted(REGISTRY)}, "auto": "auto"}, type=str)  # type: ignore[misc]
+
+
+class Quant(str, Enum):
+    none = "none"
+    int8 = "int8"
+    int4 = "int4"
+    int4_asym = "int4-asym"
+    auto = "auto"
 
 
 class DType(str, Enum):
@@ -36,6 +46,7 @@ class ExpandTo(str, Enum):
     peft = "peft"
     dense = "dense"
     merged = "merged"
+    peft_vblora = "peft-vblora"
 
 
 class Target(str, Enum):
@@ -140,7 +151,7 @@ def forms(as_json: JsonOpt = False) -> None:
 def compress(
     lora_dir: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Container file to write (.safetensors).")],
-    to: Annotated[FormName, typer.Option("--to", help="Target form (see `adaptzip forms`).")] = "svd",  # type: ignore[assignment]
+    to: Annotated[CompressTo, typer.Option("--to", help="Target form (see `adaptzip forms`), or 'auto': with --budget and --base-model, try the forms that fit and keep the best by eval KL.")] = "svd",  # type: ignore[assignment]
     budget: Annotated[Optional[str], typer.Option(help="Size of the whole container: a fraction of the source's bytes (0.25) or a size (5MB, 300KiB).")] = None,
     rank: Annotated[Optional[int], typer.Option(help="svd/masa: rank per module.")] = None,
     ranks: Annotated[Optional[str], typer.Option(help="bslora-*: ranks L,I,G (local, intra-layer, inter-layer).")] = None,
@@ -153,17 +164,30 @@ def compress(
     opt: Annotated[Optional[list[str]], typer.Option("--opt", help="Any other form option as KEY=VALUE (repeatable).")] = None,
     dtype: Annotated[Optional[DType], typer.Option(help="Container float dtype (default: the source's).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed: same inputs and seed give a byte-identical container.")] = 0,
+    base_model: Annotated[Optional[Path], typer.Option("--base-model", help="Base model: a local model directory (safetensors) or a .gguf file. Enables calibration: Σ-weighted fit, distillation, KL metrics.")] = None,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text: UTF-8 text (paragraphs separated by blank lines) or JSONL with a 'text' field.")] = None,
+    calib_tokens: Annotated[int, typer.Option("--calib-tokens", help="Calibration tokens to use (10% held out for early stopping, 10% more for eval without --eval).")] = 50000,
+    calib_steps: Annotated[int, typer.Option("--calib-steps", help="Distillation steps (batches of 4×128 tokens); 0 skips distillation.")] = 300,
+    eval_text: Annotated[Optional[Path], typer.Option("--eval", help="Evaluation text (default: a held-out part of --calib).")] = None,
+    stats: Annotated[Optional[Path], typer.Option("--stats", help="Σ statistics file: reused when it exists, else written there (default: <output>.stats.safetensors). Alone (no --base-model): a Σ-weighted fit.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")] = "auto",
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Distillation learning rate (default: 1e-4 for a strong start, 1e-3 for a weak one).")] = None,
+    quant: Annotated[Quant, typer.Option("--quant", help="Storage of the form's float tensors: none (the container dtype); int8 (symmetric, fp16 scale per group); int4 (two codes per byte, symmetric, fp16 scale per group); int4-asym (plus fp16 zero points); auto (needs --budget: bits per svd direction, or per tensor, and ranks chosen to minimise the error; never worse than none/int8/int4 at the same bytes). See formats/quantization.md.")] = Quant.none,
+    group_size: Annotated[int, typer.Option("--group-size", help="Values per quantisation group (one fp16 scale each), along the input dimension of A and the output dimension of B: each rank direction gets its own scales.")] = 64,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Fit a PEFT LoRA into a compact form and write one container; prints size, error and the
-    same-bytes svd baseline's error."""
+    same-bytes svd baseline's error (with --base-model: KL, top-1 agreement and improvement kept,
+    before and after distillation)."""
     options = {"rank": rank, "ranks": None if ranks is None else _auto_value(ranks if "," in ranks else ranks + ","),
                "shared_size": shared_size, "group": group, "experts": experts, "bank": bank,
                "vector_len": vector_len, "topk": topk, **_parse_opts(opt)}
     res = api.compress(lora_dir, output, to=str(to.value if isinstance(to, Enum) else to), budget=budget,
                        dtype=None if dtype is None else dtype.value, seed=seed, options=options, force=force,
-                       progress=not as_json, command=_command())
+                       progress=not as_json, command=_command(), base_model=base_model, calib=calib,
+                       calib_tokens=calib_tokens, calib_steps=calib_steps, eval_text=eval_text, stats_file=stats,
+                       device=device, lr=lr, quant=quant.value, group_size=group_size)
 
     def human(r):
         rows = {"output": r["output"], "form": r["form"], "source bytes": _fmt_bytes(r["source_bytes"]),
@@ -172,15 +196,48 @@ def compress(
                 "worst module": f"{r['worst_module_rel_error']:.4g} ({r['worst_module']})"}
         if "svd_baseline_rel_error" in r:
             rows["svd baseline (same bytes)"] = r["svd_baseline_rel_error"]
+        if "quant" in r:
+            q = r["quant"]
+            rows["storage"] = f"{q['scheme']}" + (f" → {q['auto']['chosen']}" if "auto" in q else "") + \
+                f", groups of {q['group_size']}, row bits {q['row_bits']}"
         _kv_table("compressed", rows)
+        if "kl_after" in r or "objective_after" in r:
+            _calibration_tables(r)
     _emit(res, as_json, human)
+
+
+def _calibration_tables(r: dict) -> None:
+    """Before/after distillation for the form and the same-bytes svd baseline; auto's candidates."""
+    t = Table(title=f"calibration ({r.get('task')}; eval on {r.get('eval_text')} text, {r.get('eval_tokens')} tokens)")
+    for col in ("", "KL before", "KL after", "top-1 before", "top-1 after", "kept before", "kept after"):
+        t.add_column(col)
+
+    def f(v):
+        return "–" if v is None else f"{v:.4g}"
+    for name, p in ((r["form"], ""), ("svd (same bytes)", "svd_baseline_")):
+        if p + "kl_after" in r or p + "objective_after" in r:
+            t.add_row(name, f(r.get(p + "kl_before")), f(r.get(p + "kl_after")), f(r.get(p + "top1_agreement_before")),
+                      f(r.get(p + "top1_agreement")), f(r.get(p + "improvement_kept_before")), f(r.get(p + "improvement_kept")))
+    err.print(t)
+    if "ppl_base" in r:
+        err.print(f"perplexity: base {r['ppl_base']:.4g}, source {r['ppl_source']:.4g}, compressed {r.get('ppl_compressed', 0):.4g}")
+    if "auto" in r:
+        a = Table(title=f"--to auto chose {r['auto']['chosen']}: {r['auto']['reason']}")
+        for col in ("form", "bytes", "output rel. error", "KL start", "KL distilled"):
+            a.add_column(col)
+        for c in r["auto"]["candidates"]:
+            if "skipped" in c:
+                a.add_row(c["form"], "–", "–", "–", f"skipped: {c['skipped']}")
+            else:
+                a.add_row(c["form"], str(c["bytes"]), f(c["output_rel_error"]), f(c["score_before"]), f(c.get("score_after")))
+        err.print(a)
 
 
 @app.command()
 def expand(
     container: Annotated[Path, typer.Argument(help="adaptzip container (.safetensors).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output directory (peft, merged) or file (dense).")],
-    to: Annotated[ExpandTo, typer.Option("--to", help="peft: a PEFT LoRA dir; dense: ΔW per module; merged: base model + ΔW.")] = ExpandTo.peft,
+    to: Annotated[ExpandTo, typer.Option("--to", help="peft: a PEFT LoRA dir; dense: ΔW per module; merged: base model + ΔW; peft-vblora: a native PEFT VB-LoRA dir (vblora containers only).")] = ExpandTo.peft,
     target: Annotated[Target, typer.Option(help="For --to peft: 'vllm' also satisfies vLLM's loader (one global rank, scale folded).")] = Target.peft,
     max_lora_rank: Annotated[Optional[int], typer.Option(help="vLLM's max_lora_rank (1, 8, 16, 32, 64, 128, 256, 320, 512); larger modules are re-factored by SVD.")] = None,
     base_model: Annotated[Optional[Path], typer.Option(help="Base model directory (safetensors) for --to merged.")] = None,
@@ -219,15 +276,18 @@ def batch(
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Worker processes (default: CPU cores).")] = None,
     shared_basis: Annotated[bool, typer.Option("--shared-basis", help="Also fit one shared A basis per module across adapters of the same base model and shapes, where that saves bytes at equal or lower error.")] = False,
     executor: Annotated[Executor, typer.Option(help="process: a local process pool; ray: Ray tasks (needs `ray`; RAY_ADDRESS picks the cluster).")] = Executor.process,
-    base_model: Annotated[Optional[Path], typer.Option(help="Calibration base model, passed to compress (when this adaptzip has calibration).")] = None,
-    calib: Annotated[Optional[str], typer.Option(help="Calibration text, passed to compress (when this adaptzip has calibration).")] = None,
+    base_model: Annotated[Optional[Path], typer.Option("--base-model", help="Base model, passed to compress: calibrates every adapter (see `adaptzip compress --help`).")] = None,
+    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text, passed to compress (see `adaptzip compress --help`).")] = None,
+    quant: Annotated[Optional[Quant], typer.Option("--quant", help="Quantised storage, passed to compress (see `adaptzip compress --help`).")] = None,
+    group_size: Annotated[Optional[int], typer.Option("--group-size", help="Quantisation group size, passed to compress.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo containers that are already up to date.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Convert every PEFT LoRA adapter below ZOO_DIR, in parallel and resumably. Exit code 0 when all
     converted, 1 when some failed (the rest are converted), 2 on a usage error, 130 when interrupted."""
     from . import zoo
-    kw = {k: v for k, v in (("base_model", base_model), ("calib", calib)) if v is not None}
+    kw = {k: v for k, v in (("base_model", base_model), ("calib", calib), ("quant", None if quant is None else quant.value),
+                            ("group_size", group_size)) if v is not None}
     res = zoo.batch(zoo_dir, output, to=str(to.value if isinstance(to, Enum) else to), budget=budget,
                     dtype=None if dtype is None else dtype.value, seed=seed, options={"rank": rank, **_parse_opts(opt)},
                     jobs=jobs, force=force, shared_basis=shared_basis, executor=executor.value,

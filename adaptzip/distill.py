@@ -633,8 +633,6 @@ def fit_and_distil(adapter: Adapter, form_cls, config, budget_bytes: int | None,
     placeholder ``metrics_fn``: every metric at its longest JSON length, so distillation runs once,
     not once per budget pass), then measure + distil the form (and the same-bytes svd baseline,
     when ``svd_baseline`` is given) and build the container. Returns (form, tensors, manifest, size)."""
-    from . import container as ct
-
     template = _template(adapter, svd_baseline is not None, auto)
     form, _, _, size = fit_to_budget(adapter, form_cls, config, budget_bytes, dtype, ctx,
                                      metrics_fn=lambda f, s: template, command=command)

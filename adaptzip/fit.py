@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from . import linalg
-from .adapter import Adapter
-from .forms.base import FitContext, Form
 from .progress import progress_bar
+
+if TYPE_CHECKING:  # forms use the fitter, never the other way round
+    from .adapter import Adapter
+    from .forms.base import FitContext, Form
 
 
 @dataclass
@@ -76,12 +78,17 @@ def evaluate(form: Form, adapter: Adapter, ctx: FitContext) -> FitReport:
 
 
 def optimise(form: Form, adapter: Adapter, ctx: FitContext, *, lr: float = 1e-2, max_steps: int = 500,
-             tol: float = 1e-4, patience: int = 25, params=None, label: str = "fit") -> list[float]:
+             tol: float = 1e-4, patience: int = 25, params=None, label: str = "fit",
+             loss_fn: Callable[[], torch.Tensor] | None = None) -> list[float]:
     """Adam on the relative factored objective with early stopping: stop when the best loss has
     not improved by a relative ``tol`` in ``patience`` steps; the best state is restored.
+    ``loss_fn``: a form's own (faster, e.g. batched) computation of the same relative objective.
     Returns the loss history."""
     tg = targets(adapter, ctx)
     total = max(sum(t.norm2 for t in tg), 1e-30)
+    if loss_fn is None:
+        def loss_fn() -> torch.Tensor:
+            return module_sq_errors(form, tg).sum() / total
     params = [p for p in (params if params is not None else form.parameters()) if p.requires_grad]
     if not params:
         return []
@@ -95,21 +102,21 @@ def optimise(form: Form, adapter: Adapter, ctx: FitContext, *, lr: float = 1e-2,
     with progress_bar(ctx.progress, label, steps) as bar:
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            loss = module_sq_errors(form, tg).sum() / total
+            loss = loss_fn()
             loss.backward()
-            opt.step()
             val = float(loss)
             history.append(val)
             bar(loss=val)
-            if val < best * (1 - tol):
+            if val < best * (1 - tol):  # snapshot the parameters that produced this loss, before the step
                 best, since = val, 0
                 best_state = [p.detach().clone() for p in params]
             else:
                 since += 1
-                if since >= patience:
-                    break
+            opt.step()
+            if since >= patience:
+                break
     with torch.no_grad():
-        final = float(module_sq_errors(form, tg).sum() / total)
+        final = float(loss_fn())
         if final > best:
             for p, b in zip(params, best_state):
                 p.copy_(b)

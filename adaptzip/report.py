@@ -52,20 +52,39 @@ def _params(c: ct.Container) -> dict:
             "source": sum(m.rank * (m.in_features + m.out_features) for m in c.modules)}
 
 
-def _storage(st: Any) -> dict | None:
-    """A summary of a quantisation ``storage`` section: tensors per scheme and per bit width."""
+def _storage(st: Any, c: ct.Container | None = None) -> dict | None:
+    """A summary of the quantisation ``storage`` section (formats/quantization.md): the scheme, and
+    how many tensors / rows / values are stored at each bit width (a per-row ``bits`` list counts
+    rows; values need the logical shapes, taken from the form's tensor specs)."""
     if not isinstance(st, dict):
         return None
-    entries = st.get("tensors", st) if isinstance(st.get("tensors", st), dict) else {}
-    schemes: Counter = Counter()
-    bits: Counter = Counter()
-    for v in entries.values():
-        if isinstance(v, dict):
-            schemes[str(v.get("scheme", v.get("type", "?")))] += 1
-            if "bits" in v:
-                bits[str(v["bits"])] += 1
-    return {"tensors": sum(schemes.values()), "schemes": dict(schemes), "bits": dict(bits),
-            "keys": sorted(k for k in st if k != "tensors")}
+    shapes: dict[str, tuple] = {}
+    if c is not None:
+        cls = get_form(c.form_name)
+        shapes = {k: tuple(s) for k, (s, _) in cls.tensor_specs(c.modules, config_from_json(cls, c.manifest["config"]), c.manifest["state"]).items()}
+    tensors: Counter = Counter()
+    rows: Counter = Counter()
+    values: Counter = Counter()
+    for name, t in (st.get("tensors") or {}).items():
+        if not isinstance(t, dict):
+            continue
+        bits = t.get("bits")
+        shape = shapes.get(name)
+        numel = math.prod(shape) if shape else 0
+        if isinstance(bits, list):
+            tensors["per-row"] += 1
+            per_row = numel // len(bits) if bits and numel else 0
+            for b in bits:
+                rows[str(b)] += 1
+                values[str(b)] += per_row
+        else:
+            tensors[str(bits)] += 1
+            values[str(bits)] += numel
+    total = sum(values.values())
+    mean = sum(int(b) * v for b, v in values.items()) / total if total else None
+    return {"scheme": st.get("scheme"), "group_size": st.get("group_size"), "tensors": sum(tensors.values()),
+            "tensors_by_bits": dict(tensors), "rows_by_bits": dict(rows), "values_by_bits": dict(values),
+            "mean_bits": mean, "allocation": st.get("allocation")}
 
 
 def _accuracy(metrics: dict) -> dict:
@@ -102,7 +121,7 @@ def container_report(c: ct.Container, adapter: Adapter | None = None, ctx: FitCo
                    "base_model": man["source"].get("base_model")},
         "bytes": bytes_, "effective_bytes": eff, "ratio_source": eff / src_bytes if src_bytes else None,
         "fp16_lora_bytes": fp16_lora_bytes(c.modules), "ratio_fp16_lora": eff / fp16_lora_bytes(c.modules),
-        "params": _params(c), "shared": shared, "accuracy": _accuracy(met), "storage": _storage(man.get("storage")),
+        "params": _params(c), "shared": shared, "accuracy": _accuracy(met), "storage": _storage(man.get("storage"), c),
         "metrics": met,
     }
     ranks = _stored_ranks(c)
@@ -356,7 +375,9 @@ def _write(out: Path, result: dict) -> dict:
             lines += ["", "| accuracy metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in r["accuracy"].items()]
         if r["storage"]:
             st = r["storage"]
-            lines += ["", f"Bit allocation: {st['tensors']} tensors; schemes {st['schemes']}; bits {st['bits']}"]
+            lines += ["", f"Bit allocation (`{st['scheme']}`, group size {st['group_size']}): {st['tensors']} quantised tensors; "
+                      f"tensors by bits {st['tensors_by_bits']}; rows by bits {st['rows_by_bits']}; values by bits {st['values_by_bits']}; "
+                      f"mean {_fmt(st['mean_bits'])} bits per quantised value"]
         lines += ["", "| module | layer | type | stored rank | rel. error |", "|---|---|---|---|---|"]
         for m in r["modules"][:30]:
             lines.append(f"| {_fmt(m['name'])} | {_fmt(m['layer'])} | {_fmt(m['type'])} | {_fmt(m['rank'])} | {_fmt(m['rel_error'])} |")

@@ -120,6 +120,9 @@ STEPS = [  # (step, label)
 ]
 
 
+ONCE = {"build", "compress_lora", "expand_dense"}  # expensive or stateful: run once; every other step runs --repeat times
+
+
 def child(step: str, work: Path, layers: int, dense_dtype: str, threads: int, timeout: float) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--step", step, "--work", str(work),
            "--layers", str(layers), "--dense-dtype", dense_dtype, "--threads", str(threads)]
@@ -141,7 +144,8 @@ def markdown(result: dict) -> str:
     s = result["steps"]
     lines = [
         f"Llama-7B-shaped LoRA: {result['layers']} layers, r={result['rank']}, fp16, "
-        f"{result['modules']} modules, {result['source_bytes'] / 1e6:.1f} MB; "
+        f"{result['modules']} modules, {result['source_bytes'] / 1e6:.1f} MB; best of {result['repeat']} runs per step "
+        f"(build, lossless compress and dense export: 1); "
         f"{result['threads']} torch threads on {result['cpu']} ({result['cpus']} CPUs). "
         f"`seconds`: the operation alone; `process`: with interpreter start and imports; "
         f"peak RSS of the whole process (the import baseline is {s['import']['peak_rss_mb']:.0f} MB); "
@@ -173,7 +177,9 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--out", type=Path, default=OUT, help="where foundation.json / foundation.md go")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed per step")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per step (fresh process each; the fastest is reported) except build and dense")
     ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="torch threads per step (default: min(2, CPUs))")
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense export (its file is ~23 GB in fp32 at full size)")
     ap.add_argument("--step", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
@@ -186,8 +192,16 @@ def main(argv=None) -> int:
     steps: dict[str, dict] = {}
     try:
         for step, label in STEPS:
+            if a.no_dense and step == "expand_dense":
+                continue
             print(f"… {label}", file=sys.stderr, flush=True)
-            steps[step] = child(step, work, a.layers, a.dense_dtype, a.threads, a.timeout)
+            runs = [child(step, work, a.layers, a.dense_dtype, a.threads, a.timeout)
+                    for _ in range(1 if step in ONCE else a.repeat)]
+            best = min(runs, key=lambda r: r["seconds"])  # the least disturbed run
+            best["runs_s"] = [r["seconds"] for r in runs]
+            best["process_runs_s"] = [r["process_s"] for r in runs]
+            best["process_s"] = min(r["process_s"] for r in runs)
+            steps[step] = best
             if step == "expand_dense":
                 (work / "dense.safetensors").unlink(missing_ok=True)  # up to 23 GB at full size
     finally:
@@ -201,13 +215,16 @@ def main(argv=None) -> int:
         {"name": "compress --to svd --budget 0.25 (s)", "measured": steps["compress_svd"]["seconds"], "limit": TARGET_COMPRESS_S},
         {"name": "expand --to peft (svd) / load+save of its tensors", "measured": steps["expand_peft"]["seconds"] / steps["ref_expanded"]["seconds"], "limit": TARGET_PEFT_RATIO},
         {"name": "expand --to peft (lora) / load+save of the source", "measured": steps["expand_peft_lora"]["seconds"] / steps["ref_source"]["seconds"], "limit": TARGET_PEFT_RATIO},
-        {"name": "expand --to dense peak RSS (MB)", "measured": steps["expand_dense"]["peak_rss_mb"], "limit": TARGET_DENSE_RSS_MB},
+        {"name": "expand --to peft (svd) / load+save, whole processes (with imports)", "measured": steps["expand_peft"]["process_s"] / steps["ref_expanded"]["process_s"], "limit": TARGET_PEFT_RATIO},
+        {"name": "expand --to peft (lora) / load+save, whole processes (with imports)", "measured": steps["expand_peft_lora"]["process_s"] / steps["ref_source"]["process_s"], "limit": TARGET_PEFT_RATIO},
     ]
+    if "expand_dense" in steps:
+        targets.append({"name": "expand --to dense peak RSS (MB)", "measured": steps["expand_dense"]["peak_rss_mb"], "limit": TARGET_DENSE_RSS_MB})
     for t in targets:
         t["ok"] = t["measured"] <= t["limit"]
     result = {
         "benchmark": "foundation", "layers": a.layers, "rank": 16, "modules": a.layers * len(module_shapes()),
-        "source_bytes": steps["build"]["bytes"], "dense_dtype": a.dense_dtype,
+        "source_bytes": steps["build"]["bytes"], "dense_dtype": a.dense_dtype, "repeat": a.repeat,
         "threads": a.threads, "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(), "torch": torch.__version__, "adaptzip_version": steps["import"]["adaptzip_version"],
         "steps": steps, "targets": targets,

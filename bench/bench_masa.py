@@ -47,10 +47,10 @@ def _peak_rss_mb() -> float:
 
 
 # ----------------------------------------------------------------------------- child side
-def run_case(case: str, work: Path, layers: int) -> dict:
+def run_case(case: str, work: Path, layers: int, threads: int) -> dict:
     """Run one case in this process (called in a child)."""
     import torch
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(threads)
     import adaptzip
     from adaptzip import api
     from adaptzip.forms import FitContext, get_form, make_config
@@ -65,28 +65,30 @@ def run_case(case: str, work: Path, layers: int) -> dict:
                 "modules": len(adaptzip.load_adapter(src).modules)}
     _, options, budget = CASES[case]
     rss_before = _peak_rss_mb()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = api.compress(src, work / f"masa_{case}.safetensors", to="masa", budget=budget, options=options, seed=0, force=True)
-    compress_s = time.perf_counter() - t0
+    compress_s, compress_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     peak = _peak_rss_mb()
     # the fit alone, with the configuration compress settled on
     ad = adaptzip.load_adapter(src)
     cls = get_form("masa")
     cfg = make_config(cls, res["config"])
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     cls.fit(ad, cfg, FitContext(seed=0))
-    fit_s = time.perf_counter() - t1
+    fit_s, fit_cpu_s = time.perf_counter() - t1, time.process_time() - c1
     keep = ("bytes", "source_bytes", "ratio", "stored_params", "rel_error", "worst_module_rel_error", "worst_module",
             "svd_baseline_rel_error", "svd_baseline_bytes", "groups", "experts", "expert_params", "b_params",
             "redundant_expert_params", "redundant_expert_share", "budget_choice", "config")
     out = {k: res[k] for k in keep if k in res}
-    out.update(fit_s=fit_s, compress_s=compress_s, peak_rss_mb=peak, rss_before_mb=rss_before)
+    out.update(fit_s=fit_s, fit_cpu_s=fit_cpu_s, compress_s=compress_s, compress_cpu_s=compress_cpu_s,
+               peak_rss_mb=peak, rss_before_mb=rss_before, loadavg_1min=os.getloadavg()[0])
     return out
 
 
 # ----------------------------------------------------------------------------- parent side
-def child(case: str, work: Path, layers: int, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--work", str(work), "--layers", str(layers)]
+def child(case: str, work: Path, layers: int, threads: int, timeout: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--work", str(work), "--layers", str(layers),
+           "--threads", str(threads)]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
@@ -96,7 +98,7 @@ def child(case: str, work: Path, layers: int, timeout: float) -> dict:
     return res
 
 
-COLUMNS = ("case", "rank", "S", "N", "fit s", "compress s", "peak RSS MB", "MB", "ratio", "rel. error",
+COLUMNS = ("case", "rank", "S", "N", "fit s", "fit CPU s", "compress s", "peak RSS MB", "MB", "ratio", "rel. error",
            "svd same bytes", "error / svd", "redundant experts")
 
 
@@ -105,7 +107,7 @@ def rows(result: dict) -> list[list[str]]:
     for case, r in result["cases"].items():
         c = r["config"]
         base = r.get("svd_baseline_rel_error")
-        out.append([CASES[case][0], str(c["rank"]), str(c["group"]), str(c["experts"]), f"{r['fit_s']:.2f}",
+        out.append([CASES[case][0], str(c["rank"]), str(c["group"]), str(c["experts"]), f"{r['fit_s']:.2f}", f"{r['fit_cpu_s']:.2f}",
                     f"{r['compress_s']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['bytes'] / 1e6:.2f}", f"{r['ratio']:.4f}",
                     f"{r['rel_error']:.4f}", "" if base is None else f"{base:.4f}",
                     "" if not base else f"{r['rel_error'] / base:.2f}×", f"{100 * r['redundant_expert_share']:.1f}% of payload"])
@@ -115,8 +117,10 @@ def rows(result: dict) -> list[list[str]]:
 def markdown(result: dict) -> str:
     lines = [
         f"MASA on the Llama-7B-shaped LoRA: {result['layers']} layers, r=16, fp16, {result['modules']} modules, "
-        f"{result['source_bytes'] / 1e6:.1f} MB; {result['threads']} torch threads on {result['cpu']} ({result['cpus']} CPUs), "
-        f"torch {result['torch']}. Weight-space errors (no calibration); `svd same bytes` is the per-module SVD with global "
+        f"{result['source_bytes'] / 1e6:.1f} MB; {result['threads']} torch thread(s) on {result['cpu']} ({result['cpus']} CPUs, "
+        f"1-min load average {result['loadavg_start']:.1f} at the start, {result['loadavg_end']:.1f} at the end), "
+        f"torch {result['torch']}. `fit s`: wall time of `MasaForm.fit`; `fit CPU s`: its process CPU time (robust to a "
+        f"busy machine); `compress s`: the whole `adaptzip.compress` incl. evaluation and the svd baseline. Weight-space errors (no calibration); `svd same bytes` is the per-module SVD with global "
         f"rank allocation whose container has the same size. `redundant experts`: the share of the stored floats that "
         f"N > 1 adds without changing ΔŴ.",
         "",
@@ -149,11 +153,14 @@ def main(argv=None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--out", type=Path, default=OUT, help="where masa.json / masa.md go")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed per case")
+    ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)),
+                    help="torch threads per case (default 2; use 1 on a machine shared with other jobs: OpenMP threads that "
+                         "must wait for a busy core slow down many-fold)")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
     if a.case:  # child mode
-        print(json.dumps(run_case(a.case, a.work, a.layers)))
+        print(json.dumps(run_case(a.case, a.work, a.layers, a.threads)))
         return 0
 
     cases = [c for c in a.cases.split(",") if c]
@@ -163,14 +170,15 @@ def main(argv=None) -> int:
     work = a.work or Path(tempfile.mkdtemp(prefix="adaptzip-bench-masa-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
+    load_start = os.getloadavg()[0]
     try:
         if not (work / "adapter" / "adapter_model.safetensors").exists():
             print("… build the synthetic adapter", file=sys.stderr, flush=True)
-            child("build", work, a.layers, a.timeout)
+            child("build", work, a.layers, a.threads, a.timeout)
         build = {"bytes": (work / "adapter" / "adapter_model.safetensors").stat().st_size}
         for case in cases:
             print(f"… masa {CASES[case][0]}", file=sys.stderr, flush=True)
-            results[case] = child(case, work, a.layers, a.timeout)
+            results[case] = child(case, work, a.layers, a.threads, a.timeout)
     finally:
         if a.work is None and not a.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -183,7 +191,8 @@ def main(argv=None) -> int:
         t["ok"] = t["measured"] <= t["limit"]
     result = {
         "benchmark": "masa", "layers": a.layers, "rank": 16, "modules": a.layers * len(module_shapes()),
-        "source_bytes": build["bytes"], "threads": max(1, min(2, os.cpu_count() or 1)), "cpus": os.cpu_count(),
+        "source_bytes": build["bytes"], "threads": a.threads, "cpus": os.cpu_count(),
+        "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
         "cpu": platform.processor() or platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
         "cases": results, "targets": targets,
     }

@@ -20,6 +20,15 @@ from adaptzip.forms.bslora import KroneckerExtension, layer_groups, make_layout
 from clihelp import run_cli, run_json
 
 FORMS = ("bslora-ss", "bslora-gt", "bslora-ke")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These matrices are tiny: a second thread only adds contention on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 FAST = {"bslora-ss": {"steps": 20}, "bslora-ke": {"steps": 20}, "bslora-gt": {}}  # keep the suite quick
 
 
@@ -118,7 +127,7 @@ def test_gt_is_the_svd_of_rank_L_plus_levels(mixed):
     for i, (m, t) in enumerate(zip(ad.modules, fit.targets(ad, ctx))):
         k = 2 + (m.layer is not None) + 1
         best = linalg.factored_svd(t.B, t.A).S.double()[k:].pow(2).sum()
-        err = linalg.sq_error(t.B.double(), t.A.double(), *(x.double() for x in form.factors(i)))
+        err = linalg.sq_error(t.B.double(), t.A.double(), *(x.detach().double() for x in form.factors(i)))
         assert abs(float(err) - float(best)) <= 1e-6 * t.norm2, m.name
         for lv in form.layout.levels_of(i):  # each gated part is rank 1
             TB, TA = (x.detach() for x in form.level_factors(lv, i))
@@ -136,6 +145,19 @@ def test_more_rank_never_fits_worse(mixed, name):
     assert errs[-1] < errs[0] * 0.8
     # the shared parts earn something over the local-only SVD of the same L
     assert errs[2] < _svd_error(ad, 1) * 0.995
+
+
+def test_ke_fits_dims_that_s_does_not_divide(mixed):
+    """s = 16 against dims 24, 40, 56, 72 (1.5, 2.5, 3.5, 4.5 blocks): kernels of ⌈dim/s⌉, cropped,
+    and the fit still beats the local-only optimum of the same L."""
+    ad = adaptzip.load_adapter(mixed)
+    form, rep = _fit(ad, "bslora-ke", ranks=(1, 2, 4), shared_size=16, steps=30)
+    assert form.state_info["shared_size"] == 16 and "shared_size_clamped_from" not in form.fit_info
+    for i, m in enumerate(ad.modules):
+        k = form._pos["inter"][i]
+        assert tuple(form.per_module["inter"]["A"][k].shape) == (1, math.ceil(m.in_features / 16))
+        assert tuple(form.per_module["inter"]["B"][k].shape) == (math.ceil(m.out_features / 16), 1)
+    assert rep.rel_error < _svd_error(ad, 1) * 0.995
 
 
 def test_gt_more_rank_never_fits_worse(mixed):
@@ -234,9 +256,16 @@ def test_factors_are_differentiable(mixed):
     for name in FORMS:
         cls = get_form(name)
         form, _, _ = _random_form(cls, ad.modules, make_config(cls, {"ranks": (1, 2, 2), **({"shared_size": 16} if name != "bslora-ss" else {})}))
-        B, A = form.factors(0)
+        i = next(i for i, m in enumerate(ad.modules) if m.layer is not None)
+        B, A = form.factors(i)
         (B @ A).pow(2).sum().backward()
-        assert all(p.grad is not None for p in form.shared_B.parameters())
+        lay = form.layout
+        assert form.local_B[i].grad is not None and form.local_A[i].grad is not None
+        assert form.shared_B["intra"][lay.slot_of["intra"][i]].grad is not None
+        assert form.shared_A["inter"][0].grad is not None
+        if name != "bslora-ss":
+            k = form._pos["inter"][i]
+            assert all(form.per_module["inter"][p][k].grad is not None for p in form.module_params)
 
 
 # ----------------------------------------------------------------------------- container round trip

@@ -65,7 +65,7 @@ LEVELS = ("intra", "inter")  # order of the shared parts in factors(i), after th
 FIT_ORDER = ("inter", "intra")  # order in which the initialisation fits them
 # Adam refinement: a deterministic work bound (flop estimate) so a Llama-7B-shaped fit stays near a
 # minute on 2 CPU cores; small adapters get the full step count.
-REFINE_WORK = 4e11
+REFINE_WORK = 2.5e11
 REFINE_MAX_STEPS = 300
 
 _RANKS_HELP = ("ranks L,I,G: local rank per module, intra-layer shared rank (one pair per layer), "
@@ -444,8 +444,8 @@ class _Fitted(_BSLoRA):
         for i in members:
             TB, TA = cls.transform(Bs, As, pms.get(i, {}), mods[i])
             P, Q = res[i]
-            num += float(linalg.inner(P.double(), Q.double(), TB.double(), TA.double(), None if sigmas[i] is None else sigmas[i].double()))
-            den += float(linalg.sq_norm(TB.double(), TA.double(), None if sigmas[i] is None else sigmas[i].double()))
+            num += float(linalg.inner(P, Q, TB, TA, sigmas[i]))
+            den += float(linalg.sq_norm(TB, TA, sigmas[i]))
         alpha = num / den if den > 0 else 0.0
         f = math.sqrt(abs(alpha))
         return Bs * (f if alpha >= 0 else -f), As * f, -(num * num / den if den > 0 else 0.0)
@@ -518,7 +518,8 @@ class _Fitted(_BSLoRA):
         history = [init_loss]
         if steps > 0:
             history = fitter.refine(form, adapter, ctx, solve=lambda: form.solve_local(targets, Ls), lr=3e-2,
-                                    max_steps=steps, round_steps=25, tol=1e-3, label=f"{cls.name} refine")
+                                    max_steps=steps, round_steps=max(5, min(25, steps // 3)), tol=1e-3,
+                                    label=f"{cls.name} refine")
         form.fit_info = {"init": order, "init_rel_error": math.sqrt(max(init_loss, 0.0)),
                          "refine_rounds": len(history) - 1, "refine_max_steps": steps,
                          "refine_rel_error": math.sqrt(max(min(history), 0.0)), "weighted": ctx.stats is not None}
@@ -651,11 +652,16 @@ class KroneckerExtension(_Fitted):
         U = torch.einsum("isk,sr->ikr", Pb, Bs)  # P_iᵀ B_s: n_out×k×r
         V = torch.einsum("kjs,rs->jkr", Qb, As)  # Q_j A_sᵀ: n_in×k×r
         C = torch.einsum("ikr,jkr->ij", U, V).double()  # ⟨R^(ij), M^(ij)⟩
-        hs = [s] * (Pb.shape[0] - 1) + [m.out_features - s * (Pb.shape[0] - 1)]  # block heights (last cropped)
-        ws = [s] * (Qb.shape[1] - 1) + [m.in_features - s * (Qb.shape[1] - 1)]
-        gB = {h: (Bs[:h].T @ Bs[:h]).double() for h in set(hs)}
-        gA = {w: (As[:, :w] @ As[:, :w].T).double() for w in set(ws)}
-        Nn = torch.tensor([[float((gB[h] * gA[w]).sum()) for w in ws] for h in hs], dtype=torch.float64)  # ‖M^(ij)‖²
+        no, ni = Pb.shape[0], Qb.shape[1]
+        hv = (s, m.out_features - s * (no - 1))  # block heights: full, last (cropped)
+        wv = (s, m.in_features - s * (ni - 1))
+        tab = torch.tensor([[float(((Bs[:h].T @ Bs[:h]).double() * (As[:, :w] @ As[:, :w].T).double()).sum()) for w in wv]
+                            for h in hv], dtype=torch.float64)  # ‖M[:h, :w]‖²
+        hi = torch.zeros(no, dtype=torch.long)
+        hi[-1] = 1
+        wi = torch.zeros(ni, dtype=torch.long)
+        wi[-1] = 1
+        Nn = tab[hi][:, wi]  # ‖M^(ij)‖², n_out×n_in
         a, b = a.double(), b.double()
         for _ in range(cls.ALS_STEPS):
             den = Nn @ (b * b)

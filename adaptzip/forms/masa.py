@@ -13,11 +13,11 @@ A module without a layer index is a group of its own. Group k stores N experts A
 Fit (closed form, no dense ΔW). For a group the best shared row space of rank r is the top-r right
 singular subspace of the vertically stacked updates [ΔW_1; …; ΔW_S] (Eckart–Young on the stack:
 with A's rows orthonormal, B_ℓ = ΔW_ℓ Aᵀ and the stack's residual is what the truncation drops).
-It is computed from the factors: ΔW_ℓ = B_ℓ A_ℓ = Q_ℓ (R_ℓ A_ℓ) with Q_ℓ orthonormal, so the
-stack has the right singular vectors of C = [R_1 A_1; …; R_S A_S] ((Σ r_ℓ)×in), found by a QR of
-Cᵀ and the SVD of a small (Σ r_ℓ)² core. Then each B_ℓ = argmin ‖ΔW_ℓ − B A_sum‖ by least squares
-(``linalg.lstsq_B``), which with orthonormal rows is exactly ΔW_ℓ A_sumᵀ: the whole fit is the
-global optimum of Σ_ℓ ‖ΔW_ℓ − B_ℓ A_sum‖² over the group.
+It is computed from the factors: with F_ℓ the r×r root of B_ℓᵀB_ℓ (‖B_ℓ x‖ = ‖F_ℓ x‖), the
+stack has the right singular vectors and values of C = [F_1 A_1; …; F_S A_S] ((Σ r_ℓ)×in), found
+by a QR of Cᵀ and the SVD of a small (Σ r_ℓ)² core. Then each B_ℓ = argmin_B ‖ΔW_ℓ − B A_sum‖
+by least squares (``linalg.lstsq_B``; = ΔW_ℓ Aᵀ if A's rows were orthonormal): the whole fit is
+the global optimum of Σ_ℓ ‖ΔW_ℓ − B_ℓ A_sum‖² over the group.
 
 Σ-weighted fit (calibration statistics). Layers of a group have different input statistics Σ_ℓ,
 and no closed form exists for Σ_ℓ ‖(ΔW_ℓ − B_ℓ A) L_ℓ‖² in general. We write Σ_ℓ = c_ℓ Σ̂_ℓ with
@@ -134,13 +134,20 @@ def _check_state(modules: Sequence[ModuleInfo], state: dict) -> tuple[list[list[
 
 
 # ----------------------------------------------------------------------------- fit
+def _gram_root(B: Tensor) -> Tensor:
+    """F (r×r) with Fᵀ F = Bᵀ B, so ‖F x‖ = ‖B x‖ for every x: the symmetric root of the r×r
+    Gram matrix (eigh; exact for rank-deficient B). Replaces a QR of the tall B (out×r) by one
+    GEMM; directions of B below √eps·‖B‖ carry < eps of the energy."""
+    lam, U = torch.linalg.eigh(B.T @ B)
+    return lam.clamp_min(0).sqrt()[:, None] * U.T
+
+
 def _stack_core(facs: list[tuple[Tensor, Tensor]], weights: list[float], L: Tensor | None) -> Tensor:
-    """C = [√c_ℓ R_ℓ A_ℓ (L)] stacked ((Σ r_ℓ)×in, fp64): same right singular vectors and values as
-    the stacked [√c_ℓ ΔW_ℓ (L)], since ΔW_ℓ = Q_ℓ R_ℓ A_ℓ with Q_ℓ orthonormal columns."""
+    """From fp64 factors (B_ℓ, A_ℓ): C = [√c_ℓ F_ℓ A_ℓ (L)] stacked ((Σ r_ℓ)×in, fp64), F_ℓᵀF_ℓ = B_ℓᵀB_ℓ: Cᵀ C equals the Gram
+    matrix of the stacked [√c_ℓ ΔW_ℓ (L)], so both have the same right singular vectors and values."""
     rows = []
     for (B, A), c in zip(facs, weights):
-        R = torch.linalg.qr(B.double(), mode="r")[1]  # min(out,r)×r
-        RA = R @ A.double()  # min(out,r)×in
+        RA = _gram_root(B) @ A  # r×in
         if L is not None:
             RA = RA @ L
         rows.append(RA * c ** 0.5)
@@ -229,7 +236,7 @@ class MasaForm(Form):
         Bs: list[Tensor | None] = [None] * len(mods)
         with torch.no_grad(), progress_bar(ctx.progress, "masa", len(groups)) as bar:
             for g, r in zip(groups, ranks):
-                facs = [adapter.factors(mods[i]) for i in g]  # (scale·B, A) fp32
+                facs = [adapter.factors(mods[i], torch.float64) for i in g]  # (scale·B, A)
                 sigmas = [ctx.sigma(mods[i]) for i in g]
                 cs, L = _group_sigma(sigmas, mods[g[0]].in_features)
                 Vh, s = _top_right_subspace(_stack_core(facs, cs, L), r)  # r×in (in L̄ coordinates when weighted)
@@ -240,7 +247,7 @@ class MasaForm(Form):
                 d = (s_r.clamp_min(floor) / len(g) ** 0.5).sqrt()  # gauge: A rows ~ per-layer B columns
                 A_sum = d[:, None] * Vh  # r×in
                 for i, (B, A), S in zip(g, facs, sigmas):
-                    Bs[i] = linalg.lstsq_B(B.double(), A.double(), A_sum, None if S is None else S.double()).float()
+                    Bs[i] = linalg.lstsq_B(B, A, A_sum, None if S is None else S.double()).float()
                 experts.append(split_experts(A_sum.float(), config.experts, gen))
                 bar()
         form = cls(mods, config, groups, ranks, experts, Bs)  # type: ignore[arg-type]

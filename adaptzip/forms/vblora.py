@@ -32,6 +32,7 @@ to fp16 and polish the bank. ``fit_info`` records the init, soft and final hard 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -40,7 +41,9 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+from .. import fit as fitter
 from ..adapter import Adapter, ModuleInfo
 from ..errors import ContainerError, OptionError
 from . import svd as svd_form
@@ -326,6 +329,10 @@ class VbloraForm(Form):
                 if h >= lo:
                     best = h
             if best is not None:
+                ctx.cache[("vblora", "budget", id(adapter))] = {
+                    "bank": int(best), "rank": r, "vector_len": b, "topk": k,
+                    "payload_bytes": stored_bytes(n, int(best), b, k, float_bytes), "budget_payload_bytes": int(budget_bytes),
+                    "next_bank_payload_bytes": stored_bytes(n, int(best) + 1, b, k, float_bytes) if best < MAX_BANK else None}
                 return dataclasses.replace(config, bank=int(best), rank=r)
         need = stored_bytes(n_subvectors(adapter.modules, 1, b), max(2, k), b, k, float_bytes)
         raise OptionError(adapter.path, f"vblora: a payload of {budget_bytes} bytes is too small: rank 1 with a bank of "
@@ -333,7 +340,14 @@ class VbloraForm(Form):
 
     @classmethod
     def fit(cls, adapter: Adapter, config: VbloraConfig, ctx: FitContext) -> "VbloraForm":
-        from .. import fit as fitter  # the shared objective and optimiser (fit imports forms.base, not us)
+        """Balanced sub-vectors → k-means + convex-code alternation (``init='kmeans'``) or PEFT's
+        random start → Adam on bank + logits (soft) → freeze top-k → Adam on bank + weights →
+        fp16 weights → bank polish. Runs on one thread (see :func:`_one_thread`)."""
+        with _one_thread():
+            return cls._fit(adapter, config, ctx)
+
+    @classmethod
+    def _fit(cls, adapter: Adapter, config: VbloraConfig, ctx: FitContext) -> "VbloraForm":
 
         t0 = time.perf_counter()
         modules = adapter.modules
@@ -346,9 +360,9 @@ class VbloraForm(Form):
             X = torch.cat([x for p in parts for x in (p[0], p[2])])  # (N, b)
             wts = torch.cat([w for p in parts for w in (p[1], p[3])])  # (N,)
             if config.init == "kmeans":
-                bank, logits_flat = _kmeans_start(X, wts, h, k, gen)
+                bank, logits_flat, init_info = _kmeans_start(X, wts, h, k, gen)
             else:
-                bank, logits_flat = _random_start(X, h, gen)
+                (bank, logits_flat), init_info = _random_start(X, h, gen), {}
         logits, off = [], 0
         for m, (xa, _, xb, _) in zip(modules, parts):
             na, nb = xa.shape[0], xb.shape[0]
@@ -358,26 +372,107 @@ class VbloraForm(Form):
         del parts, X, wts, logits_flat
         form = cls(modules, config, r, bank, logits=logits)
         del logits
-        info: dict = {"init": config.init, "rank": r}
-        info["init_rel_error"] = fitter.evaluate(form, adapter, ctx).rel_error
-        hist = fitter.optimise(form, adapter, ctx, lr=config.lr, max_steps=config.steps, label="vblora soft")
+        info: dict = {"init": config.init, "rank": r, **init_info}
+        tg = fitter.targets(adapter, ctx)
+        batched = None if any(t.Sigma is not None for t in tg) else _Batched(form, tg)
+
+        def rel() -> float:
+            if batched is None:
+                return fitter.evaluate(form, adapter, ctx).rel_error
+            with torch.no_grad():
+                return math.sqrt(max(float(batched()), 0.0))
+
+        info["init_rel_error"] = rel()
+        hist = fitter.optimise(form, adapter, ctx, lr=config.lr, max_steps=config.steps, label="vblora soft", loss_fn=batched)
         info["soft_steps"] = len(hist)
-        info["soft_rel_error"] = fitter.evaluate(form, adapter, ctx).rel_error
+        info["soft_rel_error"] = rel()
         form.freeze()
-        hist = fitter.optimise(form, adapter, ctx, lr=config.lr, max_steps=config.refit_steps, label="vblora hard")
+        hist = fitter.optimise(form, adapter, ctx, lr=config.lr, max_steps=config.refit_steps, label="vblora hard", loss_fn=batched)
         info["hard_steps"] = len(hist)
-        info["hard_unrounded_rel_error"] = fitter.evaluate(form, adapter, ctx).rel_error
         form.finalize()
-        # the fp16 weights are fixed now; a short bank-only polish absorbs their rounding
-        fitter.optimise(form, adapter, ctx, lr=config.lr / 4, max_steps=max(1, config.refit_steps // 5),
-                        params=[form.bank_raw], label="vblora polish")
-        info["hard_rel_error"] = fitter.evaluate(form, adapter, ctx).rel_error
+        info["hard_rel_error"] = rel()
         info["fit_seconds"] = round(time.perf_counter() - t0, 3)
+        note = ctx.cache.get(("vblora", "budget", id(adapter)))
+        if note is not None and (note["bank"], note["rank"]) == (h, r):
+            info["budget_choice"] = note
         form.fit_info = info
         return form
 
 
+class _Batched:
+    """The relative factored objective Σ_m ‖ΔW_m − B̂_m Â_m‖² / Σ_m ‖ΔW_m‖² of a form (no Σ),
+    computed for all modules at once: every sub-vector is mixed by one ``embedding_bag`` over
+    the codes concatenated group by group, and modules of the same (in, out) are stacked so their
+    Gram products are batched matmuls. Same value as ``fit.module_sq_errors`` (up to rounding),
+    a few hundred small ops fewer per step."""
+
+    def __init__(self, form: "VbloraForm", tg: list):
+        self.form = form
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for i, m in enumerate(form.modules_info):
+            by_shape.setdefault((m.in_features, m.out_features), []).append(i)
+        r, b = form.rank, form.b
+        self.groups, self.sizes, n2 = [], [], 0.0
+        for (n_in, n_out), ids in by_shape.items():
+            rt = max(tg[i].A.shape[0] for i in ids)
+            Bt = torch.zeros(len(ids), n_out, rt)
+            At = torch.zeros(len(ids), rt, n_in)
+            for g, i in enumerate(ids):
+                Bt[g, :, :tg[i].B.shape[1]] = tg[i].B
+                At[g, :tg[i].A.shape[0]] = tg[i].A
+            n2 += sum(tg[i].norm2 for i in ids)
+            self.groups.append((ids, n_in, n_out, Bt.transpose(1, 2).contiguous(), At.transpose(1, 2).contiguous()))
+            self.sizes += [len(ids) * r * (n_in // b), len(ids) * (n_out // b) * r]
+        self.n2 = n2
+        self.total = max(n2, 1e-30)
+
+    def _codes(self) -> tuple[Tensor, Tensor]:
+        """(indices, logits) of every sub-vector, (N, k) each, in group order (soft mode: the
+        top-k of each module's logits, taken per module so the (N, h) logits are never copied)."""
+        f, k = self.form, self.form.k
+        idx, val = [], []
+        for ids, *_ in self.groups:
+            for part in (0, 1):
+                for i in ids:
+                    if f.soft:
+                        v, ix = (f.logits_A, f.logits_B)[part][i].topk(k, dim=-1)
+                    else:
+                        ix, v = f.idx(i)[part], (f.wlog_A, f.wlog_B)[part][i]
+                    idx.append(ix.reshape(-1, k))
+                    val.append(v.reshape(-1, k))
+        return torch.cat(idx), torch.cat(val)
+
+    def __call__(self) -> Tensor:
+        f, r, b = self.form, self.form.rank, self.form.b
+        idx, val = self._codes()
+        mixed = F.embedding_bag(idx, f.bank(), per_sample_weights=torch.softmax(val, -1), mode="sum")  # (N, b)
+        pieces = mixed.split(self.sizes)
+        err = mixed.new_tensor(self.n2)
+        for g, (ids, n_in, n_out, BtT, AtT) in enumerate(self.groups):
+            G = len(ids)
+            A = pieces[2 * g].view(G, r, n_in)  # (G, r, n_in/b, b) → (G, r, in)
+            B = pieces[2 * g + 1].view(G, n_out // b, r, b).transpose(2, 3).reshape(G, n_out, r)  # (G, out, r)
+            inner = ((BtT @ B) * (A @ AtT).transpose(1, 2)).sum()  # Σ tr(Btᵀ B̂ · Â Atᵀ)
+            own = ((B.transpose(1, 2) @ B) * (A @ A.transpose(1, 2))).sum()  # Σ ‖B̂ Â‖²
+            err = err - 2 * inner + own
+        return err / self.total
+
+
 # ---------------------------------------------------------------------- helpers
+@contextlib.contextmanager
+def _one_thread():
+    """Run the fit on one intra-op thread, restoring the caller's setting. Its many small tensor
+    ops gain nothing from a second thread (and on a shared, loaded machine each parallel op can
+    wait milliseconds for a descheduled worker); and a fixed thread count makes the reductions, so
+    the container bytes, independent of the caller's setting."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def _grid_weights(w_head: Tensor) -> Tensor:
     """The k stored weights from the k−1 smallest: rounded to fp16 (≥ 2⁻²⁴) and read back in fp32,
     the largest = 1 − their sum. w_head (..., k−1) → (..., k) fp32."""
@@ -435,27 +530,137 @@ def _gain_shape_kmeans(X: Tensor, w: Tensor, M: int, gen: torch.Generator, iters
 
 
 def _kmeans_start(X: Tensor, w: Tensor, h: int, k: int, gen: torch.Generator,
-                  margin: float = 2.0, tau: float = 1.0) -> tuple[Tensor, Tensor]:
-    """Bank (h×b) = [g_m d_m; −g_m d_m] (+ zero rows when h is odd or exceeds 2N) from the
-    gain-shape k-means, g_m the largest |t| of cluster m; logits (N×h): the pair (m, m+M) at
-    log((1 ± t/g)/2), every other entry (margin − tau·cos(x, bank_j)) below the pair's smaller
-    logit, so the next candidates are the best-aligned bank vectors."""
+                  iters: int = 12, tol: float = 1e-3, sample: int = 16384) -> tuple[Tensor, Tensor, dict]:
+    """Bank (h×b) and logits (N×h) from the balanced sub-vectors X (N×b) with weights w (N,).
+
+    1. Gain-shape k-means: bank = [g_m d_m; −g_m d_m] (zero rows when h is odd or > 2N), g_m the
+       largest |t| of cluster m, so every sub-vector is on the segment between a ± pair.
+    2. Alternate (the weighted sub-vector objective Σ w‖x − Σ_s w_s bank[i_s]‖² never rises):
+       best convex code per sub-vector (:func:`_convex_codes`: any segment between two bank
+       vectors for k ≥ 2), then the bank by weighted least squares (:func:`_bank_lstsq`); stop
+       when the relative improvement falls below ``tol``.
+    Both run on a seeded random subset of ``sample`` rows when N is larger (the h×b bank is
+    well determined by it); then every row is coded once and the bank solved once on all rows.
+    Returns bank, logits (:func:`_logits_from_codes`) and the sub-vector errors reached."""
     N, b = X.shape
-    D, a, t = _gain_shape_kmeans(X, w, h // 2, gen)
+    Xs, ws = X, w
+    if N > sample:
+        pick = torch.randperm(N, generator=gen)[:sample].sort().values
+        Xs, ws = X[pick], w[pick]
+    D, a, t = _gain_shape_kmeans(Xs, ws, h // 2, gen)
     M = D.shape[0]
     g = torch.zeros(M).scatter_reduce_(0, a, t.abs(), reduce="amax", include_self=True)
     bank = torch.zeros(h, b)
     bank[:M] = g[:, None] * D
     bank[M:2 * M] = -g[:, None] * D
     ratio = torch.where(g[a] > 0, t / g[a].clamp_min(1e-30), torch.zeros_like(t)).clamp(-1, 1)
-    wp = ((1 + ratio) / 2).clamp(1e-6, 1.0)
-    wn = ((1 - ratio) / 2).clamp(1e-6, 1.0)
-    lp, ln = wp.log(), wn.log()
+    idx = torch.stack([a, a + M], 1)
+    wt = torch.stack([(1 + ratio) / 2, (1 - ratio) / 2], 1)
+    if k == 1:
+        idx, wt = torch.where(t >= 0, a, a + M)[:, None], torch.ones(len(a), 1)
+    total = max(float((ws * Xs.pow(2).sum(1)).sum()), 1e-30)
+    err = _code_error(Xs, ws, bank, idx, wt) / total
+    info = {"kmeans_rel_error": math.sqrt(err)}
+    it = 0
+    for it in range(1, iters + 1):
+        idx, wt = _convex_codes(Xs, bank, k, idx, wt)
+        bank = _bank_lstsq(Xs, ws, idx, wt, bank)
+        new = _code_error(Xs, ws, bank, idx, wt) / total
+        done = new > err * (1 - tol)
+        err = min(err, new)
+        if done:
+            break
+    if Xs is not X:
+        idx, wt = _convex_codes(X, bank, k)
+        bank = _bank_lstsq(X, w, idx, wt, bank)
+        err = _code_error(X, w, bank, idx, wt) / max(float((w * X.pow(2).sum(1)).sum()), 1e-30)
+    info.update(alternations=it, subvector_rel_error=math.sqrt(err))
+    return bank, _logits_from_codes(X, bank, idx, wt, k), info
+
+
+def _code_error(X: Tensor, w: Tensor, bank: Tensor, idx: Tensor, wt: Tensor) -> float:
+    """Σ_n w_n ‖x_n − Σ_s wt[n,s] bank[idx[n,s]]‖²."""
+    err = 0.0
+    for s in range(0, X.shape[0], _CHUNK):
+        R = X[s:s + _CHUNK] - (wt[s:s + _CHUNK, :, None] * bank[idx[s:s + _CHUNK]]).sum(1)
+        err += float((w[s:s + _CHUNK] * R.pow(2).sum(1)).double().sum())
+    return err
+
+
+_CHUNK = 2048  # rows per block in the code search (memory: CHUNK × anchors × h floats per temporary)
+
+
+def _convex_codes(X: Tensor, bank: Tensor, k: int, idx: Tensor | None = None, wt: Tensor | None = None,
+                  anchors: int = 4) -> tuple[Tensor, Tensor]:
+    """The best convex code of every row of X (N×b) from the bank (h×b).
+
+    k = 1: the nearest bank vector. k ≥ 2: the best point on any segment w·v_i + (1−w)·v_j,
+    searched exactly over every partner j for the ``anchors`` bank vectors i of largest ⟨x, v_i⟩
+    (one end of a good segment must have ⟨x, v⟩ ≳ ‖x‖²), from the Gram matrix in O(anchors·h)
+    per row. A row keeps its current code (``idx``, ``wt``, (N×k'), if given) unless the new one
+    is better.
+    Returns idx (N×k') long, wt (N×k') with k' = min(k, 2), rows summing to 1."""
+    h = bank.shape[0]
+    G = bank @ bank.T
+    d = G.diagonal()
+    out_i, out_w = [], []
+    for s in range(0, X.shape[0], _CHUNK):
+        Xc = X[s:s + _CHUNK]
+        n = Xc.shape[0]
+        P = Xc @ bank.T  # (n, h): ⟨x, v_j⟩
+        xx = Xc.pow(2).sum(1)
+        if k == 1:
+            e = xx[:, None] - 2 * P + d
+            best = e.argmin(1)
+            cand_i, cand_w, cand_e = best[:, None], torch.ones(n, 1), e.gather(1, best[:, None]).squeeze(1)
+        else:
+            anc = P.topk(min(anchors, h), dim=1).indices  # (n, c)
+            Gij = G[anc]  # (n, c, h)
+            num = P.gather(1, anc)[:, :, None] - P[:, None, :] - Gij + d  # ⟨x − v_j, v_i − v_j⟩
+            den = (d[anc][:, :, None] - 2 * Gij + d).clamp_min(1e-30)  # ‖v_i − v_j‖²
+            wa = (num / den).clamp(0, 1)  # weight on the anchor i
+            e = xx[:, None, None] - 2 * P[:, None, :] + d - 2 * wa * num + wa * wa * den  # ‖x − v_j − wa(v_i − v_j)‖²
+            e.scatter_(2, anc[:, :, None], float("inf"))  # j ≠ i
+            best = e.reshape(n, -1).argmin(1)
+            ai = anc.gather(1, (best // h)[:, None]).squeeze(1)
+            wb = wa.reshape(n, -1).gather(1, best[:, None]).squeeze(1)
+            cand_i, cand_w = torch.stack([ai, best % h], 1), torch.stack([wb, 1 - wb], 1)
+            cand_e = e.reshape(n, -1).gather(1, best[:, None]).squeeze(1)
+        if idx is not None and wt is not None:
+            ic, wc = idx[s:s + _CHUNK], wt[s:s + _CHUNK]
+            keep = ((Xc - (wc[:, :, None] * bank[ic]).sum(1)).pow(2).sum(1) <= cand_e)[:, None]
+            cand_i, cand_w = torch.where(keep, ic, cand_i), torch.where(keep, wc, cand_w)
+        out_i.append(cand_i)
+        out_w.append(cand_w)
+    return torch.cat(out_i), torch.cat(out_w)
+
+
+def _bank_lstsq(X: Tensor, w: Tensor, idx: Tensor, wt: Tensor, bank: Tensor, ridge: float = 1e-6) -> Tensor:
+    """argmin_V Σ_n w_n ‖x_n − Σ_s wt[n,s] V[idx[n,s]]‖² + λ‖V − bank‖² (normal equations, h×h;
+    the small proximal term keeps unused bank vectors where they are)."""
+    h, b = bank.shape
+    H = torch.zeros(h * h, dtype=torch.float64)
+    R = torch.zeros(h, b, dtype=torch.float64)
+    for s in range(idx.shape[1]):
+        R.index_add_(0, idx[:, s], ((w * wt[:, s])[:, None] * X).double())
+        for u in range(idx.shape[1]):
+            H.index_add_(0, idx[:, s] * h + idx[:, u], (w * wt[:, s] * wt[:, u]).double())
+    H = H.view(h, h)
+    lam = ridge * max(float(H.diagonal().mean()), 1e-30)
+    eye = torch.eye(h, dtype=torch.float64)
+    return torch.linalg.solve(H + lam * eye, R + lam * bank.double()).float()
+
+
+def _logits_from_codes(X: Tensor, bank: Tensor, idx: Tensor, wt: Tensor, k: int,
+                       margin: float = 4.0, tau: float = 1.0) -> Tensor:
+    """Soft-mode logits (N×h) whose top-k softmax reproduces the codes: the coded entries at
+    log w (w ≥ 1e-6), every other entry (margin − tau·cos(x, bank_j)) below the row's smallest
+    coded logit, so the next candidates (extra slots when k > 2, or a switch while training)
+    are the best-aligned bank vectors."""
+    lw = wt.clamp_min(1e-6).log()
     cos = (X @ bank.T) / (X.norm(dim=1, keepdim=True) * bank.norm(dim=1)[None, :]).clamp_min(1e-30)  # (N, h)
-    logits = torch.minimum(lp, ln)[:, None] - margin + tau * cos
-    logits.scatter_(1, a[:, None], lp[:, None])
-    logits.scatter_(1, (a + M)[:, None], ln[:, None])
-    return bank, logits
+    logits = lw.min(1, keepdim=True).values - margin + tau * cos
+    return logits.scatter_(1, idx, lw)
 
 
 def _random_start(X: Tensor, h: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:

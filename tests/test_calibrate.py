@@ -1,0 +1,309 @@
+"""Calibration: text loading, Σ statistics, the form live in the base model, distillation,
+metrics and ``--to auto`` — on tiny real models (no mocks), with a tokenizer trained offline."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from adaptzip import api, load_adapter
+from adaptzip import calibrate as cb
+from adaptzip import distill, fit
+from adaptzip.container import open_container
+from adaptzip.errors import AdaptzipError, BaseModelError, CalibrationError
+from adaptzip.forms import REGISTRY, FitContext, get_form
+from calib_fixtures import base_with_tokenizer, make_text, train_text_lora
+from fixtures import make_base, train_lora
+
+# Options that let a form's defaults fit the tiny test model (hidden 64, MLP 96).
+TINY_OPTIONS = {"vblora": {"vector_len": 32, "bank": 32, "steps": 20, "refit_steps": 20}}
+SEQ = 32
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: one thread is ~100× faster than two on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def env(llama_base, tmp_path_factory):
+    torch.set_num_threads(1)
+    d = tmp_path_factory.mktemp("calib")
+    text = make_text(1200, seed=0)
+    (d / "calib.txt").write_text(text)
+    (d / "eval.txt").write_text(make_text(200, seed=1))
+    base = base_with_tokenizer(llama_base, d / "base", text)
+    lora = train_text_lora(base, d / "lora", text, steps=40)
+    ad = load_adapter(lora)
+    cal = distill.prepare(ad, base, d / "calib.txt", calib_tokens=6000, eval_text=d / "eval.txt", seq_len=SEQ,
+                          batch_size=8, save_stats_to=d / "stats.safetensors")
+    return {"dir": d, "base": base, "lora": lora, "adapter": ad, "cal": cal, "text": text}
+
+
+# ----------------------------------------------------------------------------- text
+def test_text_invalid_utf8_names_byte_and_line(tmp_path):
+    p = tmp_path / "bad.txt"
+    p.write_bytes(b"good line\nsecond \xff\xfe line\n")
+    with pytest.raises(CalibrationError) as e:
+        cb.read_texts(p)
+    assert "invalid UTF-8 at byte 17 (line 2)" in str(e.value) and str(p) in str(e.value)
+
+
+def test_text_empty_lines_skipped_and_only_empty_refused(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("\n\nfirst para\nline two\n\n\n\nsecond para\n   \n")
+    assert cb.read_texts(p) == ["first para\nline two", "second para"]
+    q = tmp_path / "empty.txt"
+    q.write_text("\n \n\t\n")
+    with pytest.raises(CalibrationError, match="no text"):
+        cb.read_texts(q)
+
+
+def test_text_jsonl(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"text": "a b"}\n\n{"text": ""}\n{"text": "c"}\n')
+    assert cb.read_texts(p) == ["a b", "c"]
+    p.write_text('{"text": "a"}\n{"body": "b"}\n')
+    with pytest.raises(CalibrationError, match="line 2: expected an object with a string 'text' field"):
+        cb.read_texts(p)
+
+
+def test_too_few_tokens_is_a_clear_error(env):
+    with pytest.raises(CalibrationError, match=r"has \d+ tokens, fewer than the 10000000 asked"):
+        distill.prepare(env["adapter"], env["base"], env["dir"] / "eval.txt", calib_tokens=10_000_000, seq_len=SEQ)
+
+
+# ----------------------------------------------------------------------------- base model
+def test_base_missing_module_refused_naming_it(env, tmp_path):
+    small = make_base(tmp_path / "two_layers", layers=2)  # the adapter has 3 layers
+    with pytest.raises(BaseModelError, match=r"module model\.layers\.2\.\S+ of the adapter is missing from the base model"):
+        cb.load_base(small, env["adapter"], "cpu")
+
+
+def test_base_wrong_shape_refused_naming_it(env, tmp_path):
+    narrow = make_base(tmp_path / "narrow", inter=80)  # MLP width 80, the adapter's is 96
+    with pytest.raises(BaseModelError) as e:
+        api.compress(env["lora"], tmp_path / "o.safetensors", to="svd", rank=1, base_model=narrow,
+                     calib=env["dir"] / "calib.txt", calib_tokens=2000)
+    assert "module model.layers.0.mlp.down_proj: base weight has shape (64, 80), the adapter needs (64, 96)" in str(e.value)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_base_not_a_model(env, tmp_path):
+    with pytest.raises(BaseModelError, match="no such file or directory"):
+        cb.load_base(tmp_path / "nope", env["adapter"], "cpu")
+    (tmp_path / "x.bin").write_bytes(b"0")
+    with pytest.raises(BaseModelError, match="not a model directory or a .gguf file"):
+        cb.load_base(tmp_path / "x.bin", env["adapter"], "cpu")
+
+
+# ----------------------------------------------------------------------------- Σ statistics
+def test_sigma_is_the_input_second_moment(env):
+    """Σ of q_proj equals E[x xᵀ] of its input recomputed independently; q/k/v share one tensor."""
+    cal, ad = env["cal"], env["adapter"]
+    name = "model.layers.1.self_attn.q_proj"
+    xs = []
+    layer = cal.base.layers[name]
+    h = layer.register_forward_pre_hook(lambda mod, args: xs.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    with torch.no_grad(), cal.modes.teacher():
+        for sl in cal._batches(cal.train):
+            cal._forward(cal.train.ids[sl], None)
+    h.remove()
+    X = torch.cat(xs).double()
+    want = (X.T @ X / X.shape[0]).float()
+    got = cal.stats[name]
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    assert cal.stats["model.layers.1.self_attn.k_proj"] is got  # same input tensor: one accumulator
+    assert cal.stats["model.layers.1.self_attn.o_proj"] is not got
+    assert set(cal.stats) == {m.name for m in ad.modules}
+
+
+def test_stats_round_trip(env):
+    stats, meta = cb.load_stats(env["dir"] / "stats.safetensors", env["adapter"])
+    assert meta["tokens"] == env["cal"].train.tokens
+    for k, v in env["cal"].stats.items():
+        assert torch.equal(stats[k], v)
+    assert stats["model.layers.0.mlp.gate_proj"] is stats["model.layers.0.mlp.up_proj"]  # stored once, shared again
+
+
+def test_stats_for_another_adapter_refused(env, tmp_path):
+    other = train_lora(env["base"], tmp_path / "other", target_modules=["q_proj", "lm_head"])
+    with pytest.raises(CalibrationError, match=r"no statistics for module lm_head"):
+        cb.load_stats(env["dir"] / "stats.safetensors", load_adapter(other))
+
+
+def test_sigma_weighted_fit_beats_plain_fit(env):
+    """On the activation-weighted error ‖(ΔW−ΔŴ)X‖, the Σ-weighted svd beats the plain one at the
+    same ranks (it is the optimum of that norm), module by module and in total."""
+    ad = env["adapter"]
+    ctx_w, ctx_p = FitContext(stats=env["cal"].stats), FitContext()
+    svd = get_form("svd")
+    for rank in (1, 3):
+        fw = svd.fit(ad, svd.Config(rank=rank), ctx_w)
+        fp = svd.fit(ad, svd.Config(rank=rank), ctx_p)
+        ew, ep = fit.evaluate(fw, ad, ctx_w), fit.evaluate(fp, ad, ctx_w)
+        assert ew.rel_error < 0.9 * ep.rel_error, (rank, ew.rel_error, ep.rel_error)
+        assert all(a <= b + 1e-6 for a, b in zip(ew.module_rel_errors, ep.module_rel_errors))
+        # and in the plain norm it is the other way round (so the test can tell them apart)
+        assert fit.evaluate(fp, ad, ctx_p).rel_error <= fit.evaluate(fw, ad, ctx_p).rel_error + 1e-6
+
+
+# ----------------------------------------------------------------------------- live form
+def _logits(cal, mode_ctx):
+    with torch.no_grad(), mode_ctx:
+        return cal._forward(cal.eval.ids[:4], None)[0]
+
+
+def test_live_lora_form_equals_peft_teacher(env):
+    cal, ad = env["cal"], env["adapter"]
+    form = get_form("lora").fit(ad, get_form("lora").Config(), FitContext())
+    t = _logits(cal, cal.modes.teacher())
+    s = _logits(cal, cal.modes.student(form))
+    b = _logits(cal, cal.modes.base_only())
+    assert (t - b).abs().max() > 1e-2  # the adapter matters
+    assert torch.allclose(s, t, atol=1e-5)
+    assert cal.evaluate(form)["kl"] < 1e-9
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "embedding"])
+def test_live_form_conv1d_and_embedding(kind, llama_base, gpt2_base, tmp_path):
+    """fan_in_fan_out (GPT-2 Conv1D) and embedding LoRAs: the live lora form reproduces PEFT."""
+    text = make_text(300, seed=3)
+    (tmp_path / "c.txt").write_text(text)
+    if kind == "gpt2":
+        base = base_with_tokenizer(gpt2_base, tmp_path / "base", text)
+        lora = train_lora(base, tmp_path / "lora", fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"])
+    else:
+        base = base_with_tokenizer(llama_base, tmp_path / "base", text)
+        lora = train_lora(base, tmp_path / "lora", target_modules=["q_proj", "embed_tokens"])
+    ad = load_adapter(lora)
+    assert any(m.fan_in_fan_out for m in ad.modules) if kind == "gpt2" else any(m.kind == "embedding" for m in ad.modules)
+    cal = distill.prepare(ad, base, tmp_path / "c.txt", calib_tokens=1000, seq_len=SEQ)
+    form = get_form("lora").fit(ad, get_form("lora").Config(), FitContext())
+    t, s = _logits(cal, cal.modes.teacher()), _logits(cal, cal.modes.student(form))
+    assert torch.allclose(s, t, atol=1e-5)
+    if kind == "embedding":
+        m = next(m for m in ad.modules if m.kind == "embedding")
+        S = cal.stats[m.name]  # one-hot inputs: Σ = diag(token frequencies), trace 1
+        assert S.shape == (m.in_features, m.in_features) and abs(float(S.trace()) - 1) < 1e-5
+        assert torch.equal(S, torch.diag(S.diagonal()))
+    # a weaker start is pulled towards the teacher by distillation
+    svd = get_form("svd").fit(ad, get_form("svd").Config(rank=1), FitContext(stats=cal.stats))
+    info = cal.distil(svd, steps=15, lr=3e-3)
+    assert info["heldout_after"] < info["heldout_before"]
+
+
+# ----------------------------------------------------------------------------- distillation
+def _budget_fit(ad, name, ctx):
+    cls = REGISTRY[name]
+    cfg = cls.Config(**TINY_OPTIONS.get(name, {}))
+    if name == "lora":
+        return cls.fit(ad, cfg, ctx)
+    last = None
+    for frac in (0.2, 0.3, 0.5):
+        try:
+            return api.fit_to_budget(ad, cls, cfg, int(frac * ad.bytes), torch.float32, ctx)[0]
+        except AdaptzipError as e:
+            last = e
+    pytest.fail(f"form {name} cannot fit the tiny adapter at 20%, 30% or 50% of its bytes: {last}")
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_distillation_lowers_heldout_kl_for_every_form(env, name):
+    cal, ad = env["cal"], env["adapter"]
+    ctx = FitContext(stats=cal.stats, max_steps=40)
+    form = _budget_fit(ad, name, ctx)
+    ev0 = cal.evaluate(form)
+    info = cal.distil(form, steps=30, lr=distill.default_lr(fit.evaluate(form, ad, ctx).rel_error))
+    ev1 = cal.evaluate(form)
+    if name == "lora":  # lossless: nothing to learn, nothing lost
+        assert info["heldout_before"] < 1e-9 and ev1["kl"] < 1e-9
+        return
+    assert info["heldout_after"] < info["heldout_before"], info
+    assert ev1["kl"] < ev0["kl"], (ev0, ev1)  # and on the separate eval text
+
+
+def test_lr_rule_and_backoff(env):
+    """The rule picks 1e-4 for a strong start, 1e-3 for a weak one; a far too large rate is
+    detected at the first held-out check and the run restarts at lr/10; the best state (never
+    worse than the start on held-out) is kept."""
+    assert distill.default_lr(0.2) == 1e-4 and distill.default_lr(0.8) == 1e-3
+    cal, ad = env["cal"], env["adapter"]
+    form = get_form("svd").fit(ad, get_form("svd").Config(rank=2), FitContext(stats=cal.stats))
+    info = cal.distil(form, steps=10, lr=10.0, eval_every=5)
+    assert info.get("distill_restarted") and info["distill_lr"] == pytest.approx(1.0)
+    assert info["heldout_after"] <= info["heldout_before"] * (1 + 1e-6)
+
+
+# ----------------------------------------------------------------------------- compress API / CLI
+def test_compress_metrics_lora_and_small_svd(env, tmp_path):
+    d = env["dir"]
+    common = dict(base_model=env["base"], calib=d / "calib.txt", calib_tokens=6000, eval_text=d / "eval.txt",
+                  seq_len=SEQ, batch_size=8, stats_file=d / "stats.safetensors")
+    r = api.compress(env["lora"], tmp_path / "l.safetensors", to="lora", calib_steps=5, baseline=False, **common)
+    assert r["improvement_kept"] == pytest.approx(1.0, abs=1e-4)
+    assert r["kl_after"] < 1e-9 and r["top1_agreement"] == 1.0
+    assert r["ppl_source"] < r["ppl_base"]
+    r = api.compress(env["lora"], tmp_path / "s.safetensors", to="svd", budget=0.3, calib_steps=30, **common)
+    budget = int(0.3 * env["adapter"].bytes)
+    assert r["bytes"] <= budget and r["svd_baseline_bytes"] <= budget
+    assert 0 < r["improvement_kept_before"] < 1 and 0 < r["improvement_kept"] < 1
+    assert r["kl_after"] < r["kl_before"] and r["svd_baseline_kl_after"] == r["kl_after"]
+    assert r["ppl_source"] < r["ppl_compressed"] < r["ppl_base"]
+    assert set(r["module_output_rel_errors"]) == {m.name for m in env["adapter"].modules}
+    assert r["stats_file"] is None  # reused, not recomputed
+    m = open_container(tmp_path / "s.safetensors").manifest["metrics"]
+    for k in ("kl_before", "kl_after", "top1_agreement", "improvement_kept", "svd_baseline_kl_after"):
+        assert m[k] == r[k]
+
+
+def test_cli_compress_with_calibration_and_stats_reuse(env, tmp_path):
+    from typer.testing import CliRunner
+
+    from adaptzip.cli import app
+    d = env["dir"]
+    args = ["compress", str(env["lora"]), "-o", str(tmp_path / "c.safetensors"), "--to", "svd", "--budget", "0.3",
+            "--base-model", str(env["base"]), "--calib", str(d / "calib.txt"), "--calib-tokens", "3000",
+            "--calib-steps", "10", "--device", "cpu", "--json"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    stats = tmp_path / "c.stats.safetensors"
+    assert r["stats_file"] == str(stats) and stats.is_file()
+    assert r["eval_text"] == "calib" and r["kl_after"] <= r["kl_before"]
+    # reuse: same Σ, same numbers; the Σ pass is skipped
+    res2 = CliRunner().invoke(app, args[:2] + ["-o", str(tmp_path / "c2.safetensors")] + args[4:] + ["--stats", str(stats)])
+    assert res2.exit_code == 0, res2.output
+    r2 = json.loads(res2.stdout)
+    assert r2["stats_file"] is None and r2["kl_before"] == r["kl_before"] and r2["kl_after"] == r["kl_after"]
+
+
+def test_options_need_a_base_model(env, tmp_path):
+    with pytest.raises(AdaptzipError, match="need --base-model"):
+        api.compress(env["lora"], tmp_path / "o.safetensors", to="svd", rank=1, calib=env["dir"] / "calib.txt")
+    with pytest.raises(AdaptzipError, match="--to auto needs --budget"):
+        api.compress(env["lora"], tmp_path / "o.safetensors", to="auto", budget=0.3)
+
+
+def test_auto_never_picks_a_form_worse_than_another_tried(env, tmp_path):
+    d = env["dir"]
+    r = api.compress(env["lora"], tmp_path / "a.safetensors", to="auto", budget=0.4, base_model=env["base"],
+                     calib=d / "calib.txt", calib_tokens=6000, calib_steps=10, eval_text=d / "eval.txt",
+                     seq_len=SEQ, batch_size=8, stats_file=d / "stats.safetensors", auto_distil=2, fit_steps=30)
+    cands = [c for c in r["auto"]["candidates"] if "skipped" not in c]
+    assert len(cands) >= 2 and r["form"] == r["auto"]["chosen"]
+    chosen = next(c for c in cands if c["form"] == r["form"])
+    for c in cands:
+        assert chosen["score"] <= c["score"] + 1e-12, (chosen, c)
+        assert c["bytes"] <= int(0.4 * env["adapter"].bytes)
+    assert any(c["form"] == "svd" and c["distilled"] for c in cands)
+    assert math.isclose(r["objective_after"] if chosen["distilled"] else r["objective_before"], chosen["score"], rel_tol=1e-9)
+    assert r["bytes"] <= int(0.4 * env["adapter"].bytes)
+    assert "lowest eval KL" in r["auto"]["reason"]
+    assert open_container(tmp_path / "a.safetensors").manifest["form"] == r["form"]
