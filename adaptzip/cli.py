@@ -297,7 +297,7 @@ def batch(
         from rich.markup import escape
         t = Table(title=f"batch → {escape(r['output'])}")
         for col in ("adapter", "source bytes", "container bytes", "ratio", "error", "svd-baseline error", "time", "status"):
-            t.add_column(col)
+            t.add_column(col, overflow="fold", no_wrap=col not in ("adapter", "status"))
         f = lambda x: "–" if x is None else f"{x:.4g}"  # noqa: E731
         for a in r["adapters"]:
             st = a["status"] + (f": {a['error']}" if a.get("error") else "")

@@ -41,7 +41,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -294,7 +294,7 @@ def convert(job: Job) -> dict:
     ``error``. Raises :class:`Interrupted` when the batch is stopped."""
     if _W["stop"]:
         raise Interrupted()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     row = _base_row(job)
     _W["busy"] = True
     try:
@@ -321,6 +321,7 @@ def convert(job: Job) -> dict:
     finally:
         _W["busy"] = False
         row["seconds"] = time.perf_counter() - t0
+        row["cpu_seconds"] = time.process_time() - c0  # this worker process's CPU time for the adapter
     return row
 
 
@@ -496,14 +497,12 @@ class _Progress:
             from rich.markup import escape
             self.current[rel] = self.p.add_task(f"  {escape(rel)}", total=None)
 
-    def done(self, rel: str, status: str) -> None:
+    def done(self, rel: str) -> None:
         if self.p is not None:
             t = self.current.pop(rel, None)
             if t is not None:
                 self.p.remove_task(t)
             self.p.advance(self.overall)
-        if status == "failed":
-            pass
 
     def log(self, msg: str) -> None:
         from .progress import console
@@ -616,7 +615,7 @@ def _loop(ex, found: Iterator[Found], job_of, out: Path, zoo_name: str, max_infl
 
     def record(row: dict) -> None:
         run.rows.append(row)
-        prog.done(row["adapter"], row["status"])
+        prog.done(row["adapter"])
         if row["status"] == "failed":
             prog.log(f"failed: {row['adapter']}: {row['error']}")
 
@@ -662,7 +661,11 @@ def _loop(ex, found: Iterator[Found], job_of, out: Path, zoo_name: str, max_infl
                     return
                 row = {**_base_row(job), "error": "the worker process died (killed, or out of memory)"}
             except Exception as e:  # noqa: BLE001  (e.g. a Ray task error): isolated to this adapter
-                row = {**_base_row(job), "error": f"{type(e).__name__}: {' '.join(str(e).split())}"}
+                if _MAIN["stop"]:  # e.g. a cancelled Ray task: redone by the next run
+                    row = {**_base_row(job), "status": "interrupted"}
+                    run.interrupted = True
+                else:
+                    row = {**_base_row(job), "error": f"{type(e).__name__}: {' '.join(str(e).split())}"}
             record(row)
 
         for fut in done:
@@ -711,40 +714,60 @@ class ModuleBasis:
     norms: list[float]
 
 
-def module_basis(factors: list[tuple[torch.Tensor, torch.Tensor]], n_in: int, cap: int | None = None) -> ModuleBasis:
+def module_basis(factors: Iterable[tuple[torch.Tensor, torch.Tensor]], n_in: int, cap: int | None = None,
+                 total_rank: int | None = None) -> ModuleBasis:
     """From the factors (B_a out×r_a, A_a r_a×in) of one module of n adapters, without any
     dense ΔW: when Σ r_a ≤ in, QR of the stacked Aᵀ and an eigendecomposition of the small
-    (Σr)×(Σr) Gram of the stacked cores; otherwise the in×in Gram Σ_a A_aᵀ(B_aᵀB_a)A_a."""
+    (Σr)×(Σr) Gram of the stacked cores; otherwise the in×in Gram Σ_a A_aᵀ(B_aᵀB_a)A_a, streamed
+    (one adapter's factors in memory at a time; give ``total_rank`` = Σ r_a to choose this path
+    before reading). Memory is O((in + out)·in) either way."""
+    if total_rank is not None and total_rank > n_in:
+        G = torch.zeros(n_in, n_in, dtype=torch.float64)
+        S = torch.zeros(n_in, n_in, dtype=torch.float64)
+        norms, rk = [], []
+        for B, A in factors:
+            B, A = B.double(), A.double()
+            BtB = B.T @ B
+            G += A.T @ BtB @ A
+            q = _orth_rows(A)
+            S += q.T @ q
+            norms.append(float((BtB * (A @ A.T)).sum()))
+            rk.append(q.shape[0])
+        return _basis_from_gram(G, float(S.pow(2).sum()), rk, norms, cap)
     fs = [(B.double(), A.double()) for B, A in factors]
     R = sum(A.shape[0] for _, A in fs)
     norms = [float(((B.T @ B) * (A @ A.T)).sum()) for B, A in fs]
     qs = [_orth_rows(A) for _, A in fs]
     rk = [q.shape[0] for q in qs]
-    if R <= n_in:
-        Aall = torch.cat([A for _, A in fs], 0)  # R×in
-        Q, Rr = torch.linalg.qr(Aall.T)  # in×R, R×R
-        M = torch.zeros(R, R, dtype=torch.float64)
-        off = 0
-        for B, A in fs:
-            r = A.shape[0]
-            C = B @ Rr[:, off:off + r].T  # out×R: B_a A_a = C Qᵀ
-            M += C.T @ C
-            off += r
-        lam, W = torch.linalg.eigh(M)
-        lam, W = lam.flip(0), W.flip(1)
-        V = (Q @ W).T  # R×in
-        Qall = torch.cat(qs, 0)
-        f2 = float((Qall @ Qall.T).pow(2).sum())
-    else:
-        G = torch.zeros(n_in, n_in, dtype=torch.float64)
-        S = torch.zeros(n_in, n_in, dtype=torch.float64)
-        for (B, A), q in zip(fs, qs):
-            G += A.T @ (B.T @ B) @ A
-            S += q.T @ q
-        lam, W = torch.linalg.eigh(G)
-        lam, W = lam.flip(0), W.flip(1)
-        V = W.T
-        f2 = float(S.pow(2).sum())
+    if R > n_in:
+        G = sum(A.T @ (B.T @ B) @ A for B, A in fs)
+        S = sum(q.T @ q for q in qs)
+        return _basis_from_gram(G, float(S.pow(2).sum()), rk, norms, cap)
+    # Σr ≤ in: stacked A = Rᵀ Qᵀ (QR of the stacked Aᵀ); B_a A_a = C_a Qᵀ; eigen of Σ_a C_aᵀ C_a (R×R)
+    Aall = torch.cat([A for _, A in fs], 0)  # R×in
+    Q, Rr = torch.linalg.qr(Aall.T)  # in×R, R×R
+    M = torch.zeros(R, R, dtype=torch.float64)
+    off = 0
+    for B, A in fs:
+        r = A.shape[0]
+        C = B @ Rr[:, off:off + r].T  # out×R: B_a A_a = C Qᵀ
+        M += C.T @ C
+        off += r
+    lam, W = torch.linalg.eigh(M)
+    lam, W = lam.flip(0), W.flip(1)
+    V = (Q @ W).T  # R×in
+    Qall = torch.cat(qs, 0)
+    f2 = float((Qall @ Qall.T).pow(2).sum())
+    return _finish_basis(lam, V, f2, rk, norms, cap)
+
+
+def _basis_from_gram(G: torch.Tensor, f2: float, rk: list[int], norms: list[float], cap: int | None) -> ModuleBasis:
+    lam, W = torch.linalg.eigh(G)
+    return _finish_basis(lam.flip(0), W.flip(1).T, f2, rk, norms, cap)
+
+
+def _finish_basis(lam: torch.Tensor, V: torch.Tensor, f2: float, rk: list[int], norms: list[float], cap: int | None) -> ModuleBasis:
+    """f2 = ‖Σ_a P_a‖²_F = Σ_{a,b} tr(P_a P_b) (P_a: projector on A_a's row space)."""
     pairs = _sum_pair_min(rk)
     overlap = (f2 - sum(rk)) / pairs if pairs > 0 else float("nan")
     k = V.shape[0] if cap is None else min(cap, V.shape[0])
@@ -887,7 +910,8 @@ def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_o
             sep_err.append(min(x for x in (r.get("rel_error"), r.get("svd_baseline_rel_error")) if x is not None))
     T = sum(sep_bytes)
     costs = [(m.in_features + n * m.out_features) * fb for m in modules]  # one shared direction: A row once, B column n times
-    bases = [module_basis([ad.factors(ad.modules[i]) for ad in ads], m.in_features, cap=max(0, int(T // costs[i])))
+    bases = [module_basis((ad.factors(ad.modules[i]) for ad in ads), m.in_features, cap=max(0, int(T // costs[i])),
+                          total_rank=sum(ad.modules[i].rank for ad in ads))
              for i, m in enumerate(modules)]
     norms = [sum(b.norms[a] for b in bases) for a in range(n)]
     total = sum(norms)
@@ -970,6 +994,7 @@ def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_o
                 job.force = True
                 r.clear()
                 r.update(convert(job))
+                _W["busy"] = True  # convert() cleared it; this step may still be interrupted
     return res
 
 
@@ -1001,7 +1026,7 @@ def _summary(run: _Run, zoo: Path, out: Path, opts: dict, digest: str, jobs: int
         "totals": {"adapters": len(ok), "source_bytes": src, "container_bytes": cb, "shared_bytes": shared_bytes,
                    "zoo_bytes": cb + shared_bytes, "ratio": (cb + shared_bytes) / src if src else None},
         "sharing": sharing,
-        "adapters": [{k: v for k, v in r.items() if k != "group"} | {"group": r.get("group")} for r in rows],
+        "adapters": rows,
     }
 
 

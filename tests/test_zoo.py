@@ -345,6 +345,8 @@ def test_module_basis_matches_dense_svd():
         Vd = torch.linalg.svd(dense, full_matrices=False).Vh[:3]
         assert torch.allclose(top.T @ top, Vd.T @ Vd, atol=1e-6)  # same subspace
         assert b.norms == pytest.approx([float((B.double() @ A.double()).pow(2).sum()) for B, A in facs])
+        streamed = zoo.module_basis(iter(facs), n_in, total_rank=r * n)  # one adapter at a time when Σr > in
+        assert torch.allclose(streamed.lam[:k], b.lam[:k], rtol=1e-9, atol=1e-9) and streamed.overlap == pytest.approx(b.overlap)
     # identical row spaces → overlap 1; the pairwise normaliser
     A = torch.randn(3, n_in, generator=g)
     same = zoo.module_basis([(torch.randn(out, 3, generator=g), torch.randn(3, 3, generator=g) @ A) for _ in range(4)], n_in)

@@ -187,13 +187,29 @@ def shared_name(lv: str, j: int, side: str) -> str:
 
 
 # ----------------------------------------------------------------------------- shared math
-def _truncate(P: Tensor, Q: Tensor, L: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
-    """Best rank-k (Σ-weighted when L) factors of P @ Q, zero-padded to exactly k columns/rows."""
-    B, A = linalg.factored_svd(P, Q, L).truncate(k)
+def _truncate(P: Tensor, Q: Tensor, Sigma: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+    """Best rank-k approximation of P @ Q (out×K, K×in) in the Σ-weighted norm ‖·Σ^{1/2}‖ (Frobenius
+    when Σ is None), as balanced factors zero-padded to exactly k columns/rows.
+
+    From K×K Grams only (GEMMs, no QR of the tall factors): PᵀP = V_P D V_Pᵀ gives the orthonormal
+    W = P V_P D^{-1/2}; the eigenvectors u of D^{1/2} V_Pᵀ (Q Σ Qᵀ) V_P D^{1/2} give the left
+    singular vectors U = W u of P Q Σ^{1/2} and σ². The truncation is the projection U_k U_kᵀ P Q
+    (optimal for a norm weighted on the right): B = U_k √σ, A = (u_kᵀ D^{1/2} V_Pᵀ) Q / √σ."""
+    Pd, Qd = P.double(), Q.double()
+    lam, V = torch.linalg.eigh(Pd.T @ Pd)
+    keep = lam > float(lam.max().clamp_min(0)) * 1e-13
+    V, d = V[:, keep], lam[keep].sqrt()
+    G = (Qd if Sigma is None else Qd @ Sigma.double()) @ Qd.T  # Q Σ Qᵀ: K×K
+    s2, u = torch.linalg.eigh(d[:, None] * (V.T @ G @ V) * d[None, :])
+    u, s2 = u.flip(1)[:, :k], s2.flip(0)[:k].clamp_min(0)
+    c = s2.sqrt().sqrt()  # √σ
+    c = c.clamp_min(max(float(c[0]) if c.numel() else 0.0, 1e-30) * 1e-6)
+    B = (Pd @ (V / d) @ u) * c
+    A = ((u.T * d) @ V.T @ Qd) / c[:, None]
     if B.shape[1] < k:
         B = torch.cat([B, B.new_zeros(B.shape[0], k - B.shape[1])], 1)
         A = torch.cat([A, A.new_zeros(k - A.shape[0], A.shape[1])], 0)
-    return B.contiguous(), A.contiguous()
+    return B.float().contiguous(), A.float().contiguous()
 
 
 def _rsvd(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor], n_out: int, n_in: int, r: int,
@@ -357,7 +373,7 @@ class _BSLoRA(Form):
         return torch.cat(Bs, 1), torch.cat(As, 0)
 
     @torch.no_grad()
-    def solve_local(self, targets: Sequence[tuple[Tensor, Tensor]], Ls: Sequence[Tensor | None]) -> None:
+    def solve_local(self, targets: Sequence[tuple[Tensor, Tensor]], sigmas: Sequence[Tensor | None]) -> None:
         """Exact minimiser of the local parts given the shared ones: for every module the
         (Σ-weighted) truncated SVD of ΔW_m − shared_m, computed from the factors."""
         for i, (B, A) in enumerate(targets):
@@ -366,7 +382,7 @@ class _BSLoRA(Form):
                 TB, TA = self.level_factors(lv, i)
                 P.append(-TB)
                 Q.append(TA)
-            Bl, Al = _truncate(torch.cat(P, 1), torch.cat(Q, 0), Ls[i], self.layout.local[i])
+            Bl, Al = _truncate(torch.cat(P, 1), torch.cat(Q, 0), sigmas[i], self.layout.local[i])
             self.local_B[i].copy_(Bl)
             self.local_A[i].copy_(Al)
 
@@ -452,13 +468,13 @@ class _Fitted(_BSLoRA):
 
     @classmethod
     def initialise(cls, mods: Sequence[ModuleInfo], lay: Layout, targets: list[tuple[Tensor, Tensor]],
-                   sigmas: list[Tensor | None], Ls: list[Tensor | None], order: str, gen: torch.Generator, bar) -> dict[str, Tensor]:
+                   sigmas: list[Tensor | None], order: str, gen: torch.Generator, bar) -> dict[str, Tensor]:
         """Every stored tensor, by name, for one initialisation order (see the module docstring)."""
         T: dict[str, Tensor] = {}
         res = list(targets)
         if order == "local-first":
             for i, (B, A) in enumerate(targets):
-                Bl, Al = _truncate(B, A, Ls[i], lay.local[i])
+                Bl, Al = _truncate(B, A, sigmas[i], lay.local[i])
                 res[i] = (torch.cat([B, -Bl], 1), torch.cat([A, Al], 0))
         shared: list[list[tuple[Tensor, Tensor]]] = [[] for _ in mods]
         for lv in FIT_ORDER:
@@ -476,7 +492,7 @@ class _Fitted(_BSLoRA):
         for i, (B, A) in enumerate(targets):
             P = torch.cat([B] + [-TB for TB, _ in shared[i]], 1)
             Q = torch.cat([A] + [TA for _, TA in shared[i]], 0)
-            T[f"local.{i}.B"], T[f"local.{i}.A"] = _truncate(P, Q, Ls[i], lay.local[i])
+            T[f"local.{i}.B"], T[f"local.{i}.A"] = _truncate(P, Q, sigmas[i], lay.local[i])
         return T
 
     @classmethod
@@ -498,7 +514,6 @@ class _Fitted(_BSLoRA):
         tg = fitter.targets(adapter, ctx)
         targets = [(t.B, t.A) for t in tg]
         sigmas = [t.Sigma for t in tg]
-        Ls = [None if S is None else linalg.sqrt_factor(S) for S in sigmas]
         total = max(sum(t.norm2 for t in tg), 1e-30)
         n_slots = sum(len(lay.slots[lv]) for lv in LEVELS)
         orders = ("shared-first", "local-first") if n_slots else ("local",)
@@ -506,7 +521,7 @@ class _Fitted(_BSLoRA):
         with torch.no_grad(), progress_bar(ctx.progress, f"{cls.name} init", n_slots * len(orders)) as bar:
             for order in orders:
                 gen = torch.Generator().manual_seed(int(ctx.seed))
-                form = cls(mods, config, state, cls.initialise(mods, lay, targets, sigmas, Ls, order, gen, bar))
+                form = cls(mods, config, state, cls.initialise(mods, lay, targets, sigmas, order, gen, bar))
                 loss = float(fitter.module_sq_errors(form, tg, torch.float64).sum()) / total
                 if best is None or loss < best[0]:
                     best = (loss, order, form)
@@ -517,7 +532,7 @@ class _Fitted(_BSLoRA):
             steps = ctx.max_steps
         history = [init_loss]
         if steps > 0:
-            history = fitter.refine(form, adapter, ctx, solve=lambda: form.solve_local(targets, Ls), lr=3e-2,
+            history = fitter.refine(form, adapter, ctx, solve=lambda: form.solve_local(targets, sigmas), lr=3e-2,
                                     max_steps=steps, round_steps=max(5, min(25, steps // 3)), tol=1e-3,
                                     label=f"{cls.name} refine")
         form.fit_info = {"init": order, "init_rel_error": math.sqrt(max(init_loss, 0.0)),

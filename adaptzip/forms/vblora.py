@@ -53,6 +53,7 @@ Tensor = torch.Tensor
 INIT_METHODS = ("kmeans", "random")
 MAX_BANK = 2**15  # int16 indices
 MIN_WEIGHT = 2.0**-24  # smallest fp16 subnormal: stored weights stay > 0, so their logs are finite
+SOFT_LIMIT = 1 << 26  # most soft logits (N·h, fp32) the fit allocates; beyond, the top-k is fixed by the init
 
 
 @dataclass
@@ -151,6 +152,7 @@ class VbloraForm(Form):
         self.wlog_A = nn.ParameterList()
         self.wlog_B = nn.ParameterList()
         self.state_info = {"rank": self.rank, "subvectors": n_subvectors(modules, self.rank, self.b)}
+        self.timings: dict[str, float] = {}  # wall seconds of the fit's phases (not stored: not deterministic)
         if logits is not None:
             self._set_soft(logits)
         elif topk is not None:
@@ -359,19 +361,25 @@ class VbloraForm(Form):
             parts = [_balanced_subvectors(s, m, r, b) for s, m in zip(svd_form.spectra(adapter, ctx), modules)]
             X = torch.cat([x for p in parts for x in (p[0], p[2])])  # (N, b)
             wts = torch.cat([w for p in parts for w in (p[1], p[3])])  # (N,)
+            soft = config.steps > 0 and X.shape[0] * h <= SOFT_LIMIT
             if config.init == "kmeans":
-                bank, logits_flat, init_info = _kmeans_start(X, wts, h, k, gen)
+                bank, idx, wt, init_info = _kmeans_start(X, wts, h, k, gen)
+                codes = _logits_from_codes(X, bank, idx, wt, k, full=soft)
             else:
-                (bank, logits_flat), init_info = _random_start(X, h, gen), {}
-        logits, off = [], 0
-        for m, (xa, _, xb, _) in zip(modules, parts):
-            na, nb = xa.shape[0], xb.shape[0]
-            logits.append((logits_flat[off:off + na].reshape(r, m.in_features // b, h),
-                           logits_flat[off + na:off + na + nb].reshape(m.out_features // b, r, h)))
-            off += na + nb
-        del parts, X, wts, logits_flat
-        form = cls(modules, config, r, bank, logits=logits)
-        del logits
+                bank, codes = _random_start(X, h, k, gen, full=soft)
+                init_info = {}
+            del X, wts
+        sizes = [n for p in parts for n in (p[0].shape[0], p[2].shape[0])]
+        shapes = [s for m in modules for s in ((r, m.in_features // b), (m.out_features // b, r))]
+        del parts
+        if soft:
+            L = [x.reshape(*sh, h) for x, sh in zip(codes.split(sizes), shapes)]
+            form = cls(modules, config, r, bank, logits=list(zip(L[0::2], L[1::2])))
+        else:
+            I = [x.reshape(*sh, k) for x, sh in zip(codes[0].split(sizes), shapes)]
+            V = [x.reshape(*sh, k) for x, sh in zip(codes[1].split(sizes), shapes)]
+            form = cls(modules, config, r, bank, topk=list(zip(I[0::2], V[0::2], I[1::2], V[1::2])))
+        del codes
         info: dict = {"init": config.init, "rank": r, **init_info}
         tg = fitter.targets(adapter, ctx)
         batched = None if any(t.Sigma is not None for t in tg) else _Batched(form, tg)
@@ -383,15 +391,23 @@ class VbloraForm(Form):
                 return math.sqrt(max(float(batched()), 0.0))
 
         info["init_rel_error"] = rel()
-        hist = fitter.optimise(form, adapter, ctx, lr=config.lr, max_steps=config.steps, label="vblora soft", loss_fn=batched)
-        info["soft_steps"] = len(hist)
-        info["soft_rel_error"] = rel()
+        form.timings = {"init": time.perf_counter() - t0}
+        if soft:
+            hist = fitter.optimise(form, adapter, ctx, lr=config.lr, max_steps=config.steps, label="vblora soft", loss_fn=batched)
+            info["soft_steps"] = len(hist)
+            info["soft_rel_error"] = rel()
+        else:
+            info["soft_steps"] = 0
+            info["soft_rel_error"] = None
+            if config.steps > 0:
+                info["soft_skipped"] = f"N·h = {sum(sizes)}·{h} soft logits exceed {SOFT_LIMIT}; top-k fixed by the init"
+        form.timings["soft"] = time.perf_counter() - t0 - form.timings["init"]
         form.freeze()
         hist = fitter.optimise(form, adapter, ctx, lr=config.lr, max_steps=config.refit_steps, label="vblora hard", loss_fn=batched)
         info["hard_steps"] = len(hist)
         form.finalize()
         info["hard_rel_error"] = rel()
-        info["fit_seconds"] = round(time.perf_counter() - t0, 3)
+        form.timings["hard"] = time.perf_counter() - t0 - form.timings["init"] - form.timings["soft"]
         note = ctx.cache.get(("vblora", "budget", id(adapter)))
         if note is not None and (note["bank"], note["rank"]) == (h, r):
             info["budget_choice"] = note
@@ -501,11 +517,11 @@ def _balanced_subvectors(s, m: ModuleInfo, r: int, b: int) -> tuple[Tensor, Tens
     return xa.float(), wa.float(), xb.float(), wb.float()
 
 
-def _gain_shape_kmeans(X: Tensor, w: Tensor, M: int, gen: torch.Generator, iters: int = 12) -> tuple[Tensor, Tensor, Tensor]:
+def _gain_shape_kmeans(X: Tensor, w: Tensor, M: int, gen: torch.Generator, iters: int = 12) -> Tensor:
     """Weighted, sign-invariant gain-shape k-means: M unit directions D (M×b) maximising
     Σ_n w_n max_m ⟨x_n, d_m⟩². Seeds drawn ∝ w‖x‖²; each update is one power step of the
     cluster's weighted scatter (d_m ∝ Σ w t x); empty clusters are re-seeded with the worst-coded
-    sub-vectors. Returns D, assignments a (N,), gains t (N,) with x ≈ t·d_a."""
+    sub-vectors. Returns D (min(M, N)×b)."""
     N, b = X.shape
     energy = w.double() * X.double().pow(2).sum(1)
     p = energy + max(float(energy.max()), 1e-300) * 1e-12
@@ -524,58 +540,56 @@ def _gain_shape_kmeans(X: Tensor, w: Tensor, M: int, gen: torch.Generator, iters
             Dn[dead] = X[resid.topk(int(dead.sum())).indices]
             nrm = Dn.norm(dim=1)
         D = Dn / nrm[:, None].clamp_min(1e-30)
-    S = X @ D.T
-    a = S.abs().argmax(1)
-    return D, a, S.gather(1, a[:, None]).squeeze(1)
+    return D
 
 
-def _kmeans_start(X: Tensor, w: Tensor, h: int, k: int, gen: torch.Generator,
-                  iters: int = 12, tol: float = 1e-3, sample: int = 16384) -> tuple[Tensor, Tensor, dict]:
-    """Bank (h×b) and logits (N×h) from the balanced sub-vectors X (N×b) with weights w (N,).
+def _kmeans_start(X: Tensor, w: Tensor, h: int, k: int, gen: torch.Generator, tol: float = 1e-3,
+                  sample: int = 16384, work: int = 1 << 18) -> tuple[Tensor, Tensor, Tensor, dict]:
+    """Bank (h×b) and convex codes (idx, wt: (N×k'), k' = min(k, 2)) of the balanced sub-vectors
+    X (N×b) with weights w (N,).
 
-    1. Gain-shape k-means: bank = [g_m d_m; −g_m d_m] (zero rows when h is odd or > 2N), g_m the
-       largest |t| of cluster m, so every sub-vector is on the segment between a ± pair.
-    2. Alternate (the weighted sub-vector objective Σ w‖x − Σ_s w_s bank[i_s]‖² never rises):
-       best convex code per sub-vector (:func:`_convex_codes`: any segment between two bank
-       vectors for k ≥ 2), then the bank by weighted least squares (:func:`_bank_lstsq`); stop
-       when the relative improvement falls below ``tol``.
-    Both run on a seeded random subset of ``sample`` rows when N is larger (the h×b bank is
-    well determined by it); then every row is coded once and the bank solved once on all rows.
-    Returns bank, logits (:func:`_logits_from_codes`) and the sub-vector errors reached."""
+    1. Gain-shape k-means for h//2 directions (on a seeded subset of ``sample`` rows when N is
+       larger); every row goes to its best direction m with gain t, bank = [g_m d_m; −g_m d_m]
+       (zero rows when h is odd or > 2N) with g_m the largest |t| of cluster m, so every row lies
+       on the segment between a ± pair.
+    2. Alternate on all rows (the weighted sub-vector objective Σ w‖x − Σ_s wt_s bank[i_s]‖² never
+       rises): best convex code per row (:func:`_convex_codes`: any segment between two bank
+       vectors for k ≥ 2), then the bank by weighted least squares (:func:`_bank_lstsq`); at most
+       min(12, max(2, ``work``/N)) rounds, fewer when a round gains less than ``tol``."""
     N, b = X.shape
     Xs, ws = X, w
     if N > sample:
         pick = torch.randperm(N, generator=gen)[:sample].sort().values
         Xs, ws = X[pick], w[pick]
-    D, a, t = _gain_shape_kmeans(Xs, ws, h // 2, gen)
+    D = _gain_shape_kmeans(Xs, ws, h // 2, gen)
     M = D.shape[0]
+    S = X @ D.T  # (N, M)
+    a = S.abs().argmax(1)
+    t = S.gather(1, a[:, None]).squeeze(1)
+    del S
     g = torch.zeros(M).scatter_reduce_(0, a, t.abs(), reduce="amax", include_self=True)
     bank = torch.zeros(h, b)
     bank[:M] = g[:, None] * D
     bank[M:2 * M] = -g[:, None] * D
-    ratio = torch.where(g[a] > 0, t / g[a].clamp_min(1e-30), torch.zeros_like(t)).clamp(-1, 1)
-    idx = torch.stack([a, a + M], 1)
-    wt = torch.stack([(1 + ratio) / 2, (1 - ratio) / 2], 1)
     if k == 1:
-        idx, wt = torch.where(t >= 0, a, a + M)[:, None], torch.ones(len(a), 1)
-    total = max(float((ws * Xs.pow(2).sum(1)).sum()), 1e-30)
-    err = _code_error(Xs, ws, bank, idx, wt) / total
+        idx, wt = torch.where(t >= 0, a, a + M)[:, None], torch.ones(N, 1)
+    else:
+        ratio = torch.where(g[a] > 0, t / g[a].clamp_min(1e-30), torch.zeros_like(t)).clamp(-1, 1)
+        idx, wt = torch.stack([a, a + M], 1), torch.stack([(1 + ratio) / 2, (1 - ratio) / 2], 1)
+    total = max(float((w * X.pow(2).sum(1)).double().sum()), 1e-30)
+    err = _code_error(X, w, bank, idx, wt) / total
     info = {"kmeans_rel_error": math.sqrt(err)}
-    it = 0
-    for it in range(1, iters + 1):
-        idx, wt = _convex_codes(Xs, bank, k, idx, wt)
-        bank = _bank_lstsq(Xs, ws, idx, wt, bank)
-        new = _code_error(Xs, ws, bank, idx, wt) / total
+    rounds = 0
+    for rounds in range(1, min(12, max(2, work // max(N, 1))) + 1):
+        idx, wt = _convex_codes(X, bank, k, idx, wt)
+        bank = _bank_lstsq(X, w, idx, wt, bank)
+        new = _code_error(X, w, bank, idx, wt) / total
         done = new > err * (1 - tol)
         err = min(err, new)
         if done:
             break
-    if Xs is not X:
-        idx, wt = _convex_codes(X, bank, k)
-        bank = _bank_lstsq(X, w, idx, wt, bank)
-        err = _code_error(X, w, bank, idx, wt) / max(float((w * X.pow(2).sum(1)).sum()), 1e-30)
-    info.update(alternations=it, subvector_rel_error=math.sqrt(err))
-    return bank, _logits_from_codes(X, bank, idx, wt, k), info
+    info.update(alternations=rounds, subvector_rel_error=math.sqrt(err))
+    return bank, idx, wt, info
 
 
 def _code_error(X: Tensor, w: Tensor, bank: Tensor, idx: Tensor, wt: Tensor) -> float:
@@ -651,21 +665,36 @@ def _bank_lstsq(X: Tensor, w: Tensor, idx: Tensor, wt: Tensor, bank: Tensor, rid
     return torch.linalg.solve(H + lam * eye, R + lam * bank.double()).float()
 
 
-def _logits_from_codes(X: Tensor, bank: Tensor, idx: Tensor, wt: Tensor, k: int,
-                       margin: float = 4.0, tau: float = 1.0) -> Tensor:
-    """Soft-mode logits (N×h) whose top-k softmax reproduces the codes: the coded entries at
-    log w (w ≥ 1e-6), every other entry (margin − tau·cos(x, bank_j)) below the row's smallest
-    coded logit, so the next candidates (extra slots when k > 2, or a switch while training)
-    are the best-aligned bank vectors."""
+def _logits_from_codes(X: Tensor, bank: Tensor, idx: Tensor, wt: Tensor, k: int, full: bool,
+                       margin: float = 4.0, tau: float = 1.0) -> Tensor | tuple[Tensor, Tensor]:
+    """Logits whose top-k softmax reproduces the codes (idx, wt: (N×k')): the coded entries at
+    log w (w ≥ 1e-6), every other bank vector j at (margin − tau·cos(x, bank_j)) below the row's
+    smallest coded logit, so the next candidates (extra slots when k > 2, or a switch while
+    training) are the best-aligned bank vectors. ``full``: the (N×h) soft logits; else the top-k
+    (indices, logits), (N×k) each."""
     lw = wt.clamp_min(1e-6).log()
-    cos = (X @ bank.T) / (X.norm(dim=1, keepdim=True) * bank.norm(dim=1)[None, :]).clamp_min(1e-30)  # (N, h)
-    logits = lw.min(1, keepdim=True).values - margin + tau * cos
-    return logits.scatter_(1, idx, lw)
+    bn = bank.norm(dim=1).clamp_min(1e-30)
+    out, out_i, out_v = [], [], []
+    for s in range(0, X.shape[0], _CHUNK):
+        Xc, ic, lc = X[s:s + _CHUNK], idx[s:s + _CHUNK], lw[s:s + _CHUNK]
+        cos = (Xc @ bank.T) / (Xc.norm(dim=1, keepdim=True).clamp_min(1e-30) * bn)  # (n, h)
+        L = (lc.min(1, keepdim=True).values - margin + tau * cos).scatter_(1, ic, lc)
+        if full:
+            out.append(L)
+        else:
+            v, i = L.topk(k, dim=1)
+            out_i.append(i)
+            out_v.append(v)
+    return torch.cat(out) if full else (torch.cat(out_i), torch.cat(out_v))
 
 
-def _random_start(X: Tensor, h: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """PEFT's start, scaled to the data: bank uniform with the sub-vectors' RMS, logits N(0, 0.1²)."""
+def _random_start(X: Tensor, h: int, k: int, gen: torch.Generator, full: bool) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
+    """PEFT's start, scaled to the data: bank uniform with the sub-vectors' RMS, logits N(0, 0.1²)
+    (``full``: all N×h; else k random distinct indices per row with their k logits)."""
     N, b = X.shape
     rms = float(X.pow(2).mean().sqrt()) or 1.0
     bank = (torch.rand(h, b, generator=gen) * 2 - 1) * (rms * math.sqrt(3))
-    return bank, torch.randn(N, h, generator=gen) * 0.1
+    if full:
+        return bank, torch.randn(N, h, generator=gen) * 0.1
+    idx = torch.cat([torch.rand(min(_CHUNK, N - s), h, generator=gen).topk(k, dim=1).indices for s in range(0, N, _CHUNK)])
+    return bank, (idx, torch.randn(N, k, generator=gen) * 0.1)
