@@ -71,7 +71,7 @@ def fit_to_budget(adapter: Adapter, form_cls: type[Form], config: Any, budget_by
         tensors, manifest = ct.build(form, adapter, dtype, command=command, storage=storage)
         size = ct.serialized_size(tensors, manifest)
         if metrics_fn is not None:
-            stored = form if storage is None else ct.decoded_form(form, tensors, manifest)
+            stored = ct.decoded_form(form, tensors, manifest)  # measure what is stored (dtype cast, quantised)
             tensors, manifest = ct.build(form, adapter, dtype, metrics=metrics_fn(stored, size), command=command,
                                          storage=storage)
             size = ct.serialized_size(tensors, manifest)

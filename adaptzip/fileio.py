@@ -35,6 +35,12 @@ def check_output(path: Path, force: bool, sources: tuple[Path, ...] = ()) -> Non
         raise OutputExists(path, "exists (use --force to replace it)")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(d: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(d, os.O_RDONLY)
@@ -51,6 +57,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_p = Path(tmp)
+    os.chmod(tmp_p, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp_p
         with open(tmp_p, "rb+") as f:
@@ -69,6 +76,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """Yields a temporary directory beside ``path``; on success it replaces ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         for f in tmp.rglob("*"):

@@ -61,8 +61,11 @@ class FitReport:
     module_rel_errors: list[float]
 
     def to_json(self) -> dict:
-        return {"rel_error": self.rel_error, "worst_module_rel_error": self.worst_module_rel_error,
-                "worst_module": self.worst_module}
+        return {"rel_error": self.rel_error,
+                "worst_module_rel_error": self.worst_module_rel_error if math.isfinite(self.worst_module_rel_error) else None,
+                "worst_module": self.worst_module,
+                # JSON has no inf: a module whose source update is zero but whose fit is not gets null
+                "module_rel_errors": [e if math.isfinite(e) else None for e in self.module_rel_errors]}
 
 
 @torch.no_grad()

@@ -46,10 +46,10 @@ def _dir_bytes(p: Path) -> int:
 
 def run_step(step: str, work: Path, layers: int, dense_dtype: str, threads: int) -> dict:
     """Run one step in this process; returns its facts (called in a child process)."""
+    import adaptzip  # first, as the CLI does (it sets OMP_WAIT_POLICY before torch loads OpenMP)
+    from adaptzip import api
     import torch
     torch.set_num_threads(threads)
-    import adaptzip
-    from adaptzip import api
     from safetensors.torch import load_file, save_file
 
     src = work / "adapter"

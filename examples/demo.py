@@ -25,6 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as adaptzip's CLI: no spinning OpenMP threads on shared cores
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 import torch  # noqa: E402
