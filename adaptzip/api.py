@@ -316,12 +316,22 @@ def _auto_tensor_candidate(adapter: Adapter, form: Form, target: int, dt: torch.
     names = sorted(n for n, (shape, d) in specs.items() if d is None and math.prod(shape) > 0)
     tg = fit.targets(adapter, ctx)
 
-    def module_errors(idx: list[int]) -> torch.Tensor:
-        errs = [linalg.sq_error(tg[i].B, tg[i].A, *form.factors(i), tg[i].Sigma) for i in idx]
+    def module_errors(f: Form, idx: list[int]) -> torch.Tensor:
+        errs = [linalg.sq_error(tg[i].B, tg[i].A, *f.factors(i), tg[i].Sigma) for i in idx]
         return torch.stack(errs) if errs else torch.zeros(0)
 
+    def rebuild(tensors: dict[str, torch.Tensor]) -> Form:
+        return type(form).from_tensors(form.modules_info, form.config, form.state_info, tensors)
+
     form.train()  # forms that keep source tensors verbatim switch to their parameters
-    sens = qz.tensor_options(form, names, levels, group_size, dt, module_errors, len(tg), getattr(form, "quant_axis", None))
+    hook = getattr(form, "quant_axis", None)
+    own = form.tensors()
+    axis_of = {}
+    for n in names:
+        ax = hook(n, tuple(specs[n][0])) if hook is not None else None
+        axis_of[n] = qz.choose_axis(own[n], 4, group_size, False, dt) if ax is None else ax
+    sens = qz.tensor_options(form, names, levels, group_size, dt, module_errors, len(tg), rebuild,
+                             lambda n, _shape: axis_of[n])
     form.eval()
     if not sens:
         return None
@@ -335,8 +345,7 @@ def _auto_tensor_candidate(adapter: Adapter, form: Form, target: int, dt: torch.
         for n, it, l in zip(order, items, levels):
             b = it[l][2]
             if b != fbits:
-                ax = getattr(form, "quant_axis", lambda *_: None)(n, tuple(specs[n][0]))
-                plan[n] = qz.TensorQuant(b, qz.group_axis(specs[n][0]) if ax is None else ax, group_size)
+                plan[n] = qz.TensorQuant(b, axis_of[n], group_size)
         return qz.Storage("auto", group_size, plan)
 
     tensors, manifest = ct.build(form, adapter, dt, command=command, storage=plan_for([0] * len(order)))

@@ -153,7 +153,7 @@ def compress(
     output: Annotated[Path, typer.Option("-o", "--output", help="Container file to write (.safetensors).")],
     to: Annotated[CompressTo, typer.Option("--to", help="Target form (see `adaptzip forms`), or 'auto': with --budget and --base-model, try the forms that fit and keep the best by eval KL.")] = "svd",  # type: ignore[assignment]
     budget: Annotated[Optional[str], typer.Option(help="Size of the whole container: a fraction of the source's bytes (0.25) or a size (5MB, 300KiB).")] = None,
-    rank: Annotated[Optional[int], typer.Option(help="svd/masa: rank per module.")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="svd/masa/vblora: rank per module.")] = None,
     ranks: Annotated[Optional[str], typer.Option(help="bslora-*: ranks L,I,G (local, intra-layer, inter-layer).")] = None,
     shared_size: Annotated[Optional[int], typer.Option(help="bslora-gt/ke: shared size d_s / s.")] = None,
     group: Annotated[Optional[int], typer.Option(help="masa: layers per group S.")] = None,

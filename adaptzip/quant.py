@@ -568,11 +568,40 @@ def bytes_per_value(scheme: str, group_size: int, float_dtype: torch.dtype) -> f
     return b / 8 + (4 if z else 2) / group_size
 
 
+def choose_axis(x: Tensor, bits: int, group_size: int, zero: bool = False, float_dtype: torch.dtype = torch.float16) -> int:
+    """The group axis of a tensor with no declared one: the longest dimension (each rank direction
+    of a factor gets its own scales), unless another axis at most doubles the number of scales and
+    at least halves the squared error — e.g. a vector bank (h×b, h > b) whose vectors are its rows
+    and differ in scale. (A smaller group always lowers the error, at the price of more scales;
+    the bound on scales keeps the comparison fair.)"""
+    shape = tuple(x.shape)
+    best = group_axis(shape)
+    if x.dim() < 2 or x.numel() == 0:
+        return best
+
+    def n_scales(ax: int) -> int:
+        R, n = row_shape(shape, ax)
+        return R * max(1, _ceil_div(n, group_size))
+
+    xf = x.detach().float()
+
+    def err(ax: int) -> float:
+        return float((roundtrip(xf, TensorQuant(bits, ax, group_size, zero), float_dtype) - xf).square().sum())
+
+    others = [ax for ax in range(x.dim()) if ax != best and shape[ax] > 1 and n_scales(ax) <= 2 * n_scales(best)]
+    if not others:
+        return best
+    e_best = err(best)
+    e, ax = min((err(a), a) for a in others)
+    return ax if e < 0.5 * e_best else best
+
+
 def plan_uniform(tensors: dict[str, Tensor], scheme: str, group_size: int, float_dtype: torch.dtype,
                  axes: Callable[[str, tuple[int, ...]], int | None] | None = None) -> Storage | None:
     """One width for every float tensor that quantising makes smaller (a tiny tensor whose
     scales and extra header entries would outweigh its savings stays in the container dtype).
-    ``axes(name, shape)`` may choose a tensor's group axis (default: :func:`group_axis`)."""
+    ``axes(name, shape)`` (a form's ``quant_axis``) may declare a tensor's group axis; otherwise
+    :func:`choose_axis` picks it."""
     if scheme == "none":
         return None
     if scheme not in ("int8", "int4", "int4-asym"):
@@ -583,8 +612,8 @@ def plan_uniform(tensors: dict[str, Tensor], scheme: str, group_size: int, float
         if not t.is_floating_point() or t.numel() == 0:
             continue
         shape = tuple(t.shape)
-        ax = (axes(name, shape) if axes else None)
-        tq = TensorQuant(b, group_axis(shape) if ax is None else ax, group_size, z)
+        ax = axes(name, shape) if axes else None
+        tq = TensorQuant(b, choose_axis(t, b, group_size, z, float_dtype) if ax is None else ax, group_size, z)
         plain = stored_bytes(shape, None, float_dtype) + header_cost(name, None)
         if stored_bytes(shape, tq, float_dtype) + header_cost(name, tq) < plain:
             plan[name] = tq
@@ -911,43 +940,56 @@ def describe_storage(manifest: dict) -> dict:
 
 @torch.no_grad()
 def tensor_options(form: nn.Module, names: Sequence[str], levels: Sequence[int], group_size: int,
-                   float_dtype: torch.dtype, module_errors: Callable[[list[int]], Tensor], n_modules: int,
+                   float_dtype: torch.dtype, module_errors: Callable[[nn.Module, list[int]], Tensor], n_modules: int,
+                   rebuild: Callable[[dict[str, Tensor]], nn.Module] | None = None,
                    axes: Callable[[str, tuple[int, ...]], int | None] | None = None) -> dict[str, list[tuple[int, float, float]]]:
     """Measured sensitivity of each stored float tensor: for each level (code bits or the float
     width), (bits, bytes, increase of the total squared error) when that tensor alone is stored at
-    that level, the others kept in float. ``module_errors(idx)`` returns the squared errors of
-    modules ``idx`` for the form's current parameters. Only modules whose factors depend on the
-    tensor (found by autograd) are re-evaluated. Tensors that are not form parameters are skipped."""
+    that level, the others kept in float. ``module_errors(form, idx)`` returns the squared errors
+    of modules ``idx``. A tensor that is a view of a form parameter is perturbed in place and only
+    the modules whose factors depend on it (found by autograd) are re-evaluated; any other tensor
+    (computed by ``form.tensors()``, e.g. a scaled bank) through ``rebuild(tensors)`` — the form
+    rebuilt from its stored tensors with that one replaced — and every module. Without
+    ``rebuild`` such tensors are skipped."""
     pmap = parameter_map(form)
-    base = module_errors(list(range(n_modules))).double()
+    stored = {n: t.detach().clone() for n, t in form.tensors().items()}  # type: ignore[operator]
+    base = module_errors(form, list(range(n_modules))).double()
     deps: dict[int, list[int]] = {}
-    plist = [p for _, _, p in pmap.values()]
-    with torch.enable_grad():
-        for i in range(n_modules):
-            B, A = form.factors(i)  # type: ignore[operator]
-            if not (B.requires_grad or A.requires_grad):
-                continue
-            gs = torch.autograd.grad(B.sum() + A.sum(), plist, allow_unused=True)
-            for p, g in zip(plist, gs):
-                if g is not None:
-                    deps.setdefault(id(p), []).append(i)
+    plist = [p for _, _, p in pmap.values() if p.requires_grad]
+    if plist:
+        with torch.enable_grad():
+            for i in range(n_modules):
+                B, A = form.factors(i)  # type: ignore[operator]
+                if not (B.requires_grad or A.requires_grad):
+                    continue
+                gs = torch.autograd.grad(B.sum() + A.sum(), plist, allow_unused=True)
+                for p, g in zip(plist, gs):
+                    if g is not None:
+                        deps.setdefault(id(p), []).append(i)
     fb = float_bits(float_dtype)
+    every = list(range(n_modules))
     out: dict[str, list[tuple[int, float, float]]] = {}
     for name in names:
-        if name not in pmap:
+        if name not in stored or (name not in pmap and rebuild is None):
             continue
-        _, _, p = pmap[name]
-        idx = deps.get(id(p), list(range(n_modules)))
-        shape = tuple(p.shape)
+        keep = stored[name]
+        shape = tuple(keep.shape)
         ax = axes(name, shape) if axes else None
         ax = group_axis(shape) if ax is None else ax
-        keep = p.detach().clone()
         opts = []
         for b in levels:
             tq = None if b == fb else TensorQuant(b, ax, group_size)
-            p.copy_(keep.to(float_dtype).float() if tq is None else roundtrip(keep, tq, float_dtype))
-            e = float(module_errors(idx).double().sum() - base[idx].sum())
+            xq = keep.to(float_dtype).float() if tq is None else roundtrip(keep, tq, float_dtype)
+            if name in pmap:
+                p = pmap[name][2]
+                orig = p.detach().clone()
+                p.copy_(xq.to(p.dtype))
+                idx = deps.get(id(p), every)
+                e = float(module_errors(form, idx).double().sum() - base[idx].sum())
+                p.copy_(orig)
+            else:
+                probe = rebuild({**stored, name: xq})  # type: ignore[misc]
+                e = float(module_errors(probe, every).double().sum() - base.sum())
             opts.append((b, float(stored_bytes(shape, tq, float_dtype) + header_cost(name, tq)), max(e, 0.0)))
-            p.copy_(keep)
         out[name] = opts
     return out

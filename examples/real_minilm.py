@@ -93,12 +93,13 @@ def train_lora(base: Path, data: list[tuple[str, int]], out: Path, *, steps: int
 
 @torch.no_grad()
 def accuracy(cal, mode, data: list[tuple[str, int]]) -> float:
+    """Label accuracy with the model in ``mode()`` (a Modes context factory)."""
     tok = cal.base.tokenizer
     right = 0
     for i in range(0, len(data), 32):
         b = data[i: i + 32]
         enc = tok([s for s, _ in b], padding=True, truncation=True, max_length=64, return_tensors="pt")
-        with mode:
+        with mode():  # a fresh context per batch
             logits = cal.base.model(**{k: v.to(cal.base.device) for k, v in enc.items()}).logits
         right += int((logits.argmax(-1).cpu() == torch.tensor([y for _, y in b])).sum())
     return right / len(data)
@@ -127,8 +128,8 @@ def main() -> None:
     ad = load_adapter(work / "lora")
     cal = distill.prepare(ad, base, work / "calib.jsonl", calib_tokens=cfg["calib_tokens"], eval_text=work / "eval.jsonl",
                           eval_tokens=10**9, seq_len=cfg["seq"], batch_size=16, device=args.device, progress=True)
-    acc_base = accuracy(cal, cal.modes.base_only(), test)
-    acc_src = accuracy(cal, cal.modes.teacher(), test)
+    acc_base = accuracy(cal, cal.modes.base_only, test)
+    acc_src = accuracy(cal, cal.modes.teacher, test)
     print(f"accuracy: base {acc_base:.3f}, source {acc_src:.3f}", file=sys.stderr)
     ctx = FitContext(stats=cal.stats, max_steps=cfg["fit_steps"])
     rows = []
@@ -143,10 +144,10 @@ def main() -> None:
                 rows.append({"form": name, "budget": frac, "skipped": e.cause})
                 continue
             form.to(cal.base.device)
-            acc0 = accuracy(cal, cal.modes.student(form), test)
+            acc0 = accuracy(cal, lambda: cal.modes.student(form), test)
             m = cal.measure(form, ctx, torch.float32, steps=cfg["distil_steps"])
             form.to(cal.base.device)
-            acc1 = accuracy(cal, cal.modes.student(form), test)
+            acc1 = accuracy(cal, lambda: cal.modes.student(form), test)
             gain = acc_src - acc_base
             row = {"form": name, "budget": frac, "bytes": size, **m, "acc_before": acc0, "acc_after": acc1,
                    "acc_kept_before": (acc0 - acc_base) / gain if gain else None,

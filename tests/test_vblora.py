@@ -131,8 +131,10 @@ def test_peft_native_vblora_equals_our_expand(compressed, llama_base, tmp_path, 
     c = open_container(path)
     form = c.form()
     out = tmp_path / "vb"
-    if topk_only:
-        info = api.expand(path, out, to="peft-vblora")
+    if topk_only:  # through the CLI
+        r = CliRunner().invoke(app, ["expand", str(path), "--to", "peft-vblora", "-o", str(out), "--json"])
+        assert r.exit_code == 0, r.output
+        info = json.loads(r.stdout.strip().splitlines()[-1])
     else:
         info = to_peft_vblora(c, out, topk_only=False)
     assert info["save_only_topk_weights"] is topk_only

@@ -394,20 +394,26 @@ class _BSLoRA(Form):
         greedily by the source's σ² per byte (each local direction of m costs in_m + out_m)."""
         mods = adapter.modules
         _, I, G = config.ranks
-        budget = budget_bytes // float_bytes  # stored float values
+        budget = int(budget_bytes // float_bytes)  # stored values (float_bytes may be fractional: quantised storage)
 
         def shared_values(I: int, G: int) -> tuple[int, int]:
+            """Stored values of the intra and inter parts, each with the header entries of its
+            tensors beyond the two per module the container's estimate already counts (~100 bytes each)."""
             state = {"ranks": [0] * len(mods), "r_intra": I, "r_inter": G}
             if cls.uses_shared_size:
                 state["shared_size"] = cls.effective_shared_size(mods, config.shared_size)
             lay = make_layout(mods, state, cls.uses_shared_size)
             per = {lv: 0 for lv in LEVELS}
             for lv in LEVELS:
+                n_tensors = 2 * len(lay.slots[lv])
                 for members in lay.slots[lv]:
                     sb, sa = cls.shared_shape(mods, members, lay.rank[lv], lay)
                     per[lv] += math.prod(sb) + math.prod(sa)
                 for i in lay.slot_of[lv]:
-                    per[lv] += sum(math.prod(s) for s in cls.module_param_shapes(mods[i], lay).values())
+                    shapes = cls.module_param_shapes(mods[i], lay)
+                    per[lv] += sum(math.prod(s) for s in shapes.values())
+                    n_tensors += len(shapes)
+                per[lv] += math.ceil(100 * n_tensors / float_bytes)
             return per["intra"], per["inter"]
 
         requested = (I, G)
@@ -424,7 +430,7 @@ class _BSLoRA(Form):
         if I == 0 and G == 0 and sum(local) == 0:
             cheapest = min(costs)
             raise OptionError(adapter.path, f"{cls.name}: the budget leaves {budget_bytes} payload bytes, less than one local "
-                                            f"direction ({cheapest * float_bytes} bytes); raise --budget")
+                                            f"direction ({cheapest * float_bytes:.0f} bytes); raise --budget")
         note = {"requested_ranks": [config.ranks[0], *requested], "r_intra": I, "r_inter": G,
                 "shared_values": shared, "local_values": sum(k * c for k, c in zip(local, costs)),
                 "budget_values": int(budget), "local_rank_min": min(local), "local_rank_max": max(local)}

@@ -26,9 +26,12 @@ Fit (weight space, Σ-weighted when ctx has statistics): rank-r balanced factors
 update from the factored SVD, rescaled so A and B sub-vectors carry the same RMS (the gauge
 B A = (B c)(A / c)); bank initialised by a weighted, sign-invariant gain-shape k-means of those
 sub-vectors (bank = ±g_m·d_m, so a k=2 convex mix reaches any t·d_m with |t| ≤ g_m; weights are
-the partner factor's squared norms, which make sub-vector errors first-order ΔW errors); then
-Adam on bank + logits (soft), freeze the top-k, Adam on bank + weights (hard), round the weights
-to fp16 and polish the bank. ``fit_info`` records the init, soft and final hard errors.
+the partner factor's squared norms, which make sub-vector errors first-order ΔW errors), refined
+by alternating the best convex code of every sub-vector (any segment between two bank vectors)
+with a weighted least-squares bank; then Adam on the factored objective: bank + logits (soft, the
+top-k may change), freeze the top-k, bank + weights (hard), weights rounded to their fp16 grid.
+``fit_info`` records the init, soft and final hard errors. A random start (``init='random'``,
+PEFT's) is kept for comparison. The fit runs on one thread (:func:`_one_thread`).
 """
 from __future__ import annotations
 
@@ -303,6 +306,8 @@ class VbloraForm(Form):
             w = torch.ones(idx.shape[0], 1)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= h):
             raise ContainerError(None, f"vblora: top-k index out of range [0, {h}) (max {int(idx.max())})")
+        if k > 1 and bool((idx.sort(1).values.diff(dim=1) == 0).any()):
+            raise ContainerError(None, "vblora: a sub-vector repeats a bank index among its top-k")
         topk, off = [], 0
         for m in modules:
             na, nb = r * (m.in_features // b), (m.out_features // b) * r
@@ -317,8 +322,9 @@ class VbloraForm(Form):
     @classmethod
     def config_for_budget(cls, adapter: Adapter, config: VbloraConfig, budget_bytes: int, float_bytes: int,
                           ctx: FitContext) -> VbloraConfig:
-        """The largest bank h (up to 2¹⁵) whose payload fits, at the configured rank (lowered, down
-        to 1, only when even a bank of max(2, k) vectors does not fit)."""
+        """The largest bank h (up to 2¹⁵ and to N·k, the top-k slots there are) whose payload fits,
+        at the configured rank (lowered, down to 1, only when even a bank of max(2, k) vectors
+        does not fit); b and k stay as given. The choice is reported as ``budget_choice``."""
         b, k = config.vector_len, config.topk
         check_vector_len(adapter.modules, b, adapter.path)
         r0 = default_rank(adapter.modules, config)
@@ -327,7 +333,7 @@ class VbloraForm(Form):
             best = None
             for lo, hi in ((max(2, k), 256), (257, MAX_BANK)):
                 fixed = stored_bytes(n, lo, b, k, float_bytes) - lo * b * float_bytes
-                h = min(hi, (budget_bytes - fixed) // (b * float_bytes))
+                h = min(hi, n * k, (budget_bytes - fixed) // (b * float_bytes))  # > N·k vectors could never all be used
                 if h >= lo:
                     best = h
             if best is not None:
