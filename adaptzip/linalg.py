@@ -70,7 +70,7 @@ def factored_svd(B: Tensor, A: Tensor, L: Tensor | None = None) -> SVD:
     AL = A if L is None else A @ L.double()
     Qb, Rb = torch.linalg.qr(B)  # out×r, r×r
     Qa, Ra = torch.linalg.qr(AL.T)  # in×r, r×r
-    u, s, vh = torch.linalg.svd(Rb @ Ra.T)
+    u, s, vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
     U = Qb @ u
     Vh = vh @ Qa.T  # k×in, right singular vectors of B A L
     if L is not None:

@@ -53,6 +53,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch import nn
 
+from .. import fit as fitter
 from .. import linalg
 from ..adapter import Adapter, ModuleInfo
 from ..errors import ContainerError, OptionError
@@ -512,8 +513,6 @@ class _Fitted(_BSLoRA):
 
     @classmethod
     def fit(cls, adapter: Adapter, config: Any, ctx: FitContext) -> "_Fitted":
-        from .. import fit as fitter  # the shared objective and optimiser (fit imports forms.base, not us)
-
         mods = adapter.modules
         state = cls.make_state(mods, config)
         lay = make_layout(mods, state, cls.uses_shared_size)
@@ -742,8 +741,6 @@ class GateTransformation(_BSLoRA):
         gates: with the shared pair B_s = Q_b, A_s = Q_aᵀ (seeded orthonormal) and q = column
         (position of m in the pair) mod r, g_od = ρ q_b, g_iu = ρ q_a (so g_odᵀ B_s A_s g_iu = ρ²),
         g_ou = σ^¼ u, g_id = σ^¼ v with ρ = σ^¼: the gated part is σ u vᵀ, all gates of norm σ^¼."""
-        from .. import fit as fitter
-
         mods = adapter.modules
         state = cls.make_state(mods, config)
         lay = make_layout(mods, state, True)
