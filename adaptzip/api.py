@@ -66,6 +66,8 @@ def fit_to_budget(adapter: Adapter, form_cls: type[Form], config: Any, budget_by
             if payload <= 0:
                 raise OptionError(adapter.path, f"--budget of {budget_bytes} bytes is below the container's fixed overhead (~{overhead} bytes)")
             cfg = form_cls.config_for_budget(adapter, config, payload, fb, ctx)
+            if best is not None and cfg == best[0].config:
+                break  # the header reserve given back buys this form nothing: keep the fit we have
         form = form_cls.fit(adapter, cfg, ctx)
         storage = ct.storage_plan(form, quant, group_size, dtype)
         tensors, manifest = ct.build(form, adapter, dtype, command=command, storage=storage)
@@ -162,7 +164,14 @@ def compress(lora_dir: str | Path, output: str | Path, *, to: str = "svd", budge
 
     def metrics_fn(form: Form, size: int) -> dict:
         m: dict[str, Any] = {**fit.evaluate(form, adapter, ctx).to_json(), "weighted": stats is not None}
-        if baseline:
+        if not baseline:
+            return m
+        if form.name == "lora":  # a lossless repack: no same-bytes approximation to compare with
+            m["svd_baseline_rel_error"], m["svd_baseline_bytes"] = None, None
+        elif form.name == "svd" and budget_bytes is not None and quant == "none" and form.config.rank is None:
+            # a budgeted svd is the baseline itself (same allocation at the same bytes)
+            m["svd_baseline_rel_error"], m["svd_baseline_bytes"] = m["rel_error"], size
+        else:
             base_form, base_size = svd_baseline(adapter, size, dt, ctx)
             m["svd_baseline_rel_error"] = fit.evaluate(base_form, adapter, ctx).rel_error
             m["svd_baseline_bytes"] = base_size

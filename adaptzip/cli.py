@@ -163,7 +163,7 @@ def compress(
     topk: Annotated[Optional[int], typer.Option(help="vblora: bank vectors mixed per sub-vector k.")] = None,
     opt: Annotated[Optional[list[str]], typer.Option("--opt", help="Any other form option as KEY=VALUE (repeatable).")] = None,
     dtype: Annotated[Optional[DType], typer.Option(help="Container float dtype (default: the source's).")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed: same inputs and seed give a byte-identical container.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed: same inputs and seed give a byte-identical container (on the same machine, torch build and thread count).")] = 0,
     base_model: Annotated[Optional[Path], typer.Option("--base-model", help="Base model: a local model directory (safetensors) or a .gguf file. Enables calibration: Σ-weighted fit, distillation, KL metrics.")] = None,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text: UTF-8 text (paragraphs separated by blank lines) or JSONL with a 'text' field.")] = None,
     calib_tokens: Annotated[int, typer.Option("--calib-tokens", help="Calibration tokens to use (10% held out for early stopping, 10% more for eval without --eval).")] = 50000,

@@ -39,6 +39,7 @@ def test_manifest_content_and_schema(svd_container, lora_fp32):
     c = adaptzip.open_container(svd_container)
     m = c.manifest
     schema = json.loads((ct.SCHEMA_FILE).read_text())
+    jsonschema.validators.validator_for(schema).check_schema(schema)  # the shipped schema is itself valid
     jsonschema.validate(m, schema)
     ad = adaptzip.load_adapter(lora_fp32)
     assert m["format"] == "adaptzip" and m["format_version"] == 1 and m["form"] == "svd"

@@ -365,3 +365,15 @@ def test_attach_fake_quant_and_scale_tuning_on_svd(lora_fp32):
     h.remove()
     t2, m2 = ct.build(form, ad, dt, storage=storage)  # re-encoding keeps the tuned result (± a code flip)
     assert fit.evaluate(ct.decoded_form(form, t2, m2), ad, ctx).rel_error <= tuned * 1.02
+
+
+def test_group_axis_choice():
+    g = torch.Generator().manual_seed(0)
+    # factors: the long dimension (each rank direction its own scales)
+    assert qz.choose_axis(torch.randn(4, 96, generator=g), 4, 64) == 1
+    assert qz.choose_axis(torch.randn(96, 4, generator=g), 4, 64) == 0
+    # a bank of vectors (rows) of very different scales: grouping along the vectors wins by far
+    bank = torch.randn(433, 32, generator=g) * torch.logspace(-2, 2, 433)[:, None]
+    assert qz.choose_axis(bank, 4, 64) == 1
+    err = {ax: float((qz.roundtrip(bank, qz.TensorQuant(4, ax, 64)) - bank).norm()) for ax in (0, 1)}
+    assert err[1] < 0.5 * err[0]

@@ -120,10 +120,16 @@ def n_subvectors(modules: Sequence[ModuleInfo], r: int, b: int) -> int:
     return sum(r * (m.in_features + m.out_features) // b for m in modules)
 
 
-def stored_bytes(n_sub: int, h: int, b: int, k: int, float_bytes: int) -> int:
-    """Payload bytes: bank h·b floats + N·k indices + N·(k−1) fp16 weights."""
+def stored_bytes(n_sub: int, h: int, b: int, k: int, float_bytes: float) -> int:
+    """Payload bytes: bank h·b floats (``float_bytes`` each; fractional when quantised) + N·k
+    indices + N·(k−1) fp16 weights."""
     ib = torch.empty(0, dtype=index_dtype(h)).element_size()
-    return h * b * float_bytes + n_sub * k * ib + n_sub * (k - 1) * 2
+    return math.ceil(h * b * float_bytes) + n_sub * k * ib + n_sub * (k - 1) * 2
+
+
+def _bank_step(h: int) -> int:
+    """Granularity of a budget-chosen bank size: 2^(⌊log2 h⌋ − 5), at least 1 (1 below 64)."""
+    return max(1, 2 ** (int(h).bit_length() - 1 - 5))
 
 
 def _pow2_scale(x: Tensor) -> float:
@@ -324,7 +330,10 @@ class VbloraForm(Form):
                           ctx: FitContext) -> VbloraConfig:
         """The largest bank h (up to 2¹⁵ and to N·k, the top-k slots there are) whose payload fits,
         at the configured rank (lowered, down to 1, only when even a bank of max(2, k) vectors
-        does not fit); b and k stay as given. The choice is reported as ``budget_choice``."""
+        does not fit); b and k stay as given. h is rounded down to a multiple of
+        :func:`_bank_step` (≤ 1/32 of h), so that the few hundred header bytes ``fit_to_budget``
+        gives back after a first fit rarely change it (a change costs a second fit). The choice
+        is reported as ``budget_choice``."""
         b, k = config.vector_len, config.topk
         check_vector_len(adapter.modules, b, adapter.path)
         r0 = default_rank(adapter.modules, config)
@@ -333,15 +342,17 @@ class VbloraForm(Form):
             best = None
             for lo, hi in ((max(2, k), 256), (257, MAX_BANK)):
                 fixed = stored_bytes(n, lo, b, k, float_bytes) - lo * b * float_bytes
-                h = min(hi, n * k, (budget_bytes - fixed) // (b * float_bytes))  # > N·k vectors could never all be used
+                h = int(min(hi, n * k, (budget_bytes - fixed) // (b * float_bytes)))  # > N·k vectors could never all be used
                 if h >= lo:
                     best = h
             if best is not None:
+                step = _bank_step(best)
+                best = max(best // step * step, max(2, k))
                 ctx.cache[("vblora", "budget", id(adapter))] = {
-                    "bank": int(best), "rank": r, "vector_len": b, "topk": k,
-                    "payload_bytes": stored_bytes(n, int(best), b, k, float_bytes), "budget_payload_bytes": int(budget_bytes),
-                    "next_bank_payload_bytes": stored_bytes(n, int(best) + 1, b, k, float_bytes) if best < MAX_BANK else None}
-                return dataclasses.replace(config, bank=int(best), rank=r)
+                    "bank": best, "rank": r, "vector_len": b, "topk": k,
+                    "payload_bytes": stored_bytes(n, best, b, k, float_bytes), "budget_payload_bytes": int(budget_bytes),
+                    "next_bank_payload_bytes": stored_bytes(n, best + step, b, k, float_bytes) if best + step <= MAX_BANK else None}
+                return dataclasses.replace(config, bank=best, rank=r)
         need = stored_bytes(n_subvectors(adapter.modules, 1, b), max(2, k), b, k, float_bytes)
         raise OptionError(adapter.path, f"vblora: a payload of {budget_bytes} bytes is too small: rank 1 with a bank of "
                                         f"{max(2, k)} vectors of length {b} needs {need}; raise --budget or --vector-len")
@@ -611,14 +622,16 @@ _CHUNK = 2048  # rows per block in the code search (memory: CHUNK × anchors × 
 
 
 def _convex_codes(X: Tensor, bank: Tensor, k: int, idx: Tensor | None = None, wt: Tensor | None = None,
-                  anchors: int = 4) -> tuple[Tensor, Tensor]:
+                  anchors: int = 4, partners: int = 256) -> tuple[Tensor, Tensor]:
     """The best convex code of every row of X (N×b) from the bank (h×b).
 
-    k = 1: the nearest bank vector. k ≥ 2: the best point on any segment w·v_i + (1−w)·v_j,
-    searched exactly over every partner j for the ``anchors`` bank vectors i of largest ⟨x, v_i⟩
-    (one end of a good segment must have ⟨x, v⟩ ≳ ‖x‖²), from the Gram matrix in O(anchors·h)
-    per row. A row keeps its current code (``idx``, ``wt``, (N×k'), if given) unless the new one
-    is better.
+    k = 1: the nearest bank vector. k ≥ 2: the best point on a segment w·v_i + (1−w)·v_j, for
+    the ``anchors`` bank vectors i of largest ⟨x, v_i⟩ (one end of a good segment must have
+    ⟨x, v⟩ ≳ ‖x‖²) and, as partners j, every bank vector when h ≤ ``partners``, else the
+    partners/2 of largest and the partners/2 of smallest ⟨x, v_j⟩ (segments through x towards
+    the far side: the ± pairs of the start are among them). Each (i, j) is scored exactly from
+    the Gram matrix, O(anchors·partners) per row. A row keeps its current code (``idx``, ``wt``,
+    (N×k'), if given) unless the new one is better.
     Returns idx (N×k') long, wt (N×k') with k' = min(k, 2), rows summing to 1."""
     h = bank.shape[0]
     G = bank @ bank.T
@@ -635,16 +648,23 @@ def _convex_codes(X: Tensor, bank: Tensor, k: int, idx: Tensor | None = None, wt
             cand_i, cand_w, cand_e = best[:, None], torch.ones(n, 1), e.gather(1, best[:, None]).squeeze(1)
         else:
             anc = P.topk(min(anchors, h), dim=1).indices  # (n, c)
-            Gij = G[anc]  # (n, c, h)
-            num = P.gather(1, anc)[:, :, None] - P[:, None, :] - Gij + d  # ⟨x − v_j, v_i − v_j⟩
-            den = (d[anc][:, :, None] - 2 * Gij + d).clamp_min(1e-30)  # ‖v_i − v_j‖²
+            if h <= partners:
+                J = torch.arange(h).expand(n, h)  # (n, p): every bank vector
+            else:
+                J = torch.cat([P.topk(partners // 2, dim=1).indices, P.topk(partners - partners // 2, dim=1, largest=False).indices], 1)
+            Pj, dj = P.gather(1, J)[:, None, :], d[J][:, None, :]  # (n, 1, p)
+            Gij = G[anc[:, :, None], J[:, None, :]]  # (n, c, p)
+            num = P.gather(1, anc)[:, :, None] - Pj - Gij + dj  # ⟨x − v_j, v_i − v_j⟩
+            den = (d[anc][:, :, None] - 2 * Gij + dj).clamp_min(1e-30)  # ‖v_i − v_j‖²
             wa = (num / den).clamp(0, 1)  # weight on the anchor i
-            e = xx[:, None, None] - 2 * P[:, None, :] + d - 2 * wa * num + wa * wa * den  # ‖x − v_j − wa(v_i − v_j)‖²
-            e.scatter_(2, anc[:, :, None], float("inf"))  # j ≠ i
+            e = xx[:, None, None] - 2 * Pj + dj - 2 * wa * num + wa * wa * den  # ‖x − v_j − wa(v_i − v_j)‖²
+            e.masked_fill_(J[:, None, :] == anc[:, :, None], float("inf"))  # j ≠ i
+            p = J.shape[1]
             best = e.reshape(n, -1).argmin(1)
-            ai = anc.gather(1, (best // h)[:, None]).squeeze(1)
+            ai = anc.gather(1, (best // p)[:, None]).squeeze(1)
+            aj = J.gather(1, (best % p)[:, None]).squeeze(1)
             wb = wa.reshape(n, -1).gather(1, best[:, None]).squeeze(1)
-            cand_i, cand_w = torch.stack([ai, best % h], 1), torch.stack([wb, 1 - wb], 1)
+            cand_i, cand_w = torch.stack([ai, aj], 1), torch.stack([wb, 1 - wb], 1)
             cand_e = e.reshape(n, -1).gather(1, best[:, None]).squeeze(1)
         if idx is not None and wt is not None:
             ic, wc = idx[s:s + _CHUNK], wt[s:s + _CHUNK]
@@ -679,6 +699,8 @@ def _logits_from_codes(X: Tensor, bank: Tensor, idx: Tensor, wt: Tensor, k: int,
     training) are the best-aligned bank vectors. ``full``: the (N×h) soft logits; else the top-k
     (indices, logits), (N×k) each."""
     lw = wt.clamp_min(1e-6).log()
+    if not full and idx.shape[1] == k:
+        return idx, lw
     bn = bank.norm(dim=1).clamp_min(1e-30)
     out, out_i, out_v = [], [], []
     for s in range(0, X.shape[0], _CHUNK):
