@@ -1,6 +1,7 @@
 """The Python API behind every CLI command (the CLI only parses and prints)."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -177,13 +178,13 @@ def compress(lora_dir: str | Path, output: str | Path, *, to: str = "svd", budge
             m["svd_baseline_bytes"] = base_size
         return m
 
-    if cal is not None and quant != "none":
-        raise OptionError(None, "--quant with --base-model (distillation) is not wired yet: compress with --quant "
-                          "without calibration, or distil without --quant (adaptzip.quant.attach_scale_tuning / "
-                          "attach_fake_quant are the hooks)")
+    if cal is not None and quant == "auto":
+        raise OptionError(None, "--quant auto with --base-model is not supported yet: use --quant int8/int4 "
+                          "(quantisation-aware distillation) or --quant auto without calibration")
     if cal is not None:  # distillation runs once, after the budget is settled (see distill.fit_and_distil)
+        fitb = fit_to_budget if quant == "none" else functools.partial(_fit_qat, quant=quant, group_size=group_size)
         form, tensors, manifest, size = distill.fit_and_distil(
-            adapter, form_cls, config, budget_bytes, dt, ctx, cal, fit_to_budget=fit_to_budget,
+            adapter, form_cls, config, budget_bytes, dt, ctx, cal, fit_to_budget=fitb,
             svd_baseline=svd_baseline if baseline else None, steps=calib_steps, lr=lr, command=command)
     elif quant == "auto":
         form, tensors, manifest, size, auto_report = _quant_auto(adapter, form_cls, config, budget_bytes, dt, ctx,
@@ -234,6 +235,23 @@ def _compress_auto(adapter: Adapter, output: Path, cal, budget, dtype, seed, pro
         **manifest["metrics"], "auto": report, **_calibration_extras(cal, form, adapter, ctx),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _fit_qat(adapter: Adapter, form_cls: type[Form], config: Any, budget_bytes: int | None, dtype: torch.dtype,
+             ctx: FitContext, *, quant: str, group_size: int, **kw):
+    """``fit_to_budget`` at a fixed ``--quant`` for distillation: the form carries its storage
+    (``form.quant_storage``, so every later ``container.build`` stores it quantised) and is seen
+    through the straight-through fake quantiser (:func:`adaptzip.quant.attach_fake_quant`), so
+    distillation trains the latent floats for what will be stored (quantisation-aware) and every
+    metric measured on it describes the stored container."""
+    form, tensors, manifest, size = fit_to_budget(adapter, form_cls, config, budget_bytes, dtype, ctx, quant=quant,
+                                                  group_size=group_size, **kw)
+    storage = qz.Storage.from_json(manifest.get("storage"))
+    if storage is not None:
+        form.quant_storage = storage
+        qz.attach_fake_quant(form, storage, dtype)
+        form.eval()
+    return form, tensors, manifest, size
 
 
 # ----------------------------------------------------------------------------- --quant auto

