@@ -375,11 +375,10 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         sys.stderr.write("adaptzip: interrupted\n")
         sys.exit(130)
-    except Exception as e:  # click usage errors and unexpected failures: still one line
-        import click
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
+    except Exception as e:  # usage errors (Typer's click) and unexpected failures: still one line
+        if hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int):
+            sys.stderr.write(f"adaptzip: error: {' '.join(e.format_message().split())}\n")
+            sys.exit(e.exit_code)  # 2 for usage errors
         if _STATE["debug"]:
             raise
         sys.stderr.write(f"adaptzip: error: {type(e).__name__}: {' '.join(str(e).split())}\n")

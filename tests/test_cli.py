@@ -37,7 +37,7 @@ def test_end_to_end_commands(lora_fp32, llama_base, tmp_path):
     assert code == 0 and out == "" and "svd baseline" in err
 
 
-@pytest.mark.parametrize("case", ["missing_dir", "no_config", "bad_type", "corrupt", "contradict", "bad_container", "exists", "bad_option", "bad_budget", "merged_no_base"])
+@pytest.mark.parametrize("case", ["missing_dir", "no_config", "bad_type", "corrupt", "contradict", "bad_container", "exists", "bad_option", "bad_budget", "merged_no_base", "bad_choice"])
 def test_errors_are_one_line(case, lora_fp32, tmp_path):
     d = tmp_path / "ad"
     shutil.copytree(lora_fp32, d)
@@ -74,6 +74,9 @@ def test_errors_are_one_line(case, lora_fp32, tmp_path):
     elif case == "bad_budget":
         args += ["--budget", "lots"]
         expect = "expected a fraction like 0.25"
+    elif case == "bad_choice":
+        args += ["--dtype", "fp8"]
+        expect = "Invalid value for '--dtype'"
     elif case == "merged_no_base":
         run_json("compress", d, "-o", out)
         args = ["expand", out, "-o", tmp_path / "m", "--to", "merged"]
