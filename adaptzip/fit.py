@@ -107,7 +107,7 @@ def optimise(form: Form, adapter: Adapter, ctx: FitContext, *, lr: float = 1e-2,
             opt.zero_grad(set_to_none=True)
             loss = loss_fn()
             loss.backward()
-            val = float(loss)
+            val = float(loss.detach())
             history.append(val)
             bar(loss=val)
             if val < best * (1 - tol):  # snapshot the parameters that produced this loss, before the step

@@ -277,9 +277,10 @@ class VbloraForm(Form):
         values are small: the run's learning rate then moves it as it moves the O(1) logits), and
         the logits (soft) or top-k weight logits (hard)."""
         logits = list(self.logits_A) + list(self.logits_B) if self.soft else list(self.wlog_A) + list(self.wlog_B)
+        ids = {id(p) for p in logits}
+        bank = [p for p in self.parameters() if id(p) not in ids]  # the leaf also under a QAT parametrisation
         rms = float(self.bank().detach().double().pow(2).mean().sqrt()) or 1.0
-        return [{"params": [self.vector_bank], "name": "vblora_bank", "lr_scale": rms},
-                {"params": logits, "name": "vblora_logits"}]
+        return [{"params": bank, "name": "vblora_bank", "lr_scale": rms}, {"params": logits, "name": "vblora_logits"}]
 
     def topk_arrays(self) -> tuple[Tensor, Tensor]:
         """(indices (N×k) long, weights (N×k) fp32) in stored order, from the hard mode (weights
