@@ -21,17 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-OUT = HERE / "out"
+import common
+from common import HERE, OUT
+
 TARGET_FIT_S = 60.0
 FORMS = ("bslora-ss", "bslora-gt", "bslora-ke")
 # name -> (form, label, budget)
@@ -52,18 +49,12 @@ def run_case(case: str, work: Path, layers: int, threads: int) -> dict:
     """Run one case in this process (called in a child)."""
     import torch
     torch.set_num_threads(threads)
-    import adaptzip
     from adaptzip import api
     from adaptzip.forms import get_form
 
     src = work / "adapter"
     if case == "build":
-        sys.path.insert(0, str(HERE))
-        from llama7b_adapter import build_llama7b_adapter
-        t0 = time.perf_counter()
-        build_llama7b_adapter(src, layers=layers, rank=16, seed=0)
-        return {"seconds": time.perf_counter() - t0, "bytes": (src / "adapter_model.safetensors").stat().st_size,
-                "modules": len(adaptzip.load_adapter(src).modules)}
+        return common.build_adapter(work, layers)
     form, _, budget = CASES[case]
     cls = get_form(form)
     fits: list[dict] = []
@@ -92,12 +83,9 @@ def run_case(case: str, work: Path, layers: int, threads: int) -> dict:
 
 # ----------------------------------------------------------------------------- parent side
 def child(case: str, work: Path, layers: int, threads: int, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--work", str(work), "--layers", str(layers),
-           "--threads", str(threads)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0:
-        raise RuntimeError(f"case {case} failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    """Run one case in a child process; return its JSON result."""
+    return common.run_child(__file__, ["--case", case, "--work", work, "--layers", layers, "--threads", threads], timeout,
+                            name=case, process_s=False)
 
 
 COLUMNS = ("case", "ranks L,I,G", "shared size", "fit s", "fit CPU s", "compress s", "peak RSS MB", "MB", "ratio",
@@ -130,31 +118,21 @@ def markdown(result: dict) -> str:
         f"`svd same bytes` is the per-module SVD with global rank allocation whose container has the same size. "
         f"Local ranks shown as min–max when `--budget` allocated them per module.",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|",
     ]
-    lines += ["| " + " | ".join(r) + " |" for r in rows(result)]
-    lines += ["", "| target | measured | limit | met |", "|---|---:|---:|:---:|"]
-    for t in result["targets"]:
-        lines.append(f"| {t['name']} | {t['measured']:.3g} | {t['limit']:.3g} | {'yes' if t['ok'] else '**no**'} |")
+    lines += common.markdown_table(COLUMNS, rows(result))
+    lines += common.targets_markdown(result["targets"])
     return "\n".join(lines) + "\n"
 
 
 def table(result: dict) -> str:
-    data = [list(COLUMNS)] + rows(result)
-    w = [max(len(r[i]) for r in data) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in data)
+    """The printed table."""
+    return common.table(COLUMNS, rows(result))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="adaptzip BSLoRA benchmark (Llama-7B-shaped LoRA)")
-    ap.add_argument("--layers", type=int, default=32, help="decoder layers of the synthetic adapter (32 = Llama-7B)")
-    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    common.add_common_args(ap, "bslora", CASES)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per case (see the module docstring)")
-    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one, removed afterwards)")
-    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
-    ap.add_argument("--out", type=Path, default=OUT, help="where bslora.json / bslora.md go")
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed per case")
     ap.add_argument("--case", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
@@ -162,49 +140,31 @@ def main(argv=None) -> int:
         print(json.dumps(run_case(a.case, a.work, a.layers, a.threads)))
         return 0
 
-    cases = [c for c in a.cases.split(",") if c]
-    unknown = [c for c in cases if c not in CASES]
-    if unknown:
-        ap.error(f"unknown case {unknown[0]!r} (known: {', '.join(CASES)})")
-    load_before = os.getloadavg()[0]
-    work = a.work or Path(tempfile.mkdtemp(prefix="adaptzip-bench-bslora-"))
-    work.mkdir(parents=True, exist_ok=True)
+    cases = common.parse_cases(ap, a.cases, CASES)
+    load_before = common.loadavg()
     results: dict[str, dict] = {}
-    try:
-        if not (work / "adapter" / "adapter_model.safetensors").exists():
-            print("… build the synthetic adapter", file=sys.stderr, flush=True)
-            child("build", work, a.layers, a.threads, a.timeout)
-        build = {"bytes": (work / "adapter" / "adapter_model.safetensors").stat().st_size}
+    with common.scratch(a.work, "adaptzip-bench-bslora-", a.keep) as work:
+        source_bytes = common.ensure_adapter(work, lambda: child("build", work, a.layers, a.threads, a.timeout))
         for case in cases:
             print(f"… {CASES[case][1]}", file=sys.stderr, flush=True)
             results[case] = child(case, work, a.layers, a.threads, a.timeout)
             r = results[case]
             print(f"  fit {r['fit_s']:.1f} s (CPU {r['fit_cpu_s']:.1f} s), ratio {r['ratio']:.3f}, error {r['rel_error']:.4f} "
                   f"vs svd {r.get('svd_baseline_rel_error', float('nan')):.4f}", file=sys.stderr, flush=True)
-    finally:
-        if a.work is None and not a.keep:
-            shutil.rmtree(work, ignore_errors=True)
 
-    import torch
-    sys.path.insert(0, str(HERE))
-    from llama7b_adapter import module_shapes
     # CPU time of the single-threaded fit is its wall time on an idle core; the wall time measured
     # here also counts whatever else the machine was running (see load_before).
     targets = []
     for c, r in results.items():
         targets.append({"name": f"{CASES[c][1]}: fit CPU s", "measured": r["fit_cpu_s"], "limit": TARGET_FIT_S, "gate": True})
         targets.append({"name": f"{CASES[c][1]}: fit wall s (shared machine)", "measured": r["fit_s"], "limit": TARGET_FIT_S, "gate": False})
-    for t in targets:
-        t["ok"] = t["measured"] <= t["limit"]
+    common.check_targets(targets)
     result = {
-        "benchmark": "bslora", "layers": a.layers, "rank": 16, "modules": a.layers * len(module_shapes()),
-        "source_bytes": build["bytes"], "threads": a.threads, "cpus": os.cpu_count(), "load_before": load_before,
-        "cpu": platform.processor() or platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
-        "cases": results, "targets": targets,
+        "benchmark": "bslora", "layers": a.layers, "rank": 16, "modules": common.module_count(a.layers),
+        "source_bytes": source_bytes, "threads": a.threads, "cpus": os.cpu_count(), "load_before": load_before,
+        **common.machine_info(), "cases": results, "targets": targets,
     }
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "bslora.json").write_text(json.dumps(result, indent=2) + "\n")
-    (a.out / "bslora.md").write_text(markdown(result))
+    common.write_outputs(a.out, "bslora", result, markdown(result))
     print(table(result))
     return 0 if all(t["ok"] for t in targets if t["gate"]) else 1
 

@@ -19,27 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-OUT = HERE / "out"
+import common
+from common import HERE, peak_rss_mb as _peak_rss_mb
+
 TARGET_COMPRESS_S = 60.0
 TARGET_PEFT_RATIO = 2.0
 TARGET_DENSE_RSS_MB = 1500.0
 
 
 # ----------------------------------------------------------------------------- child side
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
 def _dir_bytes(p: Path) -> int:
     return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
@@ -124,16 +116,9 @@ ONCE = {"build", "compress_lora", "expand_dense"}  # expensive or stateful: run 
 
 
 def child(step: str, work: Path, layers: int, dense_dtype: str, threads: int, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--step", step, "--work", str(work),
-           "--layers", str(layers), "--dense-dtype", dense_dtype, "--threads", str(threads)]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        raise RuntimeError(f"step {step} failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
-    res = json.loads(p.stdout.strip().splitlines()[-1])
-    res["process_s"] = wall
-    return res
+    """Run one step in a child process; return its JSON result plus ``process_s``."""
+    return common.run_child(__file__, ["--step", step, "--work", work, "--layers", layers, "--dense-dtype", dense_dtype,
+                                       "--threads", threads], timeout, what="step", name=step)
 
 
 def _fmt_mb(b: int | None) -> str:
@@ -160,9 +145,7 @@ def markdown(result: dict) -> str:
             continue
         r = s[step]
         lines.append(f"| {label} | {r['seconds']:.2f} | {r['process_s']:.2f} | {r['peak_rss_mb']:.0f} | {_fmt_mb(r.get('bytes'))} | {r['load_avg_1min']:.1f} |")
-    lines += ["", "| target | measured | limit | met |", "|---|---:|---:|:---:|"]
-    for t in result["targets"]:
-        lines.append(f"| {t['name']} | {t['measured']:.3g} | {t['limit']:.3g} | {'yes' if t['ok'] else '**no**'} |")
+    lines += common.targets_markdown(result["targets"])
     c = s.get("compress_svd", {})
     if c:
         lines += ["", f"svd at budget 0.25: {c['bytes'] / 1e6:.2f} MB (ratio {c['ratio']:.3f}), weight rel. error {c['rel_error']:.4f}."]
@@ -179,12 +162,8 @@ def markdown(result: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="adaptzip foundation benchmark (Llama-7B-shaped LoRA)")
-    ap.add_argument("--layers", type=int, default=32, help="decoder layers of the synthetic adapter (32 = Llama-7B)")
+    common.add_common_args(ap, "foundation", what="step")
     ap.add_argument("--dense-dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the dense ΔW export")
-    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one, removed afterwards)")
-    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
-    ap.add_argument("--out", type=Path, default=OUT, help="where foundation.json / foundation.md go")
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed per step")
     ap.add_argument("--repeat", type=int, default=3, help="runs per step (fresh process each; the fastest is reported) except build and dense")
     ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="torch threads per step (default: min(2, CPUs))")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense export (its file is ~23 GB in fp32 at full size)")
@@ -195,10 +174,8 @@ def main(argv=None) -> int:
         print(json.dumps(run_step(a.step, a.work, a.layers, a.dense_dtype, a.threads)))
         return 0
 
-    work = a.work or Path(tempfile.mkdtemp(prefix="adaptzip-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
     steps: dict[str, dict] = {}
-    try:
+    with common.scratch(a.work, "adaptzip-bench-", a.keep) as work:
         for step, label in STEPS:
             if a.no_dense and step == "expand_dense":
                 continue
@@ -212,13 +189,7 @@ def main(argv=None) -> int:
             steps[step] = best
             if step == "expand_dense":
                 (work / "dense.safetensors").unlink(missing_ok=True)  # up to 23 GB at full size
-    finally:
-        if a.work is None and not a.keep:
-            shutil.rmtree(work, ignore_errors=True)
 
-    sys.path.insert(0, str(HERE))
-    from llama7b_adapter import module_shapes
-    import torch
     targets = [
         {"name": "compress --to svd --budget 0.25 (s)", "measured": steps["compress_svd"]["seconds"], "limit": TARGET_COMPRESS_S},
         {"name": "expand --to peft (svd) / load+save of its tensors", "measured": steps["expand_peft"]["seconds"] / steps["ref_expanded"]["seconds"], "limit": TARGET_PEFT_RATIO},
@@ -228,19 +199,15 @@ def main(argv=None) -> int:
     ]
     if "expand_dense" in steps:
         targets.append({"name": "expand --to dense peak RSS (MB)", "measured": steps["expand_dense"]["peak_rss_mb"], "limit": TARGET_DENSE_RSS_MB})
-    for t in targets:
-        t["ok"] = t["measured"] <= t["limit"]
+    common.check_targets(targets)
     result = {
-        "benchmark": "foundation", "layers": a.layers, "rank": 16, "modules": a.layers * len(module_shapes()),
+        "benchmark": "foundation", "layers": a.layers, "rank": 16, "modules": common.module_count(a.layers),
         "source_bytes": steps["build"]["bytes"], "dense_dtype": a.dense_dtype, "repeat": a.repeat,
-        "threads": a.threads, "cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
-        "python": platform.python_version(), "torch": torch.__version__, "adaptzip_version": steps["import"]["adaptzip_version"],
-        "steps": steps, "targets": targets,
+        "threads": a.threads, "cpus": os.cpu_count(), **common.machine_info(),
+        "adaptzip_version": steps["import"]["adaptzip_version"], "steps": steps, "targets": targets,
     }
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "foundation.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result)
-    (a.out / "foundation.md").write_text(md)
+    common.write_outputs(a.out, "foundation", result, md)
     print(md)
     return 0 if all(t["ok"] for t in targets) else 1
 

@@ -19,17 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-OUT = HERE / "out"
+import common
+from common import peak_rss_mb as _peak_rss_mb
+
 TARGET_FIT_S = 60.0
 
 # name -> (label, options, budget)
@@ -40,10 +36,6 @@ CASES: dict[str, tuple[str, dict, str | None]] = {
     "g4r16": ("rank 16, group 4, experts 1", {"rank": 16, "group": 4}, None),
     "budget": ("--budget 0.25, group 2, experts 1", {"group": 2}, "0.25"),
 }
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 # ----------------------------------------------------------------------------- child side
@@ -57,12 +49,7 @@ def run_case(case: str, work: Path, layers: int, threads: int) -> dict:
 
     src = work / "adapter"
     if case == "build":
-        sys.path.insert(0, str(HERE))
-        from llama7b_adapter import build_llama7b_adapter
-        t0 = time.perf_counter()
-        build_llama7b_adapter(src, layers=layers, rank=16, seed=0)
-        return {"seconds": time.perf_counter() - t0, "bytes": (src / "adapter_model.safetensors").stat().st_size,
-                "modules": len(adaptzip.load_adapter(src).modules)}
+        return common.build_adapter(work, layers)
     _, options, budget = CASES[case]
     rss_before = _peak_rss_mb()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -87,15 +74,9 @@ def run_case(case: str, work: Path, layers: int, threads: int) -> dict:
 
 # ----------------------------------------------------------------------------- parent side
 def child(case: str, work: Path, layers: int, threads: int, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--work", str(work), "--layers", str(layers),
-           "--threads", str(threads)]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0:
-        raise RuntimeError(f"case {case} failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
-    res = json.loads(p.stdout.strip().splitlines()[-1])
-    res["process_s"] = time.perf_counter() - t0
-    return res
+    """Run one case in a child process; return its JSON result plus ``process_s``."""
+    return common.run_child(__file__, ["--case", case, "--work", work, "--layers", layers, "--threads", threads], timeout,
+                            name=case)
 
 
 COLUMNS = ("case", "rank", "S", "N", "fit s", "fit CPU s", "compress s", "peak RSS MB", "MB", "ratio", "rel. error",
@@ -124,13 +105,9 @@ def markdown(result: dict) -> str:
         f"rank allocation whose container has the same size. `redundant experts`: the share of the stored floats that "
         f"N > 1 adds without changing ΔŴ.",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|",
     ]
-    lines += ["| " + " | ".join(r) + " |" for r in rows(result)]
-    lines += ["", "| target | measured | limit | met |", "|---|---:|---:|:---:|"]
-    for t in result["targets"]:
-        lines.append(f"| {t['name']} | {t['measured']:.3g} | {t['limit']:.3g} | {'yes' if t['ok'] else '**no**'} |")
+    lines += common.markdown_table(COLUMNS, rows(result))
+    lines += common.targets_markdown(result["targets"])
     b = result["cases"].get("budget", {}).get("budget_choice")
     if b:
         lines += ["", f"`--budget 0.25` chose rank {b['rank']} (payload {b['payload_bytes'] / 1e6:.2f} MB of "
@@ -140,19 +117,13 @@ def markdown(result: dict) -> str:
 
 
 def table(result: dict) -> str:
-    data = [list(COLUMNS)] + rows(result)
-    w = [max(len(r[i]) for r in data) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in data)
+    """The printed table."""
+    return common.table(COLUMNS, rows(result))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="adaptzip MASA benchmark (Llama-7B-shaped LoRA)")
-    ap.add_argument("--layers", type=int, default=32, help="decoder layers of the synthetic adapter (32 = Llama-7B)")
-    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
-    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one, removed afterwards)")
-    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
-    ap.add_argument("--out", type=Path, default=OUT, help="where masa.json / masa.md go")
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds allowed per case")
+    common.add_common_args(ap, "masa", CASES)
     ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)),
                     help="torch threads per case (default 2; use 1 on a machine shared with other jobs: OpenMP threads that "
                          "must wait for a busy core slow down many-fold)")
@@ -163,42 +134,24 @@ def main(argv=None) -> int:
         print(json.dumps(run_case(a.case, a.work, a.layers, a.threads)))
         return 0
 
-    cases = [c for c in a.cases.split(",") if c]
-    unknown = [c for c in cases if c not in CASES]
-    if unknown:
-        ap.error(f"unknown case {unknown[0]!r} (known: {', '.join(CASES)})")
-    work = a.work or Path(tempfile.mkdtemp(prefix="adaptzip-bench-masa-"))
-    work.mkdir(parents=True, exist_ok=True)
+    cases = common.parse_cases(ap, a.cases, CASES)
     results: dict[str, dict] = {}
-    load_start = os.getloadavg()[0]
-    try:
-        if not (work / "adapter" / "adapter_model.safetensors").exists():
-            print("… build the synthetic adapter", file=sys.stderr, flush=True)
-            child("build", work, a.layers, a.threads, a.timeout)
-        build = {"bytes": (work / "adapter" / "adapter_model.safetensors").stat().st_size}
+    with common.scratch(a.work, "adaptzip-bench-masa-", a.keep) as work:
+        load_start = common.loadavg()
+        source_bytes = common.ensure_adapter(work, lambda: child("build", work, a.layers, a.threads, a.timeout))
         for case in cases:
             print(f"… masa {CASES[case][0]}", file=sys.stderr, flush=True)
             results[case] = child(case, work, a.layers, a.threads, a.timeout)
-    finally:
-        if a.work is None and not a.keep:
-            shutil.rmtree(work, ignore_errors=True)
 
-    import torch
-    sys.path.insert(0, str(HERE))
-    from llama7b_adapter import module_shapes
     targets = [{"name": f"masa fit ({CASES[c][0]}) s", "measured": r["fit_s"], "limit": TARGET_FIT_S} for c, r in results.items()]
-    for t in targets:
-        t["ok"] = t["measured"] <= t["limit"]
+    common.check_targets(targets)
     result = {
-        "benchmark": "masa", "layers": a.layers, "rank": 16, "modules": a.layers * len(module_shapes()),
-        "source_bytes": build["bytes"], "threads": a.threads, "cpus": os.cpu_count(),
-        "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
-        "cpu": platform.processor() or platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
-        "cases": results, "targets": targets,
+        "benchmark": "masa", "layers": a.layers, "rank": 16, "modules": common.module_count(a.layers),
+        "source_bytes": source_bytes, "threads": a.threads, "cpus": os.cpu_count(),
+        "loadavg_start": load_start, "loadavg_end": common.loadavg(),
+        **common.machine_info(), "cases": results, "targets": targets,
     }
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "masa.json").write_text(json.dumps(result, indent=2) + "\n")
-    (a.out / "masa.md").write_text(markdown(result))
+    common.write_outputs(a.out, "masa", result, markdown(result))
     print(table(result))
     return 0 if all(t["ok"] for t in targets) else 1
 

@@ -23,17 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-OUT = HERE / "out"
+import common
+from common import peak_rss_mb as _peak_rss_mb
+
 TARGET_FIT_S = 60.0
 STEPS = {"steps": 10, "refit_steps": 30}
 
@@ -43,10 +39,6 @@ CASES: dict[str, tuple[str, dict, str | None]] = {
     "h1024": ("h 1024, b 256, k 2 (int16 indices)", {"bank": 1024}, None),
     "budget": ("--budget 0.02, b 256, k 2", {}, "0.02"),
 }
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 # ----------------------------------------------------------------------------- child side
@@ -61,12 +53,7 @@ def run_case(case: str, work: Path, layers: int) -> dict:
 
     src = work / "adapter"
     if case == "build":
-        sys.path.insert(0, str(HERE))
-        from llama7b_adapter import build_llama7b_adapter
-        t0 = time.perf_counter()
-        build_llama7b_adapter(src, layers=layers, rank=16, seed=0)
-        return {"seconds": time.perf_counter() - t0, "bytes": (src / "adapter_model.safetensors").stat().st_size,
-                "modules": len(adaptzip.load_adapter(src).modules)}
+        return common.build_adapter(work, layers)
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # for the svd baseline; the fit uses one thread
     _, options, budget = CASES[case]
     ad = adaptzip.load_adapter(src)
@@ -107,14 +94,8 @@ def run_case(case: str, work: Path, layers: int) -> dict:
 
 # ----------------------------------------------------------------------------- parent side
 def child(case: str, work: Path, layers: int, timeout: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--work", str(work), "--layers", str(layers)]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0:
-        raise RuntimeError(f"case {case} failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
-    res = json.loads(p.stdout.strip().splitlines()[-1])
-    res["process_s"] = time.perf_counter() - t0
-    return res
+    """Run one case in a child process; return its JSON result plus ``process_s``."""
+    return common.run_child(__file__, ["--case", case, "--work", work, "--layers", layers], timeout, name=case)
 
 
 COLUMNS = ("case", "h", "r", "fits", "fit s", "fit CPU s", "peak RSS MB", "MB", "ratio", "soft err", "hard err",
@@ -147,13 +128,9 @@ def markdown(result: dict) -> str:
         f"hard top-k; `svd same bytes`: per-module SVD with global rank allocation in a container of the same size; "
         f"`expand s`: `expand --to peft-vblora`.",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|",
     ]
-    lines += ["| " + " | ".join(r) + " |" for r in rows(result)]
-    lines += ["", "| target | measured | limit | met |", "|---|---:|---:|:---:|"]
-    for t in result["targets"]:
-        lines.append(f"| {t['name']} | {t['measured']:.3g} | {t['limit']:.3g} | {'yes' if t['ok'] else '**no**'} |")
+    lines += common.markdown_table(COLUMNS, rows(result))
+    lines += common.targets_markdown(result["targets"])
     b = result["cases"].get("budget", {}).get("fit_info", {}).get("budget_choice")
     if b:
         lines += ["", f"`--budget 0.02` chose h = {b['bank']} at rank {b['rank']} (payload {b['payload_bytes'] / 1e6:.3f} MB of "
@@ -162,19 +139,13 @@ def markdown(result: dict) -> str:
 
 
 def table(result: dict) -> str:
-    data = [list(COLUMNS)] + rows(result)
-    w = [max(len(r[i]) for r in data) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in data)
+    """The printed table."""
+    return common.table(COLUMNS, rows(result))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="adaptzip VB-LoRA benchmark (Llama-7B-shaped LoRA)")
-    ap.add_argument("--layers", type=int, default=32, help="decoder layers of the synthetic adapter (32 = Llama-7B)")
-    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
-    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one, removed afterwards)")
-    ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
-    ap.add_argument("--out", type=Path, default=OUT, help="where vblora.json / vblora.md go")
-    ap.add_argument("--timeout", type=float, default=3600, help="seconds allowed per case")
+    common.add_common_args(ap, "vblora", CASES, timeout=3600)
     ap.add_argument("--case", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
@@ -182,46 +153,28 @@ def main(argv=None) -> int:
         print(json.dumps(run_case(a.case, a.work, a.layers)))
         return 0
 
-    cases = [c for c in a.cases.split(",") if c]
-    unknown = [c for c in cases if c not in CASES]
-    if unknown:
-        ap.error(f"unknown case {unknown[0]!r} (known: {', '.join(CASES)})")
-    work = a.work or Path(tempfile.mkdtemp(prefix="adaptzip-bench-vblora-"))
-    work.mkdir(parents=True, exist_ok=True)
+    cases = common.parse_cases(ap, a.cases, CASES)
     results: dict[str, dict] = {}
-    load_start = os.getloadavg()[0]
-    try:
-        if not (work / "adapter" / "adapter_model.safetensors").exists():
-            print("… build the synthetic adapter", file=sys.stderr, flush=True)
-            child("build", work, a.layers, a.timeout)
-        source_bytes = (work / "adapter" / "adapter_model.safetensors").stat().st_size
+    with common.scratch(a.work, "adaptzip-bench-vblora-", a.keep) as work:
+        load_start = common.loadavg()
+        source_bytes = common.ensure_adapter(work, lambda: child("build", work, a.layers, a.timeout))
         for case in cases:
             print(f"… vblora {CASES[case][0]}", file=sys.stderr, flush=True)
             results[case] = child(case, work, a.layers, a.timeout)
-    finally:
-        if a.work is None and not a.keep:
-            shutil.rmtree(work, ignore_errors=True)
 
-    import torch
-    sys.path.insert(0, str(HERE))
-    from llama7b_adapter import module_shapes
     targets = []
     for c, r in results.items():
         # the fit is single-threaded: its CPU time is its wall time on an idle machine; per fit
         targets.append({"name": f"vblora fit ({CASES[c][0]}) CPU s per fit", "measured": r["fit_cpu_s"] / max(1, r["fits"]),
                         "limit": TARGET_FIT_S})
-    for t in targets:
-        t["ok"] = t["measured"] <= t["limit"]
+    common.check_targets(targets)
     result = {
-        "benchmark": "vblora", "layers": a.layers, "rank": 16, "modules": a.layers * len(module_shapes()),
+        "benchmark": "vblora", "layers": a.layers, "rank": 16, "modules": common.module_count(a.layers),
         "source_bytes": source_bytes, "cpus": os.cpu_count(), "steps": STEPS,
-        "loadavg_start": load_start, "loadavg_end": os.getloadavg()[0],
-        "cpu": platform.processor() or platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
-        "cases": results, "targets": targets,
+        "loadavg_start": load_start, "loadavg_end": common.loadavg(),
+        **common.machine_info(), "cases": results, "targets": targets,
     }
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "vblora.json").write_text(json.dumps(result, indent=2) + "\n")
-    (a.out / "vblora.md").write_text(markdown(result))
+    common.write_outputs(a.out, "vblora", result, markdown(result))
     print(table(result))
     return 0 if all(t["ok"] for t in targets) else 1
 

@@ -97,7 +97,11 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="*", help="run only these forms and merge them into an existing real_smollm2.json")
+    ap.add_argument("--table-only", action="store_true", help="re-render the table and plot from real_smollm2.json")
     args = ap.parse_args()
+    if args.table_only:
+        render(json.loads((OUT / "real_smollm2.json").read_text()), plot=True)
+        return
     torch.set_num_threads(args.threads)
     q = args.quick
     cfg = {
@@ -130,8 +134,11 @@ def main() -> None:
     print(f"prepared in {cal.timings['prepare_seconds']:.0f}s: ppl base {ref['ppl_base']:.2f}, source {ref['ppl_source']:.2f}", file=sys.stderr)
     ctx = FitContext(stats=cal.stats, max_steps=cfg["fit_steps"])
     rows = []
+    prev = 0.0  # with --only: the earlier run's rows and time are kept
     if args.only and (OUT / "real_smollm2.json").is_file():
-        rows = [r for r in json.loads((OUT / "real_smollm2.json").read_text())["rows"] if r["form"] not in args.only]
+        old = json.loads((OUT / "real_smollm2.json").read_text())
+        rows = [r for r in old["rows"] if r["form"] not in args.only]
+        prev = old["seconds"]
     for frac in cfg["budgets"]:
         budget = int(frac * ad.bytes)
         names = sorted(n for n in REGISTRY if n != "lora") if cfg["grid"] is None else cfg["grid"][frac]
@@ -157,24 +164,30 @@ def main() -> None:
             print(f"{name} @ {frac}: {size} B, KL {m['kl_before']:.4f} → {m['kl_after']:.4f}, top-1 "
                   f"{m['top1_agreement_before']:.3f} → {m['top1_agreement']:.3f}, kept {m['improvement_kept_before']:.3f} → "
                   f"{m['improvement_kept']:.3f}", file=sys.stderr, flush=True)
-            _write(rows, cfg, train, ref, cal, ad, time.perf_counter() - t0, q)
-    _write(rows, cfg, train, ref, cal, ad, time.perf_counter() - t0, q, plot=True)
+            _write(rows, cfg, train, ref, cal, ad, time.perf_counter() - t0, q, prev_seconds=prev)
+    _write(rows, cfg, train, ref, cal, ad, time.perf_counter() - t0, q, plot=True, prev_seconds=prev)
 
 
-def _write(rows, cfg, train, ref, cal, ad, seconds, quick, plot=False) -> None:
+def _write(rows, cfg, train, ref, cal, ad, seconds, quick, plot=False, prev_seconds: float = 0.0) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    rows = sorted(rows, key=lambda r: (-r["budget"], r["form"]))
     res = {"model": "SmolLM2-135M-Instruct Q4_1 GGUF (dequantised fp32)", "text": "gensim lee_background.cor",
            "quick": quick, "config": cfg, "lora": {**train, "bytes": ad.bytes, "params": ad.n_params, "modules": len(ad.modules)},
-           "reference": ref, "timings": cal.timings, "seconds": seconds, "rows": rows,
+           "reference": ref, "timings": cal.timings, "seconds": seconds + prev_seconds,
+           "rows": sorted(rows, key=lambda r: (-r["budget"], r["form"])),
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     (OUT / "real_smollm2.json").write_text(json.dumps(res, indent=1))
-    md = [f"SmolLM2-135M-Instruct (Q4_1 GGUF), a real r=16 LoRA on all {len(ad.modules)} linear modules "
-          f"({ad.bytes / 1e6:.2f} MB fp32) trained {train['steps']} steps on news text; eval on held-out news "
+    render(res, plot)
+
+
+def render(res: dict, plot: bool = False) -> None:
+    """The table (examples/out and bench/out) and the plot from a real_smollm2.json result."""
+    cfg, train, ref, lo, rows = res["config"], res["lora"], res["reference"], res["lora"], res["rows"]
+    md = [f"SmolLM2-135M-Instruct (Q4_1 GGUF), a real r=16 LoRA on all {lo['modules']} linear modules "
+          f"({lo['bytes'] / 1e6:.2f} MB fp32) trained {train['steps']} steps on news text; eval on held-out news "
           f"({ref['eval_tokens']} tokens): perplexity base {ref['ppl_base']:.2f} → source {ref['ppl_source']:.2f}. "
           f"Σ and distillation on {ref['calib_tokens']} calibration tokens; distillation {cfg['distil_steps']} steps "
-          f"× {cfg['batch']}×{cfg['seq']} tokens, lr by the start rule. `{'--quick' if quick else 'full'}` run, "
-          f"{seconds / 60:.0f} min on this machine.", "",
+          f"× {cfg['batch']}×{cfg['seq']} tokens, lr by the start rule. `{'--quick' if res['quick'] else 'full'}` run, "
+          f"{res['seconds'] / 60:.0f} min in all on 2 shared CPU cores.", "",
           "| budget | form | bytes | KL start | KL distilled | top-1 start | top-1 distilled | kept start | kept distilled |",
           "|---|---|---|---|---|---|---|---|---|"]
 

@@ -307,3 +307,38 @@ def test_auto_never_picks_a_form_worse_than_another_tried(env, tmp_path):
     assert r["bytes"] <= int(0.4 * env["adapter"].bytes)
     assert "lowest eval KL" in r["auto"]["reason"]
     assert open_container(tmp_path / "a.safetensors").manifest["form"] == r["form"]
+
+
+def test_encoder_with_classifier_head(tmp_path):
+    """BERT-like base + SEQ_CLS LoRA (head in modules_to_save): the live lora form equals the
+    teacher, and distillation (hidden-state MSE + class KL) lowers the held-out objective."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from calib_fixtures import make_tokenizer
+    text = make_text(500, seed=5)
+    (tmp_path / "c.txt").write_text(text)
+    torch.manual_seed(0)
+    m = BertForSequenceClassification(BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                 intermediate_size=96, max_position_embeddings=128, num_labels=3))
+    m.save_pretrained(tmp_path / "base")
+    make_tokenizer(text).save_pretrained(tmp_path / "base")
+    pm = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], task_type="SEQ_CLS"))
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        ids = torch.randint(4, 128, (8, 24), generator=g)
+        loss = pm(input_ids=ids, labels=ids[:, 0] % 3).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pm.save_pretrained(tmp_path / "lora")
+    ad = load_adapter(tmp_path / "lora")
+    cal = distill.prepare(ad, tmp_path / "base", tmp_path / "c.txt", calib_tokens=3000, seq_len=SEQ)
+    assert cal.task == "cls" and cal.eval.base_objective > 0
+    lora = get_form("lora").fit(ad, get_form("lora").Config(), FitContext())
+    ev = cal.evaluate(lora)
+    assert ev["kl"] < 1e-9 and ev["hidden_rel_mse"] < 1e-9 and ev["top1"] == 1.0
+    svd = get_form("svd").fit(ad, get_form("svd").Config(rank=1), FitContext(stats=cal.stats))
+    info = cal.distil(svd, steps=30, lr=3e-3)
+    assert info["heldout_after"] < info["heldout_before"]
