@@ -339,10 +339,10 @@ class _Inline:
         return fut
 
     def interrupt(self) -> None:
-        pass  # the main process's own handler raises inside the running conversion
+        return  # the main process's own handler raises inside the running conversion
 
     def shutdown(self) -> None:
-        pass
+        return  # nothing to release
 
 
 class _Pool:
@@ -402,7 +402,7 @@ class _Ray:
                 self.ray.cancel(ref)
 
     def shutdown(self) -> None:
-        pass
+        return  # nothing to release
 
 
 # ============================================================== signals, lock, temp files

@@ -45,6 +45,8 @@ steps of the initialisation are unweighted (the refinement optimises the weighte
 """
 from __future__ import annotations
 
+import abc
+
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -281,14 +283,14 @@ class _BSLoRA(Form):
 
     # -- per transform ----------------------------------------------------------
     @staticmethod
+    @abc.abstractmethod
     def transform(Bs: Tensor, As: Tensor, pm: dict[str, Tensor], m: ModuleInfo) -> tuple[Tensor, Tensor]:
         """(T_B(Bs) out×r, T_A(As) r×in) of module m from a shared pair and its own tensors."""
-        raise NotImplementedError
 
     @classmethod
+    @abc.abstractmethod
     def shared_shape(cls, modules: Sequence[ModuleInfo], members: Sequence[int], r: int, lay: Layout) -> tuple[tuple[int, int], tuple[int, int]]:
         """(shape of B_s, shape of A_s) of a pair shared by ``members``."""
-        raise NotImplementedError
 
     @classmethod
     def module_param_shapes(cls, m: ModuleInfo, lay: Layout) -> dict[str, tuple[int, ...]]:
@@ -451,11 +453,11 @@ class _Fitted(_BSLoRA):
     """Forms fitted by initialisation (two orders) + alternating refinement (SS, KE)."""
 
     @classmethod
+    @abc.abstractmethod
     def init_slot(cls, lv: str, members: list[int], mods: Sequence[ModuleInfo], lay: Layout,
                   res: list[tuple[Tensor, Tensor]], sigmas: list[Tensor | None], gen: torch.Generator
                   ) -> tuple[Tensor, Tensor, dict[int, dict[str, Tensor]]]:
         """(B_s, A_s, per-module tensors) of one shared pair fitted to its members' residuals."""
-        raise NotImplementedError
 
     @classmethod
     def line_search(cls, members: list[int], mods: Sequence[ModuleInfo], res: list[tuple[Tensor, Tensor]],
