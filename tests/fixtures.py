@@ -67,3 +67,15 @@ def train_lora(base_dir: Path, out: Path, *, steps: int = 8, seed: int = 0, dtyp
 
 def random_ids(n: int = 2, length: int = 16, vocab: int = 128, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def one_torch_thread():
+    """Generator for a pytest fixture: torch on one thread while it is active, the previous count after.
+    The test matrices are tiny, so on a loaded 2-core machine one thread is far faster than two
+    (training included). Kept free of pytest so that bench scripts can import this module; a test
+    module makes it a fixture with ``pytest.fixture(autouse=True)(one_torch_thread)`` (add
+    ``scope="module"`` to set it once per module)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

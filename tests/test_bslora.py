@@ -18,17 +18,12 @@ from adaptzip.errors import ContainerError, OptionError
 from adaptzip.forms import FitContext, get_form, make_config
 from adaptzip.forms.bslora import KroneckerExtension, layer_groups, make_layout
 from clihelp import run_cli, run_json
+from fixtures import one_torch_thread
 
 FORMS = ("bslora-ss", "bslora-gt", "bslora-ke")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These matrices are tiny: a second thread only adds contention on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_one_thread = pytest.fixture(autouse=True)(one_torch_thread)  # tiny matrices: one thread per test
 FAST = {"bslora-ss": {"steps": 20}, "bslora-ke": {"steps": 20}, "bslora-gt": {}}  # keep the suite quick
 
 

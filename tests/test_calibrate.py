@@ -15,20 +15,14 @@ from adaptzip.container import open_container
 from adaptzip.errors import AdaptzipError, BaseModelError, CalibrationError
 from adaptzip.forms import REGISTRY, FitContext, get_form
 from calib_fixtures import base_with_tokenizer, make_text, train_text_lora
-from fixtures import make_base, train_lora
+from fixtures import make_base, one_torch_thread, train_lora
 
 # Options that let a form's defaults fit the tiny test model (hidden 64, MLP 96).
 TINY_OPTIONS = {"vblora": {"vector_len": 32, "bank": 32, "steps": 20, "refit_steps": 20}}
 SEQ = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: one thread is ~100× faster than two on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+_one_thread = pytest.fixture(autouse=True)(one_torch_thread)  # tiny matrices: one thread per test
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,12 @@ from adaptzip import container as ct
 from adaptzip.adapter import load_adapter
 from adaptzip.errors import OptionError, OutputExists
 from adaptzip.forms import FitContext
+from fixtures import one_torch_thread
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)  # tiny matrices: one thread
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,10 @@ from adaptzip import container as ct
 from adaptzip.adapter import load_adapter
 from adaptzip.errors import AdaptzipError, ContainerError, OptionError
 from adaptzip.forms import FitContext
-from fixtures import train_lora
+from fixtures import one_torch_thread, train_lora
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one torch thread is far faster on a loaded 2-core machine (training too)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)  # tiny matrices: one thread (training too)
 
 
 def _cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
