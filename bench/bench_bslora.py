@@ -111,17 +111,14 @@ def rows(result: dict) -> list[list[str]]:
 
 
 def markdown(result: dict) -> str:
-    lines = [
+    intro = (
         f"BSLoRA on the Llama-7B-shaped LoRA: {result['layers']} layers, r=16, fp16, {result['modules']} modules, "
         f"{result['source_bytes'] / 1e6:.1f} MB; {result['threads']} torch thread(s) on {result['cpu']} ({result['cpus']} CPUs, "
         f"load average {result['load_before']:.1f} when started), torch {result['torch']}. Weight-space errors (no calibration); "
         f"`svd same bytes` is the per-module SVD with global rank allocation whose container has the same size. "
-        f"Local ranks shown as min–max when `--budget` allocated them per module.",
-        "",
-    ]
-    lines += common.markdown_table(COLUMNS, rows(result))
-    lines += common.targets_markdown(result["targets"])
-    return "\n".join(lines) + "\n"
+        f"Local ranks shown as min–max when `--budget` allocated them per module."
+    )
+    return common.markdown_doc(intro, COLUMNS, rows(result), result["targets"])
 
 
 def table(result: dict) -> str:

@@ -96,24 +96,22 @@ def rows(result: dict) -> list[list[str]]:
 
 
 def markdown(result: dict) -> str:
-    lines = [
+    intro = (
         f"MASA on the Llama-7B-shaped LoRA: {result['layers']} layers, r=16, fp16, {result['modules']} modules, "
         f"{result['source_bytes'] / 1e6:.1f} MB; {result['threads']} torch thread(s) on {result['cpu']} ({result['cpus']} CPUs, "
         f"1-min load average {result['loadavg_start']:.1f} at the start, {result['loadavg_end']:.1f} at the end), "
         f"torch {result['torch']}. `fit s`: wall time of `MasaForm.fit`; `fit CPU s`: its process CPU time (robust to a "
         f"busy machine); `compress s`: the whole `adaptzip.compress` incl. evaluation and the svd baseline. Weight-space errors (no calibration); `svd same bytes` is the per-module SVD with global "
         f"rank allocation whose container has the same size. `redundant experts`: the share of the stored floats that "
-        f"N > 1 adds without changing ΔŴ.",
-        "",
-    ]
-    lines += common.markdown_table(COLUMNS, rows(result))
-    lines += common.targets_markdown(result["targets"])
+        f"N > 1 adds without changing ΔŴ."
+    )
+    notes = []
     b = result["cases"].get("budget", {}).get("budget_choice")
     if b:
-        lines += ["", f"`--budget 0.25` chose rank {b['rank']} (payload {b['payload_bytes'] / 1e6:.2f} MB of "
-                      f"{b['budget_payload_bytes'] / 1e6:.2f} MB; rank {b['rank'] + 1} would need "
-                      f"{(b['next_rank_payload_bytes'] or 0) / 1e6:.2f} MB)."]
-    return "\n".join(lines) + "\n"
+        notes.append(f"`--budget 0.25` chose rank {b['rank']} (payload {b['payload_bytes'] / 1e6:.2f} MB of "
+                     f"{b['budget_payload_bytes'] / 1e6:.2f} MB; rank {b['rank'] + 1} would need "
+                     f"{(b['next_rank_payload_bytes'] or 0) / 1e6:.2f} MB).")
+    return common.markdown_doc(intro, COLUMNS, rows(result), result["targets"], notes)
 
 
 def table(result: dict) -> str:

@@ -116,7 +116,7 @@ def rows(result: dict) -> list[list[str]]:
 
 
 def markdown(result: dict) -> str:
-    lines = [
+    intro = (
         f"VB-LoRA on the Llama-7B-shaped LoRA: {result['layers']} layers, r=16, fp16, {result['modules']} modules, "
         f"{result['source_bytes'] / 1e6:.1f} MB; the fit on 1 torch thread on {result['cpu']} ({result['cpus']} CPUs, "
         f"1-min load average {result['loadavg_start']:.1f} at the start, {result['loadavg_end']:.1f} at the end), "
@@ -126,16 +126,14 @@ def markdown(result: dict) -> str:
         f"peak RSS of the whole case (fit, evaluation, svd baseline, write, export). `soft err`/`hard err`: weight-space "
         f"relative error after the soft phase (top-k free; skipped when N·h logits would exceed 2²⁶) and of the stored "
         f"hard top-k; `svd same bytes`: per-module SVD with global rank allocation in a container of the same size; "
-        f"`expand s`: `expand --to peft-vblora`.",
-        "",
-    ]
-    lines += common.markdown_table(COLUMNS, rows(result))
-    lines += common.targets_markdown(result["targets"])
+        f"`expand s`: `expand --to peft-vblora`."
+    )
+    notes = []
     b = result["cases"].get("budget", {}).get("fit_info", {}).get("budget_choice")
     if b:
-        lines += ["", f"`--budget 0.02` chose h = {b['bank']} at rank {b['rank']} (payload {b['payload_bytes'] / 1e6:.3f} MB of "
-                      f"{b['budget_payload_bytes'] / 1e6:.3f} MB)."]
-    return "\n".join(lines) + "\n"
+        notes.append(f"`--budget 0.02` chose h = {b['bank']} at rank {b['rank']} (payload {b['payload_bytes'] / 1e6:.3f} MB of "
+                     f"{b['budget_payload_bytes'] / 1e6:.3f} MB).")
+    return common.markdown_doc(intro, COLUMNS, rows(result), result["targets"], notes)
 
 
 def table(result: dict) -> str:

@@ -160,3 +160,13 @@ def write_outputs(out: Path, name: str, result: dict, md: str, *, indent: int = 
 def loadavg() -> float:
     """The machine's 1-minute load average."""
     return os.getloadavg()[0]
+
+
+def markdown_doc(intro: str, columns: Sequence[str], rows: Sequence[Sequence[str]], targets: Sequence[dict],
+                 notes: Sequence[str] = ()) -> str:
+    """A bench's markdown: the intro paragraph, a blank line, the results table, the targets table,
+    then each note as a paragraph of its own; ends with a newline."""
+    lines = [intro, "", *markdown_table(columns, rows), *targets_markdown(targets)]
+    for note in notes:
+        lines += ["", note]
+    return "\n".join(lines) + "\n"

@@ -81,6 +81,9 @@ def test_verify_ok_and_tampering(svd_container, tmp_path):
     with pytest.raises(ContainerError, match="schema at modules/0/in"):
         adaptzip.verify(_rewrite(svd_container, tmp_path / "t5.safetensors", edit_manifest=lambda m: m["modules"][0].update({"in": "64"})))
 
+    with pytest.raises(ContainerError, match="schema at modules/5"):  # opening checks every entry, cheaply
+        adaptzip.open_container(_rewrite(svd_container, tmp_path / "t5b.safetensors", edit_manifest=lambda m: m["modules"][5].update({"rank": "8"})))
+
     def newer(m):
         m["format_version"] = 99
     with pytest.raises(ContainerError, match="format_version 99 is newer"):
