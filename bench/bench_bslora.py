@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import common
-from common import HERE, OUT
 
 TARGET_FIT_S = 60.0
 FORMS = ("bslora-ss", "bslora-gt", "bslora-ke")
