@@ -630,7 +630,7 @@ def fit_and_distil(adapter: Adapter, form_cls, config, budget_bytes: int | None,
                    cal: Calibration, *, fit_to_budget, svd_baseline=None, steps: int, lr: float | None = None,
                    command: str | None = None, auto: bool = False) -> tuple[Form, dict, dict, int]:
     """Fit to the budget with header room reserved for the metrics (``fit_to_budget`` with a
-    placeholder ``metrics_fn``: every metric at its longest JSON length, so distillation runs once,
+    header-reserving ``metrics_fn``: every metric at its longest JSON length, so distillation runs once,
     not once per budget pass), then measure + distil the form (and the same-bytes svd baseline,
     when ``svd_baseline`` is given) and build the container. Returns (form, tensors, manifest, size)."""
     template = _template(adapter, svd_baseline is not None, auto)
