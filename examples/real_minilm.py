@@ -16,30 +16,19 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import random
 import re
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from common import FORM_OPTIONS, OUT, ROOT, WORK  # noqa: E402,F401  (sets the offline env first)
 
 import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from adaptzip import api, distill, load_adapter  # noqa: E402
 from adaptzip.errors import AdaptzipError  # noqa: E402
 from adaptzip.forms import REGISTRY, FitContext  # noqa: E402
-
-OUT = ROOT / "examples" / "out"
-# form options these models need (VB-LoRA's sub-vector length must divide every module's dims: 576, 1536 / 384, 1536)
-FORM_OPTIONS = {"vblora": {"vector_len": 64}}
-# scratch (LoRA, Σ): outside examples/out/, which examples/demo.py replaces on every run
-WORK = Path(os.environ.get("ADAPTZIP_EXAMPLES_WORK", Path.home() / ".cache" / "adaptzip-examples"))
 
 
 def package_dir(pkg: str, *parts: str) -> Path:

@@ -288,9 +288,11 @@ class _BSLoRA(Form):
         """(T_B(Bs) out×r, T_A(As) r×in) of module m from a shared pair and its own tensors."""
 
     @classmethod
-    @abc.abstractmethod
     def shared_shape(cls, modules: Sequence[ModuleInfo], members: Sequence[int], r: int, lay: Layout) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(shape of B_s, shape of A_s) of a pair shared by ``members``."""
+        """(shape of B_s, shape of A_s) of a pair shared by ``members``: by default a square pair of
+        the shared size (GT's d_s, KE's s); SS overrides it with the members' largest dims."""
+        s = lay.shared_size
+        return (s, r), (r, s)
 
     @classmethod
     def module_param_shapes(cls, m: ModuleInfo, lay: Layout) -> dict[str, tuple[int, ...]]:
@@ -618,11 +620,6 @@ class KroneckerExtension(_Fitted):
         return torch.kron(pm["B"], Bs)[:m.out_features], torch.kron(pm["A"], As)[:, :m.in_features]
 
     @classmethod
-    def shared_shape(cls, modules, members, r, lay):
-        s = lay.shared_size
-        return (s, r), (r, s)
-
-    @classmethod
     def module_param_shapes(cls, m, lay):
         s = lay.shared_size
         return {"A": (1, _blocks(m.in_features, s)), "B": (_blocks(m.out_features, s), 1)}
@@ -724,11 +721,6 @@ class GateTransformation(_BSLoRA):
     def transform(Bs, As, pm, m):
         # G_o B_s = g_ou (g_odᵀ B_s): out×r;  A_s G_i = (A_s g_iu) g_idᵀ: r×in
         return pm["ou"][:, None] * (pm["od"] @ Bs)[None, :], (As @ pm["iu"])[:, None] * pm["id"][None, :]
-
-    @classmethod
-    def shared_shape(cls, modules, members, r, lay):
-        d = lay.shared_size
-        return (d, r), (r, d)
 
     @classmethod
     def module_param_shapes(cls, m, lay):
