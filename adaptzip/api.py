@@ -155,7 +155,7 @@ def compress(lora_dir: str | Path, output: str | Path, *, to: str = "svd", budge
         raise OptionError(None, "--calib/--eval need --base-model (the teacher runs on the base model)")
     if to == "auto":
         return _compress_auto(adapter, output, cal, budget, dtype, seed, progress, command, stats, calib_steps, lr,
-                              auto_distil, t0, fit_steps)
+                              auto_distil, t0, fit_steps, quant, group_size)
     form_cls = get_form(to)
     config = make_config(form_cls, {**(options or {}), **form_options})
     dt = resolve_dtype(dtype, adapter)
@@ -178,11 +178,10 @@ def compress(lora_dir: str | Path, output: str | Path, *, to: str = "svd", budge
             m["svd_baseline_bytes"] = base_size
         return m
 
-    if cal is not None and quant == "auto":
-        raise OptionError(None, "--quant auto with --base-model is not supported yet: use --quant int8/int4 "
-                          "(quantisation-aware distillation) or --quant auto without calibration")
+    auto_report: dict = {}
     if cal is not None:  # distillation runs once, after the budget is settled (see distill.fit_and_distil)
-        fitb = fit_to_budget if quant == "none" else functools.partial(_fit_qat, quant=quant, group_size=group_size)
+        fitb = (fit_to_budget if quant == "none"
+                else functools.partial(_fit_qat, quant=quant, group_size=group_size, auto_report=auto_report))
         form, tensors, manifest, size = distill.fit_and_distil(
             adapter, form_cls, config, budget_bytes, dt, ctx, cal, fit_to_budget=fitb,
             svd_baseline=svd_baseline if baseline else None, steps=calib_steps, lr=lr, command=command)
@@ -217,35 +216,53 @@ def _calibration_extras(cal, form: Form, adapter: Adapter, ctx: FitContext) -> d
 
 
 def _compress_auto(adapter: Adapter, output: Path, cal, budget, dtype, seed, progress, command, stats, calib_steps, lr,
-                   auto_distil, t0, fit_steps=None) -> dict:
-    """``--to auto``: see :func:`adaptzip.distill.auto_select`."""
+                   auto_distil, t0, fit_steps=None, quant: str = "none", group_size: int = qz.DEFAULT_GROUP) -> dict:
+    """``--to auto``: see :func:`adaptzip.distill.auto_select`; with ``quant``, every candidate is
+    fitted and distilled as stored under that scheme (:func:`_fit_qat`)."""
     from . import distill
     dt = resolve_dtype(dtype, adapter)
     budget_bytes = parse_budget(budget, adapter.bytes)
     torch.manual_seed(seed)
     ctx = FitContext(stats=stats, seed=seed, progress=progress, max_steps=fit_steps)
+    fitb = fit_to_budget if quant == "none" else functools.partial(_fit_qat, quant=quant, group_size=group_size)
     form, tensors, manifest, size, report = distill.auto_select(
-        adapter, budget_bytes, dt, ctx, cal, fit_to_budget=fit_to_budget, steps=calib_steps, lr=lr,
+        adapter, budget_bytes, dt, ctx, cal, fit_to_budget=fitb, steps=calib_steps, lr=lr,
         n_distil=auto_distil, command=command)
     written = ct.write(output, tensors, manifest)
+    qinfo = {"quant": _quant_summary(manifest)} if "storage" in manifest else {}
     return {
         "output": str(output), "form": form.name, "config": config_to_json(form.config), "state": _state_summary(form),
         "dtype": DTYPE_NAMES[dt], "source_bytes": adapter.bytes, "bytes": written, "ratio": written / adapter.bytes,
         "stored_params": form.float_params(), "source_params": adapter.n_params,
-        **manifest["metrics"], "auto": report, **_calibration_extras(cal, form, adapter, ctx),
+        **manifest["metrics"], **qinfo, "auto": report, **_calibration_extras(cal, form, adapter, ctx),
         "seconds": time.perf_counter() - t0,
     }
 
 
 def _fit_qat(adapter: Adapter, form_cls: type[Form], config: Any, budget_bytes: int | None, dtype: torch.dtype,
-             ctx: FitContext, *, quant: str, group_size: int, **kw):
-    """``fit_to_budget`` at a fixed ``--quant`` for distillation: the form carries its storage
+             ctx: FitContext, *, quant: str, group_size: int, metrics_fn=None, command: str | None = None,
+             auto_report: dict | None = None):
+    """``fit_to_budget`` under ``--quant`` for distillation: the form carries its storage
     (``form.quant_storage``, so every later ``container.build`` stores it quantised) and is seen
     through the straight-through fake quantiser (:func:`adaptzip.quant.attach_fake_quant`), so
     distillation trains the latent floats for what will be stored (quantisation-aware) and every
-    metric measured on it describes the stored container."""
-    form, tensors, manifest, size = fit_to_budget(adapter, form_cls, config, budget_bytes, dtype, ctx, quant=quant,
-                                                  group_size=group_size, **kw)
+    metric measured on it describes the stored container. ``quant='auto'``: the bits (and svd
+    ranks) are first chosen by the rate–distortion allocation of :func:`_quant_auto` on the
+    (Σ-weighted, when statistics exist) weight-space error; its report goes into ``auto_report``."""
+    if quant == "auto":
+        if budget_bytes is None:
+            raise OptionError(None, "--quant auto chooses bits for a size: give --budget too")
+
+        def weighed(f: Form, size: int) -> dict:  # the header reservation of metrics_fn, with the real error
+            return {**(metrics_fn(f, size) if metrics_fn is not None else {}), "rel_error": fit.evaluate(f, adapter, ctx).rel_error}
+        form, tensors, manifest, size, rep = _quant_auto(adapter, form_cls, config, budget_bytes, dtype, ctx, group_size,
+                                                         weighed, command)
+        if auto_report is not None:
+            auto_report.clear()
+            auto_report.update(rep)
+    else:
+        form, tensors, manifest, size = fit_to_budget(adapter, form_cls, config, budget_bytes, dtype, ctx, quant=quant,
+                                                      group_size=group_size, metrics_fn=metrics_fn, command=command)
     storage = qz.Storage.from_json(manifest.get("storage"))
     if storage is not None:
         form.quant_storage = storage

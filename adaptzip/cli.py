@@ -159,7 +159,7 @@ def compress(
     group: Annotated[Optional[int], typer.Option(help="masa: layers per group S.")] = None,
     experts: Annotated[Optional[int], typer.Option(help="masa: A-experts per group N.")] = None,
     bank: Annotated[Optional[int], typer.Option(help="vblora: vectors in the bank h.")] = None,
-    vector_len: Annotated[Optional[int], typer.Option(help="vblora: sub-vector length b.")] = None,
+    vector_len: Annotated[Optional[int], typer.Option(help="vblora: sub-vector length b (default: the largest length ≤ 256 that divides every module's in and out features).")] = None,
     topk: Annotated[Optional[int], typer.Option(help="vblora: bank vectors mixed per sub-vector k.")] = None,
     opt: Annotated[Optional[list[str]], typer.Option("--opt", help="Any other form option as KEY=VALUE (repeatable).")] = None,
     dtype: Annotated[Optional[DType], typer.Option(help="Container float dtype (default: the source's).")] = None,

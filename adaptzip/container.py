@@ -367,12 +367,33 @@ class Container:
     def carried_tensor(self, j: int) -> torch.Tensor:
         return self.tensor(self.carried[j]["tensor"])
 
-    def form(self) -> Form:
-        """Rebuild the stored form (its factors then give ΔŴ exactly as stored)."""
+    def _form_parts(self):
         cls = get_form(self.form_name)
         config = config_from_json(cls, self.manifest["config"])
         specs = cls.tensor_specs(self.modules, config, self.manifest["state"])
-        tensors = self.tensors(sorted(specs))
+        return cls, config, self.tensors(sorted(specs))
+
+    def lora_factors(self) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+        """(B, A, scale) per module with ΔŴ = scale · B @ A, as a PEFT LoRA stores them: the
+        stored tensors themselves when the form's tensors are LoRA factors, else the rebuilt
+        form's :meth:`~adaptzip.forms.base.Form.lora_factors` (fp32)."""
+        cls, config, tensors = self._form_parts()
+        fast = cls.stored_lora_factors(self.modules, config, self.manifest["state"], tensors)
+        if fast is not None:
+            return fast
+        form = self._build(cls, config, tensors)
+        out = []
+        with torch.no_grad():
+            for i in range(len(self.modules)):
+                B, A, scale = form.lora_factors(i)
+                out.append((B.detach(), A.detach(), scale))
+        return out
+
+    def form(self) -> Form:
+        """Rebuild the stored form (its factors then give ΔŴ exactly as stored)."""
+        return self._build(*self._form_parts())
+
+    def _build(self, cls, config, tensors) -> Form:
         form = cls.from_tensors(self.modules, config, self.manifest["state"], tensors)
         form.fit_info = dict(self.manifest.get("metrics") or {})
         form.eval()

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from . import linalg
 from .adapter import PREFIX, TORCH_DTYPES, ModuleInfo, pattern_key
 from .container import Container
 from .errors import BaseModelError, ExportError
-from .fileio import StreamingWriter, atomic_dir, atomic_file
+from .fileio import StreamingWriter, atomic_dir, atomic_file, save_tensors
 from .forms.base import Form
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -72,10 +71,10 @@ def _factor_keys(m: ModuleInfo) -> tuple[str, str]:
 
 
 def to_peft(c: Container, out: Path, *, target: str = "peft", max_lora_rank: int | None = None,
-            dtype: str | None = None, form: Form | None = None) -> dict:
+            dtype: str | None = None) -> dict:
     """Write a PEFT LoRA directory. ``target='vllm'`` also satisfies vLLM's loader (one global
     rank ≤ max_lora_rank, scale folded into B, only lora_A/lora_B tensors)."""
-    form = form or c.form()
+    facs = c.lora_factors()  # stored dtype for lora/svd (no fp32 round trip), fp32 otherwise
     out_dtype = _resolve_dtype(dtype, c.dtype)
     src_cfg = c.source_config
     rslora = bool(src_cfg.get("use_rslora"))
@@ -89,15 +88,15 @@ def to_peft(c: Container, out: Path, *, target: str = "peft", max_lora_rank: int
                 why = {"lora_bias": "a LoRA bias (lora_B.bias)", "dora_magnitude": "DoRA (lora_magnitude_vector)",
                        "modules_to_save": "modules_to_save"}[bad[0]["role"]]
                 raise ExportError(c.path, f"vLLM cannot load {why} ({bad[0]['key']}); expand with --target peft instead")
-            facs = [(m, *form.factors(i)) for i, m in enumerate(c.modules)]
-            R = max((A.shape[0] for _, _, A in facs), default=1)
+            R = max((A.shape[0] for _, A, _ in facs), default=1)
             if max_lora_rank is None:
                 max_lora_rank = next((n for n in VLLM_RANKS if n >= R), VLLM_RANKS[-1])
             if max_lora_rank not in VLLM_RANKS:
                 raise ExportError(out, f"--max-lora-rank {max_lora_rank} is not one vLLM accepts ({', '.join(map(str, VLLM_RANKS))})")
             r = max(1, min(R, max_lora_rank))
             refactored = {}
-            for m, B, A in facs:
+            for m, (B, A, scale) in zip(c.modules, facs):
+                B, A = B.float() * scale, A.float()
                 k = A.shape[0]
                 if k > r:
                     s = linalg.factored_svd(B, A)
@@ -116,8 +115,7 @@ def to_peft(c: Container, out: Path, *, target: str = "peft", max_lora_rank: int
             info.update(r=r, max_lora_rank=max_lora_rank, refactored=refactored, dropped=dropped)
         else:
             ranks, alphas = {}, {}
-            for i, m in enumerate(c.modules):
-                B, A, scale = form.lora_factors(i)
+            for m, (B, A, scale) in zip(c.modules, facs):
                 k = A.shape[0]
                 if k == 0:
                     continue  # ΔŴ = 0: the module is simply not adapted
@@ -138,7 +136,7 @@ def to_peft(c: Container, out: Path, *, target: str = "peft", max_lora_rank: int
                     t = (t.float() * (src.scale / scales[x["module"]])).to(t.dtype)
             tensors[x["key"]] = t.contiguous()
     with atomic_dir(out) as tmp:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"))
+        save_tensors(tmp / "adapter_model.safetensors", tensors, {"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     info["bytes"] = (out / "adapter_model.safetensors").stat().st_size
     return info
@@ -151,12 +149,12 @@ def _delta(form: Form, i: int, m: ModuleInfo, dtype: torch.dtype) -> torch.Tenso
     return (d.T if m.dense_transposed else d).to(dtype).contiguous()
 
 
-def to_dense(c: Container, out: Path, *, dtype: str | None = "fp32", form: Form | None = None) -> dict:
+def to_dense(c: Container, out: Path, *, dtype: str | None = "fp32") -> dict:
     """One safetensors file: ΔW per module keyed by the base weight name, written module by module
     (peak memory: one ΔW). LoRA biases become ``<module>.bias`` deltas."""
     if any(x["role"] == "dora_magnitude" for x in c.carried):
         raise ExportError(c.path, "a DoRA update depends on the base weights and has no dense ΔW; use --to merged --base-model DIR")
-    form = form or c.form()
+    form = c.form()
     out_dtype = _resolve_dtype(dtype, torch.float32)
     plan = []
     for m in c.modules:
@@ -205,10 +203,10 @@ def _match_key(name: str, keys: set[str], suffix: str) -> str | None:
     return cands[0] if len(cands) == 1 else None
 
 
-def to_merged(c: Container, base: Path, out: Path, *, form: Form | None = None) -> dict:
+def to_merged(c: Container, base: Path, out: Path) -> dict:
     """The base model's safetensors shards with ΔŴ added (DoRA and LoRA biases applied,
     modules_to_save replaced), written shard by shard and tensor by tensor; other files copied."""
-    form = form or c.form()
+    form = c.form()
     shards, index = _base_shards(base)
     keys: dict[str, Path] = {}
     for s in shards:

@@ -27,7 +27,7 @@ from .adapter import PREFIX, TORCH_DTYPES
 from .container import Container
 from .errors import ExportError
 from .fileio import atomic_dir
-from .forms.vblora import VbloraForm, index_dtype
+from .forms.vblora import index_dtype
 
 
 def vblora_config(c: Container, topk_only: bool) -> dict:
@@ -75,8 +75,7 @@ def _check(c: Container) -> None:
         raise ExportError(c.path, f"PEFT's VB-LoRA has no {what.get(bad[0]['role'], bad[0]['role'])} ({bad[0]['key']}); use --to peft")
 
 
-def to_peft_vblora(c: Container, out: Path, *, dtype: str | None = None, topk_only: bool = True,
-                   form: VbloraForm | None = None) -> dict:
+def to_peft_vblora(c: Container, out: Path, *, dtype: str | None = None, topk_only: bool = True) -> dict:
     """Write ``out/adapter_config.json`` (VBLORA) + ``out/adapter_model.safetensors`` so that
     ``PeftModel.from_pretrained(base, out)`` gives every module the container's ΔŴ. ``dtype``:
     the bank's dtype (default: the container's; fp32 for an int8/int4-quantised bank, which is
@@ -101,7 +100,7 @@ def to_peft_vblora(c: Container, out: Path, *, dtype: str | None = None, topk_on
                     tensors[f"{key}_topk_weights"] = w[off:off + n].reshape(*shape, k - 1).contiguous()
                     off += n
         else:
-            form = form or c.form()
+            form = c.form()
             form.unfreeze()
             for i, m in enumerate(c.modules):
                 tensors[f"{PREFIX}{m.name}.vblora_logits_A"] = form.logits_A[i].detach().float().contiguous()

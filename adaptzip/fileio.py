@@ -142,3 +142,14 @@ class StreamingWriter:
             self.close()
         else:
             self._f.close()
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` without its intermediate copy: the header is planned and
+    each tensor's buffer written in place (widest dtypes first, then by name, so every offset
+    stays aligned to its element size), then fsynced."""
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    plan = [(k, tensors[k].dtype, tuple(tensors[k].shape)) for k in order]
+    with StreamingWriter(path, plan, metadata) as w:
+        for k in order:
+            w.write(k, tensors[k])

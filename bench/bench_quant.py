@@ -8,7 +8,7 @@ bytes are the written file's size, its error is measured on the stored (dequanti
 
     python bench/bench_quant.py                      # full size (32 layers; ~10-20 min on 2 cores)
     python bench/bench_quant.py --layers 4           # quick run
-    python bench/bench_quant.py --adapter examples/out/work/lora
+    python bench/bench_quant.py --adapter "SmolLM2-135M real LoRA=$HOME/.cache/adaptzip-examples/smollm2/lora"
 
 Writes bench/out/quant.json, bench/out/quant.png and bench/out/quant.md (the README's table).
 """
@@ -196,7 +196,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("container bytes (MB, real file size)")
         ax.set_ylabel("relative weight-space error")
-        ax.set_title(f"{name}\n(source {results[name]['source_bytes'] / 1e6:.1f} MB fp16)")
+        ax.set_title(f"{name}\n(source {results[name]['source_bytes'] / 1e6:.1f} MB)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -207,7 +207,7 @@ def plot(results: dict, path: Path) -> None:
 def markdown(results: dict, tp: list[dict], meta: dict) -> str:
     lines = []
     for name, res in results.items():
-        lines.append(f"**{name}** (source {res['source_bytes'] / 1e6:.2f} MB, fp16; svd, `--dtype fp16`, group size "
+        lines.append(f"**{name}** (source {res['source_bytes'] / 1e6:.2f} MB; svd, `--dtype fp16`, group size "
                      f"{meta['group_size']}): relative weight-space error (lower is better) at each budget")
         lines.append("")
         lines.append("| budget | " + " | ".join(f"{q if q != 'none' else 'fp16'}" for q in SCHEMES) + " | auto chose | auto mean bits |")
@@ -263,7 +263,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--adapter", action="append", default=[], help="another PEFT LoRA dir to measure (repeatable)")
+    ap.add_argument("--adapter", action="append", default=[], help="another PEFT LoRA to measure: DIR or LABEL=DIR (repeatable)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--distil", action="store_true",
                     help="run only the distillation experiment (PTQ, PTQ + scales, QAT) → bench/out/quant_distil.{json,md}")
@@ -296,8 +296,9 @@ def main() -> None:
             print(f"building the Llama-7B-shaped adapter ({a.layers} layers, r={a.rank}) in {src}", flush=True)
             build_llama7b_adapter(src, layers=a.layers, rank=a.rank, seed=0)
         adapters = {f"Llama-7B-shaped, {a.layers} layers, r={a.rank}": src}
-        for d in a.adapter:
-            adapters[f"{Path(d).name} ({load_adapter(d).base_model})"] = Path(d)
+        for spec in a.adapter:
+            label, _, d = spec.rpartition("=")
+            adapters[label or f"{Path(d).name} ({load_adapter(d).base_model})"] = Path(d)
         results = {}
         for name, d in adapters.items():
             print(f"== {name}", flush=True)

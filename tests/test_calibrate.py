@@ -303,6 +303,26 @@ def test_auto_never_picks_a_form_worse_than_another_tried(env, tmp_path):
     assert open_container(tmp_path / "a.safetensors").manifest["form"] == r["form"]
 
 
+def test_auto_with_quantised_storage(env, tmp_path):
+    """--to auto --quant int8: every candidate is fitted, measured and distilled as stored (int8),
+    and the chosen container's KL is what its stored form gives."""
+    from adaptzip import distill
+
+    d = env["dir"]
+    budget = int(0.3 * env["adapter"].bytes)
+    r = api.compress(env["lora"], tmp_path / "q.safetensors", to="auto", budget=0.3, base_model=env["base"],
+                     calib=d / "calib.txt", calib_tokens=6000, calib_steps=5, eval_text=d / "eval.txt", seq_len=SEQ,
+                     batch_size=8, stats_file=d / "stats.safetensors", auto_distil=1, fit_steps=20, quant="int8")
+    assert r["quant"]["scheme"] == "int8" and r["bytes"] <= budget
+    assert all(c["bytes"] <= budget for c in r["auto"]["candidates"] if "skipped" not in c)
+    c = open_container(tmp_path / "q.safetensors")
+    c.verify()
+    assert c.manifest["storage"]["scheme"] == "int8" and c.manifest["form"] == r["form"]
+    cal = distill.prepare(env["adapter"], env["base"], d / "calib.txt", calib_tokens=6000, eval_text=d / "eval.txt",
+                          seq_len=SEQ, batch_size=8, device="cpu", stats_file=d / "stats.safetensors")
+    assert cal.evaluate(c.form())["kl"] == pytest.approx(r["kl_after"], rel=1e-5)
+
+
 def test_encoder_with_classifier_head(tmp_path):
     """BERT-like base + SEQ_CLS LoRA (head in modules_to_save): the live lora form equals the
     teacher, and distillation (hidden-state MSE + class KL) lowers the held-out objective."""

@@ -400,5 +400,13 @@ def test_quantisation_aware_distillation_is_what_is_stored(llama_base, tmp_path)
     cal = distill.prepare(load_adapter(lora), base, tmp_path / "calib.txt", calib_tokens=2000,
                           eval_text=tmp_path / "eval.txt", seq_len=32, device="cpu", stats_file=tmp_path / "stats.safetensors")
     assert cal.evaluate(ct.open_container(r["output"]).form())["kl"] == pytest.approx(r["kl_after"], rel=1e-6)
-    with pytest.raises(OptionError, match="auto"):
-        api.compress(lora, tmp_path / "a.safetensors", to="svd", quant="auto", **common)
+    # --quant auto + distillation: bits chosen on the Σ-weighted error, then distilled through them
+    a = api.compress(lora, tmp_path / "a.safetensors", to="svd", quant="auto", **{**common, "budget": 0.2})
+    assert a["quant"]["scheme"] == "auto" and a["bytes"] <= api.parse_budget(0.2, load_adapter(lora).bytes)
+    rep = a["quant"]["auto"]
+    assert {c["candidate"] for c in rep["considered"]} >= {"none", "int8", "int4", "mixed"}
+    assert rep["considered"][0]["candidate"] == rep["chosen"]
+    assert rep["considered"][0]["rel_error"] == min(c["rel_error"] for c in rep["considered"])
+    assert 0 < a["kl_after"] < a["kl_before"]
+    assert cal.evaluate(ct.open_container(a["output"]).form())["kl"] == pytest.approx(a["kl_after"], rel=1e-6)
+    adaptzip.verify(a["output"])

@@ -17,7 +17,8 @@ from adaptzip.cli import app
 from adaptzip.container import open_container
 from adaptzip.errors import ExportError, OptionError
 from adaptzip.forms import FitContext, make_config
-from adaptzip.forms.vblora import VbloraForm, _Batched, stored_bytes
+from adaptzip.adapter import ModuleInfo, load_adapter
+from adaptzip.forms.vblora import VbloraForm, _Batched, resolve_vector_len, stored_bytes
 
 # b = 16 divides every dimension of the tiny Llama (64, 96, 32); a short fit keeps the file fast.
 OPTS = ["--vector-len", "16", "--bank", "256", "--topk", "2", "--opt", "steps=30", "--opt", "refit_steps=30"]
@@ -185,8 +186,20 @@ def test_budget_picks_bank_and_reports_choice(lora_fp32, tmp_path):
 
 
 def test_vector_len_must_divide_every_module(lora_fp32, tmp_path):
-    r = CliRunner().invoke(app, ["compress", str(lora_fp32), "-o", str(tmp_path / "x.safetensors"), "--to", "vblora"])
+    r = CliRunner().invoke(app, ["compress", str(lora_fp32), "-o", str(tmp_path / "x.safetensors"), "--to", "vblora",
+                                 "--vector-len", "64"])
     assert r.exit_code != 0
+    # the default: the largest length ≤ 256 dividing every dimension (64 and 96 here → 32)
+    ad = load_adapter(lora_fp32)
+    assert VbloraForm.config_for_budget(ad, VbloraForm.Config(), 10**6, 2, FitContext()).vector_len == 32
+    assert resolve_vector_len(ad.modules, VbloraForm.Config()).vector_len == 32
+    assert resolve_vector_len(ad.modules, VbloraForm.Config(vector_len=16)).vector_len == 16
+    big = [ModuleInfo(f"m{i}", None, 0, "q_proj", i_, o, 8, 8.0, 1.0)
+           for i, (i_, o) in enumerate([(4096, 4096), (4096, 11008), (11008, 4096)])]
+    assert resolve_vector_len(big, VbloraForm.Config()).vector_len == 256  # the paper's b for Llama shapes
+    odd = [ModuleInfo("m", None, 0, "q_proj", 7, 9, 1, 1.0, 1.0)]
+    with pytest.raises(OptionError, match="no sub-vector length > 1"):
+        resolve_vector_len(odd, VbloraForm.Config())
     with pytest.raises(OptionError) as e:
         api.compress(lora_fp32, tmp_path / "x.safetensors", to="vblora", options={"vector_len": 64})
     msg = str(e.value)

@@ -82,6 +82,15 @@ class Form(nn.Module, metaclass=abc.ABCMeta):
         """A configuration whose stored payload fits ``budget_bytes`` (floats of ``float_bytes``)."""
         raise OptionError(None, f"form {cls.name} does not support --budget")
 
+    @classmethod
+    def stored_lora_factors(cls, modules: Sequence[ModuleInfo], config: Any, state: dict,
+                            tensors: dict[str, Tensor]) -> list[tuple[Tensor, Tensor, float]] | None:
+        """(B, A, scale) per module read straight from the stored tensors, in their stored dtype,
+        for forms whose stored tensors already are LoRA factors (``lora``, ``svd``): expand then
+        skips rebuilding the form's fp32 parameters. None (the default): rebuild the form and
+        use :meth:`lora_factors`."""
+        return None
+
     # -- use --------------------------------------------------------------------
     @abc.abstractmethod
     def factors(self, i: int) -> tuple[Tensor, Tensor]:

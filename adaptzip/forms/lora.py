@@ -53,6 +53,10 @@ class LoraForm(Form):
     def from_tensors(cls, modules, config, state, tensors) -> "LoraForm":
         return cls(modules, config, tensors)
 
+    @classmethod
+    def stored_lora_factors(cls, modules, config, state, tensors):
+        return [(tensors[f"B.{i}"], tensors[f"A.{i}"], m.scale) for i, m in enumerate(modules)]
+
     def factors(self, i: int):
         return self.B[i] * self.modules_info[i].scale, self.A[i]
 

@@ -95,6 +95,10 @@ class SvdForm(Form):
     def from_tensors(cls, modules, config, state, tensors) -> "SvdForm":
         return cls(modules, config, [(tensors[f"B.{i}"], tensors[f"A.{i}"]) for i in range(len(modules))])
 
+    @classmethod
+    def stored_lora_factors(cls, modules, config, state, tensors):
+        return [(tensors[f"B.{i}"], tensors[f"A.{i}"], 1.0) for i in range(len(modules))]
+
     def factors(self, i: int):
         return self.B[i], self.A[i]
 

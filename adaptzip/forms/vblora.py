@@ -62,7 +62,7 @@ SOFT_LIMIT = 1 << 26  # most soft logits (N·h, fp32) the fit allocates; beyond,
 @dataclass
 class VbloraConfig:
     bank: int = field(default=256, metadata={"help": "vectors in the shared bank h (indices are uint8 when h ≤ 256, else int16)"})
-    vector_len: int = field(default=256, metadata={"help": "sub-vector length b; must divide every module's in and out features"})
+    vector_len: int | None = field(default=None, metadata={"help": "sub-vector length b; must divide every module's in and out features (default: the largest such length ≤ 256, the paper's b)"})
     topk: int = field(default=2, metadata={"help": "bank vectors mixed per sub-vector k (k−1 fp16 weights stored)"})
     rank: int | None = field(default=None, metadata={"help": "rank r of every module (default: the source's largest module rank; one global r as in PEFT)"})
     init: str = field(default="kmeans", metadata={"help": "bank start: kmeans (gain-shape k-means of the balanced sub-vectors) or random (PEFT-like)"})
@@ -75,7 +75,7 @@ class VbloraConfig:
             raise ValueError(f"topk must be ≥ 1, got {self.topk}")
         if not (max(2, self.topk) <= self.bank <= MAX_BANK):
             raise ValueError(f"bank must be between max(2, topk)={max(2, self.topk)} and {MAX_BANK}, got {self.bank}")
-        if self.vector_len < 1:
+        if self.vector_len is not None and self.vector_len < 1:
             raise ValueError(f"vector_len must be ≥ 1, got {self.vector_len}")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be ≥ 1, got {self.rank}")
@@ -109,6 +109,23 @@ def check_vector_len(modules: Sequence[ModuleInfo], b: int, path=None) -> None:
                     else "no vector length > 1 divides every module's dimensions")
             raise OptionError(path, f"vblora: --vector-len {b} does not divide module {m.name} "
                                     f"(in {m.in_features}, out {m.out_features}); {hint}")
+
+
+def resolve_vector_len(modules: Sequence[ModuleInfo], config: VbloraConfig, path=None) -> VbloraConfig:
+    """The config with a concrete b: the given one (checked), or the largest length ≤ 256 that
+    divides every module's in and out features (256 for Llama-7B/Mistral shapes, as in the paper;
+    192 for SmolLM2-135M and MiniLM). The manifest records the concrete value."""
+    if config.vector_len is not None:
+        check_vector_len(modules, config.vector_len, path)
+        return config
+    g = 0
+    for m in modules:
+        g = math.gcd(g, math.gcd(m.in_features, m.out_features))
+    ok = [d for d in _divisors_desc(g) if d <= 256]
+    if not ok:
+        raise OptionError(path, "vblora: no sub-vector length > 1 divides every module's in and out features "
+                                f"(their gcd is {g}); VB-LoRA cannot tile these modules")
+    return dataclasses.replace(config, vector_len=ok[0])
 
 
 def default_rank(modules: Sequence[ModuleInfo], config: VbloraConfig) -> int:
@@ -343,12 +360,12 @@ class VbloraForm(Form):
                           ctx: FitContext) -> VbloraConfig:
         """The largest bank h (up to 2¹⁵ and to N·k, the top-k slots there are) whose payload fits,
         at the configured rank (lowered, down to 1, only when even a bank of max(2, k) vectors
-        does not fit); b and k stay as given. h is rounded down to a multiple of
-        :func:`_bank_step` (≤ 1/32 of h), so that the few hundred header bytes ``fit_to_budget``
-        gives back after a first fit rarely change it (a change costs a second fit). The choice
-        is reported as ``budget_choice``."""
+        does not fit); b (as :func:`resolve_vector_len` gives it) and k stay as given. h is
+        rounded down to a multiple of :func:`_bank_step` (≤ 1/32 of h), so that the few hundred
+        header bytes ``fit_to_budget`` gives back after a first fit rarely change it (a change
+        costs a second fit). The choice is reported as ``budget_choice``."""
+        config = resolve_vector_len(adapter.modules, config, adapter.path)
         b, k = config.vector_len, config.topk
-        check_vector_len(adapter.modules, b, adapter.path)
         r0 = default_rank(adapter.modules, config)
         for r in range(r0, 0, -1):
             n = n_subvectors(adapter.modules, r, b)
@@ -383,8 +400,8 @@ class VbloraForm(Form):
     def _fit(cls, adapter: Adapter, config: VbloraConfig, ctx: FitContext) -> "VbloraForm":
         t0 = time.perf_counter()
         modules = adapter.modules
+        config = resolve_vector_len(modules, config, adapter.path)
         b, k, h = config.vector_len, config.topk, config.bank
-        check_vector_len(modules, b, adapter.path)
         r = default_rank(modules, config)
         gen = torch.Generator().manual_seed(ctx.seed)
         with torch.no_grad():
