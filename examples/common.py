@@ -1,5 +1,5 @@
 """Set-up shared by the real-model examples: offline hub settings (before torch/transformers load),
-the repo on sys.path, output and scratch locations, and the form options these models need."""
+the repo on sys.path, output and scratch locations."""
 from __future__ import annotations
 
 import os
@@ -13,7 +13,5 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 OUT = ROOT / "examples" / "out"
-# form options these models need (VB-LoRA's sub-vector length must divide every module's dims: 576, 1536 / 384, 1536)
-FORM_OPTIONS = {"vblora": {"vector_len": 64}}
 # scratch (LoRA, Σ): outside examples/out/, which examples/demo.py replaces on every run
 WORK = Path(os.environ.get("ADAPTZIP_EXAMPLES_WORK", Path.home() / ".cache" / "adaptzip-examples"))

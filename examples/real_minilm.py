@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import FORM_OPTIONS, OUT, ROOT, WORK  # noqa: E402,F401  (sets the offline env first)
+from common import OUT, ROOT, WORK  # noqa: E402,F401  (sets the offline env first)
 
 import torch  # noqa: E402
 
@@ -131,9 +131,8 @@ def main() -> None:
         for name in sorted(x for x in REGISTRY if x != "lora"):
             cls = REGISTRY[name]
             tpl = distill._template(ad, False)
-            opts = FORM_OPTIONS.get(name, {})
             try:
-                form, _, _, size = api.fit_to_budget(ad, cls, cls.Config(**opts), budget, torch.float32, ctx, metrics_fn=lambda f, s: tpl)
+                form, _, _, size = api.fit_to_budget(ad, cls, cls.Config(), budget, torch.float32, ctx, metrics_fn=lambda f, s: tpl)
             except AdaptzipError as e:
                 rows.append({"form": name, "budget": frac, "skipped": e.cause})
                 continue

@@ -305,6 +305,27 @@ def test_budget_picks_largest_rank(synth, tmp_path):
     assert choice["payload_bytes"] == res["stored_params"] * 4
 
 
+def test_budget_widens_the_group_when_rank_1_does_not_fit(synth):
+    """Below rank 1 at S=2, --budget doubles S until rank 1 fits (every layer keeps its B)."""
+    from adaptzip.forms.masa import make_groups, stored_params
+
+    ad = adaptzip.load_adapter(synth)
+    mods = ad.modules
+
+    def rank1(S):
+        g = make_groups(mods, S)
+        return sum(stored_params(mods, g, [1] * len(g), 1)) * 4
+    assert rank1(4) < rank1(2)
+    budget = (rank1(4) + rank1(2)) // 2
+    ctx = FitContext()
+    cfg = MasaForm.config_for_budget(ad, MasaForm.Config(group=2), budget, 4, ctx)
+    assert cfg.group == 4 and cfg.rank >= 1
+    note = ctx.cache[("masa", "budget", id(ad))]
+    assert note["group"] == 4 and note["requested_group"] == 2 and note["payload_bytes"] <= budget
+    f = MasaForm.fit(ad, cfg, ctx)
+    assert f.float_params() * 4 <= budget and f.fit_info["budget_choice"]["group"] == 4
+
+
 def test_errors_are_one_line(synth, tmp_path):
     with pytest.raises(OptionError, match="experts must be ≥ 1"):
         api.compress(synth, tmp_path / "x.safetensors", to="masa", options={"experts": 0})

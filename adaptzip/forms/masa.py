@@ -259,27 +259,37 @@ class MasaForm(Form):
     @classmethod
     def config_for_budget(cls, adapter: Adapter, config: MasaConfig, budget_bytes: int, float_bytes: int, ctx: FitContext) -> MasaConfig:
         """The largest rank whose payload fits ``budget_bytes`` for the given S and N (the error
-        only falls with the rank); S and N stay as given. Records the choice for ``fit_info``."""
+        only falls with the rank). When not even rank 1 fits (every layer keeps its own B, so at
+        small budgets the A's are what must shrink), S doubles — up to every layer in one group —
+        until it does. Records the choice for ``fit_info``."""
         mods = adapter.modules
-        groups = make_groups(mods, config.group)
-        cap = max(group_rank(mods, g, 10**9) for g in groups)
+        layers = max((len(g) for g in make_groups(mods, 10**9)), default=1)
+        group = config.group
+        while True:
+            groups = make_groups(mods, group)
+            cap = max(group_rank(mods, g, 10**9) for g in groups)
 
-        def payload(r: int) -> int:  # float_bytes may be fractional (quantised storage)
-            a, b = stored_params(mods, groups, [group_rank(mods, g, r) for g in groups], config.experts)
-            return math.ceil((a + b) * float_bytes)
+            def payload(r: int) -> int:  # float_bytes may be fractional (quantised storage)
+                a, b = stored_params(mods, groups, [group_rank(mods, g, r) for g in groups], config.experts)
+                return math.ceil((a + b) * float_bytes)
 
-        best = 0
-        for r in range(1, cap + 1):
-            if payload(r) > budget_bytes:
+            best = 0
+            for r in range(1, cap + 1):
+                if payload(r) > budget_bytes:
+                    break
+                best = r
+            if best or group >= layers:
                 break
-            best = r
+            group = min(2 * group, layers)
         if best == 0:
-            raise OptionError(adapter.path, f"masa (group {config.group}, {config.experts} experts) needs {payload(1)} payload bytes at rank 1 "
-                                            f"but the budget leaves {budget_bytes}; raise --budget, use --experts 1 or a larger --group")
+            raise OptionError(adapter.path, f"masa ({config.experts} experts) needs {payload(1)} payload bytes at rank 1 even "
+                                            f"with every layer in one group (--group {group}), but the budget leaves {budget_bytes}; "
+                                            f"raise --budget" + (" or use --experts 1" if config.experts > 1 else ""))
         ctx.cache[("masa", "budget", id(adapter))] = {
-            "rank": best, "group": config.group, "experts": config.experts, "payload_bytes": payload(best),
-            "budget_payload_bytes": int(budget_bytes), "next_rank_payload_bytes": payload(best + 1) if best < cap else None}
-        return dataclasses.replace(config, rank=best)
+            "rank": best, "group": group, "requested_group": config.group, "experts": config.experts,
+            "payload_bytes": payload(best), "budget_payload_bytes": int(budget_bytes),
+            "next_rank_payload_bytes": payload(best + 1) if best < cap else None}
+        return dataclasses.replace(config, rank=best, group=group)
 
     @classmethod
     def tensor_specs(cls, modules, config, state) -> TensorSpecs:
