@@ -249,10 +249,7 @@ def _fit_qat(adapter: Adapter, form_cls: type[Form], config: Any, budget_bytes: 
     metric measured on it describes the stored container. ``quant='auto'``: the bits (and svd
     ranks) are first chosen by the rate–distortion allocation of :func:`_quant_auto` on the
     (Σ-weighted, when statistics exist) weight-space error; its report goes into ``auto_report``."""
-    if quant == "auto":
-        if budget_bytes is None:
-            raise OptionError(None, "--quant auto chooses bits for a size: give --budget too")
-
+    if quant == "auto":  # compress has checked that a budget is given
         def weighed(f: Form, size: int) -> dict:  # the header reservation of metrics_fn, with the real error
             return {**(metrics_fn(f, size) if metrics_fn is not None else {}), "rel_error": fit.evaluate(f, adapter, ctx).rel_error}
         form, tensors, manifest, size, rep = _quant_auto(adapter, form_cls, config, budget_bytes, dtype, ctx, group_size,

@@ -103,7 +103,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--table-only", action="store_true", help="re-render the table and plot from real_minilm.json")
     args = ap.parse_args()
+    if args.table_only:
+        render(json.loads((OUT / "real_minilm.json").read_text()))
+        return
     torch.set_num_threads(args.threads)
     q = args.quick
     cfg = {"lora_steps": 150 if q else 400, "batch": 16, "lr": 2e-3, "calib_tokens": 12000 if q else 40000,
@@ -153,15 +157,22 @@ def main() -> None:
            "reference": cal.reference_metrics(), "timings": cal.timings, "seconds": time.perf_counter() - t0, "rows": rows}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "real_minilm.json").write_text(json.dumps(res, indent=1))
-    md = [f"all-MiniLM-L6-v2 + a real SEQ_CLS LoRA (r=8, {len(ad.modules)} modules + head, {ad.bytes / 1e6:.2f} MB) on "
-          f"intact-vs-shuffled news sentences; held-out accuracy: base {acc_base:.3f}, source {acc_src:.3f}. Distillation "
-          f"{cfg['distil_steps']} steps (hidden-state MSE + class KL). `{'--quick' if q else 'full'}` run.", "",
+    render(res)
+
+
+def render(res: dict) -> None:
+    """The table (examples/out and bench/out) and the plot from a real_minilm.json result."""
+    cfg, lo, rows = res["config"], res["lora"], res["rows"]
+    md = [f"all-MiniLM-L6-v2 + a real SEQ_CLS LoRA (r=8, {lo['modules']} modules + head, {lo['bytes'] / 1e6:.2f} MB) on "
+          f"intact-vs-shuffled news sentences; held-out accuracy: base {res['acc_base']:.3f}, source {res['acc_source']:.3f}. "
+          f"Distillation {cfg['distil_steps']} steps (hidden-state MSE + class KL). `{'--quick' if res['quick'] else 'full'}` "
+          f"run, {res['seconds'] / 60:.0f} min on 2 shared CPU cores.", "",
           "| budget | form | bytes | class KL start | class KL distilled | acc start | acc distilled | acc kept start | acc kept distilled |",
           "|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, d=4: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
     for r in rows:
         if "skipped" in r:
-            md.append(f"| {r['budget']:.0%} | {r['form']} | – | skipped: {r['skipped'][:60]} | | | | | |")
+            md.append(f"| {r['budget']:.0%} | {r['form']} | – | skipped: {r['skipped'][:110]} | | | | | |")
         else:
             md.append(f"| {r['budget']:.0%} | {r['form']} | {r['bytes']:,} | {f(r['kl_before'])} | {f(r['kl_after'])} | "
                       f"{f(r['acc_before'], 3)} | {f(r['acc_after'], 3)} | {f(r['acc_kept_before'], 3)} | {f(r['acc_kept_after'], 3)} |")

@@ -184,7 +184,7 @@ def render(res: dict, plot: bool = False) -> None:
         return "–" if v is None else f"{v:.{d}f}"
     for r in rows:
         if "skipped" in r:
-            md.append(f"| {r['budget']:.0%} | {r['form']} | – | skipped: {r['skipped'][:60]} | | | | | |")
+            md.append(f"| {r['budget']:.0%} | {r['form']} | – | skipped: {r['skipped'][:110]} | | | | | |")
             continue
         dist = r["distilled"]
         md.append(f"| {r['budget']:.0%} | {r['form']} | {r['bytes']:,} | {f(r['kl_before'])} | {f(r['kl_after']) if dist else '–'} | "
