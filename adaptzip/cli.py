@@ -3,9 +3,13 @@ results on stdout (one JSON object with ``--json``), everything else on stderr."
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import inspect as pyinspect
 import json
 import shlex
 import sys
+import typing
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -17,6 +21,7 @@ from rich.table import Table
 from . import api
 from .errors import AdaptzipError, OptionError
 from .forms import REGISTRY
+from .options import CalibrationOptions, FitOptions, QuantOptions, RunOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Convert PEFT LoRA adapters into compact parameter-shared forms, and back.")
@@ -42,11 +47,7 @@ class DType(str, Enum):
     fp32 = "fp32"
 
 
-class ExpandTo(str, Enum):
-    peft = "peft"
-    dense = "dense"
-    merged = "merged"
-    peft_vblora = "peft-vblora"
+ExpandTo = Enum("ExpandTo", {t.replace("-", "_"): t for t in api.expand_targets()}, type=str)  # type: ignore[misc]
 
 
 class Target(str, Enum):
@@ -103,6 +104,76 @@ def _auto_value(v: str) -> Any:
     return {"true": True, "false": False, "none": None}.get(v.lower(), v)
 
 
+# ------------------------------------------------------------------ form options from the Config dataclasses
+def _cli_type(t: Any) -> type:
+    """The CLI type of a Config field: int, float, bool or str (str is parsed by :func:`_auto_value`:
+    ``2,4,16`` is a tuple)."""
+    args = [a for a in typing.get_args(t) if a is not type(None)]
+    if typing.get_origin(t) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and len(args) == 1:
+        t = args[0]
+    return t if t in (int, float, bool, str) else str
+
+
+def _form_fields() -> dict[str, dict]:
+    """Every user-facing Config field of every registered form, merged by name: its CLI type (str
+    when forms disagree), whether some form declares it a tuple, and help grouped by form."""
+    out: dict[str, dict] = {}
+    for name, cls in sorted(REGISTRY.items()):
+        hints = typing.get_type_hints(cls.Config)
+        for f in dataclasses.fields(cls.Config):
+            if f.metadata.get("internal"):
+                continue
+            d = out.setdefault(f.name, {"types": set(), "tuple": False, "help": {}})
+            d["types"].add(_cli_type(hints[f.name]))
+            d["tuple"] |= "tuple" in str(hints[f.name])
+            d["help"].setdefault(f.metadata.get("help", ""), []).append(name)
+    return out
+
+
+_FORM_FIELDS = _form_fields()
+
+
+def _form_params(taken: set[str]) -> list[pyinspect.Parameter]:
+    """One ``--<field>`` option per form field (see :func:`_form_fields`); the command's own
+    options keep their names (a clash is a programming error, caught here)."""
+    params = []
+    for fname, d in sorted(_FORM_FIELDS.items()):
+        if fname in taken:
+            raise RuntimeError(f"form option {fname!r} clashes with a command option")
+        typ = next(iter(d["types"])) if len(d["types"]) == 1 else str
+        help_ = "; ".join(f"{', '.join(forms)}: {h}" for h, forms in d["help"].items())
+        opt = typer.Option("--" + fname.replace("_", "-"), help=help_, rich_help_panel="Form options (see `adaptzip forms`)")
+        params.append(pyinspect.Parameter(fname, pyinspect.Parameter.KEYWORD_ONLY, default=None,
+                                          annotation=Annotated[Optional[typ], opt]))
+    return params
+
+
+def _form_value(fname: str, v: Any) -> Any:
+    if not isinstance(v, str):
+        return v
+    x = _auto_value(v)
+    return (x,) if _FORM_FIELDS[fname]["tuple"] and not isinstance(x, tuple) else x
+
+
+def with_form_options(fn):
+    """Give a command one option per form field (generated from the forms' Config dataclasses, so a
+    new form's options appear by themselves); ``fn`` receives the given ones as ``form_options``."""
+    sig = pyinspect.signature(fn, eval_str=True)
+    own = [p.replace(kind=pyinspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values() if p.name != "form_options"]
+    extra = _form_params({p.name for p in own})
+    names = [p.name for p in extra]
+
+    @functools.wraps(fn)
+    def wrapper(**kw):
+        given = {n: _form_value(n, kw.pop(n)) for n in names if kw.get(n) is not None}
+        for n in names:
+            kw.pop(n, None)
+        return fn(**kw, form_options=given)
+
+    wrapper.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]
+    return wrapper
+
+
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
     _STATE["debug"] = debug
@@ -148,46 +219,41 @@ def forms(as_json: JsonOpt = False) -> None:
 
 
 @app.command()
+@with_form_options
 def compress(
     lora_dir: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Container file to write (.safetensors).")],
     to: Annotated[CompressTo, typer.Option("--to", help="Target form (see `adaptzip forms`), or 'auto': with --budget and --base-model, try the forms that fit and keep the best by eval KL.")] = "svd",  # type: ignore[assignment]
     budget: Annotated[Optional[str], typer.Option(help="Size of the whole container: a fraction of the source's bytes (0.25) or a size (5MB, 300KiB).")] = None,
-    rank: Annotated[Optional[int], typer.Option(help="svd/masa/vblora: rank per module.")] = None,
-    ranks: Annotated[Optional[str], typer.Option(help="bslora-*: ranks L,I,G (local, intra-layer, inter-layer).")] = None,
-    shared_size: Annotated[Optional[int], typer.Option(help="bslora-gt/ke: shared size d_s / s.")] = None,
-    group: Annotated[Optional[int], typer.Option(help="masa: layers per group S.")] = None,
-    experts: Annotated[Optional[int], typer.Option(help="masa: A-experts per group N.")] = None,
-    bank: Annotated[Optional[int], typer.Option(help="vblora: vectors in the bank h.")] = None,
-    vector_len: Annotated[Optional[int], typer.Option(help="vblora: sub-vector length b (default: the largest length ≤ 256 that divides every module's in and out features).")] = None,
-    topk: Annotated[Optional[int], typer.Option(help="vblora: bank vectors mixed per sub-vector k.")] = None,
-    opt: Annotated[Optional[list[str]], typer.Option("--opt", help="Any other form option as KEY=VALUE (repeatable).")] = None,
+    opt: Annotated[Optional[list[str]], typer.Option("--opt", help="Any form option as KEY=VALUE (repeatable).")] = None,
     dtype: Annotated[Optional[DType], typer.Option(help="Container float dtype (default: the source's).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed: same inputs and seed give a byte-identical container (on the same machine, torch build and thread count).")] = 0,
     base_model: Annotated[Optional[Path], typer.Option("--base-model", help="Base model: a local model directory (safetensors) or a .gguf file. Enables calibration: Σ-weighted fit, distillation, KL metrics.")] = None,
     calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text: UTF-8 text (paragraphs separated by blank lines) or JSONL with a 'text' field.")] = None,
     calib_tokens: Annotated[int, typer.Option("--calib-tokens", help="Calibration tokens to use (10% held out for early stopping, 10% more for eval without --eval).")] = 50000,
     calib_steps: Annotated[int, typer.Option("--calib-steps", help="Distillation steps (batches of 4×128 tokens); 0 skips distillation.")] = 300,
+    calib_lr: Annotated[Optional[float], typer.Option("--calib-lr", help="Distillation learning rate (default: 1e-4 for a strong start, 1e-3 for a weak one).")] = None,
     eval_text: Annotated[Optional[Path], typer.Option("--eval", help="Evaluation text (default: a held-out part of --calib).")] = None,
     stats: Annotated[Optional[Path], typer.Option("--stats", help="Σ statistics file: reused when it exists, else written there (default: <output>.stats.safetensors). Alone (no --base-model): a Σ-weighted fit.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")] = "auto",
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Distillation learning rate (default: 1e-4 for a strong start, 1e-3 for a weak one).")] = None,
-    quant: Annotated[Quant, typer.Option("--quant", help="Storage of the form's float tensors: none (the container dtype); int8 (symmetric, fp16 scale per group); int4 (two codes per byte, symmetric, fp16 scale per group); int4-asym (plus fp16 zero points); auto (needs --budget: bits per svd direction, or per tensor, and ranks chosen to minimise the error; never worse than none/int8/int4 at the same bytes). See formats/quantization.md.")] = Quant.none,
+    quant: Annotated[Quant, typer.Option("--quant", help="Storage of the form's float tensors: none (the container dtype); int8 (symmetric, fp16 scale per group); int4 (two codes per byte, symmetric, fp16 scale per group); int4-asym (plus fp16 zero points); auto (needs --budget: bits per svd direction, or per tensor, and ranks chosen to minimise the error; never worse than none/int8/int4 at the same bytes). See docs/quantization.md.")] = Quant.none,
     group_size: Annotated[int, typer.Option("--group-size", help="Values per quantisation group (one fp16 scale each), along the input dimension of A and the output dimension of B: each rank direction gets its own scales.")] = 64,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
+    form_options: dict[str, Any] | None = None,
 ) -> None:
     """Fit a PEFT LoRA into a compact form and write one container; prints size, error and the
     same-bytes svd baseline's error (with --base-model: KL, top-1 agreement and improvement kept,
     before and after distillation)."""
-    options = {"rank": rank, "ranks": None if ranks is None else _auto_value(ranks if "," in ranks else ranks + ","),
-               "shared_size": shared_size, "group": group, "experts": experts, "bank": bank,
-               "vector_len": vector_len, "topk": topk, **_parse_opts(opt)}
+    calibration = None
+    if base_model is not None or calib is not None or eval_text is not None or stats is not None:
+        calibration = CalibrationOptions(base_model=base_model, calib=calib, tokens=calib_tokens, steps=calib_steps,
+                                         eval_text=eval_text, stats_file=stats, device=device, lr=calib_lr)
     res = api.compress(lora_dir, output, to=str(to.value if isinstance(to, Enum) else to), budget=budget,
-                       dtype=None if dtype is None else dtype.value, seed=seed, options=options, force=force,
-                       progress=not as_json, command=_command(), base_model=base_model, calib=calib,
-                       calib_tokens=calib_tokens, calib_steps=calib_steps, eval_text=eval_text, stats_file=stats,
-                       device=device, lr=lr, quant=quant.value, group_size=group_size)
+                       options={**(form_options or {}), **_parse_opts(opt)},
+                       fitting=FitOptions(dtype=None if dtype is None else dtype.value, seed=seed),
+                       calibration=calibration, quant=QuantOptions(scheme=quant.value, group_size=group_size),
+                       run=RunOptions(force=force, progress=not as_json, command=_command())).to_json()
 
     def human(r):
         rows = {"output": r["output"], "form": r["form"], "source bytes": _fmt_bytes(r["source_bytes"]),
@@ -264,13 +330,13 @@ class Executor(str, Enum):
 
 
 @app.command()
+@with_form_options
 def batch(
     zoo_dir: Annotated[Path, typer.Argument(help="Folder searched (at any depth) for PEFT LoRA adapters (folders with adapter_config.json).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder: OUT/<relative path>.safetensors per adapter, batch.json, batch.md.")],
     to: Annotated[FormName, typer.Option("--to", help="Target form (see `adaptzip forms`).")] = "svd",  # type: ignore[assignment]
     budget: Annotated[Optional[str], typer.Option(help="Size of each container: a fraction of its source's bytes (0.25) or a size (5MB).")] = None,
-    rank: Annotated[Optional[int], typer.Option(help="svd/masa: rank per module.")] = None,
-    opt: Annotated[Optional[list[str]], typer.Option("--opt", help="Any other form option as KEY=VALUE (repeatable).")] = None,
+    opt: Annotated[Optional[list[str]], typer.Option("--opt", help="Any form option as KEY=VALUE (repeatable).")] = None,
     dtype: Annotated[Optional[DType], typer.Option(help="Container float dtype (default: each source's).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of every fit.")] = 0,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Worker processes (default: CPU cores).")] = None,
@@ -282,16 +348,19 @@ def batch(
     group_size: Annotated[Optional[int], typer.Option("--group-size", help="Quantisation group size, passed to compress.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo containers that are already up to date.")] = False,
     as_json: JsonOpt = False,
+    form_options: dict[str, Any] | None = None,
 ) -> None:
     """Convert every PEFT LoRA adapter below ZOO_DIR, in parallel and resumably. Exit code 0 when all
     converted, 1 when some failed (the rest are converted), 2 on a usage error, 130 when interrupted."""
     from . import zoo
-    kw = {k: v for k, v in (("base_model", base_model), ("calib", calib), ("quant", None if quant is None else quant.value),
-                            ("group_size", group_size)) if v is not None}
+    from .options import DEFAULT_GROUP
+    calibration = None if base_model is None and calib is None else CalibrationOptions(base_model=base_model, calib=calib)
     res = zoo.batch(zoo_dir, output, to=str(to.value if isinstance(to, Enum) else to), budget=budget,
-                    dtype=None if dtype is None else dtype.value, seed=seed, options={"rank": rank, **_parse_opts(opt)},
+                    options={**(form_options or {}), **_parse_opts(opt)},
+                    fitting=FitOptions(dtype=None if dtype is None else dtype.value, seed=seed), calibration=calibration,
+                    quant=QuantOptions("none" if quant is None else quant.value, DEFAULT_GROUP if group_size is None else group_size),
                     jobs=jobs, force=force, shared_basis=shared_basis, executor=executor.value,
-                    progress=not as_json and err.is_terminal, command=_command(), **kw)
+                    progress=not as_json and err.is_terminal, command=_command())
 
     def human(r):
         from rich.markup import escape

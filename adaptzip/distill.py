@@ -33,6 +33,7 @@ from . import calibrate as cb
 from . import fit
 from .adapter import Adapter
 from .errors import CalibrationError
+from .fileio import json_clean
 from .forms.base import FitContext, Form
 from .progress import progress_bar
 
@@ -345,14 +346,14 @@ class Calibration:
         ppl_compressed_before, ppl_compressed, output_rel_error_before, output_rel_error,
         worst_module_output_rel_error, worst_module, distill_* and, for encoders,
         objective_before/after and hidden_rel_mse_before/after."""
-        _round(form, dtype)
+        round_to(form, dtype)
         form.cpu()
         rep0 = fit.evaluate(form, self.adapter, ctx)  # Σ-weighted: ‖(ΔW−ΔŴ)X‖/‖ΔW X‖ on the calibration X
         form.to(self.base.device)
         ev0 = self.evaluate(form)
         lr = default_lr(rep0.rel_error) if lr is None else lr
         info = self.distil(form, steps=steps, lr=lr, label=f"distil{'' if not prefix else ' ' + prefix.rstrip('_')}")
-        _round(form, dtype)
+        round_to(form, dtype)
         ev1 = self.evaluate(form) if info["distill_steps"] else ev0
         form.cpu()
         rep1 = fit.evaluate(form, self.adapter, ctx)
@@ -371,7 +372,7 @@ class Calibration:
         else:
             m["hidden_rel_mse_before"] = ev0["hidden_rel_mse"]
             m["hidden_rel_mse_after"] = ev1["hidden_rel_mse"]
-        return {prefix + k: _json_num(v) for k, v in m.items()}
+        return {prefix + k: json_clean(v) for k, v in m.items()}
 
     def reference_metrics(self) -> dict[str, Any]:
         """Facts about the calibration itself: tokens, base/source perplexity on the eval split."""
@@ -385,7 +386,7 @@ class Calibration:
             m["loss_source"] = self.eval.loss_source
         else:
             m["base_objective"] = self.eval.base_objective
-        return {k: _json_num(v) for k, v in m.items()}
+        return {k: json_clean(v) for k, v in m.items()}
 
 
 class _Rows:
@@ -532,216 +533,10 @@ def _restore(form: Form, state: dict[str, Tensor]) -> None:
 
 
 @torch.no_grad()
-def _round(form: Form, dtype: torch.dtype) -> None:
+def round_to(form: Form, dtype: torch.dtype) -> None:
     """Round the form's float parameters through the container dtype (what will be stored)."""
     if dtype == torch.float32:
         return
     for p in form.parameters():
         if p.is_floating_point():
             p.copy_(p.to(dtype).float())
-
-
-def _json_num(v):
-    if isinstance(v, float):
-        return cb.finite_or_none(v)
-    return v
-
-
-# ------------------------------------------------------------------ compress orchestration
-# (called by adaptzip.api.compress, which passes its own fit_to_budget / svd_baseline so that
-#  every arrow still points down: api → distill → container / fit / forms)
-_PLACEHOLDER = -1.2345678901234567e-300  # the longest JSON float: reserves header room for metrics
-
-MEASURE_KEYS = ("kl_before", "kl_after", "top1_agreement_before", "top1_agreement", "improvement_kept_before",
-                "improvement_kept", "objective_before", "objective_after", "output_rel_error_before", "output_rel_error",
-                "worst_module_output_rel_error", "worst_module", "distill_steps", "distill_lr", "distill_best_step",
-                "distill_seconds", "distill_tokens_per_s", "distill_restarted", "heldout_before", "heldout_after",
-                "ppl_compressed_before", "ppl_compressed", "hidden_rel_mse_before", "hidden_rel_mse_after")
-REFERENCE_KEYS = ("task", "calib_tokens", "heldout_tokens", "eval_tokens", "eval_text", "weighted", "ppl_base",
-                  "ppl_source", "loss_base", "loss_source", "base_objective")
-LEGACY_KEYS = ("rel_error", "worst_module_rel_error", "svd_baseline_rel_error", "svd_baseline_bytes")
-
-
-def default_stats_path(output: Path) -> Path:
-    """``out.safetensors`` → ``out.stats.safetensors`` (next to the container)."""
-    output = Path(output)
-    stem = output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.name
-    return output.with_name(stem + ".stats.safetensors")
-
-
-def setup(adapter: Adapter, output: Path, *, base_model, calib, calib_tokens: int, eval_text, stats, stats_file,
-          device, force: bool, progress: bool, seed: int, seq_len: int = 128, batch_size: int = 4
-          ) -> tuple[Calibration | None, dict[str, Tensor] | None]:
-    """The calibration session for ``compress`` (None without a base model) and the Σ to fit with.
-
-    Without ``base_model``, ``stats_file`` alone gives a Σ-weighted fit (no distillation). With it,
-    Σ comes from ``stats`` / an existing ``stats_file`` or is computed and saved to ``stats_file``
-    (default ``<output>.stats.safetensors``)."""
-    from .errors import OptionError
-    from .fileio import check_output
-
-    if base_model is None:
-        if calib is not None or eval_text is not None:
-            raise OptionError(None, "--calib/--eval need --base-model (the teacher runs on the base model)")
-        if stats is None and stats_file is not None:
-            stats, _ = cb.load_stats(stats_file, adapter)
-        return None, stats
-    if calib is None:
-        raise OptionError(None, "--base-model needs --calib TEXT (UTF-8 text or JSONL with a 'text' field)")
-    if calib_tokens < 1:
-        raise OptionError(None, f"--calib-tokens {calib_tokens} must be ≥ 1")
-    save_to = None
-    if stats is None and (stats_file is None or not Path(stats_file).is_file()):
-        save_to = Path(stats_file) if stats_file is not None else default_stats_path(output)
-        if stats_file is None:
-            check_output(save_to, force)
-    cal = prepare(adapter, base_model, calib, calib_tokens=calib_tokens, eval_text=eval_text, stats=stats,
-                  stats_file=stats_file, save_stats_to=save_to, device=device, seq_len=seq_len, batch_size=batch_size,
-                  progress=progress, seed=seed)
-    return cal, cal.stats
-
-
-_AUTO_REASON_LEN = 300
-_AUTO_BASELINE_KEYS = ("svd_baseline_kl_after", "svd_baseline_kl_before", "svd_baseline_top1_agreement",
-                       "svd_baseline_improvement_kept", "svd_baseline_bytes")
-
-
-def _template(adapter: Adapter, baseline: bool, auto: bool = False) -> dict:
-    """Metrics with every value at its longest JSON length: the header room to reserve."""
-    from .forms.base import REGISTRY
-
-    longest = max((m.name for m in adapter.modules), key=len)
-    t: dict[str, Any] = {}
-    for k in REFERENCE_KEYS + MEASURE_KEYS + LEGACY_KEYS:
-        t[k] = _PLACEHOLDER
-    if baseline:
-        for k in MEASURE_KEYS:
-            t["svd_baseline_" + k] = _PLACEHOLDER
-        t["svd_baseline_worst_module"] = longest
-    t.update({"worst_module": longest, "task": "hidden", "eval_text": "calib", "weighted": False})
-    if auto:
-        t.update({k: _PLACEHOLDER for k in _AUTO_BASELINE_KEYS})
-        t["auto_candidates"] = {n: _PLACEHOLDER for n in REGISTRY}
-        t["auto_reason"] = "x" * _AUTO_REASON_LEN
-    return t
-
-
-def fit_and_distil(adapter: Adapter, form_cls, config, budget_bytes: int | None, dtype: torch.dtype, ctx: FitContext,
-                   cal: Calibration, *, fit_to_budget, svd_baseline=None, steps: int, lr: float | None = None,
-                   command: str | None = None, auto: bool = False) -> tuple[Form, dict, dict, int]:
-    """Fit to the budget with header room reserved for the metrics (``fit_to_budget`` with a
-    header-reserving ``metrics_fn``: every metric at its longest JSON length, so distillation runs once,
-    not once per budget pass), then measure + distil the form (and the same-bytes svd baseline,
-    when ``svd_baseline`` is given) and build the container. Returns (form, tensors, manifest, size)."""
-    template = _template(adapter, svd_baseline is not None, auto)
-    form, _, _, size = fit_to_budget(adapter, form_cls, config, budget_bytes, dtype, ctx,
-                                     metrics_fn=lambda f, s: template, command=command)
-    m: dict[str, Any] = {**cal.reference_metrics(), **cal.measure(form, ctx, dtype, steps=steps, lr=lr)}
-    m["rel_error"] = m["output_rel_error"] if cal.stats is not None else fit.evaluate(form, adapter, ctx).rel_error
-    m["worst_module_rel_error"] = m["worst_module_output_rel_error"]
-    if svd_baseline is not None:
-        if form.name == "svd":  # the form is its own same-bytes baseline
-            m.update({"svd_baseline_" + k: m[k] for k in MEASURE_KEYS if k in m})
-            m["svd_baseline_bytes"] = size
-        else:
-            b, bsize = svd_baseline(adapter, size, dtype, ctx)
-            m.update(cal.measure(b, ctx, dtype, steps=steps, lr=lr, prefix="svd_baseline_"))
-            m["svd_baseline_bytes"] = bsize
-        m["svd_baseline_rel_error"] = m["svd_baseline_output_rel_error"]
-    return (form, *_build_within(form, adapter, dtype, m, budget_bytes, command))
-
-
-def _build_within(form: Form, adapter: Adapter, dtype: torch.dtype, metrics: dict, budget_bytes: int | None,
-                  command: str | None) -> tuple[dict, dict, int]:
-    """Build the container; if (unexpectedly) over the budget, drop the least essential metrics."""
-    from . import container as ct
-
-    essential = {"kl_before", "kl_after", "top1_agreement", "improvement_kept", "svd_baseline_kl_after", "rel_error",
-                 "worst_module_rel_error", "worst_module", "weighted"}
-    metrics = dict(metrics)
-    while True:
-        tensors, manifest = ct.build(form, adapter, dtype, metrics=metrics, command=command)
-        size = ct.serialized_size(tensors, manifest)
-        droppable = [k for k in metrics if k not in essential]
-        if budget_bytes is None or size <= budget_bytes or not droppable:
-            return tensors, manifest, size
-        metrics.pop(droppable[-1])
-
-
-def auto_select(adapter: Adapter, budget_bytes: int, dtype: torch.dtype, ctx: FitContext, cal: Calibration, *,
-                fit_to_budget, steps: int, lr: float | None = None, n_distil: int = 3, command: str | None = None,
-                forms: list[str] | None = None) -> tuple[Form, dict, dict, int, dict]:
-    """``--to auto``: every registered form (or ``forms``) is fitted to the budget (Σ-weighted) and
-    measured on the eval split — weight-space output error and eval divergence, cheap; the
-    ``n_distil`` most promising (svd always among them, then the lowest eval KL) are distilled;
-    the form with the lowest final eval KL (objective, for encoders) wins: distilled candidates
-    count with their after-distillation value, the others with their start value, so the choice
-    is never worse than another tried form on its own eval KL. Returns (form, tensors, manifest,
-    size, report) with report = {chosen, reason, candidates: [...]}."""
-    from .errors import AdaptzipError
-    from .forms.base import REGISTRY
-
-    names = sorted(REGISTRY) if forms is None else list(forms)
-    rows: list[dict] = []
-    template = _template(adapter, False, auto=True)  # the same header reservation as the final container
-    for name in names:
-        cls = REGISTRY[name]
-        row: dict[str, Any] = {"form": name}
-        try:
-            form, _, _, size = fit_to_budget(adapter, cls, cls.Config(), budget_bytes, dtype, ctx,
-                                             metrics_fn=lambda f, s: template, command=command)
-        except AdaptzipError as e:
-            row["skipped"] = e.cause
-            rows.append(row)
-            continue
-        _round(form, dtype)
-        rep = fit.evaluate(form, adapter, ctx)
-        form.to(cal.base.device)
-        ev = cal.evaluate(form)
-        form.cpu()
-        row.update({"bytes": size, "output_rel_error": rep.rel_error, "kl_before": ev.get("kl"),
-                    "top1_before": ev.get("top1"), "score_before": ev["objective"], "distilled": False})
-        rows.append(row)
-    fitted = [r for r in rows if "skipped" not in r]
-    if not fitted:
-        from .errors import OptionError
-        raise OptionError(adapter.path, f"--to auto: no form fits {budget_bytes} bytes ("
-                                        + "; ".join(f"{r['form']}: {r['skipped']}" for r in rows) + ")")
-    order = sorted(fitted, key=lambda r: (r["form"] != "svd", r["score_before"]))
-    shortlist = order[: max(1, n_distil)]
-    best: tuple | None = None
-    for r in shortlist:
-        cls = REGISTRY[r["form"]]
-        form, tensors, manifest, size = fit_and_distil(adapter, cls, cls.Config(), budget_bytes, dtype, ctx, cal,
-                                                       fit_to_budget=fit_to_budget, steps=steps, lr=lr, command=command,
-                                                       auto=True)
-        mt = manifest["metrics"]
-        r.update({"distilled": True, "bytes": size, "kl_after": mt.get("kl_after"), "top1_after": mt.get("top1_agreement"),
-                  "improvement_kept": mt.get("improvement_kept"), "score_after": mt["objective_after"]})
-        if best is None or r["score_after"] < best[0]["score_after"]:
-            best = (r, form, manifest)
-    for r in fitted:
-        r["score"] = r["score_after"] if r["distilled"] else r["score_before"]
-    win = min(fitted, key=lambda r: r["score"])
-    if not win["distilled"]:  # a start beat every distilled candidate: take it as fitted
-        cls = REGISTRY[win["form"]]
-        form, _, manifest, _ = fit_and_distil(adapter, cls, cls.Config(), budget_bytes, dtype, ctx, cal,
-                                              fit_to_budget=fit_to_budget, steps=0, command=command, auto=True)
-    else:
-        _, form, manifest = best
-    svd_row = next((r for r in fitted if r["form"] == "svd"), None)
-    metric = "KL" if cal.task in ("lm", "cls") else "divergence"
-    reason = (f"lowest eval {metric} ({win['score']:.4g}) among {len(fitted)} forms that fit {budget_bytes} bytes; "
-              f"{len(shortlist)} distilled ({', '.join(r['form'] for r in shortlist)})")
-    if svd_row is not None and win["form"] != "svd":
-        reason += f"; svd at the same budget: {svd_row['score']:.4g}"
-    report = {"chosen": win["form"], "reason": reason, "candidates": rows}
-    metrics = dict(manifest["metrics"])
-    if svd_row is not None and svd_row.get("distilled"):
-        metrics.update({"svd_baseline_kl_after": svd_row.get("kl_after"), "svd_baseline_kl_before": svd_row.get("kl_before"),
-                        "svd_baseline_top1_agreement": svd_row.get("top1_after"),
-                        "svd_baseline_improvement_kept": svd_row.get("improvement_kept"), "svd_baseline_bytes": svd_row["bytes"]})
-    metrics["auto_candidates"] = {r["form"]: _json_num(r["score"]) for r in fitted}
-    metrics["auto_reason"] = reason[:_AUTO_REASON_LEN]
-    tensors, manifest, size = _build_within(form, adapter, dtype, metrics, budget_bytes, command)
-    return form, tensors, manifest, size, report

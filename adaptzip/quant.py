@@ -1,5 +1,10 @@
 """Group quantisation of a form's stored float tensors (int8 / int4 / 2-, 3-bit codes), bit
-packing, dequantisation, fake quantisation for distillation, and rate–distortion bit allocation.
+packing, dequantisation and fake quantisation for distillation (the rate–distortion search that
+chooses bits lives in :mod:`adaptzip.qsearch`).
+
+At ~600 lines this module is larger than most: it is the byte-level codec of formats/quantization.md
+(row layout, codes, packing, encode/decode and their checks), kept in one place so that the
+writer and every reader share one definition of the format.
 
 Layout (the full spec is formats/quantization.md). A float tensor ``T`` of any shape is seen in
 *row layout*: its group axis ``a`` moved last and the rest flattened, ``X = T.movedim(a, -1)
@@ -25,13 +30,13 @@ and a direction can be dropped or stored at its own bit width.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
-import heapq
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
+
+from .runtime import single_thread
 
 import torch
 from torch import nn
@@ -47,23 +52,6 @@ CLIP_BITS = 4  # symmetric rows at ≤ this many bits search a clipping ratio (l
 _CLIPS = tuple(1.0 - 0.05 * i for i in range(10))  # 1.00 … 0.55
 _FP16_MAX = 65504.0
 _CHUNK = 1 << 22  # values per packing chunk (a multiple of 8: chunks end on byte boundaries)
-
-
-def _single_thread(fn):
-    """Run ``fn`` with one intra-op thread: these element-wise kernels are memory-bound, and waking
-    a second thread costs more than it saves on a shared CPU (measured: torch.round on 5k values,
-    5 µs with one thread, 12 ms with two under load)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        n = torch.get_num_threads()
-        if n == 1:
-            return fn(*args, **kwargs)
-        torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(n)
-    return wrapper
 
 
 class QuantError(ValueError):
@@ -216,7 +204,7 @@ class Codes:
     group_size: int
 
 
-@_single_thread
+@single_thread()
 def quantize_rows(X: Tensor, bits: int, group_size: int, zero: bool = False) -> Codes:
     """Quantise rows X (R×n) at ``bits`` with one scale per group of ``group_size``.
 
@@ -267,7 +255,7 @@ def quantize_rows(X: Tensor, bits: int, group_size: int, zero: bool = False) -> 
     return Codes(u.view(R, ng * G)[:, :n].to(torch.uint8), s, None, bits, G)
 
 
-@_single_thread
+@single_thread()
 def dequantize_rows(codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int, group_size: int) -> Tensor:
     """x̂ (R×n, fp32) = q·s (8 bits) or (u − z)·s (b < 8), each group's s/z repeated over its values."""
     R, n = codes.shape
@@ -279,7 +267,7 @@ def dequantize_rows(codes: Tensor, scale: Tensor, zero: Tensor | None, bits: int
     return (codes.float() - zero.float().repeat_interleave(group_size, dim=1)[:, :n]) * s
 
 
-@_single_thread
+@single_thread()
 def roundtrip(x: Tensor, tq: TensorQuant, float_dtype: torch.dtype = torch.float16) -> Tensor:
     """dequantize(quantize(x)) as stored under ``tq`` (fp32, same shape; no packing)."""
     shape = tuple(x.shape)
@@ -326,7 +314,7 @@ def _bytes_to_bits(buf: Tensor) -> Tensor:
     return ((buf.to(torch.uint8)[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)
 
 
-@_single_thread
+@single_thread()
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
     """Pack codes (N,) in [0, 2^bits) into ceil(N·bits/8) bytes: code i occupies stream bits
     [i·bits, (i+1)·bits), least significant first; stream bit t is bit t mod 8 of byte t div 8;
@@ -351,7 +339,7 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
 
 
-@_single_thread
+@single_thread()
 def unpack_bits(buf: Tensor, bits: int, count: int) -> Tensor:
     """Inverse of :func:`pack_bits`: the first ``count`` codes (int64) of a packed stream."""
     buf = buf.reshape(-1).to(torch.uint8)
@@ -406,7 +394,7 @@ _ENCODED: "OrderedDict[tuple, dict[str, Tensor]]" = OrderedDict()
 _ENCODED_MAX = 4096  # tensors remembered (a budget search re-encodes the same factors many times)
 
 
-@_single_thread
+@single_thread()
 def encode(name: str, x: Tensor, tq: TensorQuant, float_dtype: torch.dtype) -> dict[str, Tensor]:
     """The stored tensors of logical tensor ``name`` (``name.q``, ``name.scale`` [, ``name.zero``]).
     Deterministic; results are memoised by the tensor's bytes and the spec."""
@@ -472,7 +460,7 @@ def _encode(name: str, x: Tensor, tq: TensorQuant, float_dtype: torch.dtype) -> 
     return out
 
 
-@_single_thread
+@single_thread()
 def decode(name: str, parts: dict[str, Tensor], tq: TensorQuant, shape: Sequence[int], float_dtype: torch.dtype) -> Tensor:
     """The dequantised logical tensor (fp32, ``shape``) from its stored parts."""
     check_spec(shape, tq, float_dtype)
@@ -640,77 +628,25 @@ class FakeQuant(nn.Module):
         return fake_quant(x, self.tq, self.float_dtype)
 
 
-class TunedScales(nn.Module):
-    """Parametrization: frozen codes, trainable per-group scales (``scale``, rows×groups, fp32,
-    rounded to fp16 in the forward by a straight-through estimator). The original float
-    parameter is ignored (and frozen) while attached."""
-
-    def __init__(self, x: Tensor, tq: TensorQuant, float_dtype: torch.dtype):
-        super().__init__()
-        self.tq, self.float_dtype, self.shape = tq, float_dtype, tuple(x.shape)
-        rows = to_rows(x.detach().float(), tq.axis)
-        R, n = rows.shape
-        bits = tq.row_bits(R)
-        ng = max(1, _ceil_div(n, tq.group_size))
-        self.row_bits = bits
-        codes = torch.zeros(R, n)
-        zeros = torch.zeros(R, ng)
-        scales = torch.ones(R, ng)
-        fixed = torch.zeros(R, n)
-        for b in sorted(set(bits)):
-            idx = torch.tensor([r for r in range(R) if bits[r] == b], dtype=torch.long)
-            if b in CODE_BITS:
-                c = quantize_rows(rows[idx], b, tq.group_size, zero=tq.zero and b < 8)
-                codes[idx] = c.codes.float()
-                scales[idx] = c.scale.float()
-                if b == 8:
-                    zeros[idx] = 0.0
-                elif c.zero is not None:
-                    zeros[idx] = c.zero.float()
-                else:
-                    zeros[idx] = ((1 << b) - 1) / 2
-            else:
-                fixed[idx] = rows[idx].to(float_dtype).float()
-        qrows = torch.tensor([b in CODE_BITS for b in bits])
-        self.register_buffer("codes", codes)
-        self.register_buffer("zeros", zeros)
-        self.register_buffer("fixed", fixed)
-        self.register_buffer("qrows", qrows)
-        self.scale = nn.Parameter(scales)
-
-    def forward(self, x: Tensor) -> Tensor:
-        s = self.scale.abs()
-        s = s + (s.to(torch.float16).float() - s).detach()  # STE: stored scales are fp16
-        G, n = self.tq.group_size, self.codes.shape[1]
-        deq = (self.codes - self.zeros.repeat_interleave(G, 1)[:, :n]) * s.repeat_interleave(G, 1)[:, :n]
-        rows = torch.where(self.qrows[:, None], deq, self.fixed)
-        return from_rows(rows, self.shape, self.tq.axis).to(x.dtype)
-
-
 @dataclass
 class QuantHandle:
-    """What :func:`attach_fake_quant` / :func:`attach_scale_tuning` attached. ``params``: the
-    parameters to optimise (the form's own for QAT, the per-group scales for scale tuning);
-    ``names``: the tensors covered; ``skipped``: stored tensors that are not parameters of the form
-    (left as they are). ``remove()`` detaches: QAT restores the latent floats (the container then
-    quantises them exactly as the forward did); scale tuning leaves the dequantised values with the
-    tuned scales in the parameters."""
+    """What :func:`attach_fake_quant` attached. ``params``: the form's parameters seen through the
+    fake quantiser; ``names``: the tensors covered; ``skipped``: stored tensors that are not
+    parameters of the form (left as they are). ``remove()`` detaches and restores the latent
+    floats (the container then quantises them exactly as the forward did)."""
 
     form: nn.Module
     entries: list[tuple[nn.Module, str]]
     params: list[nn.Parameter]
     names: list[str]
     skipped: list[str]
-    leave: bool
     _removed: bool = field(default=False, repr=False)
 
     def remove(self) -> None:
         if self._removed:
             return
         for mod, attr in self.entries:
-            parametrize.remove_parametrizations(mod, attr, leave_parametrized=self.leave)
-            if self.leave:
-                getattr(mod, attr).requires_grad_(True)
+            parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
         self._removed = True
 
 
@@ -730,266 +666,19 @@ def parameter_map(form: nn.Module) -> dict[str, tuple[nn.Module, str, nn.Paramet
     return out
 
 
-def _attach(form: nn.Module, storage: Storage, float_dtype: torch.dtype, tuned: bool) -> QuantHandle:
-    form.train()  # forms that keep source tensors verbatim switch to their parameters
-    pmap = parameter_map(form)
-    entries, params, names = [], [], []
-    skipped = sorted(set(storage.tensors) - set(pmap))
-    for name in sorted(storage.tensors):
-        if name not in pmap:
-            continue
-        mod, attr, p = pmap[name]
-        tq = storage.tensors[name]
-        if tuned:
-            P = TunedScales(p.detach(), tq, float_dtype)
-            p.requires_grad_(False)
-            parametrize.register_parametrization(mod, attr, P, unsafe=True)
-            params.append(P.scale)
-        else:
-            parametrize.register_parametrization(mod, attr, FakeQuant(tq, float_dtype), unsafe=True)
-            params.append(p)
-        entries.append((mod, attr))
-        names.append(name)
-    return QuantHandle(form, entries, params, names, skipped, leave=tuned)
-
-
 def attach_fake_quant(form: nn.Module, storage: Storage, float_dtype: torch.dtype = torch.float16) -> QuantHandle:
     """Quantisation-aware training: every stored tensor of ``storage`` that is a form parameter is
     seen through :func:`fake_quant` by ``form.factors`` (straight-through gradients to the latent
     float parameter). Optimise ``handle.params`` (or the form's own groups); ``handle.remove()``."""
-    return _attach(form, storage, float_dtype, tuned=False)
-
-
-def attach_scale_tuning(form: nn.Module, storage: Storage, float_dtype: torch.dtype = torch.float16) -> QuantHandle:
-    """Quantise now and keep the codes; only the per-group scales train (``handle.params``).
-    ``handle.remove()`` writes the dequantised values back into the parameters; re-encoding them
-    reproduces the same codes and (fp16) scales whenever a group's largest code is its extreme."""
-    return _attach(form, storage, float_dtype, tuned=True)
-
-
-# ----------------------------------------------------------------------------- rate–distortion
-def _hull(opts: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the lower convex hull of options (cost, error), from option 0 on, each next
-    one costlier and strictly better: the moves a greedy allocator takes in order."""
-    path = [0]
-    while True:
-        c0, e0 = opts[path[-1]]
-        best, best_slope = None, 0.0
-        for j, (c, e) in enumerate(opts):
-            if c > c0 and e < e0:
-                slope = (e0 - e) / (c - c0)
-                if slope > best_slope * (1 + 1e-12):
-                    best, best_slope = j, slope
-        if best is None:
-            return path
-        path.append(best)
-
-
-def allocate_levels(options: Sequence[Sequence[Sequence[tuple[float, float]]]], budget: float,
-                    prefix: bool = True) -> tuple[list[list[int]], float]:
-    """Greedy rate–distortion allocation by marginal error reduction per byte.
-
-    ``options[m][i][l] = (bytes, error)`` of item i of group m at level l; level 0 is the
-    starting point (for svd: the direction dropped, 0 bytes). Items move along the lower convex
-    hull of their options, best slope first, while the total stays within ``budget``. With
-    ``prefix``, item i of a group leaves level 0 only after item i−1 did (svd keeps a prefix of
-    its singular directions). Returns (level per item, bytes spent beyond the level-0 costs)."""
-    levels = [[0] * len(g) for g in options]
-    hulls = [[_hull(it) for it in g] for g in options]
-    pos = [[0] * len(g) for g in options]
-    heap: list[tuple[float, int, int]] = []
-
-    def push(m: int, i: int) -> None:
-        h = hulls[m][i]
-        p = pos[m][i]
-        if p + 1 < len(h):
-            (c0, e0), (c1, e1) = options[m][i][h[p]], options[m][i][h[p + 1]]
-            heapq.heappush(heap, (-(e0 - e1) / (c1 - c0), m, i))
-
-    for m, g in enumerate(options):
-        for i in range(len(g)):
-            if not prefix or i == 0:
-                push(m, i)
-    spent = 0.0
-    while heap:
-        _, m, i = heapq.heappop(heap)
-        h, p = hulls[m][i], pos[m][i]
-        dc = options[m][i][h[p + 1]][0] - options[m][i][h[p]][0]
-        if spent + dc > budget:
-            continue  # does not fit; a cheaper move elsewhere may
-        spent += dc
-        pos[m][i] = p + 1
-        levels[m][i] = h[p + 1]
-        push(m, i)
-        if prefix and p == 0 and i + 1 < len(options[m]):
-            push(m, i + 1)
-    return levels, spent
-
-
-@_single_thread
-def direction_options(B: Tensor, A: Tensor, Sigma: Tensor | None, levels: Sequence[int], group_size: int,
-                      float_dtype: torch.dtype, zero: bool = False) -> tuple[list[float], Tensor]:
-    """Per singular direction i of balanced factors B (out×k), A (k×in): the bytes and the
-    (Σ-weighted) squared error of storing it at each level. Levels: 0 (dropped), then each of
-    ``levels`` (code bits, or the container float width). Returns (bytes per level (L+1),
-    errors (k×(L+1)) float64). The error of direction i at b bits is ‖b̂ âᵀ − b aᵀ‖²_Σ with b, a
-    column i of B and row i of A quantised in their own groups (exactly as stored)."""
-    B = B.detach().float()
-    A = A.detach().float()
-    out, k = B.shape
-    n_in = A.shape[1]
-    fb = float_bits(float_dtype)
-    ngA, ngB = max(1, _ceil_div(n_in, group_size)), max(1, _ceil_div(out, group_size))
-    Bd, Ad = B.double(), A.double()
-    S = None if Sigma is None else Sigma.double()
-    AS = Ad if S is None else Ad @ S
-    nb2 = (Bd * Bd).sum(0)
-    costs = [0.0]
-    errs = [nb2 * (AS * Ad).sum(1)]  # dropped: ‖b‖² a Σ aᵀ (= σ_i² for balanced SVD factors)
-    for b in levels:
-        if b == fb or b not in CODE_BITS:
-            Bh, Ah = B.to(float_dtype).double(), A.to(float_dtype).double()
-            costs.append((out + n_in) * fb / 8 + 6)
-        else:
-            z = zero and b < 8
-            cb = quantize_rows(B.T.contiguous(), b, group_size, z)
-            ca = quantize_rows(A, b, group_size, z)
-            Bh = dequantize_rows(cb.codes, cb.scale, cb.zero, b, group_size).T.double()
-            Ah = dequantize_rows(ca.codes, ca.scale, ca.zero, b, group_size).double()
-            costs.append((out + n_in) * b / 8 + (4 if z else 2) * (ngA + ngB) + 4)
-        dB, dA = Bh - Bd, Ah - Ad
-        dAS = dA if S is None else dA @ S
-        AhS = Ah if S is None else Ah @ S
-        # ‖δb âᵀ + b δaᵀ‖²_Σ = ‖δb‖² âΣâᵀ + ‖b‖² δaΣδaᵀ + 2 (δb·b)(âΣδaᵀ)
-        e = (dB * dB).sum(0) * (AhS * Ah).sum(1) + nb2 * (dAS * dA).sum(1) + 2 * (dB * Bd).sum(0) * (AhS * dA).sum(1)
-        errs.append(e.clamp_min(0))
-    return costs, torch.stack(errs, 1)
-
-
-def allocation_summary(type_keys: Sequence[str], bits: Sequence[Sequence[int]], max_rank: int) -> dict:
-    """Bit allocation per module type and per rank position: kept directions, mean bits of the
-    kept ones and a histogram of widths (0 = dropped)."""
-    def hist(vals: Iterable[int]) -> dict:
-        h: dict[str, int] = {}
-        for v in vals:
-            h[str(v)] = h.get(str(v), 0) + 1
-        return dict(sorted(h.items(), key=lambda kv: int(kv[0])))
-
-    by_type: dict[str, dict] = {}
-    for t in sorted(set(type_keys)):
-        vals = [b for tk, row in zip(type_keys, bits) if tk == t for b in row]
-        kept = [b for b in vals if b > 0]
-        by_type[t] = {"directions": len(vals), "kept": len(kept),
-                      "mean_bits": (sum(kept) / len(kept)) if kept else 0.0, "bits": hist(vals)}
-    by_pos = []
-    for p in range(max_rank):
-        vals = [row[p] if p < len(row) else 0 for row in bits]
-        kept = [b for b in vals if b > 0]
-        by_pos.append({"position": p, "kept": len(kept), "mean_bits": (sum(kept) / len(kept)) if kept else 0.0,
-                       "bits": hist(vals)})
-    allv = [b for row in bits for b in row]
-    kept = [b for b in allv if b > 0]
-    return {"directions": len(allv), "kept": len(kept), "mean_bits": (sum(kept) / len(kept)) if kept else 0.0,
-            "bits": hist(allv), "by_type": by_type, "by_position": by_pos}
-
-
-_FLOAT_BITS = {"fp16": 16, "bf16": 16, "fp32": 32}
-
-
-def direction_bits(manifest: dict) -> list[list[int]] | None:
-    """Bits of every rank direction of every module (0: not stored) for forms whose ``A.{i}``
-    rows are module i's rank directions (``svd``: up to the source rank; ``lora``); else None."""
-    form = manifest["form"]
-    if form not in ("svd", "lora"):
-        return None
-    fb = _FLOAT_BITS[manifest["dtype"]]
-    st = Storage.from_json(manifest.get("storage"))
-    mods = manifest["modules"]
-    ranks = manifest["state"].get("ranks") if form == "svd" else [m["rank"] for m in mods]
-    out = []
-    for i, m in enumerate(mods):
-        k = int(ranks[i])
-        tq = st.tensors.get(f"A.{i}") if st is not None else None
-        bits = tq.row_bits(k) if tq is not None else [fb] * k
-        out.append(bits + [0] * max(0, int(m["rank"]) - k))
-    return out
-
-
-def describe_storage(manifest: dict) -> dict:
-    """The bit allocation a container's manifest records, for reports: per stored tensor (bits,
-    or a histogram of its rows' bits) and, for svd/lora, per module type and per rank position
-    (:func:`allocation_summary`; 0 = a direction not stored)."""
-    fb = _FLOAT_BITS[manifest["dtype"]]
-    st = Storage.from_json(manifest.get("storage"))
-    per_tensor: dict[str, object] = {}
-    for n, tq in sorted((st.tensors if st is not None else {}).items()):
-        if isinstance(tq.bits, int):
-            per_tensor[n] = tq.bits
-        else:
-            h: dict[str, int] = {}
-            for b in tq.bits:
-                h[str(b)] = h.get(str(b), 0) + 1
-            per_tensor[n] = h
-    out: dict = {"float_bits": fb, "tensors": per_tensor}
-    db = direction_bits(manifest)
-    if db is not None:
-        keys = [f"{m['stack']}.*.{m['type']}" if m.get("stack") is not None else m["type"] for m in manifest["modules"]]
-        out.update(allocation_summary(keys, db, max((int(m["rank"]) for m in manifest["modules"]), default=0)))
-    return out
-
-
-@torch.no_grad()
-def tensor_options(form: nn.Module, names: Sequence[str], levels: Sequence[int], group_size: int,
-                   float_dtype: torch.dtype, module_errors: Callable[[nn.Module, list[int]], Tensor], n_modules: int,
-                   rebuild: Callable[[dict[str, Tensor]], nn.Module] | None = None,
-                   axes: Callable[[str, tuple[int, ...]], int | None] | None = None) -> dict[str, list[tuple[int, float, float]]]:
-    """Measured sensitivity of each stored float tensor: for each level (code bits or the float
-    width), (bits, bytes, increase of the total squared error) when that tensor alone is stored at
-    that level, the others kept in float. ``module_errors(form, idx)`` returns the squared errors
-    of modules ``idx``. A tensor that is a view of a form parameter is perturbed in place and only
-    the modules whose factors depend on it (found by autograd) are re-evaluated; any other tensor
-    (computed by ``form.tensors()``, e.g. a scaled bank) through ``rebuild(tensors)`` — the form
-    rebuilt from its stored tensors with that one replaced — and every module. Without
-    ``rebuild`` such tensors are skipped."""
+    form.train()  # forms that keep source tensors verbatim switch to their parameters
     pmap = parameter_map(form)
-    stored = {n: t.detach().clone() for n, t in form.tensors().items()}  # type: ignore[operator]
-    base = module_errors(form, list(range(n_modules))).double()
-    deps: dict[int, list[int]] = {}
-    plist = [p for _, _, p in pmap.values() if p.requires_grad]
-    if plist:
-        with torch.enable_grad():
-            for i in range(n_modules):
-                B, A = form.factors(i)  # type: ignore[operator]
-                if not (B.requires_grad or A.requires_grad):
-                    continue
-                gs = torch.autograd.grad(B.sum() + A.sum(), plist, allow_unused=True)
-                for p, g in zip(plist, gs):
-                    if g is not None:
-                        deps.setdefault(id(p), []).append(i)
-    fb = float_bits(float_dtype)
-    every = list(range(n_modules))
-    out: dict[str, list[tuple[int, float, float]]] = {}
-    for name in names:
-        if name not in stored or (name not in pmap and rebuild is None):
+    entries, params, names = [], [], []
+    for name in sorted(storage.tensors):
+        if name not in pmap:
             continue
-        keep = stored[name]
-        shape = tuple(keep.shape)
-        ax = axes(name, shape) if axes else None
-        ax = group_axis(shape) if ax is None else ax
-        opts = []
-        for b in levels:
-            tq = None if b == fb else TensorQuant(b, ax, group_size)
-            xq = keep.to(float_dtype).float() if tq is None else roundtrip(keep, tq, float_dtype)
-            if name in pmap:
-                p = pmap[name][2]
-                orig = p.detach().clone()
-                p.copy_(xq.to(p.dtype))
-                idx = deps.get(id(p), every)
-                e = float(module_errors(form, idx).double().sum() - base[idx].sum())
-                p.copy_(orig)
-            else:
-                probe = rebuild({**stored, name: xq})  # type: ignore[misc]
-                e = float(module_errors(probe, every).double().sum() - base.sum())
-            opts.append((b, float(stored_bytes(shape, tq, float_dtype) + header_cost(name, tq)), max(e, 0.0)))
-        out[name] = opts
-    return out
+        mod, attr, p = pmap[name]
+        parametrize.register_parametrization(mod, attr, FakeQuant(storage.tensors[name], float_dtype), unsafe=True)
+        params.append(p)
+        entries.append((mod, attr))
+        names.append(name)
+    return QuantHandle(form, entries, params, names, sorted(set(storage.tensors) - set(pmap)))

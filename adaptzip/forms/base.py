@@ -9,16 +9,29 @@ in), differentiably. The same object is
 * stored (``tensors()`` / ``from_tensors()``) and expanded (:mod:`adaptzip.export`).
 
 A form adds: a hyperparameter dataclass ``Config`` (defaults from its paper, help text in the
-field metadata), ``fit``, ``factors``, ``tensors``, ``tensor_specs`` (the exact names, shapes and
-dtypes of what it stores, used by ``verify``), ``from_tensors`` and ``config_for_budget``. Adding a
-form is one file in ``adaptzip/forms/`` plus one line in ``adaptzip/forms/__init__.py``.
+field metadata, ``internal: True`` in the metadata for fields the budget search sets), ``fit``,
+``factors``, ``tensors``, ``tensor_specs`` (the exact names, shapes and dtypes of what it stores,
+used by ``verify``), ``from_tensors`` and ``config_for_budget``. Adding a form is one file in
+``adaptzip/forms/`` plus one line in ``adaptzip/forms/__init__.py``: its Config fields become
+CLI options (:mod:`adaptzip.cli`), ``adaptzip forms`` lists it, quantised storage and every
+export work through the hooks below; nothing outside ``forms/`` tests a form's name.
+
+Optional hooks (class attributes and methods with working defaults):
+
+* ``lossless`` — the form restores the source exactly (no same-bytes baseline to compare with);
+* ``direction_rows`` / :meth:`stored_ranks` — stored ``A.{i}``/``B.{i}`` are module i's factors,
+  one rank direction per row of A (reports then show bits per rank position);
+* ``per_direction_quant`` / :meth:`direction_table` / :meth:`config_with_ranks` — ``--quant auto``
+  may drop or store each singular direction at its own width (:mod:`adaptzip.qsearch`);
+* :meth:`quant_axis` — the group axis of a stored tensor (None: chosen by error);
+* :meth:`native_exports` — extra ``expand --to`` targets of this form (e.g. PEFT's own VB-LoRA).
 """
 from __future__ import annotations
 
 import abc
 import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -51,6 +64,13 @@ class Form(nn.Module, metaclass=abc.ABCMeta):
     name: ClassVar[str]
     summary: ClassVar[str]
     Config: ClassVar[type]
+    #: The form restores the source exactly: there is no same-bytes approximation to compare with.
+    lossless: ClassVar[bool] = False
+    #: Stored ``A.{i}`` (k_i×in) and ``B.{i}`` (out×k_i) are module i's factors, one rank direction
+    #: per row of A / column of B (see :meth:`stored_ranks`).
+    direction_rows: ClassVar[bool] = False
+    #: ``--quant auto`` may give every rank direction its own width (see :meth:`direction_table`).
+    per_direction_quant: ClassVar[bool] = False
 
     def __init__(self, modules: Sequence[ModuleInfo], config: Any):
         super().__init__()
@@ -60,6 +80,9 @@ class Form(nn.Module, metaclass=abc.ABCMeta):
         self.state_info: dict[str, Any] = {}
         # Metrics the fit measured (e.g. soft vs hard top-k error); copied into the manifest.
         self.fit_info: dict[str, Any] = {}
+        # The quantised storage the form will be written with, once chosen (quantisation-aware
+        # distillation sees the form through it; ``container.build`` stores it so).
+        self.quant_storage: Any = None
 
     # -- construction ---------------------------------------------------------
     @classmethod
@@ -91,6 +114,34 @@ class Form(nn.Module, metaclass=abc.ABCMeta):
         use :meth:`lora_factors`."""
         return None
 
+    @classmethod
+    def stored_ranks(cls, modules: Sequence[ModuleInfo], config: Any, state: dict) -> list[int] | None:
+        """Stored rank of every module when ``direction_rows`` (read off :meth:`tensor_specs`), else None."""
+        if not cls.direction_rows:
+            return None
+        specs = cls.tensor_specs(modules, config, state)
+        return [int(specs[f"A.{i}"][0][0]) for i in range(len(modules))]
+
+    @classmethod
+    def direction_table(cls, adapter: Adapter, config: Any, ctx: FitContext) -> list[tuple[Tensor, Tensor]]:
+        """Per module, balanced factors (B out×k, A k×in) of every rank direction this form may
+        store under ``config``, strongest first (``per_direction_quant`` forms only)."""
+        raise NotImplementedError(f"form {cls.name} has no per-direction storage")
+
+    @classmethod
+    def config_with_ranks(cls, config: Any, ranks: Sequence[int]) -> Any:
+        """``config`` keeping the first ``ranks[i]`` directions of :meth:`direction_table` in module i."""
+        raise NotImplementedError(f"form {cls.name} has no per-direction storage")
+
+    @classmethod
+    def native_exports(cls) -> dict[str, Callable[..., dict]]:
+        """Extra ``expand --to`` targets: name → ``fn(container, out_dir, *, dtype) -> dict``."""
+        return {}
+
+    def quant_axis(self, name: str, shape: tuple[int, ...]) -> int | None:
+        """The group axis of stored tensor ``name`` under quantisation (None: chosen by error)."""
+        return None
+
     # -- use --------------------------------------------------------------------
     @abc.abstractmethod
     def factors(self, i: int) -> tuple[Tensor, Tensor]:
@@ -110,10 +161,6 @@ class Form(nn.Module, metaclass=abc.ABCMeta):
         """Stored float values (what the container dtype applies to)."""
         specs = self.tensor_specs(self.modules_info, self.config, self.state_info)
         return sum(_numel(s) for s, dt in specs.values() if dt is None)
-
-    def index_bytes(self) -> int:
-        specs = self.tensor_specs(self.modules_info, self.config, self.state_info)
-        return sum(_numel(s) * torch.empty(0, dtype=dt).element_size() for s, dt in specs.values() if dt is not None)
 
     def trainable_groups(self) -> list[dict]:
         """Parameter groups for distillation (default: every parameter, one group)."""
@@ -145,12 +192,19 @@ def get_form(name: str) -> type[Form]:
 
 
 def config_fields(cls: type) -> list[dict]:
-    """The options of a form's Config: name, default, type and help (for `adaptzip forms`)."""
+    """The options of a form's Config: name, default, type, help and whether it is internal (set
+    by the budget search, hidden from the CLI) — for `adaptzip forms` and the CLI's options."""
     out = []
     for f in fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        out.append({"name": f.name, "default": default, "type": str(f.type), "help": f.metadata.get("help", "")})
+        out.append({"name": f.name, "default": default, "type": str(f.type), "help": f.metadata.get("help", ""),
+                    "internal": bool(f.metadata.get("internal", False))})
     return out
+
+
+def user_options(config: Any) -> dict[str, Any]:
+    """The fields of a Config a user sets (internal ones, chosen by the budget search, left out)."""
+    return {f.name: getattr(config, f.name) for f in fields(config) if not f.metadata.get("internal", False)}
 
 
 def make_config(form: type[Form], options: dict[str, Any]) -> Any:

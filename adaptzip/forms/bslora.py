@@ -73,7 +73,7 @@ REFINE_MAX_STEPS = 300
 
 _RANKS_HELP = ("ranks L,I,G: local rank per module, intra-layer shared rank (one pair per layer), "
                "inter-layer shared rank (one pair for all modules); 0 leaves a part out")
-_LOCAL_HELP = "per-module local ranks (set by --budget; internal): override L"
+_LOCAL_HELP = "per-module local ranks (set by --budget): override L"
 _STEPS_HELP = ("Adam steps after the closed-form initialisation (default: automatic, ≤ 300 and bounded so a "
                "Llama-7B-shaped adapter fits in about a minute on 2 cores; 0: initialisation only)")
 
@@ -106,7 +106,7 @@ def _check_local(local: Any) -> tuple[int, ...] | None:
 class SSConfig:
     ranks: tuple[int, int, int] = field(default=(2, 4, 32), metadata={"help": _RANKS_HELP})
     steps: int | None = field(default=None, metadata={"help": _STEPS_HELP})
-    local_ranks: tuple[int, ...] | None = field(default=None, metadata={"help": _LOCAL_HELP})
+    local_ranks: tuple[int, ...] | None = field(default=None, metadata={"help": _LOCAL_HELP, "internal": True})
 
     def __post_init__(self):
         self.ranks = _check_ranks(self.ranks)
@@ -118,7 +118,7 @@ class SSConfig:
 class GTConfig:
     ranks: tuple[int, int, int] = field(default=(2, 8, 16), metadata={"help": _RANKS_HELP})
     shared_size: int = field(default=1024, metadata={"help": "d_s: width of the shared pair (d_s×r)(r×d_s) and of the gates; any d_s ≥ 1 works (each level adds rank ≤ 1 per module)"})
-    local_ranks: tuple[int, ...] | None = field(default=None, metadata={"help": _LOCAL_HELP})
+    local_ranks: tuple[int, ...] | None = field(default=None, metadata={"help": _LOCAL_HELP, "internal": True})
 
     def __post_init__(self):
         self.ranks = _check_ranks(self.ranks)
@@ -131,7 +131,7 @@ class KEConfig:
     ranks: tuple[int, int, int] = field(default=(2, 4, 16), metadata={"help": _RANKS_HELP})
     shared_size: int = field(default=256, metadata={"help": "s: the shared pair is (s×r)(r×s), tiled ⌈out/s⌉×⌈in/s⌉ times by per-module kernels and cropped; clamped to the largest module dim"})
     steps: int | None = field(default=None, metadata={"help": _STEPS_HELP})
-    local_ranks: tuple[int, ...] | None = field(default=None, metadata={"help": _LOCAL_HELP})
+    local_ranks: tuple[int, ...] | None = field(default=None, metadata={"help": _LOCAL_HELP, "internal": True})
 
     def __post_init__(self):
         self.ranks = _check_ranks(self.ranks)

@@ -26,6 +26,8 @@ class LoraForm(Form):
     name = "lora"
     summary = "lossless repack of the source LoRA factors (optional dtype cast)"
     Config = LoraConfig
+    lossless = True
+    direction_rows = True
 
     def __init__(self, modules: Sequence[ModuleInfo], config: LoraConfig, tensors: dict[str, torch.Tensor]):
         super().__init__(modules, config)

@@ -24,7 +24,7 @@ from .base import FitContext, Form, TensorSpecs, register
 @dataclass
 class SvdConfig:
     rank: int | None = field(default=None, metadata={"help": "uniform rank per module (default: the source's rank, i.e. lossless); capped by each module's source rank"})
-    ranks: tuple[int, ...] | None = field(default=None, metadata={"help": "per-module ranks (set by --budget; internal)"})
+    ranks: tuple[int, ...] | None = field(default=None, metadata={"help": "per-module ranks (set by --budget)", "internal": True})
 
     def __post_init__(self):
         if self.rank is not None and self.rank < 0:
@@ -54,6 +54,8 @@ class SvdForm(Form):
     name = "svd"
     summary = "per-module truncated SVD; --budget allocates ranks globally by energy per byte (the baseline)"
     Config = SvdConfig
+    direction_rows = True
+    per_direction_quant = True
 
     def __init__(self, modules: Sequence[ModuleInfo], config: SvdConfig, factors: list[tuple[torch.Tensor, torch.Tensor]]):
         super().__init__(modules, config)
@@ -82,6 +84,15 @@ class SvdForm(Form):
         caps = None if config.rank is None else [config.rank] * len(adapter.modules)
         ranks = linalg.allocate([s.S.double() ** 2 for s in sv], costs, budget_bytes, caps)
         return SvdConfig(rank=config.rank, ranks=tuple(ranks))
+
+    @classmethod
+    def direction_table(cls, adapter, config, ctx):
+        cap = config.rank
+        return [s.truncate(len(s.S) if cap is None else min(cap, len(s.S))) for s in spectra(adapter, ctx)]
+
+    @classmethod
+    def config_with_ranks(cls, config, ranks):
+        return SvdConfig(rank=config.rank, ranks=tuple(int(r) for r in ranks))
 
     @classmethod
     def tensor_specs(cls, modules, config, state) -> TensorSpecs:

@@ -162,6 +162,12 @@ class VbloraForm(Form):
     summary = "VB-LoRA: A/B sub-vectors are top-k convex mixes of one shared vector bank (PEFT VBLORA export)"
     Config = VbloraConfig
 
+    @classmethod
+    def native_exports(cls):
+        from .vblora_peft import to_peft_vblora  # PEFT's own VB-LoRA layout: loaded only when asked for
+
+        return {"peft-vblora": to_peft_vblora}
+
     def __init__(self, modules: Sequence[ModuleInfo], config: VbloraConfig, rank: int, bank: Tensor, *,
                  logits: list[tuple[Tensor, Tensor]] | None = None,
                  topk: list[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None):

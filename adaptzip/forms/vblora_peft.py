@@ -1,4 +1,5 @@
-"""Writing a ``vblora`` container as a native PEFT VB-LoRA adapter (``expand --to peft-vblora``).
+"""Writing a ``vblora`` container as a native PEFT VB-LoRA adapter (``expand --to peft-vblora``,
+offered by :meth:`adaptzip.forms.vblora.VbloraForm.native_exports`).
 
 PEFT's ``VBLORA`` (peft/tuners/vblora) computes, per module, A = mix(logits_A) reshaped (r, in)
 and B = mix(logits_B) transposed/reshaped (out, r), mix(L) = Σ_{top-k of L} softmax(top-k
@@ -19,18 +20,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
-from .adapter import PREFIX, TORCH_DTYPES
-from .container import Container
-from .errors import ExportError
-from .fileio import atomic_dir
-from .forms.vblora import index_dtype
+from ..adapter import PREFIX, TORCH_DTYPES
+from ..errors import ExportError
+from ..fileio import atomic_dir
+from .vblora import index_dtype
+
+if TYPE_CHECKING:  # the container hands itself to its form's exports; forms never import it
+    from ..container import Container
 
 
-def vblora_config(c: Container, topk_only: bool) -> dict:
+def vblora_config(c: "Container", topk_only: bool) -> dict:
     """The VBLoRAConfig dict (every field PEFT 0.21 writes) for a vblora container."""
     src = c.source_config
     cfg = c.manifest["config"]
@@ -59,10 +63,7 @@ def vblora_config(c: Container, topk_only: bool) -> dict:
     }
 
 
-def _check(c: Container) -> None:
-    if c.form_name != "vblora":
-        raise ExportError(c.path, f"holds form {c.form_name}, not vblora: only vblora containers can be written as a "
-                                  "native PEFT VB-LoRA adapter (use --to peft for a LoRA)")
+def _check(c: "Container") -> None:
     emb = [m.name for m in c.modules if m.kind == "embedding"]
     if emb:
         raise ExportError(c.path, f"PEFT's VB-LoRA adapts Linear/Conv1D layers only, not the embedding {emb[0]}; use --to peft")
@@ -75,12 +76,11 @@ def _check(c: Container) -> None:
         raise ExportError(c.path, f"PEFT's VB-LoRA has no {what.get(bad[0]['role'], bad[0]['role'])} ({bad[0]['key']}); use --to peft")
 
 
-def to_peft_vblora(c: Container, out: Path, *, dtype: str | None = None, topk_only: bool = True) -> dict:
+def to_peft_vblora(c: "Container", out: Path, *, dtype: str | None = None, topk_only: bool = True) -> dict:
     """Write ``out/adapter_config.json`` (VBLORA) + ``out/adapter_model.safetensors`` so that
     ``PeftModel.from_pretrained(base, out)`` gives every module the container's ΔŴ. ``dtype``:
     the bank's dtype (default: the container's; fp32 for an int8/int4-quantised bank, which is
-    written dequantised). Raises ExportError for other forms, embeddings,
-    LoRA biases and DoRA."""
+    written dequantised). Raises ExportError for embeddings, LoRA biases and DoRA."""
     _check(c)
     quantised = c.storage is not None and "bank" in c.storage.tensors  # read back dequantised, in fp32
     bank_dtype = (torch.float32 if quantised else c.dtype) if dtype is None else TORCH_DTYPES[dtype]

@@ -1,0 +1,190 @@
+"""The options of ``compress`` (and ``batch``), grouped by what they steer, and its typed result.
+
+:func:`adaptzip.api.compress` takes the source, the output, the target form, the budget and the
+form's own options, then one dataclass per concern::
+
+    compress(lora_dir, output, to="bslora-ke", budget=0.06,
+             fitting=FitOptions(seed=1),
+             calibration=CalibrationOptions(base_model="base/", calib="text.txt", steps=100),
+             quant=QuantOptions(scheme="int8"),
+             run=RunOptions(force=True))
+
+Every class is frozen and has a ``to_json()`` (what ``batch`` hashes into its resume stamp).
+:class:`CompressResult` is what compress returns; ``to_json()`` gives the flat object that
+``adaptzip compress --json`` prints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import OptionError
+
+DEFAULT_GROUP = 64  # quantisation group size (values per fp16 scale)
+QUANT_SCHEMES = ("none", "int8", "int4", "int4-asym", "auto")
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """The weight-space fit.
+
+    dtype: container float dtype (fp16, bf16, fp32; None: the source's).
+    seed: random seed; same inputs and seed give a byte-identical container.
+    steps: bound on the optimiser steps of iterative fits (None: each form's own rule).
+    stats: Σ per module name (in×in, fp32) for an activation-weighted fit without a base model.
+    baseline: also fit and measure the same-bytes svd baseline."""
+
+    dtype: str | None = None
+    seed: int = 0
+    steps: int | None = None
+    stats: dict[str, torch.Tensor] | None = field(default=None, compare=False, repr=False)
+    baseline: bool = True
+
+    def __post_init__(self):
+        if self.dtype is not None and self.dtype not in ("fp16", "bf16", "fp32"):
+            raise OptionError(None, f"--dtype {self.dtype!r}: expected one of fp16, bf16, fp32")
+        if self.steps is not None and self.steps < 0:
+            raise OptionError(None, f"fit steps must be ≥ 0, got {self.steps}")
+
+    def to_json(self) -> dict:
+        return {"dtype": self.dtype, "seed": self.seed, "steps": self.steps, "baseline": self.baseline}
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Calibration on the base model: Σ statistics, distillation, behavioural metrics.
+
+    base_model: a model directory (safetensors) or a ``.gguf`` file (None: no teacher; then
+    ``stats_file`` alone gives a Σ-weighted fit).
+    calib: calibration text (UTF-8, paragraphs separated by blank lines, or JSONL with ``text``).
+    tokens: calibration tokens used (10% held out for early stopping, 10% more for eval).
+    steps: distillation steps (batches of ``batch_size`` × ``seq_len`` tokens); 0: none.
+    eval_text: evaluation text (None: a held-out part of ``calib``).
+    stats_file: Σ file, reused when it exists, else written (None: ``<output>.stats.safetensors``).
+    device: auto (CUDA when available), cpu or cuda.
+    lr: distillation learning rate (None: by the quality of the start).
+    auto_distil: with ``--to auto``, how many of the most promising forms are distilled."""
+
+    base_model: str | Path | None = None
+    calib: str | Path | None = None
+    tokens: int = 50000
+    steps: int = 300
+    eval_text: str | Path | None = None
+    stats_file: str | Path | None = None
+    device: str = "auto"
+    lr: float | None = None
+    seq_len: int = 128
+    batch_size: int = 4
+    auto_distil: int = 3
+
+    def __post_init__(self):
+        if self.base_model is None and (self.calib is not None or self.eval_text is not None):
+            raise OptionError(None, "--calib/--eval need --base-model (the teacher runs on the base model)")
+        if self.base_model is not None and self.calib is None:
+            raise OptionError(None, "--base-model needs --calib TEXT (UTF-8 text or JSONL with a 'text' field)")
+        if self.tokens < 1:
+            raise OptionError(None, f"--calib-tokens {self.tokens} must be ≥ 1")
+        if self.steps < 0:
+            raise OptionError(None, f"--calib-steps {self.steps} must be ≥ 0")
+        for name in ("seq_len", "batch_size", "auto_distil"):
+            if getattr(self, name) < 1:
+                raise OptionError(None, f"calibration {name} must be ≥ 1, got {getattr(self, name)}")
+
+    @property
+    def teacher(self) -> bool:
+        """True when a base model runs (distillation and behavioural metrics)."""
+        return self.base_model is not None
+
+    def to_json(self) -> dict:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Storage of the form's float tensors (formats/quantization.md).
+
+    scheme: none (the container dtype), int8, int4, int4-asym or auto (needs a budget).
+    group_size: values per quantisation group (one fp16 scale each)."""
+
+    scheme: str = "none"
+    group_size: int = DEFAULT_GROUP
+
+    def __post_init__(self):
+        if self.scheme not in QUANT_SCHEMES:
+            raise OptionError(None, f"--quant {self.scheme!r}: expected one of {', '.join(QUANT_SCHEMES)}")
+        if self.group_size < 1:
+            raise OptionError(None, f"--group-size must be ≥ 1, got {self.group_size}")
+
+    def to_json(self) -> dict:
+        return {"scheme": self.scheme, "group_size": self.group_size}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How the command runs: replace an existing output, show progress on stderr, the command
+    line recorded in the manifest."""
+
+    force: bool = False
+    progress: bool = False
+    command: str | None = None
+
+
+@dataclass
+class CompressResult:
+    """What :func:`adaptzip.api.compress` returns. ``metrics`` are the manifest's metrics (weight
+    errors, svd baseline, calibration figures); ``quant`` the storage summary (when quantised);
+    ``auto`` the ``--to auto`` report; ``extras`` result-only facts of a calibrated run
+    (per-module output errors, Σ file, timings). ``to_json()``: the flat object that
+    ``adaptzip compress --json`` prints."""
+
+    output: str
+    form: str
+    config: dict
+    state: dict
+    dtype: str
+    source_bytes: int
+    bytes: int
+    stored_params: int
+    source_params: int
+    metrics: dict[str, Any]
+    seconds: float
+    quant: dict | None = None
+    auto: dict | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        """Container bytes / source adapter bytes."""
+        return self.bytes / self.source_bytes
+
+    @property
+    def rel_error(self) -> float | None:
+        """Relative error of the stored form (Σ-weighted output error when calibrated)."""
+        return self.metrics.get("rel_error")
+
+    def to_json(self) -> dict:
+        out: dict[str, Any] = {
+            "output": self.output, "form": self.form, "config": self.config, "state": self.state,
+            "dtype": self.dtype, "source_bytes": self.source_bytes, "bytes": self.bytes, "ratio": self.ratio,
+            "stored_params": self.stored_params, "source_params": self.source_params, **self.metrics,
+        }
+        if self.quant is not None:
+            out["quant"] = self.quant
+        if self.auto is not None:
+            out["auto"] = self.auto
+        out.update(self.extras)
+        out["seconds"] = self.seconds
+        return out
