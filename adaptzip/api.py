@@ -18,14 +18,14 @@ from . import export, linalg, pipeline
 from .adapter import TORCH_DTYPES, load_adapter
 from .errors import ExportError, OptionError
 from .fileio import check_output
-from .forms import REGISTRY, get_form
+from .forms import BASELINE, REGISTRY, get_form
 from .forms.base import config_fields
 from .options import CalibrationOptions, CompressResult, FitOptions, QuantOptions, RunOptions
 
 EXPAND_TARGETS = ("peft", "dense", "merged")  # for every form; forms may add their own (Form.native_exports)
 
 
-def compress(lora_dir: str | Path, output: str | Path, *, to: str = "svd", budget: str | float | None = None,
+def compress(lora_dir: str | Path, output: str | Path, *, to: str = BASELINE, budget: str | float | None = None,
              options: dict[str, Any] | None = None, fitting: FitOptions | None = None,
              calibration: CalibrationOptions | None = None, quant: QuantOptions | None = None,
              run: RunOptions | None = None, **form_options: Any) -> CompressResult:

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from . import api
 from .errors import AdaptzipError, OptionError
-from .forms import REGISTRY
+from .forms import BASELINE, REGISTRY
 from .options import CalibrationOptions, FitOptions, QuantOptions, RunOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -223,7 +223,7 @@ def forms(as_json: JsonOpt = False) -> None:
 def compress(
     lora_dir: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Container file to write (.safetensors).")],
-    to: Annotated[CompressTo, typer.Option("--to", help="Target form (see `adaptzip forms`), or 'auto': with --budget and --base-model, try the forms that fit and keep the best by eval KL.")] = "svd",  # type: ignore[assignment]
+    to: Annotated[CompressTo, typer.Option("--to", help="Target form (see `adaptzip forms`), or 'auto': with --budget and --base-model, try the forms that fit and keep the best by eval KL.")] = BASELINE,  # type: ignore[assignment]
     budget: Annotated[Optional[str], typer.Option(help="Size of the whole container: a fraction of the source's bytes (0.25) or a size (5MB, 300KiB).")] = None,
     opt: Annotated[Optional[list[str]], typer.Option("--opt", help="Any form option as KEY=VALUE (repeatable).")] = None,
     dtype: Annotated[Optional[DType], typer.Option(help="Container float dtype (default: the source's).")] = None,
@@ -334,7 +334,7 @@ class Executor(str, Enum):
 def batch(
     zoo_dir: Annotated[Path, typer.Argument(help="Folder searched (at any depth) for PEFT LoRA adapters (folders with adapter_config.json).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder: OUT/<relative path>.safetensors per adapter, batch.json, batch.md.")],
-    to: Annotated[FormName, typer.Option("--to", help="Target form (see `adaptzip forms`).")] = "svd",  # type: ignore[assignment]
+    to: Annotated[FormName, typer.Option("--to", help="Target form (see `adaptzip forms`).")] = BASELINE,  # type: ignore[assignment]
     budget: Annotated[Optional[str], typer.Option(help="Size of each container: a fraction of its source's bytes (0.25) or a size (5MB).")] = None,
     opt: Annotated[Optional[list[str]], typer.Option("--opt", help="Any form option as KEY=VALUE (repeatable).")] = None,
     dtype: Annotated[Optional[DType], typer.Option(help="Container float dtype (default: each source's).")] = None,

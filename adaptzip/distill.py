@@ -16,7 +16,9 @@ caches the teacher's outputs on them in one pass per split:
 forward hooks, :class:`adaptzip.calibrate.Modes`) to minimise that divergence: AdamW, cosine
 schedule with warm-up, gradient clipping, early stopping on the held-out split, the best state
 kept, ``form.finalize()`` at the end. :meth:`Calibration.measure` is the whole step for one form:
-metrics before, distillation, metrics after.
+metrics before, distillation, metrics after. (What to distil and when — the compress pipeline —
+is :mod:`adaptzip.pipeline`; this module is the session alone, ~540 lines: its data, teacher
+caches, divergences and training loop belong together.)
 """
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The shared math. Nothing here materialises a dense ΔW.
+"""The shared math: factored Gram errors, the SVD of B@A from its factors, Σ whitening, the greedy
+allocator, least squares against a fixed A, and the row basis a group of updates shares (zoo
+sharing). Nothing here materialises a dense ΔW.
 
 Conventions: an update is ΔW = B @ A with B (out×r), A (r×in). Σ (in×in) is a module's input
 second moment E[x xᵀ]; the Σ-weighted norm is ‖M‖_Σ² = tr(M Σ Mᵀ) = ‖M L‖_F² with Σ = L Lᵀ.
@@ -6,6 +8,9 @@ second moment E[x xᵀ]; the Σ-weighted norm is ‖M‖_Σ² = tr(M Σ Mᵀ) = 
 from __future__ import annotations
 
 import heapq
+import math
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -93,28 +98,63 @@ def energy_top(S: Tensor, k: int) -> float:
     return float(e[:k].sum()) / tot if tot > 0 else 0.0
 
 
-def allocate(gains: list[Tensor], costs: list[float], budget: float, max_ranks: list[int] | None = None) -> list[int]:
-    """Greedy rank allocation: direction i of module m gains gains[m][i] (σ², non-increasing)
-    and costs costs[m]; take directions by gain per cost, always a prefix per module, while the
-    total cost stays within budget. Returns a rank per module."""
-    ranks = [0] * len(gains)
-    heap = []
-    for m, g in enumerate(gains):
-        if len(g) and (max_ranks is None or max_ranks[m] > 0):
-            heap.append((-float(g[0]) / costs[m], m))
-    heapq.heapify(heap)
+def allocate(gains: Sequence[Sequence[float] | Tensor], costs: Sequence[float | Sequence[float]], budget: float = math.inf,
+             max_ranks: Sequence[int] | None = None, *, after: Sequence[int | None] | None = None,
+             target_gain: float | None = None) -> list[int] | None:
+    """Greedy allocation by gain per cost, the one allocator (svd and BSLoRA ranks within a
+    budget, zoo shared-basis ranks to an error target).
+
+    Chain m offers moves j = 0, 1, … in that order (a prefix is always taken), each gaining
+    ``gains[m][j]`` (e.g. σ², non-increasing) at ``costs[m]`` (a number: every move of the chain)
+    or ``costs[m][j]``. The best gain per cost among the chains' next moves is taken first (ties:
+    the lower chain index); a move that would bring the total cost above ``budget`` is not taken
+    and closes its chain (cheaper moves elsewhere still may be). ``max_ranks[m]`` caps chain m's
+    moves; ``after[m] = p`` opens chain m only once chain p has taken its first move (None: open
+    from the start). With ``target_gain``, stops as soon as the gains taken reach it (nothing when
+    it is ≤ 0) and returns None when every allowed move is taken first. Returns the moves taken
+    per chain (a rank per module)."""
+    n = len(gains)
+    caps = [len(g) if max_ranks is None else min(len(g), max_ranks[m]) for m, g in enumerate(gains)]
+
+    def cost(m: int, j: int) -> float:
+        c = costs[m]
+        return c if isinstance(c, numbers.Real) else c[j]
+
+    waiting: dict[int, list[int]] = {}
+    for m in range(n):
+        p = None if after is None else after[m]
+        if p is not None:
+            waiting.setdefault(p, []).append(m)
+    taken = [0] * n
+    heap: list[tuple[float, int]] = []
+
+    def push(m: int) -> None:
+        j = taken[m]
+        if j < caps[m]:
+            heapq.heappush(heap, (-float(gains[m][j]) / cost(m, j), m))
+
+    for m in range(n):
+        if after is None or after[m] is None:
+            push(m)
     spent = 0.0
-    while heap:
+    need = target_gain
+    while need is None or need > 0:
+        if not heap:
+            return None if need is not None else taken
         _, m = heapq.heappop(heap)
-        if spent + costs[m] > budget:
-            continue  # this module's next direction does not fit; cheaper modules may
-        spent += costs[m]
-        ranks[m] += 1
-        k = ranks[m]
-        cap = len(gains[m]) if max_ranks is None else min(len(gains[m]), max_ranks[m])
-        if k < cap:
-            heapq.heappush(heap, (-float(gains[m][k]) / costs[m], m))
-    return ranks
+        j = taken[m]
+        c = cost(m, j)
+        if spent + c > budget:
+            continue  # this chain's next move does not fit; cheaper moves may
+        spent += c
+        if need is not None:
+            need -= float(gains[m][j])
+        taken[m] = j + 1
+        push(m)
+        if j == 0:
+            for q in waiting.get(m, ()):
+                push(q)
+    return taken
 
 
 def lstsq_B(target_B: Tensor, target_A: Tensor, A: Tensor, Sigma: Tensor | None = None, ridge: float = 1e-8) -> Tensor:
@@ -124,3 +164,98 @@ def lstsq_B(target_B: Tensor, target_A: Tensor, A: Tensor, Sigma: Tensor | None 
     C = _aw(target_A, Sigma) @ A.T  # r×k
     G = G + ridge * G.diagonal().mean().clamp_min(1e-30) * torch.eye(G.shape[0], dtype=G.dtype)
     return torch.linalg.solve(G, (target_B @ C).T).T
+
+
+# ------------------------------------------------------------------ a row basis shared by many updates
+def orth_rows(A: Tensor, tol: float = 1e-7) -> Tensor:
+    """Orthonormal basis (k×in) of A's row space (numerically zero directions dropped)."""
+    if A.shape[0] == 0:
+        return A
+    U, S, _ = torch.linalg.svd(A.T, full_matrices=False)
+    keep = S > tol * float(S.max().clamp_min(1e-300))
+    return U[:, keep].T
+
+
+def subspace_overlap(qa: Tensor, qb: Tensor) -> float:
+    """Mean cos² of the principal angles between two row spaces (orthonormal rows)."""
+    k = min(qa.shape[0], qb.shape[0])
+    return float((qa @ qb.T).pow(2).sum()) / k if k else 0.0
+
+
+def _sum_pair_min(ranks: list[int]) -> int:
+    """Σ_{a≠b} min(r_a, r_b) (the largest Σ tr(P_a P_b) can be)."""
+    rs = sorted(ranks)
+    n = len(rs)
+    return 2 * sum(r * (n - 1 - i) for i, r in enumerate(rs))
+
+
+@dataclass
+class ModuleBasis:
+    """The stacked spectrum of one module across a group: eigenvalues λ (descending, = σ² of the
+    stacked updates), the top ``cap`` right singular vectors V (cap×in, orthonormal rows), the
+    mean pairwise cos² between the adapters' A row spaces, and each adapter's ‖ΔW‖²."""
+
+    lam: Tensor
+    V: Tensor
+    overlap: float
+    norms: list[float]
+
+
+def module_basis(factors: Iterable[tuple[Tensor, Tensor]], n_in: int, cap: int | None = None,
+                 total_rank: int | None = None) -> ModuleBasis:
+    """From the factors (B_a out×r_a, A_a r_a×in) of one module of n adapters, without any
+    dense ΔW: when Σ r_a ≤ in, QR of the stacked Aᵀ and an eigendecomposition of the small
+    (Σr)×(Σr) Gram of the stacked cores; otherwise the in×in Gram Σ_a A_aᵀ(B_aᵀB_a)A_a, streamed
+    (one adapter's factors in memory at a time; give ``total_rank`` = Σ r_a to choose this path
+    before reading). Memory is O((in + out)·in) either way."""
+    if total_rank is not None and total_rank > n_in:
+        G = torch.zeros(n_in, n_in, dtype=torch.float64)
+        S = torch.zeros(n_in, n_in, dtype=torch.float64)
+        norms, rk = [], []
+        for B, A in factors:
+            B, A = B.double(), A.double()
+            BtB = B.T @ B
+            G += A.T @ BtB @ A
+            q = orth_rows(A)
+            S += q.T @ q
+            norms.append(float((BtB * (A @ A.T)).sum()))
+            rk.append(q.shape[0])
+        return _basis_from_gram(G, float(S.pow(2).sum()), rk, norms, cap)
+    fs = [(B.double(), A.double()) for B, A in factors]
+    R = sum(A.shape[0] for _, A in fs)
+    norms = [float(((B.T @ B) * (A @ A.T)).sum()) for B, A in fs]
+    qs = [orth_rows(A) for _, A in fs]
+    rk = [q.shape[0] for q in qs]
+    if R > n_in:
+        G = sum(A.T @ (B.T @ B) @ A for B, A in fs)
+        S = sum(q.T @ q for q in qs)
+        return _basis_from_gram(G, float(S.pow(2).sum()), rk, norms, cap)
+    # Σr ≤ in: stacked A = Rᵀ Qᵀ (QR of the stacked Aᵀ); B_a A_a = C_a Qᵀ; eigen of Σ_a C_aᵀ C_a (R×R)
+    Aall = torch.cat([A for _, A in fs], 0)  # R×in
+    Q, Rr = torch.linalg.qr(Aall.T)  # in×R, R×R
+    M = torch.zeros(R, R, dtype=torch.float64)
+    off = 0
+    for B, A in fs:
+        r = A.shape[0]
+        C = B @ Rr[:, off:off + r].T  # out×R: B_a A_a = C Qᵀ
+        M += C.T @ C
+        off += r
+    lam, W = torch.linalg.eigh(M)
+    lam, W = lam.flip(0), W.flip(1)
+    V = (Q @ W).T  # R×in
+    Qall = torch.cat(qs, 0)
+    f2 = float((Qall @ Qall.T).pow(2).sum())
+    return _finish_basis(lam, V, f2, rk, norms, cap)
+
+
+def _basis_from_gram(G: Tensor, f2: float, rk: list[int], norms: list[float], cap: int | None) -> ModuleBasis:
+    lam, W = torch.linalg.eigh(G)
+    return _finish_basis(lam.flip(0), W.flip(1).T, f2, rk, norms, cap)
+
+
+def _finish_basis(lam: Tensor, V: Tensor, f2: float, rk: list[int], norms: list[float], cap: int | None) -> ModuleBasis:
+    """f2 = ‖Σ_a P_a‖²_F = Σ_{a,b} tr(P_a P_b) (P_a: projector on A_a's row space)."""
+    pairs = _sum_pair_min(rk)
+    overlap = (f2 - sum(rk)) / pairs if pairs > 0 else float("nan")
+    k = V.shape[0] if cap is None else min(cap, V.shape[0])
+    return ModuleBasis(lam.clamp_min(0), V[:k].contiguous(), overlap, norms)

@@ -18,7 +18,6 @@ storage and is seen through the straight-through fake quantiser.
 
 from __future__ import annotations
 
-import heapq
 import json
 import math
 from typing import Any, Callable, Iterable, Sequence
@@ -65,38 +64,24 @@ def allocate_levels(options: Sequence[Sequence[Sequence[tuple[float, float]]]], 
 
     ``options[m][i][l] = (bytes, error)`` of item i of group m at level l; level 0 is the
     starting point (for svd: the direction dropped, 0 bytes). Items move along the lower convex
-    hull of their options, best slope first, while the total stays within ``budget``. With
-    ``prefix``, item i of a group leaves level 0 only after item i−1 did (svd keeps a prefix of
-    its singular directions). Returns (level per item, bytes spent beyond the level-0 costs)."""
+    hull of their options, best slope first, while the total stays within ``budget`` — one chain
+    of moves per item for :func:`adaptzip.linalg.allocate`. With ``prefix``, item i of a group
+    leaves level 0 only after item i−1 did (svd keeps a prefix of its singular directions).
+    Returns (level per item, bytes spent beyond the level-0 costs)."""
+    items = [(m, i) for m, g in enumerate(options) for i in range(len(g))]
+    hulls = [_hull(options[m][i]) for m, i in items]
+    gains, costs = [], []
+    for (m, i), h in zip(items, hulls):
+        o = options[m][i]
+        gains.append([o[h[p]][1] - o[h[p + 1]][1] for p in range(len(h) - 1)])
+        costs.append([o[h[p + 1]][0] - o[h[p]][0] for p in range(len(h) - 1)])
+    after = [j - 1 if prefix and i > 0 else None for j, (_, i) in enumerate(items)]
+    taken = linalg.allocate(gains, costs, budget, after=after)
     levels = [[0] * len(g) for g in options]
-    hulls = [[_hull(it) for it in g] for g in options]
-    pos = [[0] * len(g) for g in options]
-    heap: list[tuple[float, int, int]] = []
-
-    def push(m: int, i: int) -> None:
-        h = hulls[m][i]
-        p = pos[m][i]
-        if p + 1 < len(h):
-            (c0, e0), (c1, e1) = options[m][i][h[p]], options[m][i][h[p + 1]]
-            heapq.heappush(heap, (-(e0 - e1) / (c1 - c0), m, i))
-
-    for m, g in enumerate(options):
-        for i in range(len(g)):
-            if not prefix or i == 0:
-                push(m, i)
     spent = 0.0
-    while heap:
-        _, m, i = heapq.heappop(heap)
-        h, p = hulls[m][i], pos[m][i]
-        dc = options[m][i][h[p + 1]][0] - options[m][i][h[p]][0]
-        if spent + dc > budget:
-            continue  # does not fit; a cheaper move elsewhere may
-        spent += dc
-        pos[m][i] = p + 1
-        levels[m][i] = h[p + 1]
-        push(m, i)
-        if prefix and p == 0 and i + 1 < len(options[m]):
-            push(m, i + 1)
+    for j, ((m, i), h) in enumerate(zip(items, hulls)):
+        levels[m][i] = h[taken[j]]
+        spent += sum(costs[j][: taken[j]])
     return levels, spent
 
 

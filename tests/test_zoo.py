@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import one_torch_thread, train_lora
 
-from adaptzip import api, cli, fit, zoo
+from adaptzip import api, cli, fit, linalg, zoo
 from adaptzip import container as ct
 from adaptzip.adapter import load_adapter
 from adaptzip.errors import AdaptzipError, ContainerError, OptionError
 from adaptzip.forms import FitContext
-from fixtures import one_torch_thread, train_lora
-
+from adaptzip.options import CalibrationOptions, FitOptions, QuantOptions
 
 one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)  # tiny matrices: one thread (training too)
 
@@ -330,7 +330,7 @@ def test_module_basis_matches_dense_svd():
     n_in, out = 12, 5
     for r, n in [(2, 3), (4, 5)]:  # Σr ≤ in (QR path) and Σr > in (Gram path)
         facs = [(torch.randn(out, r, generator=g), torch.randn(r, n_in, generator=g)) for _ in range(n)]
-        b = zoo.module_basis(facs, n_in)
+        b = linalg.module_basis(facs, n_in)
         dense = torch.cat([B.double() @ A.double() for B, A in facs], 0)
         S = torch.linalg.svdvals(dense)
         k = min(len(S), len(b.lam))
@@ -339,31 +339,46 @@ def test_module_basis_matches_dense_svd():
         Vd = torch.linalg.svd(dense, full_matrices=False).Vh[:3]
         assert torch.allclose(top.T @ top, Vd.T @ Vd, atol=1e-6)  # same subspace
         assert b.norms == pytest.approx([float((B.double() @ A.double()).pow(2).sum()) for B, A in facs])
-        streamed = zoo.module_basis(iter(facs), n_in, total_rank=r * n)  # one adapter at a time when Σr > in
+        streamed = linalg.module_basis(iter(facs), n_in, total_rank=r * n)  # one adapter at a time when Σr > in
         assert torch.allclose(streamed.lam[:k], b.lam[:k], rtol=1e-9, atol=1e-9) and streamed.overlap == pytest.approx(b.overlap)
     # identical row spaces → overlap 1; the pairwise normaliser
     A = torch.randn(3, n_in, generator=g)
-    same = zoo.module_basis([(torch.randn(out, 3, generator=g), torch.randn(3, 3, generator=g) @ A) for _ in range(4)], n_in)
+    same = linalg.module_basis([(torch.randn(out, 3, generator=g), torch.randn(3, 3, generator=g) @ A) for _ in range(4)], n_in)
     assert same.overlap == pytest.approx(1.0, abs=1e-6)
-    assert zoo._sum_pair_min([2, 3, 3]) == 2 * (2 + 2 + 3)
+    assert linalg._sum_pair_min([2, 3, 3]) == 2 * (2 + 2 + 3)
 
 
-def test_choose_ranks_is_the_smallest_greedy_prefix():
+def test_allocate_to_a_target_is_the_smallest_greedy_prefix():
+    """The zoo's shared ranks: the smallest greedy prefix whose residual 23 − gain is ≤ the target."""
     lams = [torch.tensor([9.0, 4.0, 1.0]), torch.tensor([8.0, 1.0])]
-    assert zoo.choose_ranks(lams, [1.0, 2.0], 23.0, 23.0) == [0, 0]
-    assert zoo.choose_ranks(lams, [1.0, 2.0], 23.0, 10.0) == [2, 0]  # 9/1, then 4/1 beats 8/2
-    assert zoo.choose_ranks(lams, [1.0, 2.0], 23.0, 0.0) == [3, 2]
-    assert zoo.choose_ranks(lams, [1.0, 2.0], 23.0, -1.0) is None
+    assert linalg.allocate(lams, [1.0, 2.0], target_gain=23.0 - 23.0) == [0, 0]
+    assert linalg.allocate(lams, [1.0, 2.0], target_gain=23.0 - 10.0) == [2, 0]  # 9/1, then 4/1 beats 8/2
+    assert linalg.allocate(lams, [1.0, 2.0], target_gain=23.0 - 0.0) == [3, 2]
+    assert linalg.allocate(lams, [1.0, 2.0], target_gain=23.0 - -1.0) is None
 
 
 def test_options_are_checked_before_any_work(messy_zoo, tmp_path):
     with pytest.raises(OptionError, match="no option 'nope'"):
-        zoo.batch(messy_zoo, tmp_path / "o", nope=1)
+        zoo.batch(messy_zoo, tmp_path / "o", options={"nope": 1})
     with pytest.raises(OptionError, match="--executor"):
         zoo.batch(messy_zoo, tmp_path / "o", executor="dask")
     with pytest.raises(AdaptzipError, match="budget"):
         zoo.batch(messy_zoo, tmp_path / "o", budget="lots")
     assert not (tmp_path / "o").exists()
+    for kw in ({"calibration": CalibrationOptions(base_model=tmp_path, calib=tmp_path / "t.txt")},
+               {"quant": QuantOptions("int8")}, {"fitting": FitOptions(stats={})}):
+        with pytest.raises(OptionError, match="--shared-basis fits in weight space"):
+            zoo.batch(messy_zoo, tmp_path / "o", shared_basis=True, **kw)
+    assert not (tmp_path / "o").exists()
+
+
+def test_batch_without_budget(make_lora, tmp_path):
+    """No --budget: each adapter at its form's own configuration; the summary still writes."""
+    z = tmp_path / "z"
+    _copy(make_lora("zoo_a1", seed=1), z / "a")
+    s = zoo.batch(z, tmp_path / "o", options={"rank": 2}, jobs=1)
+    assert s["counts"] == {"converted": 1} and s["options"].get("budget") is None
+    assert "budget `None`" in (tmp_path / "o" / "batch.md").read_text()
 
 
 def test_clusters_split_a_mixed_zoo(zoos):

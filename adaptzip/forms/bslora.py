@@ -42,6 +42,9 @@ Fit (SS, KE), never forming a dense ΔW:
    the local-only truncated SVD of rank L.
 Σ_m (``ctx.sigma``) weights every error, line search and local SVD; the joint-subspace and kernel
 steps of the initialisation are unweighted (the refinement optimises the weighted objective).
+
+One form family, one file: at ~780 lines it holds the three transforms, their shared layout and
+closed-form initialisation and the budget search, which only make sense together.
 """
 from __future__ import annotations
 

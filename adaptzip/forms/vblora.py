@@ -31,11 +31,13 @@ by alternating the best convex code of every sub-vector (any segment between two
 with a weighted least-squares bank; then Adam on the factored objective: bank + logits (soft, the
 top-k may change), freeze the top-k, bank + weights (hard), weights rounded to their fp16 grid.
 ``fit_info`` records the init, soft and final hard errors. A random start (``init='random'``,
-PEFT's) is kept for comparison. The fit runs on one thread (:func:`_one_thread`).
+PEFT's) is kept for comparison. The fit runs on one thread (:func:`adaptzip.runtime.single_thread`).
+
+One form, one file: at ~760 lines this is the longest form — the bank fit (k-means, convex codes,
+least squares, the soft and hard phases) is part of the form and kept beside its layout.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
@@ -49,6 +51,7 @@ from torch.nn import functional as F
 from .. import fit as fitter
 from ..adapter import Adapter, ModuleInfo
 from ..errors import ContainerError, OptionError
+from ..runtime import single_thread
 from . import svd as svd_form
 from .base import FitContext, Form, TensorSpecs, register
 
@@ -398,8 +401,8 @@ class VbloraForm(Form):
         """Balanced sub-vectors → k-means + convex-code alternation (``init='kmeans'``) or PEFT's
         random start → Adam on bank + logits (soft; skipped when N·h > ``SOFT_LIMIT``) → freeze
         the top-k → Adam on bank + weights → weights on their fp16 grid. Runs on one thread (see
-        :func:`_one_thread`); ``timings`` gets the phases' wall seconds."""
-        with _one_thread():
+        :func:`adaptzip.runtime.single_thread`); ``timings`` gets the phases' wall seconds."""
+        with single_thread():  # also makes the reductions, so the bytes, independent of the caller's threads
             return cls._fit(adapter, config, ctx)
 
     @classmethod
@@ -530,20 +533,6 @@ class _Batched:
 
 
 # ---------------------------------------------------------------------- helpers
-@contextlib.contextmanager
-def _one_thread():
-    """Run the fit on one intra-op thread, restoring the caller's setting. Its many small tensor
-    ops gain nothing from a second thread (and on a shared, loaded machine each parallel op can
-    wait milliseconds for a descheduled worker); and a fixed thread count makes the reductions, so
-    the container bytes, independent of the caller's setting."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(prev)
-
-
 def _grid_weights(w_head: Tensor) -> Tensor:
     """The k stored weights from the k−1 smallest: rounded to fp16 (≥ 2⁻²⁴) and read back in fp32,
     the largest = 1 − their sum. w_head (..., k−1) → (..., k) fp32."""

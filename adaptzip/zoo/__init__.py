@@ -1,0 +1,261 @@
+"""Zoo conversion: every PEFT LoRA adapter below a folder, converted in parallel, resumable, and
+optionally compressed together with a zoo-level shared basis.
+
+Layout (see README "Adapter zoos" and formats/shared.md)::
+
+    ZOO_DIR/<rel>/adapter_config.json   →   OUT_DIR/<rel>.safetensors      one container per adapter
+                                            OUT_DIR/_shared/<sha256>.safetensors   shared parts (--shared-basis)
+                                            OUT_DIR/batch.json, OUT_DIR/batch.md   the summary
+
+Pipeline: :func:`discover` walks the zoo lazily (``os.scandir``, never following symlinked
+folders); each adapter becomes a :class:`Job`; :func:`convert` (a plain picklable function, so
+any executor can run it: a local process pool, Ray, Dask) skips an up-to-date container or calls
+:func:`adaptzip.pipeline.compress` (what :func:`adaptzip.api.compress` runs), and returns one summary
+row. Only the rows are kept.
+
+Resumability: every container written by a batch carries the sha256 of the batch's conversion
+options at the end of its manifest ``command`` (``[adaptzip-batch options_sha256=<hex>]``). A
+container is up to date when it verifies (payload hash, and the shared file's hash when it uses
+one), its manifest's ``source.sha256`` is the source weights file's, and its options hash matches.
+
+Zoo sharing (``shared_basis=True``): see :mod:`adaptzip.zoo.sharing`.
+
+This package: :func:`batch` and its loop here; :mod:`~adaptzip.zoo.discovery` (the zoo's and
+OUT_DIR's layout, resume stamps), :mod:`~adaptzip.zoo.run` (jobs, the worker, executors, signals,
+lock), :mod:`~adaptzip.zoo.sharing` (the shared basis), :mod:`~adaptzip.zoo.summary` (batch.json
+and batch.md); the shared-basis maths is in :mod:`adaptzip.linalg`.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..budget import parse_budget
+from ..errors import OptionError
+from ..forms import BASELINE, get_form, make_config
+from ..forms.base import config_to_json
+from ..options import CalibrationOptions, FitOptions, QuantOptions
+from ..progress import Bar, progress_bar
+from .discovery import (
+    LOCK_FILE,
+    RESERVED,
+    SHARED_DIR,
+    SUMMARY_JSON,
+    SUMMARY_MD,
+    Found,
+    batch_options,
+    discover,
+    group_key,
+    inside,
+    options_sha256,
+    output_for,
+    stamp,
+    stamped_options,
+)
+from .run import (
+    OK_STATUSES,
+    Interrupted,
+    Job,
+    Pool,
+    base_row,
+    convert,
+    interruptible,
+    lock,
+    open_executor,
+    signals,
+    stop_requested,
+    sweep_temporaries,
+    up_to_date,
+)
+from .sharing import cluster_by_overlap, share_zoo
+from .summary import build_summary, write_summary
+
+
+@dataclass
+class _Run:
+    rows: list[dict] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def batch(zoo: str | Path, output: str | Path, *, to: str = BASELINE, budget: str | float | None = None,
+          options: dict[str, Any] | None = None, fitting: FitOptions | None = None,
+          calibration: CalibrationOptions | None = None, quant: QuantOptions | None = None,
+          jobs: int | None = None, force: bool = False, shared_basis: bool = False, executor: str = "process",
+          progress: bool = False, command: str | None = None) -> dict:
+    """Convert every PEFT LoRA adapter below ``zoo`` into ``output/<rel>.safetensors``.
+
+    ``to``/``budget``/``options``/``fitting``/``calibration``/``quant``: as
+    :func:`adaptzip.api.compress` (the budget applies to each adapter; None: the defaults).
+    ``jobs``: worker processes (default: CPU cores). ``force``: redo containers that are up to
+    date. ``shared_basis``: also fit zoo-level shared bases where sharing pays
+    (:mod:`adaptzip.zoo.sharing`; weight space only: not with calibration, quantisation or Σ
+    statistics). ``executor``: ``process`` or ``ray``.
+    ``command``: the command line recorded in every manifest (before the resume stamp).
+
+    Returns the summary also written to ``output/batch.json``: ``adapters`` (one row each:
+    adapter, output, status converted/skipped/shared/failed/ignored/interrupted, source_bytes,
+    bytes, ratio, rel_error, svd_baseline_rel_error, seconds, error), ``counts``, ``totals``,
+    ``sharing`` (per group: overlap, bytes and error with and without sharing, decision) and
+    ``interrupted``."""
+    t0 = time.perf_counter()
+    fitting, quant = fitting or FitOptions(), quant or QuantOptions()
+    zoo, out = Path(zoo), Path(output)
+    if not zoo.is_dir():
+        raise OptionError(zoo, "no such folder (expected a folder of PEFT LoRA adapters)")
+    zoo_real, out_real = os.path.realpath(zoo), os.path.realpath(out)
+    if inside(zoo_real, out_real):
+        raise OptionError(out, "the output folder must not contain the zoo")
+    if out.exists() and not out.is_dir():
+        raise OptionError(out, "exists and is not a folder")
+    config = make_config(get_form(to), options or {})
+    if budget is not None:
+        parse_budget(budget, 1 << 20)
+    jobs = (os.cpu_count() or 1) if jobs is None else jobs
+    if jobs < 1:
+        raise OptionError(None, f"--jobs {jobs}: expected ≥ 1")
+    if executor not in ("process", "ray"):
+        raise OptionError(None, f"--executor {executor!r}: expected process or ray")
+    if shared_basis:
+        for what, used in (("calibration (--base-model/--calib)", calibration is not None),
+                           (f"--quant {quant.scheme}", quant.scheme != "none"), ("Σ statistics (stats)", fitting.stats is not None)):
+            if used:
+                raise OptionError(None, f"--shared-basis fits in weight space; it cannot be combined with {what}")
+    opts = batch_options(to, budget, config_to_json(config), fitting, calibration, quant)
+    digest = options_sha256(opts)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    run = _Run()
+    sharing: dict | None = None
+    with lock(out):
+        swept = sweep_temporaries(out)
+        with signals(), progress_bar(progress, "batch (scanning)", None) as bar:
+            def job_of(f: Found, o: Path) -> Job:
+                return Job(rel=f.rel, src=str(f.path), out=str(o), out_rel=o.relative_to(out).as_posix(), to=to, budget=budget,
+                           options=dict(options or {}), fitting=fitting, calibration=calibration, quant=quant, force=force,
+                           digest=digest, command=command, shared_basis=shared_basis)
+
+            with open_executor(executor, jobs, threads) as ex:
+                _loop(ex, discover(zoo, exclude=out), job_of, out, zoo.name, jobs if executor == "ray" else 2 * jobs, run, bar)
+            if shared_basis and not run.interrupted:
+                try:
+                    with interruptible():
+                        sharing = share_zoo(run.rows, out, command=stamp(command, digest), log=bar.log, job_of=job_of)
+                except Interrupted:
+                    run.interrupted = True
+        swept += sweep_temporaries(out)  # a kill can land between a temp file's creation and its guard
+        summary = build_summary(run.rows, run.interrupted, zoo, out, opts, digest, jobs, executor, sharing,
+                                time.perf_counter() - t0, swept)
+        write_summary(out, summary)
+    return summary
+
+
+def _loop(ex, found: Iterator[Found], job_of, out: Path, zoo_name: str, max_inflight: int, run: _Run, bar: Bar) -> None:
+    """Submit the adapters as discovery finds them (at most ``max_inflight`` at a time), collect
+    their rows, retry the jobs of a broken process pool twice, and stop on SIGINT/SIGTERM."""
+    pending: dict[Future, tuple[Job, int]] = {}
+    seen: set[str] = set()
+    n_found = 0
+    exhausted = False
+
+    def record(row: dict) -> None:
+        run.rows.append(row)
+        bar.end(row["adapter"])
+        if row["status"] == "failed":
+            bar.log(f"failed: {row['adapter']}: {row['error']}")
+
+    def resolve(fut: Future, redo: list[tuple[Job, int]]) -> None:
+        job, tries = pending.pop(fut)
+        try:
+            row = fut.result()
+        except KeyboardInterrupt:  # Interrupted, in a worker or inline
+            row = {**base_row(job), "status": "interrupted"}
+            run.interrupted = True
+        except BrokenProcessPool:
+            if tries < 2 and not stop_requested():
+                redo.append((job, tries + 1))  # on a fresh pool: the culprit may be another adapter
+                return
+            row = {**base_row(job), "error": "the worker process died (killed, or out of memory)"}
+        except Exception as e:  # noqa: BLE001  (e.g. a Ray task error): isolated to this adapter
+            if stop_requested():  # e.g. a cancelled Ray task: redone by the next run
+                row = {**base_row(job), "status": "interrupted"}
+                run.interrupted = True
+            else:
+                row = {**base_row(job), "error": f"{type(e).__name__}: {' '.join(str(e).split())}"}
+        record(row)
+
+    while True:
+        while not exhausted and not stop_requested() and len(pending) < max_inflight:
+            f = next(found, None)
+            if f is None:
+                exhausted = True
+                bar.set_total(n_found, "batch")
+                break
+            n_found += 1
+            bar.set_total(n_found, "batch (scanning)")
+            base = {"adapter": f.rel or ".", "source": str(f.path), "output": None, "status": f.status, "error": f.problem,
+                    "source_bytes": None, "bytes": None, "ratio": None, "rel_error": None, "svd_baseline_rel_error": None, "seconds": 0.0}
+            if f.problem is not None:
+                record(base)
+                continue
+            o, why = output_for(out, f.rel, zoo_name)
+            if o is not None and str(o) in seen:
+                o, why = None, f"output {o.relative_to(out).as_posix()} is already used by another adapter"
+            if o is None:
+                record({**base, "status": "failed", "error": why})
+                continue
+            seen.add(str(o))
+            job = job_of(f, o)
+            bar.begin(job.rel or ".")
+            pending[ex.submit(convert, job)] = (job, 0)
+        if not pending:
+            break
+        done, _ = wait(list(pending), timeout=0.25, return_when=FIRST_COMPLETED)
+        redo: list[tuple[Job, int]] = []
+        for fut in done:
+            resolve(fut, redo)
+        if redo and isinstance(ex, Pool):
+            wait(list(pending))  # a broken pool fails every pending call at once
+            for fut in list(pending):
+                resolve(fut, redo)
+            ex.renew()
+        for job, tries in redo:
+            pending[ex.submit(convert, job)] = (job, tries)
+        if stop_requested():
+            run.interrupted = True
+            for fut in list(pending):
+                if fut is not None and fut.cancel():
+                    job, _ = pending.pop(fut)
+                    record({**base_row(job), "status": "interrupted"})
+
+
+__all__ = [
+    "LOCK_FILE",
+    "OK_STATUSES",
+    "RESERVED",
+    "SHARED_DIR",
+    "SUMMARY_JSON",
+    "SUMMARY_MD",
+    "Found",
+    "Interrupted",
+    "Job",
+    "batch",
+    "batch_options",
+    "cluster_by_overlap",
+    "convert",
+    "discover",
+    "group_key",
+    "options_sha256",
+    "output_for",
+    "share_zoo",
+    "stamp",
+    "stamped_options",
+    "sweep_temporaries",
+    "up_to_date",
+    "write_summary",
+]
