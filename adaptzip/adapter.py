@@ -11,18 +11,18 @@ Everything in the weights file that is not a LoRA factor (``modules_to_save`` co
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import AdapterError, UnsupportedAdapter
+from .fileio import ST_TORCH, check_not_truncated, file_sha256, tensor_index
 
 PREFIX = "base_model.model."
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -99,7 +99,7 @@ class ModuleInfo:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "ModuleInfo":
+    def from_json(cls, d: dict) -> ModuleInfo:
         d = dict(d)
         d["in_features"] = d.pop("in")
         d["out_features"] = d.pop("out")
@@ -120,7 +120,7 @@ def natural_key(s: str):
 
 
 def _role_of(key: str, module_names: set[str]) -> Carried:
-    name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    name = key.removeprefix(PREFIX)
     for suffix, role in ((".lora_B.bias", "lora_bias"), (".lora_magnitude_vector", "dora_magnitude"),
                          (".lora_magnitude_vector.weight", "dora_magnitude")):
         if name.endswith(suffix):
@@ -158,7 +158,7 @@ class Adapter:
             for suffix, (kind, which) in _FACTOR_KEYS.items():
                 if key.endswith(suffix):
                     name = key[: -len(suffix)]
-                    name = name[len(PREFIX):] if name.startswith(PREFIX) else name
+                    name = name.removeprefix(PREFIX)
                     pairs.setdefault(name, {})[which] = key
                     kinds[name] = kind
                     break
@@ -205,7 +205,7 @@ class Adapter:
             need = {m.name for m in self.modules}
             have = {c.module for c in self.carried if c.role == "dora_magnitude"}
             if need - have:
-                raise AdapterError(self.weights_file, f"use_dora is set but module {sorted(need - have, key=natural_key)[0]} has no lora_magnitude_vector")
+                raise AdapterError(self.weights_file, f"use_dora is set but module {min(need - have, key=natural_key)} has no lora_magnitude_vector")
 
     # ----------------------------------------------------------------- facts
     @property
@@ -227,11 +227,8 @@ class Adapter:
 
     @cached_property
     def sha256(self) -> str:
-        h = hashlib.sha256()
-        with open(self.weights_file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        """sha256 of the weights file's bytes."""
+        return file_sha256(self.weights_file)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -330,13 +327,10 @@ def load_adapter(path: str | Path) -> Adapter:
     cfg = _read_config(path)
     st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
     if st.is_file():
-        _check_file_length(st)
+        check_not_truncated(st, AdapterError)
         try:
             with safe_open(st, framework="pt") as f:
-                keys = {}
-                for k in f.keys():
-                    sl = f.get_slice(k)
-                    keys[k] = (tuple(sl.get_shape()), _st_dtype(sl.get_dtype(), st, k))
+                keys = {k: (shape, _st_dtype(dt, st, k)) for k, (shape, dt) in tensor_index(f).items()}
         except SafetensorError as e:
             raise AdapterError(st, f"corrupt safetensors file: {e}") from e
         except OSError as e:
@@ -355,29 +349,8 @@ def load_adapter(path: str | Path) -> Adapter:
     raise AdapterError(path, "no adapter_model.safetensors or adapter_model.bin")
 
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
 def _st_dtype(name: str, path: Path, key: str) -> torch.dtype:
-    if name not in _ST_DTYPES:
+    if name not in ST_TORCH:
         raise UnsupportedAdapter(path, f"tensor {key} has unsupported dtype {name}")
-    return _ST_DTYPES[name]
+    return ST_TORCH[name]
 
-
-def _check_file_length(path: Path) -> None:
-    """Say "truncated" when the header promises more bytes than the file has (a file cut short
-    by a failed download or copy); other header damage is reported by safetensors itself."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n > path.stat().st_size:
-                return
-            header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-        return
-    if not isinstance(header, dict):
-        return
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
-    if 8 + n + end > path.stat().st_size:
-        raise AdapterError(path, f"truncated safetensors file: payload needs {8 + n + end} bytes, file has {path.stat().st_size}")

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -217,8 +216,13 @@ def load_base(base: str | Path, adapter: Adapter, device: str | torch.device | N
 
     Raises BaseModelError (the base path and a one-line cause) when the model cannot be loaded,
     has no tokenizer, or does not match the adapter (see :func:`check_base`)."""
-    from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM,
-                              AutoModelForSequenceClassification, AutoTokenizer)
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     base = Path(base)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
@@ -519,8 +523,3 @@ def load_stats(path: str | Path, adapter: Adapter | None = None) -> tuple[dict[s
             if tuple(stats[m.name].shape) != (m.in_features, m.in_features):
                 raise CalibrationError(path, f"module {m.name}: Σ has shape {tuple(stats[m.name].shape)}, expected ({m.in_features}, {m.in_features})")
     return stats, meta
-
-
-def finite_or_none(x: float | None) -> float | None:
-    """JSON-safe number (the manifest refuses NaN/inf)."""
-    return None if x is None or not math.isfinite(x) else float(x)

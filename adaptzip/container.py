@@ -12,18 +12,24 @@ import hashlib
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 import jsonschema
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import __version__
-from . import quant
-from .adapter import DTYPE_NAMES, TORCH_DTYPES, Adapter, Carried, ModuleInfo
+from . import __version__, quant
+from .adapter import DTYPE_NAMES, TORCH_DTYPES, Adapter, ModuleInfo
 from .errors import ContainerError
-from .fileio import atomic_file
+from .fileio import (
+    ST_DTYPE,
+    atomic_file,
+    check_not_truncated,
+    file_sha256,
+    safetensors_plan,
+    safetensors_size,
+    tensor_index,
+)
 from .forms.base import Form, config_from_json, config_to_json, get_form
 
 FORMAT = "adaptzip"
@@ -117,10 +123,10 @@ def build(form: Form, adapter: Adapter, dtype: torch.dtype, *, metrics: dict | N
     left out of the container and its payload hash, and the manifest references the file.
 
     ``storage``: the quantisation of the form's float tensors (:mod:`adaptzip.quant`), recorded as
-    the manifest's ``storage`` section (default: ``form.quant_storage`` when the form carries one,
+    the manifest's ``storage`` section (default: ``form.quant_storage``, set once chosen,
     e.g. during quantisation-aware distillation); tensors in a shared file are never quantised."""
     if storage is None:
-        storage = getattr(form, "quant_storage", None)
+        storage = form.quant_storage
     if storage is not None and shared is not None:
         storage = quant.Storage(storage.scheme, storage.group_size,
                                 {k: v for k, v in storage.tensors.items() if k not in set(shared["tensors"])},
@@ -170,14 +176,14 @@ def build(form: Form, adapter: Adapter, dtype: torch.dtype, *, metrics: dict | N
 def storage_plan(form: Form, scheme: str, group_size: int, dtype: torch.dtype) -> quant.Storage | None:
     """The storage of a form under a fixed scheme (``none``, ``int8``, ``int4``, ``int4-asym``):
     every float tensor stored in the container dtype (``tensor_specs`` dtype None) is quantised
-    when that makes it smaller, grouped along ``form.quant_axis(name, shape)`` if the form defines
-    it, else along its longest dimension (:func:`adaptzip.quant.group_axis`)."""
+    when that makes it smaller, grouped along ``form.quant_axis(name, shape)`` when the form
+    declares one, else along the axis :func:`adaptzip.quant.choose_axis` finds best (:func:`adaptzip.quant.group_axis`)."""
     if scheme == "none":
         return None
     specs = form.tensor_specs(form.modules_info, form.config, form.state_info)
     tensors = {n: t for n, t in form.tensors().items() if n in specs and specs[n][1] is None}
     try:
-        return quant.plan_uniform(tensors, scheme, group_size, dtype, getattr(form, "quant_axis", None))
+        return quant.plan_uniform(tensors, scheme, group_size, dtype, form.quant_axis)
     except quant.QuantError as e:
         raise ContainerError(None, str(e)) from e
 
@@ -203,26 +209,24 @@ def decoded_form(form: Form, tensors: dict[str, torch.Tensor], manifest: dict) -
     return out
 
 
+def _header_metadata(manifest: dict, allow_nan: bool = False) -> dict[str, str]:
+    """The safetensors ``__metadata__`` of a container: the manifest as compact, key-sorted JSON."""
+    return {META_KEY: json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=allow_nan)}
+
+
 def write(path: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> int:
     """Atomically write a container; returns its size in bytes."""
-    meta = {META_KEY: json.dumps(manifest, sort_keys=True, separators=(",", ":"), allow_nan=False)}
+    meta = _header_metadata(manifest)
     with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path.stat().st_size
 
 
 def serialized_size(tensors: dict[str, torch.Tensor], manifest: dict) -> int:
-    """Exact size the container file will have (header + payload), without writing it."""
-    header: dict[str, Any] = {"__metadata__": {META_KEY: json.dumps(manifest, sort_keys=True, separators=(",", ":"))}}
-    off = 0
-    # safetensors lays tensors out by decreasing element size, then name (offsets change digit counts)
-    for name in sorted(tensors, key=lambda k: (-tensors[k].element_size(), k)):
-        t = tensors[name]
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _st_name(t.dtype), "shape": list(t.shape), "data_offsets": [off, off + n]}
-        off += n
-    hb = len(json.dumps(header, separators=(",", ":")).encode())
-    return 8 + hb + (-hb % 8) + off
+    """Exact size the container file will have (header + payload), without writing it: the
+    layout ``save_file`` uses (:func:`adaptzip.fileio.safetensors_plan`; offsets change digit
+    counts, so the order matters)."""
+    return safetensors_size(safetensors_plan(tensors), _header_metadata(manifest, allow_nan=True))
 
 
 class Container:
@@ -261,9 +265,6 @@ class Container:
     @property
     def tensor_names(self) -> list[str]:
         return sorted(self._shapes)
-
-    def carried_as(self, role: str) -> list[Carried]:
-        return [Carried(c["key"], c["role"], c.get("module")) for c in self.carried if c["role"] == role]
 
     @cached_property
     def storage(self) -> quant.Storage | None:
@@ -360,7 +361,7 @@ class Container:
             return {}
         try:
             with safe_open(path, framework="pt") as f:
-                return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+                return tensor_index(f)
         except (SafetensorError, OSError) as e:
             raise ContainerError(path, f"not a readable safetensors file: {e}") from e
 
@@ -420,7 +421,7 @@ class Container:
         for n in sorted(st.tensors if st is not None else ()):
             if n not in specs or specs[n][1] is not None:
                 raise ContainerError(self.path, f"storage lists tensor {n}, which is not a float tensor of form {m['form']}")
-            _, _, part_names = self._quant_parts(n)
+            self._quant_parts(n)  # checks the entry against the form's specs
             del expected[n]  # stored as its parts: names, shapes and dtypes from the scheme
             expected.update({k: (tuple(s), dt) for k, (s, dt) in quant.stored_specs(n, specs[n][0], st.tensors[n], self.dtype).items()})
         shared = self.shared_names
@@ -439,7 +440,7 @@ class Container:
         if extra:
             raise ContainerError(self.path, f"tensor {extra[0]} is not described by the manifest")
         float_st = {"F16", "BF16", "F32"}
-        want_float = _st_name(self.dtype)
+        want_float = ST_DTYPE[self.dtype]
         for n, spec in sorted(expected.items()):
             if spec is None:
                 continue
@@ -449,8 +450,8 @@ class Container:
                 raise ContainerError(self.path, f"tensor {n} has shape {list(got_shape)} but the manifest implies {list(shape)}")
             if dt is None and (got_dt not in float_st or got_dt != want_float):
                 raise ContainerError(self.path, f"tensor {n} has dtype {got_dt} but the container dtype is {want_float}")
-            if dt is not None and got_dt != _st_name(dt):
-                raise ContainerError(self.path, f"tensor {n} has dtype {got_dt}, expected {_st_name(dt)}")
+            if dt is not None and got_dt != ST_DTYPE[dt]:
+                raise ContainerError(self.path, f"tensor {n} has dtype {got_dt}, expected {ST_DTYPE[dt]}")
         stored = self.tensors()
         for n in sorted(st.tensors if st is not None else ()):
             try:
@@ -477,37 +478,18 @@ def find_shared(container: Path, rel: str) -> Path | None:
     return None
 
 
-@functools.lru_cache(maxsize=1024)
-def _sha256_of(path: str, size: int, mtime_ns: int, ino: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes (memoised per path, size, mtime and inode within a process)."""
-    st = path.stat()
-    return _sha256_of(str(path.absolute()), st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-def _st_name(dtype: torch.dtype) -> str:
-    from .fileio import ST_DTYPE
-    return ST_DTYPE[dtype]
-
-
 def open_container(path: str | Path) -> Container:
-    """Open a container, checking that it is one (its header and manifest parse)."""
+    """Open a container, checking that it is one (not truncated; its header and manifest parse)."""
     path = Path(path)
     if not path.exists():
         raise ContainerError(path, "no such file")
     if not path.is_file():
         raise ContainerError(path, "not a file (expected an adaptzip .safetensors container)")
+    check_not_truncated(path, ContainerError)
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata() or {}
-            shapes = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+            shapes = tensor_index(f)
     except (SafetensorError, OSError) as e:
         raise ContainerError(path, f"not a readable safetensors file: {e}") from e
     if META_KEY not in meta:
@@ -518,11 +500,5 @@ def open_container(path: str | Path) -> Container:
         raise ContainerError(path, f"manifest is not valid JSON: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ContainerError(path, "manifest format is not 'adaptzip'")
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        header = json.loads(fh.read(n))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > path.stat().st_size:
-        raise ContainerError(path, f"truncated: payload needs {8 + n + end} bytes, file has {path.stat().st_size}")
     _quick_validate(manifest, path)
     return Container(path, manifest, shapes)

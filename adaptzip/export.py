@@ -16,7 +16,14 @@ from . import linalg
 from .adapter import PREFIX, TORCH_DTYPES, ModuleInfo, pattern_key
 from .container import Container
 from .errors import BaseModelError, ExportError
-from .fileio import StreamingWriter, atomic_dir, atomic_file, save_tensors
+from .fileio import (
+    ST_TORCH,
+    StreamingWriter,
+    atomic_dir,
+    atomic_file,
+    save_tensors,
+    tensor_index,
+)
 from .forms.base import Form
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -28,7 +35,7 @@ def _resolve_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
 
 def _alpha_for(scale: float, r: int, rslora: bool) -> float:
     a = scale * (math.sqrt(r) if rslora else r)
-    return int(round(a)) if abs(a - round(a)) < 1e-9 else a
+    return round(a) if abs(a - round(a)) < 1e-9 else a
 
 
 def _config_reproduces(cfg: dict, want: dict[str, tuple[int, float]]) -> bool:
@@ -207,13 +214,12 @@ def to_merged(c: Container, base: Path, out: Path) -> dict:
     """The base model's safetensors shards with ΔŴ added (DoRA and LoRA biases applied,
     modules_to_save replaced), written shard by shard and tensor by tensor; other files copied."""
     form = c.form()
-    shards, index = _base_shards(base)
+    shards, _ = _base_shards(base)
     keys: dict[str, Path] = {}
     for s in shards:
         try:
             with safe_open(s, framework="pt") as f:
-                for k in f.keys():
-                    keys[k] = s
+                keys.update(dict.fromkeys(tensor_index(f), s))
         except (SafetensorError, OSError) as e:
             raise BaseModelError(s, f"cannot read: {e}") from e
     kset = set(keys)
@@ -234,7 +240,7 @@ def to_merged(c: Container, base: Path, out: Path) -> dict:
             i = next(i for i, m in enumerate(c.modules) if m.name == x["module"])
             edits[k] = ("bias", j, i)
         elif x["role"] in ("modules_to_save", "embedding_base"):
-            name = x["key"][len(PREFIX):] if x["key"].startswith(PREFIX) else x["key"]
+            name = x["key"].removeprefix(PREFIX)
             name = name.replace(".base_layer.weight", ".weight").replace(".modules_to_save.", ".").replace(".original_module.", ".")
             k = name if name in kset else _match_key(name.rsplit(".", 1)[0], kset, name.rsplit(".", 1)[1])
             if k is None:
@@ -246,9 +252,8 @@ def to_merged(c: Container, base: Path, out: Path) -> dict:
                 shutil.copy2(f, tmp / f.name)
         for s in shards:
             with safe_open(s, framework="pt") as fh:
-                names = list(fh.keys())
                 meta = fh.metadata()
-                plan = [(n, _st_torch(fh.get_slice(n).get_dtype()), tuple(fh.get_slice(n).get_shape())) for n in names]
+                plan = [(n, ST_TORCH[dt], shape) for n, (shape, dt) in tensor_index(fh).items()]
                 with StreamingWriter(tmp / s.name, plan, meta) as w:
                     for n, dt, _ in plan:
                         t = fh.get_tensor(n)
@@ -278,8 +283,3 @@ def _apply(c: Container, form: Form, e: tuple, t: torch.Tensor, magnitude: dict[
         Wo = (c.carried_tensor(magnitude[m.name]).float() / norm)[:, None] * Wo
         W = Wo.T if m.dense_transposed else Wo
     return W
-
-
-def _st_torch(name: str) -> torch.dtype:
-    from .adapter import _ST_DTYPES
-    return _ST_DTYPES[name]

@@ -7,12 +7,14 @@ dense matrices. Σ_m is the module's input second moment when statistics exist, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import linalg
+from .fileio import json_clean
 from .progress import progress_bar
 
 if TYPE_CHECKING:  # forms use the fitter, never the other way round
@@ -61,11 +63,8 @@ class FitReport:
     module_rel_errors: list[float]
 
     def to_json(self) -> dict:
-        return {"rel_error": self.rel_error,
-                "worst_module_rel_error": self.worst_module_rel_error if math.isfinite(self.worst_module_rel_error) else None,
-                "worst_module": self.worst_module,
-                # JSON has no inf: a module whose source update is zero but whose fit is not gets null
-                "module_rel_errors": [e if math.isfinite(e) else None for e in self.module_rel_errors]}
+        # JSON has no inf: a module whose source update is zero but whose fit is not gets null
+        return json_clean(asdict(self))
 
 
 @torch.no_grad()
@@ -146,14 +145,14 @@ def refine(form: Form, adapter: Adapter, ctx: FitContext, *, solve: Callable[[],
     params = [p for p in (params if params is not None else every) if p.requires_grad]
     steps = ctx.max_steps if ctx.max_steps is not None else max_steps
 
-    def exact() -> float:
-        with torch.no_grad():
-            return float(module_sq_errors(form, tg, torch.float64).sum()) / total
-
-    if solve is not None:
-        with torch.no_grad():
+    @torch.no_grad()
+    def solved() -> float:
+        """``solve()`` (the closed-form blocks), then the exact relative loss in fp64."""
+        if solve is not None:
             solve()
-    best = exact()
+        return float(module_sq_errors(form, tg, torch.float64).sum()) / total
+
+    best = solved()
     history = [best]
     best_state = [p.detach().clone() for p in every]
     if not params or steps <= 0:
@@ -166,7 +165,8 @@ def refine(form: Form, adapter: Adapter, ctx: FitContext, *, solve: Callable[[],
             nz = [r for r in rms if r > 0]
             fallback = sum(nz) / len(nz) if nz else 1.0
             lrs = [lr * (r if r > 0 else fallback) if relative_lr else lr for r in rms]
-            opt = _Adam(params, lrs)
+            # one parameter group per tensor, each with its own learning rate
+            opt = torch.optim.Adam([{"params": [p], "lr": r} for p, r in zip(params, lrs)], lr=lr)
             for _ in range(min(round_steps, steps - done)):
                 opt.zero_grad()
                 val, chunk, held = 0.0, None, 0
@@ -183,10 +183,7 @@ def refine(form: Form, adapter: Adapter, ctx: FitContext, *, solve: Callable[[],
                 opt.step()
                 done += 1
                 bar(loss=val)
-            if solve is not None:
-                with torch.no_grad():
-                    solve()
-            cur = exact()
+            cur = solved()
             history.append(cur)
             gain = (best - cur) / best if best > 0 else 0.0
             if cur < best:
@@ -199,28 +196,3 @@ def refine(form: Form, adapter: Adapter, ctx: FitContext, *, solve: Callable[[],
             p.copy_(b)
     return history
 
-
-class _Adam:
-    """Adam (Kingma & Ba) with one learning rate per tensor; the same update as torch.optim.Adam
-    without its first-use import of torch._dynamo (seconds on a busy 2-core machine)."""
-
-    def __init__(self, params: list[torch.Tensor], lrs: list[float], betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        self.params, self.lrs, self.betas, self.eps, self.t = params, lrs, betas, eps, 0
-        self.m = [torch.zeros_like(p) for p in params]
-        self.v = [torch.zeros_like(p) for p in params]
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.t += 1
-        b1, b2 = self.betas
-        c1, c2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        for p, lr, m, v in zip(self.params, self.lrs, self.m, self.v):
-            if p.grad is None:
-                continue
-            m.mul_(b1).add_(p.grad, alpha=1 - b1)
-            v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-lr / c1)

@@ -17,16 +17,17 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from . import api, fit, linalg
+from . import budget, fit, linalg
 from . import container as ct
 from .adapter import Adapter, load_adapter
-from .errors import OptionError, OutputExists
-from .fileio import atomic_file
+from .errors import OptionError
+from .fileio import atomic_file, check_output, json_clean
 from .forms import FitContext, get_form
 from .forms.base import config_from_json
 
@@ -45,7 +46,7 @@ def _params(c: ct.Container) -> dict:
     config = config_from_json(cls, c.manifest["config"])
     specs = cls.tensor_specs(c.modules, config, c.manifest["state"])
     shared = c.shared_names
-    n = lambda s: math.prod(int(d) for d in s)  # noqa: E731
+    n = lambda s: math.prod(int(d) for d in s)
     return {"stored": sum(n(s) for k, (s, dt) in specs.items() if dt is None and k not in shared),
             "shared": sum(n(s) for k, (s, dt) in specs.items() if dt is None and k in shared),
             "index_bytes": sum(n(s) * torch.empty(0, dtype=dt).element_size() for s, dt in specs.values() if dt is not None),
@@ -152,7 +153,7 @@ def _svd_curve(adapter: Adapter, points: list[int], dtype: torch.dtype, ctx: Fit
     out = []
     for b in sorted(set(points)):
         try:
-            form, size = api.svd_baseline(adapter, b, dtype, ctx)
+            form, size = budget.svd_baseline(adapter, b, dtype, ctx)
         except OptionError:
             continue  # below the container's fixed overhead
         out.append({"budget": b, "bytes": size, "rel_error": fit.evaluate(form, adapter, ctx).rel_error})
@@ -176,8 +177,8 @@ def report(containers: Sequence[str | Path], *, against: str | Path | None = Non
             if c.manifest["source"]["sha256"] != ad.sha256:
                 raise OptionError(against, f"is not the source of {c.path} (its weights sha256 {ad.sha256[:12]}… ≠ the container's source {c.manifest['source']['sha256'][:12]}…)")
     out_p = Path(out) if out is not None else None
-    if out_p is not None and (out_p / "report.json").exists() and not force:
-        raise OutputExists(out_p, "already holds a report (use --force to replace it)")
+    if out_p is not None:
+        check_output(out_p / "report.json", force)
     reps = [container_report(c, ad, ctx) for c in cs]
     sources: dict[str, dict] = {}
     for r in reps:
@@ -185,7 +186,7 @@ def report(containers: Sequence[str | Path], *, against: str | Path | None = Non
         s["containers"].append(r["path"])
     if ad is not None:
         for r, c in zip(reps, cs):
-            form, size = api.svd_baseline(ad, max(1, int(r["effective_bytes"])), c.dtype, ctx)
+            form, size = budget.svd_baseline(ad, max(1, int(r["effective_bytes"])), c.dtype, ctx)
             r["svd_baseline_rel_error"] = fit.evaluate(form, ad, ctx).rel_error
             r["svd_baseline_bytes"] = size
         lo = min(r["effective_bytes"] for r in reps) / 2
@@ -326,16 +327,6 @@ def _fmt(x: Any) -> str:
     return str(x).replace("|", "\\|")
 
 
-def _json_clean(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _json_clean(x) for k, x in v.items() if not k.startswith("_")}
-    if isinstance(v, (list, tuple)):
-        return [_json_clean(x) for x in v]
-    return v
-
-
 def _write(out: Path, result: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     reps = result["containers"]
@@ -366,8 +357,8 @@ def _write(out: Path, result: dict) -> dict:
     for r in reps:
         lines += [f"## {_fmt(Path(r['path']).name)}", "",
                   f"- form `{r['form']}`, dtype {r['dtype']}, source `{_fmt(r['source']['name'])}` ({r['source']['bytes']} bytes)",
-                  f"- bytes {r['bytes']}, ratio {_fmt(r['ratio_source'])} of the source file, {_fmt(r['ratio_fp16_lora'])} of an fp16 LoRA "
-                  f"({r['fp16_lora_bytes']} bytes)",
+                  (f"- bytes {r['bytes']}, ratio {_fmt(r['ratio_source'])} of the source file, {_fmt(r['ratio_fp16_lora'])} of an fp16 LoRA "
+                   f"({r['fp16_lora_bytes']} bytes)"),
                   f"- parameters: {r['params']['stored']} stored (+{r['params']['shared']} in the shared file) of {r['params']['source']} in the source"]
         if r["shared"]:
             lines.append(f"- shared file `{r['shared']['file']}`: " + (f"{r['shared']['bytes']} bytes" if r["shared"]["bytes"] is not None else f"**{_fmt(r['shared'].get('error'))}**"))
@@ -375,9 +366,9 @@ def _write(out: Path, result: dict) -> dict:
             lines += ["", "| accuracy metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in r["accuracy"].items()]
         if r["storage"]:
             st = r["storage"]
-            lines += ["", f"Bit allocation (`{st['scheme']}`, group size {st['group_size']}): {st['tensors']} quantised tensors; "
-                      f"tensors by bits {st['tensors_by_bits']}; rows by bits {st['rows_by_bits']}; values by bits {st['values_by_bits']}; "
-                      f"mean {_fmt(st['mean_bits'])} bits per quantised value"]
+            lines += ["", (f"Bit allocation (`{st['scheme']}`, group size {st['group_size']}): {st['tensors']} quantised tensors; "
+                           f"tensors by bits {st['tensors_by_bits']}; rows by bits {st['rows_by_bits']}; values by bits {st['values_by_bits']}; "
+                           f"mean {_fmt(st['mean_bits'])} bits per quantised value")]
         lines += ["", "| module | layer | type | stored rank | rel. error |", "|---|---|---|---|---|"]
         for m in r["modules"][:30]:
             lines.append(f"| {_fmt(m['name'])} | {_fmt(m['layer'])} | {_fmt(m['type'])} | {_fmt(m['rank'])} | {_fmt(m['rel_error'])} |")
@@ -393,5 +384,6 @@ def _write(out: Path, result: dict) -> dict:
     with atomic_file(out / "report.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     with atomic_file(out / "report.json") as tmp:
-        tmp.write_text(json.dumps(_json_clean({**result, "files": files}), indent=1, allow_nan=False) + "\n")
+        public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in reps]  # not "_form": live objects
+        tmp.write_text(json.dumps(json_clean({**result, "containers": public, "files": files}), indent=1, allow_nan=False) + "\n")
     return files

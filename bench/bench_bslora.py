@@ -50,6 +50,7 @@ def run_case(case: str, work: Path, layers: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     from adaptzip import api
     from adaptzip.forms import get_form
+    from adaptzip.options import FitOptions, RunOptions
 
     src = work / "adapter"
     if case == "build":
@@ -68,7 +69,8 @@ def run_case(case: str, work: Path, layers: int, threads: int) -> dict:
     cls.fit = classmethod(timed)  # type: ignore[method-assign]
     rss_before, cpu_before = _rusage()
     t0 = time.perf_counter()
-    res = api.compress(src, work / f"{case}.safetensors", to=form, budget=budget, seed=0, force=True)
+    res = api.compress(src, work / f"{case}.safetensors", to=form, budget=budget, fitting=FitOptions(seed=0),
+                       run=RunOptions(force=True)).to_json()
     compress_s = time.perf_counter() - t0
     peak, cpu = _rusage()
     keep = ("config", "state", "bytes", "source_bytes", "ratio", "stored_params", "source_params", "rel_error",

@@ -41,6 +41,7 @@ def run_step(step: str, work: Path, layers: int, dense_dtype: str, threads: int)
     """Run one step in this process; returns its facts (called in a child process)."""
     import adaptzip  # first, as the CLI does (it sets OMP_WAIT_POLICY before torch loads OpenMP)
     from adaptzip import api
+    from adaptzip.options import RunOptions
     import torch
     torch.set_num_threads(threads)
     from safetensors.torch import load_file, save_file
@@ -70,11 +71,11 @@ def run_step(step: str, work: Path, layers: int, dense_dtype: str, threads: int)
         res["modules"] = len(r["modules"])
         res["mean_effective_rank"] = sum(m["effective_rank"] for m in r["modules"]) / len(r["modules"])
     elif step == "compress_svd":
-        r = api.compress(src, work / "svd.safetensors", to="svd", budget=0.25, force=True)
-        res.update(bytes=r["bytes"], ratio=r["ratio"], rel_error=r["rel_error"], ranks=r["state"].get("ranks"))
+        r = api.compress(src, work / "svd.safetensors", to="svd", budget=0.25, run=RunOptions(force=True))
+        res.update(bytes=r.bytes, ratio=r.ratio, rel_error=r.rel_error, ranks=r.state.get("ranks"))
     elif step == "compress_lora":
-        r = api.compress(src, work / "lora.safetensors", to="lora", force=True)
-        res.update(bytes=r["bytes"], ratio=r["ratio"])
+        r = api.compress(src, work / "lora.safetensors", to="lora", run=RunOptions(force=True))
+        res.update(bytes=r.bytes, ratio=r.ratio)
     elif step == "expand_peft":
         r = api.expand(work / "svd.safetensors", work / "svd_peft", to="peft", force=True)
         res.update(bytes=_dir_bytes(work / "svd_peft"), r=r.get("r"))

@@ -46,6 +46,7 @@ def run_case(case: str, work: Path, layers: int, threads: int) -> dict:
     import adaptzip
     from adaptzip import api
     from adaptzip.forms import FitContext, get_form, make_config
+    from adaptzip.options import FitOptions, RunOptions
 
     src = work / "adapter"
     if case == "build":
@@ -53,7 +54,8 @@ def run_case(case: str, work: Path, layers: int, threads: int) -> dict:
     _, options, budget = CASES[case]
     rss_before = _peak_rss_mb()
     t0, c0 = time.perf_counter(), time.process_time()
-    res = api.compress(src, work / f"masa_{case}.safetensors", to="masa", budget=budget, options=options, seed=0, force=True)
+    res = api.compress(src, work / f"masa_{case}.safetensors", to="masa", budget=budget, options=options,
+                       fitting=FitOptions(seed=0), run=RunOptions(force=True)).to_json()
     compress_s, compress_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     peak = _peak_rss_mb()
     # the fit alone, with the configuration compress settled on

@@ -33,7 +33,9 @@ import torch  # noqa: E402
 
 from adaptzip import api, load_adapter  # noqa: E402
 from adaptzip import quant as qz  # noqa: E402
+from adaptzip.budget import fit_to_budget, parse_budget  # noqa: E402
 from adaptzip.forms import FitContext, get_form  # noqa: E402
+from adaptzip.options import FitOptions, QuantOptions, RunOptions  # noqa: E402
 from bench.llama7b_adapter import build_llama7b_adapter  # noqa: E402
 
 SCHEMES = ("none", "int8", "int4", "auto")
@@ -47,24 +49,24 @@ def curve(adapter_dir: Path, work: Path, budgets, schemes, group_size: int) -> l
             t0 = time.perf_counter()
             out = work / f"{q}_{b}.safetensors"
             try:
-                r = api.compress(adapter_dir, out, to="svd", budget=b, dtype="fp16", quant=q, group_size=group_size,
-                                 force=True, baseline=False)
+                r = api.compress(adapter_dir, out, to="svd", budget=b, fitting=FitOptions(dtype="fp16", baseline=False),
+                                 quant=QuantOptions(q, group_size), run=RunOptions(force=True))
             except Exception as e:  # a budget below a scheme's floor: record it, go on
                 rows.append({"budget": b, "quant": q, "error": f"{type(e).__name__}: {e}"})
                 print(f"  budget {b:<5} {q:<5} skipped: {e}", flush=True)
                 continue
             secs = time.perf_counter() - t0
-            row = {"budget": b, "quant": q, "bytes": r["bytes"], "ratio": r["ratio"], "rel_error": r["rel_error"],
-                   "ranks_total": r["state"]["ranks"]["total"], "seconds": secs}
+            row = {"budget": b, "quant": q, "bytes": r.bytes, "ratio": r.ratio, "rel_error": r.rel_error,
+                   "ranks_total": r.state["ranks"]["total"], "seconds": secs}
             if q == "auto":
-                bits = r["quant"]["bits"]
-                row.update(chosen=r["quant"]["auto"]["chosen"], considered=r["quant"]["auto"]["considered"],
+                bits = r.quant["bits"]
+                row.update(chosen=r.quant["auto"]["chosen"], considered=r.quant["auto"]["considered"],
                            mean_bits=bits["mean_bits"], bits_hist=bits["bits"],
                            by_position=[(p["position"], p["kept"], round(p["mean_bits"], 2)) for p in bits["by_position"]],
                            by_type={k: (v["kept"], round(v["mean_bits"], 2)) for k, v in bits["by_type"].items()})
             rows.append(row)
             out.unlink(missing_ok=True)
-            print(f"  budget {b:<5} {q:<5} {r['bytes']:>10} B  rel.err {r['rel_error']:.4f}  rank {row['ranks_total']:>5}"
+            print(f"  budget {b:<5} {q:<5} {r.bytes:>10} B  rel.err {r.rel_error:.4f}  rank {row['ranks_total']:>5}"
                   f"{'  ' + row.get('chosen', '') if q == 'auto' else ''}  ({secs:.1f}s)", flush=True)
     return rows
 
@@ -99,8 +101,8 @@ def throughput(adapter_dir: Path, group_size: int) -> list[dict]:
     return res
 
 
-def distil_experiment(work: Path, *, budget: float = 0.1, steps: int = 150, scale_steps: int = 40,
-                      scheme: str = "int4", hidden: int = 256, inter: int = 512, layers: int = 4, rank: int = 16) -> dict:
+def distil_experiment(work: Path, *, budget: float = 0.1, steps: int = 150, scheme: str = "int4", hidden: int = 256,
+                      inter: int = 512, layers: int = 4, rank: int = 16) -> dict:
     """Distillation with quantised forms, on a small text model built like the calibration tests'
     (a Llama with a BPE tokenizer trained on a toy grammar; here hidden 256, 4 layers, so that the
     payload, not the header, dominates the container) and an r=16 LoRA trained on that text: svd at
@@ -110,8 +112,6 @@ def distil_experiment(work: Path, *, budget: float = 0.1, steps: int = 150, scal
     * fp16 svd: fitted / distilled ``steps`` — the reference at the same bytes;
     * ``scheme`` svd (more rank in the same bytes): fitted (weight-space fit, then quantised);
     * PTQ: distilled in float, then quantised;
-    * PTQ + scales: then ``scale_steps`` more steps on the per-group scales only (codes frozen,
-      :func:`adaptzip.quant.attach_scale_tuning`);
     * QAT: distilled ``steps`` through the straight-through fake quantiser
       (:func:`adaptzip.quant.attach_fake_quant`), then stored."""
     import copy
@@ -134,7 +134,7 @@ def distil_experiment(work: Path, *, budget: float = 0.1, steps: int = 150, scal
                           batch_size=8, device="cpu")
     ctx = FitContext(stats=cal.stats, seed=0)
     dt = torch.float16
-    budget_bytes = api.parse_budget(budget, ad.bytes)
+    budget_bytes = parse_budget(budget, ad.bytes)
     svd = get_form("svd")
     rows: list[dict] = []
 
@@ -147,8 +147,8 @@ def distil_experiment(work: Path, *, budget: float = 0.1, steps: int = 150, scal
                      "improvement_kept": cal.improvement_kept(ev), "seconds": seconds, **kw})
         print(f"  {label:<34} {size:>7} B  KL {ev['kl']:.5f}  top-1 {ev['top1']:.4f}  ({seconds:.1f}s)", flush=True)
 
-    f16, _, _, _ = api.fit_to_budget(ad, svd, svd.Config(), budget_bytes, dt, ctx)
-    fq, _, man, _ = api.fit_to_budget(ad, svd, svd.Config(), budget_bytes, dt, ctx, quant=scheme)
+    f16, _, _, _ = fit_to_budget(ad, svd, svd.Config(), budget_bytes, dt, ctx)
+    fq, _, man, _ = fit_to_budget(ad, svd, svd.Config(), budget_bytes, dt, ctx, quant=scheme)
     storage = qz.Storage.from_json(man["storage"])
     lr = distill.default_lr(0.0)  # a strong start (svd): 1e-4
     record("fp16 svd, fitted", f16, None, 0.0, rank=sum(f16.state_info["ranks"]))
@@ -160,13 +160,7 @@ def distil_experiment(work: Path, *, budget: float = 0.1, steps: int = 150, scal
     ptq = copy.deepcopy(fq)
     t0 = time.perf_counter()
     cal.distil(ptq, steps=steps, lr=lr)
-    t_ptq = time.perf_counter() - t0
-    record(f"{scheme} PTQ (distil, then quantise)", ptq, storage, t_ptq)
-    t0 = time.perf_counter()
-    h = qz.attach_scale_tuning(ptq, storage, dt)
-    cal.distil(ptq, steps=scale_steps, lr=1e-3)
-    h.remove()
-    record(f"{scheme} PTQ + {scale_steps} steps on scales", ptq, storage, t_ptq + time.perf_counter() - t0)
+    record(f"{scheme} PTQ (distil, then quantise)", ptq, storage, time.perf_counter() - t0)
     qat = copy.deepcopy(fq)
     t0 = time.perf_counter()
     h = qz.attach_fake_quant(qat, storage, dt)
@@ -174,7 +168,7 @@ def distil_experiment(work: Path, *, budget: float = 0.1, steps: int = 150, scal
     h.remove()
     record(f"{scheme} QAT (straight-through) {steps}", qat, storage, time.perf_counter() - t0)
     return {"budget": budget, "budget_bytes": budget_bytes, "source_bytes": ad.bytes, "scheme": scheme,
-            "steps": steps, "scale_steps": scale_steps, "rows": rows}
+            "steps": steps, "rows": rows}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -247,8 +241,7 @@ def markdown(results: dict, tp: list[dict], meta: dict) -> str:
 
 def distil_markdown(res: list[dict]) -> str:
     lines = ["Distillation with quantised svd (small text model: Llama, hidden 256, 4 layers, r=16 LoRA; KL to the "
-             "teacher per token on held-out text, every form measured as stored; seconds of distillation, the "
-             "'+ scales' row including its PTQ run):", "",
+             "teacher per token on held-out text, every form measured as stored; seconds of distillation):", "",
              "| budget | case | bytes | KL | top-1 | seconds |", "|---|---|---|---|---|---|"]
     for r in res:
         for row in r["rows"]:
@@ -266,7 +259,7 @@ def main() -> None:
     ap.add_argument("--adapter", action="append", default=[], help="another PEFT LoRA to measure: DIR or LABEL=DIR (repeatable)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--distil", action="store_true",
-                    help="run only the distillation experiment (PTQ, PTQ + scales, QAT) → bench/out/quant_distil.{json,md}")
+                    help="run only the distillation experiment (PTQ, QAT) → bench/out/quant_distil.{json,md}")
     ap.add_argument("--distil-budgets", default="0.04,0.1")
     ap.add_argument("--distil-steps", type=int, default=150)
     a = ap.parse_args()
@@ -277,7 +270,7 @@ def main() -> None:
             work = Path(tempfile.mkdtemp(prefix="adaptzip-bench-qdistil-"))
             try:
                 print(f"== distillation, budget {b:g}", flush=True)
-                res.append(distil_experiment(work, budget=b, steps=a.distil_steps, scale_steps=a.distil_steps // 4))
+                res.append(distil_experiment(work, budget=b, steps=a.distil_steps))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         (OUT / "quant_distil.json").write_text(json.dumps(res, indent=1) + "\n")

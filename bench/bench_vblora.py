@@ -3,7 +3,7 @@ baseline, on the Llama-7B-shaped LoRA (32 layers, r=16, q/k/v/o/gate/up/down, fp
 bench/llama7b_adapter.py), plus the native PEFT export (``expand --to peft-vblora``).
 
 Every configuration runs in its own Python process (``--case NAME``) so its peak RSS
-(``ru_maxrss``) is its own. ``fit s`` is the fit alone (``api.fit_to_budget``: k-means +
+(``ru_maxrss``) is its own. ``fit s`` is the fit alone (``adaptzip.budget.fit_to_budget``: k-means +
 convex-code alternation, soft and hard Adam phases; with ``--budget`` it includes choosing h);
 ``fit CPU s`` its process CPU time — the fit runs on one thread, so on an idle machine wall ≈ CPU,
 while on a shared one the wall time mostly measures the other jobs. Adam steps are limited to
@@ -42,6 +42,16 @@ CASES: dict[str, tuple[str, dict, str | None]] = {
 
 
 # ----------------------------------------------------------------------------- child side
+def _fixed_dtype_bytes(form) -> int:
+    """Bytes of the tensors stored in a fixed dtype whatever the container's (VB-LoRA: the top-k
+    indices and the fp16 top-k weights), from the form's tensor specs."""
+    import math
+
+    import torch
+    specs = form.tensor_specs(form.modules_info, form.config, form.state_info)
+    return sum(math.prod(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in specs.values() if dt is not None)
+
+
 def run_case(case: str, work: Path, layers: int) -> dict:
     """Run one case in this process (called in a child): fit, evaluate, svd baseline, write,
     verify, export to native PEFT VB-LoRA."""
@@ -49,6 +59,7 @@ def run_case(case: str, work: Path, layers: int) -> dict:
     import adaptzip
     from adaptzip import api, fit
     from adaptzip import container as ct
+    from adaptzip.budget import fit_to_budget, parse_budget, resolve_dtype, svd_baseline
     from adaptzip.forms import FitContext, get_form, make_config
 
     src = work / "adapter"
@@ -59,19 +70,19 @@ def run_case(case: str, work: Path, layers: int) -> dict:
     ad = adaptzip.load_adapter(src)
     cls = get_form("vblora")
     cfg = make_config(cls, {**STEPS, **options})
-    dtype = api.resolve_dtype(None, ad)
-    budget_bytes = None if budget is None else api.parse_budget(budget, ad.bytes)
+    dtype = resolve_dtype(None, ad)
+    budget_bytes = None if budget is None else parse_budget(budget, ad.bytes)
     ctx = FitContext(seed=0)
     fits = []  # count the fits fit_to_budget makes (with --budget it may refit once to use the header reserve)
     fit_once = cls.fit.__func__
     cls.fit = classmethod(lambda c, *args, **kw: fits.append(1) or fit_once(c, *args, **kw))
     rss_before = _peak_rss_mb()
     t0, c0 = time.perf_counter(), time.process_time()
-    form, tensors, manifest, size = api.fit_to_budget(ad, cls, cfg, budget_bytes, dtype, ctx)
+    form, tensors, manifest, size = fit_to_budget(ad, cls, cfg, budget_bytes, dtype, ctx)
     fit_s, fit_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     peak_fit = _peak_rss_mb()
     rep = fit.evaluate(form, ad, ctx)
-    base_form, base_size = api.svd_baseline(ad, size, dtype, ctx)
+    base_form, base_size = svd_baseline(ad, size, dtype, ctx)
     base_err = fit.evaluate(base_form, ad, ctx).rel_error
     out = work / f"vblora_{case}.safetensors"
     written = ct.write(out, tensors, manifest)
@@ -83,7 +94,7 @@ def run_case(case: str, work: Path, layers: int) -> dict:
     return {
         "config": {k: v for k, v in manifest["config"].items()}, "state": manifest["state"],
         "bytes": written, "source_bytes": ad.bytes, "ratio": written / ad.bytes, "float_params": form.float_params(),
-        "index_bytes": form.index_bytes(), "rel_error": rep.rel_error, "worst_module_rel_error": rep.worst_module_rel_error,
+        "index_bytes": _fixed_dtype_bytes(form), "rel_error": rep.rel_error, "worst_module_rel_error": rep.worst_module_rel_error,
         "svd_baseline_rel_error": base_err, "svd_baseline_bytes": base_size, "verify_ok": ok,
         "fit_info": info, "phase_seconds": form.timings, "fits": len(fits), "fit_s": fit_s, "fit_cpu_s": fit_cpu_s,
         "expand_peft_vblora_s": expand_s, "peft_vblora_bytes": exp["bytes"],

@@ -151,10 +151,10 @@ def main(argv=None) -> int:
         pm = PeftModel.from_pretrained(load_base(base), exp).eval()
         logits, acc = evaluate(pm, ids)
         label = "lora (lossless repack)" if name == "lora" else f"svd --budget {a.budget}"
-        rows.append({"what": label, "bytes": s["bytes"], "ratio": s["bytes"] / src_bytes, "fit_err": s["rel_error"],
+        rows.append({"what": label, "bytes": s.bytes, "ratio": s.bytes / src_bytes, "fit_err": s.rel_error,
                      "peft_err": rel_error(src_delta, delta_weights(pm)),
                      "logit": float((logits - src_logits).abs().max()), "acc": acc})
-        print(f"2. compressed → {cont.name} ({fmt_bytes(s['bytes'])}), verified, expanded → {exp.name}/, "
+        print(f"2. compressed → {cont.name} ({fmt_bytes(s.bytes)}), verified, expanded → {exp.name}/, "
               f"loaded with PeftModel.from_pretrained")
 
     merged = out / "svd_merged"

@@ -26,9 +26,11 @@ from common import OUT, ROOT, WORK  # noqa: E402,F401  (sets the offline env fir
 
 import torch  # noqa: E402
 
-from adaptzip import api, distill, load_adapter  # noqa: E402
+from adaptzip import distill, load_adapter  # noqa: E402
+from adaptzip.budget import fit_to_budget  # noqa: E402
 from adaptzip.errors import AdaptzipError  # noqa: E402
 from adaptzip.forms import REGISTRY, FitContext  # noqa: E402
+from adaptzip.pipeline import metrics_template  # noqa: E402
 
 
 def package_dir(pkg: str, *parts: str) -> Path:
@@ -134,9 +136,9 @@ def main() -> None:
         budget = int(frac * ad.bytes)
         for name in sorted(x for x in REGISTRY if x != "lora"):
             cls = REGISTRY[name]
-            tpl = distill._template(ad, False)
+            tpl = metrics_template(ad, False)
             try:
-                form, _, _, size = api.fit_to_budget(ad, cls, cls.Config(), budget, torch.float32, ctx, metrics_fn=lambda f, s: tpl)
+                form, _, _, size = fit_to_budget(ad, cls, cls.Config(), budget, torch.float32, ctx, metrics_fn=lambda f, s: tpl)
             except AdaptzipError as e:
                 rows.append({"form": name, "budget": frac, "skipped": e.cause})
                 continue

@@ -30,9 +30,11 @@ from common import OUT, ROOT, WORK  # noqa: E402,F401  (sets the offline env fir
 
 import torch  # noqa: E402
 
-from adaptzip import api, distill, load_adapter  # noqa: E402
+from adaptzip import distill, load_adapter  # noqa: E402
+from adaptzip.budget import fit_to_budget  # noqa: E402
 from adaptzip.errors import AdaptzipError  # noqa: E402
 from adaptzip.forms import REGISTRY, FitContext  # noqa: E402
+from adaptzip.pipeline import metrics_template  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -136,11 +138,11 @@ def main() -> None:
             if args.only and name not in args.only:
                 continue
             cls = REGISTRY[name]
-            tpl = distill._template(ad, False)
+            tpl = metrics_template(ad, False)
             t1 = time.perf_counter()
             try:
-                form, _, _, size = api.fit_to_budget(ad, cls, cls.Config(), budget, torch.float32, ctx,
-                                                     metrics_fn=lambda f, s: tpl)
+                form, _, _, size = fit_to_budget(ad, cls, cls.Config(), budget, torch.float32, ctx,
+                                                 metrics_fn=lambda f, s: tpl)
             except AdaptzipError as e:
                 rows.append({"form": name, "budget": frac, "skipped": e.cause})
                 print(f"{name} @ {frac}: skipped ({e.cause})", file=sys.stderr)

@@ -4,15 +4,15 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see adaptzip/__init__.py)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and CI has 2 cores
 
-from fixtures import make_base, train_lora  # noqa: E402
+from fixtures import make_base, train_lora
 
 
 @pytest.fixture(scope="session")

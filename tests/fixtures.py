@@ -2,11 +2,15 @@
 PEFT LoRA adapters trained a few steps (so B ≠ 0). No model hub, no mocks."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from adaptzip.runtime import single_thread
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -65,17 +69,36 @@ def train_lora(base_dir: Path, out: Path, *, steps: int = 8, seed: int = 0, dtyp
     return out
 
 
+# What PEFT writes for a plain LoRA; write_adapter's ``config`` overrides or extends it.
+PEFT_LORA_CONFIG = {"peft_type": "LORA", "base_model_name_or_path": "synthetic", "task_type": "CAUSAL_LM", "bias": "none",
+                    "fan_in_fan_out": False, "use_rslora": False, "use_dora": False}
+
+
+def lora_key(module: str, factor: str) -> str:
+    """PEFT's tensor name of a module's factor ``A`` or ``B``: ``base_model.model.<module>.lora_A.weight``."""
+    return f"base_model.model.{module}.lora_{factor}.weight"
+
+
+def write_adapter(path: Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """A PEFT LoRA directory written by hand (synthetic adapters of chosen shapes and spectra):
+    ``tensors`` (PEFT names, see :func:`lora_key`) as ``adapter_model.safetensors`` and
+    ``config`` (at least ``r``, ``lora_alpha``, ``target_modules``) over :data:`PEFT_LORA_CONFIG`
+    as ``adapter_config.json``. The directory must not exist."""
+    path.mkdir(parents=True)
+    save_file({k: t.contiguous() for k, t in tensors.items()}, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({**PEFT_LORA_CONFIG, **config}))
+    return path
+
+
 def random_ids(n: int = 2, length: int = 16, vocab: int = 128, seed: int = 1) -> torch.Tensor:
     return torch.randint(3, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
 def one_torch_thread():
-    """Generator for a pytest fixture: torch on one thread while it is active, the previous count after.
-    The test matrices are tiny, so on a loaded 2-core machine one thread is far faster than two
-    (training included). Kept free of pytest so that bench scripts can import this module; a test
-    module makes it a fixture with ``pytest.fixture(autouse=True)(one_torch_thread)`` (add
-    ``scope="module"`` to set it once per module)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    """Generator for a pytest fixture: torch on one thread while it is active, the previous count after
+    (:func:`adaptzip.runtime.single_thread`). The test matrices are tiny, so on a loaded 2-core machine
+    one thread is far faster than two (training included). Kept free of pytest so that bench scripts
+    can import this module; a test module makes it a fixture with
+    ``pytest.fixture(autouse=True)(one_torch_thread)`` (add ``scope="module"`` to set it once per module)."""
+    with single_thread():
+        yield

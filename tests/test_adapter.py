@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from fixtures import load_base
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -12,7 +13,6 @@ import adaptzip
 from adaptzip import linalg
 from adaptzip.adapter import split_layer
 from adaptzip.errors import AdapterError, UnsupportedAdapter
-from fixtures import load_base
 
 
 def peft_scalings(base_dir, lora_dir) -> dict[str, float]:

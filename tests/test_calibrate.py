@@ -2,20 +2,21 @@
 metrics and ``--to auto`` — on tiny real models (no mocks), with a tokenizer trained offline."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
+from calib_fixtures import base_with_tokenizer, make_text, train_text_lora
+from clihelp import run_json
+from fixtures import make_base, one_torch_thread, train_lora
 
-from adaptzip import api, load_adapter
+from adaptzip import api, distill, fit, load_adapter
 from adaptzip import calibrate as cb
-from adaptzip import distill, fit
+from adaptzip.budget import fit_to_budget
 from adaptzip.container import open_container
 from adaptzip.errors import AdaptzipError, BaseModelError, CalibrationError
 from adaptzip.forms import REGISTRY, FitContext, get_form
-from calib_fixtures import base_with_tokenizer, make_text, train_text_lora
-from fixtures import make_base, one_torch_thread, train_lora
+from adaptzip.options import CalibrationOptions, FitOptions, QuantOptions
 
 # Options that let a form's defaults fit the tiny test model (hidden 64, MLP 96).
 TINY_OPTIONS = {"vblora": {"vector_len": 32, "bank": 32, "steps": 20, "refit_steps": 20}}
@@ -44,7 +45,7 @@ def env(llama_base, tmp_path_factory):
 def test_text_invalid_utf8_names_byte_and_line(tmp_path):
     p = tmp_path / "bad.txt"
     p.write_bytes(b"good line\nsecond \xff\xfe line\n")
-    with pytest.raises(CalibrationError) as e:
+    with pytest.raises(CalibrationError, match=r"invalid UTF-8 at byte 17 \(line 2\)") as e:
         cb.read_texts(p)
     assert "invalid UTF-8 at byte 17 (line 2)" in str(e.value) and str(p) in str(e.value)
 
@@ -82,9 +83,9 @@ def test_base_missing_module_refused_naming_it(env, tmp_path):
 
 def test_base_wrong_shape_refused_naming_it(env, tmp_path):
     narrow = make_base(tmp_path / "narrow", inter=80)  # MLP width 80, the adapter's is 96
-    with pytest.raises(BaseModelError) as e:
-        api.compress(env["lora"], tmp_path / "o.safetensors", to="svd", rank=1, base_model=narrow,
-                     calib=env["dir"] / "calib.txt", calib_tokens=2000)
+    with pytest.raises(BaseModelError, match=r"module model\.layers\.0\.mlp\.down_proj: base weight has shape") as e:
+        api.compress(env["lora"], tmp_path / "o.safetensors", to="svd", rank=1,
+                     calibration=CalibrationOptions(base_model=narrow, calib=env["dir"] / "calib.txt", tokens=2000))
     assert "module model.layers.0.mlp.down_proj: base weight has shape (64, 80), the adapter needs (64, 96)" in str(e.value)
     assert not (tmp_path / "o.safetensors").exists()
 
@@ -202,7 +203,7 @@ def _budget_fit(ad, name, ctx):
     last = None
     for frac in (0.2, 0.3, 0.5):
         try:
-            return api.fit_to_budget(ad, cls, cfg, int(frac * ad.bytes), torch.float32, ctx)[0]
+            return fit_to_budget(ad, cls, cfg, int(frac * ad.bytes), torch.float32, ctx)[0]
         except AdaptzipError as e:
             last = e
     pytest.fail(f"form {name} cannot fit the tiny adapter at 20%, 30% or 50% of its bytes: {last}")
@@ -238,69 +239,71 @@ def test_lr_rule_and_backoff(env):
 # ----------------------------------------------------------------------------- compress API / CLI
 def test_compress_metrics_lora_and_small_svd(env, tmp_path):
     d = env["dir"]
-    common = dict(base_model=env["base"], calib=d / "calib.txt", calib_tokens=6000, eval_text=d / "eval.txt",
+    common = dict(base_model=env["base"], calib=d / "calib.txt", tokens=6000, eval_text=d / "eval.txt",
                   seq_len=SEQ, batch_size=8, stats_file=d / "stats.safetensors")
-    r = api.compress(env["lora"], tmp_path / "l.safetensors", to="lora", calib_steps=5, baseline=False, **common)
-    assert r["improvement_kept"] == pytest.approx(1.0, abs=1e-4)
-    assert r["kl_after"] < 1e-9 and r["top1_agreement"] == 1.0
-    assert r["ppl_source"] < r["ppl_base"]
-    r = api.compress(env["lora"], tmp_path / "s.safetensors", to="svd", budget=0.3, calib_steps=30, **common)
+    r = api.compress(env["lora"], tmp_path / "l.safetensors", to="lora", fitting=FitOptions(baseline=False),
+                     calibration=CalibrationOptions(steps=5, **common))
+    m = r.metrics
+    assert m["improvement_kept"] == pytest.approx(1.0, abs=1e-4)
+    assert m["kl_after"] < 1e-9 and m["top1_agreement"] == 1.0
+    assert m["ppl_source"] < m["ppl_base"]
+    r = api.compress(env["lora"], tmp_path / "s.safetensors", to="svd", budget=0.3,
+                     calibration=CalibrationOptions(steps=30, **common))
+    m = r.metrics
     budget = int(0.3 * env["adapter"].bytes)
-    assert r["bytes"] <= budget and r["svd_baseline_bytes"] <= budget
-    assert 0 < r["improvement_kept_before"] < 1 and 0 < r["improvement_kept"] < 1
-    assert r["kl_after"] < r["kl_before"] and r["svd_baseline_kl_after"] == r["kl_after"]
-    assert r["ppl_source"] < r["ppl_compressed"] < r["ppl_base"]
-    assert set(r["module_output_rel_errors"]) == {m.name for m in env["adapter"].modules}
-    assert r["stats_file"] is None  # reused, not recomputed
-    m = open_container(tmp_path / "s.safetensors").manifest["metrics"]
+    assert r.bytes <= budget and m["svd_baseline_bytes"] <= budget
+    assert 0 < m["improvement_kept_before"] < 1 and 0 < m["improvement_kept"] < 1
+    assert m["kl_after"] < m["kl_before"] and m["svd_baseline_kl_after"] == m["kl_after"]
+    assert m["ppl_source"] < m["ppl_compressed"] < m["ppl_base"]
+    assert set(r.extras["module_output_rel_errors"]) == {m.name for m in env["adapter"].modules}
+    assert r.extras["stats_file"] is None  # reused, not recomputed
+    stored = open_container(tmp_path / "s.safetensors").manifest["metrics"]
     for k in ("kl_before", "kl_after", "top1_agreement", "improvement_kept", "svd_baseline_kl_after"):
-        assert m[k] == r[k]
+        assert stored[k] == m[k]
 
 
 def test_cli_compress_with_calibration_and_stats_reuse(env, tmp_path):
-    from typer.testing import CliRunner
-
-    from adaptzip.cli import app
     d = env["dir"]
-    args = ["compress", str(env["lora"]), "-o", str(tmp_path / "c.safetensors"), "--to", "svd", "--budget", "0.3",
-            "--base-model", str(env["base"]), "--calib", str(d / "calib.txt"), "--calib-tokens", "3000",
-            "--calib-steps", "10", "--device", "cpu", "--json"]
-    res = CliRunner().invoke(app, args)
-    assert res.exit_code == 0, res.output
-    r = json.loads(res.stdout)
+    # --rank, not --budget: the command line is recorded in the manifest, so under a budget the
+    # second (longer) command would leave the payload a few bytes less
+    args = ["compress", env["lora"], "-o", tmp_path / "c.safetensors", "--to", "svd", "--rank", "2",
+            "--base-model", env["base"], "--calib", d / "calib.txt", "--calib-tokens", "3000",
+            "--calib-steps", "10", "--device", "cpu"]
+    r = run_json(*args)
     stats = tmp_path / "c.stats.safetensors"
     assert r["stats_file"] == str(stats) and stats.is_file()
     assert r["eval_text"] == "calib" and r["kl_after"] <= r["kl_before"]
     # reuse: same Σ, same numbers; the Σ pass is skipped
-    res2 = CliRunner().invoke(app, args[:2] + ["-o", str(tmp_path / "c2.safetensors")] + args[4:] + ["--stats", str(stats)])
-    assert res2.exit_code == 0, res2.output
-    r2 = json.loads(res2.stdout)
+    r2 = run_json(*args[:2], "-o", tmp_path / "c2.safetensors", *args[4:], "--stats", stats)
     assert r2["stats_file"] is None and r2["kl_before"] == r["kl_before"] and r2["kl_after"] == r["kl_after"]
 
 
 def test_options_need_a_base_model(env, tmp_path):
     with pytest.raises(AdaptzipError, match="need --base-model"):
-        api.compress(env["lora"], tmp_path / "o.safetensors", to="svd", rank=1, calib=env["dir"] / "calib.txt")
+        api.compress(env["lora"], tmp_path / "o.safetensors", to="svd", rank=1,
+                     calibration=CalibrationOptions(calib=env["dir"] / "calib.txt"))
     with pytest.raises(AdaptzipError, match="--to auto needs --budget"):
         api.compress(env["lora"], tmp_path / "o.safetensors", to="auto", budget=0.3)
 
 
 def test_auto_never_picks_a_form_worse_than_another_tried(env, tmp_path):
     d = env["dir"]
-    r = api.compress(env["lora"], tmp_path / "a.safetensors", to="auto", budget=0.4, base_model=env["base"],
-                     calib=d / "calib.txt", calib_tokens=6000, calib_steps=10, eval_text=d / "eval.txt",
-                     seq_len=SEQ, batch_size=8, stats_file=d / "stats.safetensors", auto_distil=2, fit_steps=30)
-    cands = [c for c in r["auto"]["candidates"] if "skipped" not in c]
-    assert len(cands) >= 2 and r["form"] == r["auto"]["chosen"]
-    chosen = next(c for c in cands if c["form"] == r["form"])
+    r = api.compress(env["lora"], tmp_path / "a.safetensors", to="auto", budget=0.4, fitting=FitOptions(steps=30),
+                     calibration=CalibrationOptions(base_model=env["base"], calib=d / "calib.txt", tokens=6000, steps=10,
+                                                    eval_text=d / "eval.txt", seq_len=SEQ, batch_size=8,
+                                                    stats_file=d / "stats.safetensors", auto_distil=2))
+    cands = [c for c in r.auto["candidates"] if "skipped" not in c]
+    assert len(cands) >= 2 and r.form == r.auto["chosen"]
+    chosen = next(c for c in cands if c["form"] == r.form)
     for c in cands:
         assert chosen["score"] <= c["score"] + 1e-12, (chosen, c)
         assert c["bytes"] <= int(0.4 * env["adapter"].bytes)
     assert any(c["form"] == "svd" and c["distilled"] for c in cands)
-    assert math.isclose(r["objective_after"] if chosen["distilled"] else r["objective_before"], chosen["score"], rel_tol=1e-9)
-    assert r["bytes"] <= int(0.4 * env["adapter"].bytes)
-    assert "lowest eval KL" in r["auto"]["reason"]
-    assert open_container(tmp_path / "a.safetensors").manifest["form"] == r["form"]
+    score = r.metrics["objective_after"] if chosen["distilled"] else r.metrics["objective_before"]
+    assert math.isclose(score, chosen["score"], rel_tol=1e-9)
+    assert r.bytes <= int(0.4 * env["adapter"].bytes)
+    assert "lowest eval KL" in r.auto["reason"]
+    assert open_container(tmp_path / "a.safetensors").manifest["form"] == r.form
 
 
 def test_auto_with_quantised_storage(env, tmp_path):
@@ -310,26 +313,27 @@ def test_auto_with_quantised_storage(env, tmp_path):
 
     d = env["dir"]
     budget = int(0.3 * env["adapter"].bytes)
-    r = api.compress(env["lora"], tmp_path / "q.safetensors", to="auto", budget=0.3, base_model=env["base"],
-                     calib=d / "calib.txt", calib_tokens=6000, calib_steps=5, eval_text=d / "eval.txt", seq_len=SEQ,
-                     batch_size=8, stats_file=d / "stats.safetensors", auto_distil=1, fit_steps=20, quant="int8")
-    assert r["quant"]["scheme"] == "int8" and r["bytes"] <= budget
-    assert all(c["bytes"] <= budget for c in r["auto"]["candidates"] if "skipped" not in c)
+    r = api.compress(env["lora"], tmp_path / "q.safetensors", to="auto", budget=0.3, fitting=FitOptions(steps=20),
+                     calibration=CalibrationOptions(base_model=env["base"], calib=d / "calib.txt", tokens=6000, steps=5,
+                                                    eval_text=d / "eval.txt", seq_len=SEQ, batch_size=8,
+                                                    stats_file=d / "stats.safetensors", auto_distil=1),
+                     quant=QuantOptions(scheme="int8"))
+    assert r.quant["scheme"] == "int8" and r.bytes <= budget
+    assert all(c["bytes"] <= budget for c in r.auto["candidates"] if "skipped" not in c)
     c = open_container(tmp_path / "q.safetensors")
     c.verify()
-    assert c.manifest["storage"]["scheme"] == "int8" and c.manifest["form"] == r["form"]
+    assert c.manifest["storage"]["scheme"] == "int8" and c.manifest["form"] == r.form
     cal = distill.prepare(env["adapter"], env["base"], d / "calib.txt", calib_tokens=6000, eval_text=d / "eval.txt",
                           seq_len=SEQ, batch_size=8, device="cpu", stats_file=d / "stats.safetensors")
-    assert cal.evaluate(c.form())["kl"] == pytest.approx(r["kl_after"], rel=1e-5)
+    assert cal.evaluate(c.form())["kl"] == pytest.approx(r.metrics["kl_after"], rel=1e-5)
 
 
 def test_encoder_with_classifier_head(tmp_path):
     """BERT-like base + SEQ_CLS LoRA (head in modules_to_save): the live lora form equals the
     teacher, and distillation (hidden-state MSE + class KL) lowers the held-out objective."""
+    from calib_fixtures import make_tokenizer
     from peft import LoraConfig, get_peft_model
     from transformers import BertConfig, BertForSequenceClassification
-
-    from calib_fixtures import make_tokenizer
     text = make_text(500, seed=5)
     (tmp_path / "c.txt").write_text(text)
     torch.manual_seed(0)

@@ -12,12 +12,13 @@ import adaptzip
 from adaptzip import container as ct
 from adaptzip.errors import ContainerError
 from adaptzip.fileio import StreamingWriter
+from adaptzip.options import RunOptions
 
 
 @pytest.fixture(scope="module")
 def svd_container(lora_fp32, tmp_path_factory):
     p = tmp_path_factory.mktemp("c") / "svd.safetensors"
-    adaptzip.compress(lora_fp32, p, to="svd", budget=0.3, command="adaptzip compress x --to svd --budget 0.3")
+    adaptzip.compress(lora_fp32, p, to="svd", budget=0.3, run=RunOptions(command="adaptzip compress x --to svd --budget 0.3"))
     return p
 
 
@@ -25,7 +26,7 @@ def _rewrite(src, dst, edit_tensors=None, edit_manifest=None):
     """Copy a container, changing tensors and/or the manifest (to simulate tampering)."""
     with safe_open(src, "pt") as f:
         meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
     manifest = json.loads(meta["adaptzip"])
     if edit_tensors:
         edit_tensors(tensors)
@@ -103,7 +104,7 @@ def test_not_a_container(tmp_path, lora_fp32):
 def test_truncated_container(svd_container, tmp_path):
     data = svd_container.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-100])
-    with pytest.raises(ContainerError):
+    with pytest.raises(ContainerError, match=f"cut.safetensors: truncated safetensors file: payload needs {len(data)} bytes, file has {len(data) - 100}$"):
         adaptzip.verify(tmp_path / "cut.safetensors")
 
 
@@ -121,27 +122,26 @@ def test_streaming_writer_matches_safetensors(tmp_path):
             assert torch.equal(f.get_tensor(k), v)
     n = struct.unpack("<Q", (tmp_path / "s.safetensors").read_bytes()[:8])[0]
     assert n % 8 == 0
-    with pytest.raises(ValueError, match="expected b"):
-        with StreamingWriter(tmp_path / "x.safetensors", plan) as w:
-            w.write("a", ts["a"])
+    with pytest.raises(ValueError, match="expected b"), StreamingWriter(tmp_path / "x.safetensors", plan) as w:
+        w.write("a", ts["a"])
 
 
 def test_atomic_no_partial_output(lora_fp32, tmp_path):
     """A failing compress leaves nothing behind in the target directory, and the input is untouched."""
     before = {p.name: p.read_bytes() for p in lora_fp32.iterdir()}
     out = tmp_path / "o" / "x.safetensors"
-    with pytest.raises(adaptzip.AdaptzipError):
+    with pytest.raises(adaptzip.AdaptzipError, match="below the container's fixed overhead"):
         adaptzip.compress(lora_fp32, out, to="svd", budget=0.001)
     assert not out.exists() and (not out.parent.exists() or list(out.parent.iterdir()) == [])
     adaptzip.compress(lora_fp32, out, to="svd", rank=2)
     with pytest.raises(adaptzip.AdaptzipError, match="exists"):
         adaptzip.compress(lora_fp32, out, to="svd", rank=1)
-    adaptzip.compress(lora_fp32, out, to="svd", rank=1, force=True)
+    adaptzip.compress(lora_fp32, out, to="svd", rank=1, run=RunOptions(force=True))
     assert sorted(p.name for p in out.parent.iterdir()) == ["x.safetensors"]
     assert adaptzip.open_container(out).manifest["state"]["ranks"] == [1] * 21
     assert {p.name: p.read_bytes() for p in lora_fp32.iterdir()} == before
     with pytest.raises(adaptzip.AdaptzipError, match="is an input"):
         adaptzip.expand(out, out, to="dense", force=True)
     with pytest.raises(adaptzip.AdaptzipError, match="is an input"):
-        adaptzip.compress(lora_fp32, lora_fp32 / "adapter_model.safetensors", to="svd", force=True)
+        adaptzip.compress(lora_fp32, lora_fp32 / "adapter_model.safetensors", to="svd", run=RunOptions(force=True))
     assert {p.name: p.read_bytes() for p in lora_fp32.iterdir()} == before

@@ -3,13 +3,14 @@ import json
 
 import pytest
 import torch
+from fixtures import load_base, random_ids
 from peft import PeftModel
 from safetensors.torch import load_file
 
 import adaptzip
 from adaptzip import linalg
 from adaptzip.errors import BaseModelError, ExportError, OptionError
-from fixtures import load_base, random_ids
+from adaptzip.options import FitOptions
 
 VARIANTS = {
     "plain": {},
@@ -28,6 +29,16 @@ def _adapter(make_lora, variant):
 def peft_logits(base_dir, lora_dir, ids):
     pm = PeftModel.from_pretrained(load_base(base_dir), lora_dir).eval()
     return pm(input_ids=ids).logits
+
+
+def assert_merged_matches(merged, base_dir, lora_dir):
+    """The merged model's logits equal PEFT's base + LoRA."""
+    from transformers import AutoModelForCausalLM
+    mm = AutoModelForCausalLM.from_pretrained(merged, torch_dtype=torch.float32).eval()
+    ids = random_ids()
+    with torch.no_grad():
+        got = mm(input_ids=ids).logits
+    torch.testing.assert_close(got, peft_logits(base_dir, lora_dir, ids), rtol=1e-4, atol=1e-4)
 
 
 def dense_deltas(lora_dir) -> dict[str, torch.Tensor]:
@@ -58,8 +69,8 @@ def test_lora_repack_is_exact(make_lora, llama_base, tmp_path, variant):
 def test_svd_full_rank_same_delta_and_outputs(make_lora, llama_base, tmp_path, variant):
     src = _adapter(make_lora, variant)
     c = tmp_path / "c.safetensors"
-    res = adaptzip.compress(src, c, to="svd", dtype="fp32")
-    assert res["rel_error"] < 1e-5
+    res = adaptzip.compress(src, c, to="svd", fitting=FitOptions(dtype="fp32"))
+    assert res.rel_error < 1e-5
     out = tmp_path / "out"
     adaptzip.expand(c, out)
     d0, d1 = dense_deltas(src), dense_deltas(out)
@@ -107,9 +118,9 @@ def test_budget_never_exceeded_and_beats_uniform(lora_fp32, tmp_path):
     assert not (tmp_path / "tiny.safetensors").exists()
     fracs = (0.12, 0.2, 0.25, 0.5)
     for frac in fracs:  # the whole file fits, and little of the budget is left unused
-        r = adaptzip.compress(lora_fp32, tmp_path / f"f{frac}.safetensors", to="svd", budget=frac, baseline=False)
-        assert (tmp_path / f"f{frac}.safetensors").stat().st_size == r["bytes"] <= frac * ad.bytes
-        assert r["bytes"] > frac * ad.bytes - 2 * 4 * (96 + 64) - 512
+        r = adaptzip.compress(lora_fp32, tmp_path / f"f{frac}.safetensors", to="svd", budget=frac, fitting=FitOptions(baseline=False))
+        assert (tmp_path / f"f{frac}.safetensors").stat().st_size == r.bytes <= frac * ad.bytes
+        assert r.bytes > frac * ad.bytes - 2 * 4 * (96 + 64) - 512
     errs = [adaptzip.open_container(tmp_path / f"f{f}.safetensors").manifest["metrics"]["rel_error"] for f in fracs]
     assert errs == sorted(errs, reverse=True)  # more bytes never fits worse
 
@@ -136,7 +147,7 @@ def test_dense_export(make_lora, gpt2_base, lora_fp32, tmp_path):
 def test_merged_equals_peft(make_lora, llama_base, tmp_path, variant):
     src = _adapter(make_lora, variant)
     c = tmp_path / "c.safetensors"
-    adaptzip.compress(src, c, to="svd", rank=3, dtype="fp32")
+    adaptzip.compress(src, c, to="svd", rank=3, fitting=FitOptions(dtype="fp32"))
     out = tmp_path / "peft"
     adaptzip.expand(c, out)
     if variant == "dora_emb":  # DoRA on an embedding cannot be merged by us: refused clearly
@@ -145,28 +156,18 @@ def test_merged_equals_peft(make_lora, llama_base, tmp_path, variant):
         return
     merged = tmp_path / "merged"
     adaptzip.expand(c, merged, to="merged", base_model=llama_base)
-    from transformers import AutoModelForCausalLM
-    mm = AutoModelForCausalLM.from_pretrained(merged, torch_dtype=torch.float32).eval()
-    ids = random_ids()
-    with torch.no_grad():
-        got = mm(input_ids=ids).logits
-    torch.testing.assert_close(got, peft_logits(llama_base, out, ids), rtol=1e-4, atol=1e-4)
+    assert_merged_matches(merged, llama_base, out)
 
 
 def test_merged_dora_and_gpt2(make_lora, llama_base, gpt2_base, tmp_path):
     cases = [(llama_base, make_lora("dora_lin", steps=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)),
              (gpt2_base, make_lora("gpt2m", base=gpt2_base, steps=3, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))]
-    from transformers import AutoModelForCausalLM
     for base, src in cases:
         c = tmp_path / f"{src.name}.safetensors"
         adaptzip.compress(src, c, to="lora")
         merged = tmp_path / f"{src.name}.merged"
         adaptzip.expand(c, merged, to="merged", base_model=base)
-        mm = AutoModelForCausalLM.from_pretrained(merged, torch_dtype=torch.float32).eval()
-        ids = random_ids()
-        with torch.no_grad():
-            got = mm(input_ids=ids).logits
-        torch.testing.assert_close(got, peft_logits(base, src, ids), rtol=1e-4, atol=1e-4)
+        assert_merged_matches(merged, base, src)
 
 
 def test_merged_refuses_bias_without_base_bias(make_lora, llama_base, tmp_path):
@@ -211,11 +212,11 @@ def test_vllm_layout(make_lora, lora_fp32, tmp_path):
 
 
 def test_determinism(lora_fp32, tmp_path):
-    for form, kw in (("svd", {"budget": 0.25}), ("lora", {"dtype": "fp16"})):
-        a = adaptzip.compress(lora_fp32, tmp_path / f"{form}1.safetensors", to=form, seed=3, **kw)
-        b = adaptzip.compress(lora_fp32, tmp_path / f"{form}2.safetensors", to=form, seed=3, **kw)
+    for form, kw, dtype in (("svd", {"budget": 0.25}, None), ("lora", {}, "fp16")):
+        a = adaptzip.compress(lora_fp32, tmp_path / f"{form}1.safetensors", to=form, fitting=FitOptions(dtype=dtype, seed=3), **kw)
+        b = adaptzip.compress(lora_fp32, tmp_path / f"{form}2.safetensors", to=form, fitting=FitOptions(dtype=dtype, seed=3), **kw)
         assert (tmp_path / f"{form}1.safetensors").read_bytes() == (tmp_path / f"{form}2.safetensors").read_bytes()
-        assert a["bytes"] == b["bytes"]
+        assert a.bytes == b.bytes
 
 
 def test_factored_svd_weighted_is_optimal(lora_fp32):

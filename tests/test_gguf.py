@@ -11,12 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from calib_fixtures import base_with_tokenizer, make_text, train_text_lora
+from clihelp import run_json
+from fixtures import one_torch_thread
 
 from adaptzip import api, load_adapter
 from adaptzip import calibrate as cb
 from adaptzip.errors import BaseModelError
-from calib_fixtures import base_with_tokenizer, make_text, train_text_lora
-from fixtures import one_torch_thread
+from adaptzip.options import CalibrationOptions
 
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
@@ -157,10 +159,11 @@ def test_compress_with_gguf_base_matches_directory_base(env, tmp_path):
     d = env["dir"]
     # budget 0.15, 20 steps: at 0.3 the svd start of this tiny LoRA is nearly exact (eval KL ~1e-6)
     # and distillation, early-stopped on the held-out split only, can move the eval KL either way
-    common = dict(to="svd", budget=0.15, calib=d / "calib.txt", calib_tokens=2000, eval_text=d / "eval.txt",
-                  seq_len=SEQ, calib_steps=20, device="cpu")
-    rg = api.compress(env["lora"], tmp_path / "g.safetensors", base_model=env["gguf"], **common)
-    rs = api.compress(env["lora"], tmp_path / "s.safetensors", base_model=env["base"], **common)
+    common = dict(calib=d / "calib.txt", tokens=2000, eval_text=d / "eval.txt", seq_len=SEQ, steps=20, device="cpu")
+    rg = api.compress(env["lora"], tmp_path / "g.safetensors", to="svd", budget=0.15,
+                      calibration=CalibrationOptions(base_model=env["gguf"], **common)).metrics
+    rs = api.compress(env["lora"], tmp_path / "s.safetensors", to="svd", budget=0.15,
+                      calibration=CalibrationOptions(base_model=env["base"], **common)).metrics
     assert isinstance(rg["kl_before"], float) and isinstance(rg["kl_after"], float)
     assert rg["heldout_after"] <= rg["heldout_before"]  # the best state, the start included, is kept
     assert 0 < rg["kl_after"] <= rg["kl_before"]
@@ -169,16 +172,10 @@ def test_compress_with_gguf_base_matches_directory_base(env, tmp_path):
 
 
 def test_cli_compress_with_gguf_base(env, tmp_path):
-    from typer.testing import CliRunner
-
-    from adaptzip.cli import app
     d = env["dir"]
-    args = ["compress", str(env["lora"]), "-o", str(tmp_path / "c.safetensors"), "--to", "svd", "--budget", "0.3",
-            "--base-model", str(env["gguf"]), "--calib", str(d / "calib.txt"), "--calib-tokens", "2000",
-            "--calib-steps", "0", "--device", "cpu", "--json"]
-    res = CliRunner().invoke(app, args)
-    assert res.exit_code == 0, res.output
-    r = json.loads(res.stdout)
+    r = run_json("compress", env["lora"], "-o", tmp_path / "c.safetensors", "--to", "svd", "--budget", "0.3",
+                 "--base-model", env["gguf"], "--calib", d / "calib.txt", "--calib-tokens", "2000",
+                 "--calib-steps", "0", "--device", "cpu")
     assert r["output"] == str(tmp_path / "c.safetensors") and (tmp_path / "c.safetensors").is_file()
     assert r["kl_before"] > 0 and r["kl_after"] == r["kl_before"]  # no distillation steps
 
@@ -191,7 +188,7 @@ def test_corrupt_gguf_is_a_one_line_base_model_error(env, tmp_path, kind):
     else:  # a real header and metadata, the tensor data cut off
         data = env["gguf"].read_bytes()
         bad.write_bytes(data[: len(data) // 2])
-    with pytest.raises(BaseModelError) as e:
+    with pytest.raises(BaseModelError, match="cannot read the model config") as e:
         cb.load_base(bad, env["adapter"], "cpu")
     msg = str(e.value)
     assert msg.startswith(f"{bad}: ") and "\n" not in msg, msg

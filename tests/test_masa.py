@@ -1,13 +1,13 @@
 """MASA form: closed-form optimum, grouping, experts, bytes, expand, CLI, PEFT load."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from clihelp import RESULT_KEYS, run_json
+from fixtures import lora_key, write_adapter
 
 import adaptzip
 from adaptzip import api, fit
@@ -15,6 +15,7 @@ from adaptzip.container import open_container
 from adaptzip.errors import ContainerError, OptionError
 from adaptzip.forms import FitContext, get_form, make_config
 from adaptzip.forms.masa import MasaForm
+from adaptzip.options import FitOptions
 
 # ----------------------------------------------------------------------------- synthetic adapter
 # 5 layers: q (48→40), down (72→48); "fc" whose in-features change at layer 2 (48 then 56), so one
@@ -34,30 +35,24 @@ def _spec() -> list[tuple[str, int, int]]:
     return out
 
 
-def write_adapter(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
+def synthetic_adapter(path: Path, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     """A PEFT-format LoRA dir with decaying spectra and a component shared by neighbouring layers
     (so sharing A is neither trivial nor hopeless)."""
     g = torch.Generator().manual_seed(seed)
-    path.mkdir(parents=True)
     tensors = {}
     common: dict[int, torch.Tensor] = {}
     for name, n_in, n_out in _spec():
         common.setdefault(n_in, torch.randn(R_SRC, n_in, generator=g))
         A = 0.6 * common[n_in] + torch.randn(R_SRC, n_in, generator=g)
         B = torch.randn(n_out, R_SRC, generator=g) * torch.arange(1, R_SRC + 1).float().pow(-1.0) * 0.1
-        tensors[f"base_model.model.{name}.lora_A.weight"] = A.to(dtype).contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = B.to(dtype).contiguous()
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    cfg = {"peft_type": "LORA", "r": R_SRC, "lora_alpha": ALPHA, "target_modules": ["q_proj", "down_proj", "fc", "lm_head"],
-           "base_model_name_or_path": "synthetic", "task_type": "CAUSAL_LM", "bias": "none", "fan_in_fan_out": False,
-           "use_rslora": False, "use_dora": False}
-    (path / "adapter_config.json").write_text(json.dumps(cfg))
-    return path
+        tensors[lora_key(name, "A")] = A.to(dtype)
+        tensors[lora_key(name, "B")] = B.to(dtype)
+    return write_adapter(path, tensors, {"r": R_SRC, "lora_alpha": ALPHA, "target_modules": ["q_proj", "down_proj", "fc", "lm_head"]})
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
-    return write_adapter(tmp_path_factory.mktemp("masa") / "synth")
+    return synthetic_adapter(tmp_path_factory.mktemp("masa") / "synth")
 
 
 def expected_groups(ad, S: int) -> list[list[str]]:
@@ -215,39 +210,41 @@ def _header_len(path: Path) -> int:
 
 def test_container_bytes_fp16_sum_and_byte_identical(synth, tmp_path):
     ad = adaptzip.load_adapter(synth)
-    r1 = api.compress(synth, tmp_path / "n1.safetensors", to="masa", dtype="fp16", options={"rank": 4, "experts": 1}, baseline=False)
-    r5 = api.compress(synth, tmp_path / "n5.safetensors", to="masa", dtype="fp16", options={"rank": 4, "experts": 5}, baseline=False)
-    again = api.compress(synth, tmp_path / "n5b.safetensors", to="masa", dtype="fp16", options={"rank": 4, "experts": 5}, baseline=False)
+    fp16 = FitOptions(dtype="fp16", baseline=False)
+    r1 = api.compress(synth, tmp_path / "n1.safetensors", to="masa", options={"rank": 4, "experts": 1}, fitting=fp16)
+    r5 = api.compress(synth, tmp_path / "n5.safetensors", to="masa", options={"rank": 4, "experts": 5}, fitting=fp16)
+    again = api.compress(synth, tmp_path / "n5b.safetensors", to="masa", options={"rank": 4, "experts": 5}, fitting=fp16)
     assert (tmp_path / "n5.safetensors").read_bytes() == (tmp_path / "n5b.safetensors").read_bytes()
-    assert again["bytes"] == r5["bytes"]
-    groups = r1["state"]["groups"]
+    assert again.bytes == r5.bytes
+    groups = r1.state["groups"]
     a = sum(4 * ad.modules[g[0]].in_features for g in groups)
     b = sum(m.out_features * 4 for m in ad.modules)
     for res, n in ((r1, 1), (r5, 5)):
-        p = Path(res["output"])
+        p = Path(res.output)
         payload = (n * a + b) * 2
-        assert res["stored_params"] == n * a + b
+        assert res.stored_params == n * a + b
         assert p.stat().st_size == 8 + _header_len(p) + payload  # exactly payload + header
         assert _header_len(p) < 16 * 1024
-    assert r5["bytes"] - r1["bytes"] >= 4 * a * 2  # the byte cost of N = 5 is real…
-    assert r5["redundant_expert_params"] == 4 * a  # …and reported
+    assert r5.bytes - r1.bytes >= 4 * a * 2  # the byte cost of N = 5 is real…
+    assert r5.metrics["redundant_expert_params"] == 4 * a  # …and reported
     c1, c5 = open_container(tmp_path / "n1.safetensors"), open_container(tmp_path / "n5.safetensors")
     assert c5.verify()["ok"]
     for k in range(len(groups)):
         e = c5.tensor(f"A.{k}")
         assert e.dtype == torch.float16 and e.shape[0] == 5
         assert torch.equal(e.float().sum(0).half(), c1.tensor(f"A.{k}")[0])  # sum of stored experts = stored A_sum
-    assert r5["rel_error"] == pytest.approx(r1["rel_error"], rel=1e-6, abs=1e-7)
+    assert r5.rel_error == pytest.approx(r1.rel_error, rel=1e-6, abs=1e-7)
 
 
 def test_expand_is_lossless_and_peft_loads(lora_fp32, llama_base, tmp_path):
-    from peft import PeftModel
     from fixtures import load_base, random_ids
+    from peft import PeftModel
 
     out = tmp_path / "m.safetensors"
-    res = api.compress(lora_fp32, out, to="masa", options={"rank": 4, "group": 2, "experts": 3}, baseline=False)
+    res = api.compress(lora_fp32, out, to="masa", options={"rank": 4, "group": 2, "experts": 3},
+                       fitting=FitOptions(baseline=False))
     assert api.verify(out)["ok"]
-    assert res["groups"] == 7 * 2  # 7 types × ceil(3 layers / 2)
+    assert res.metrics["groups"] == 7 * 2  # 7 types × ceil(3 layers / 2)
     c = open_container(out)
     form = c.form()
     api.expand(out, tmp_path / "peft")
@@ -277,16 +274,9 @@ def test_expand_is_lossless_and_peft_loads(lora_fp32, llama_base, tmp_path):
 
 
 def test_cli_compress_json(lora_fp32, tmp_path):
-    from typer.testing import CliRunner
-    from adaptzip.cli import app
-
     out = tmp_path / "c.safetensors"
-    r = CliRunner().invoke(app, ["compress", str(lora_fp32), "-o", str(out), "--to", "masa", "--rank", "4",
-                                 "--group", "3", "--experts", "2", "--json"])
-    assert r.exit_code == 0, r.output
-    d = json.loads(r.stdout.strip().splitlines()[-1])
-    for key in ("output", "form", "source_bytes", "bytes", "ratio", "rel_error", "worst_module_rel_error", "svd_baseline_rel_error"):
-        assert key in d, key
+    d = run_json("compress", lora_fp32, "-o", out, "--to", "masa", "--rank", "4", "--group", "3", "--experts", "2")
+    assert RESULT_KEYS <= d.keys(), RESULT_KEYS - d.keys()
     assert d["form"] == "masa" and d["config"] == {"rank": 4, "group": 3, "experts": 2}
     assert d["bytes"] == out.stat().st_size and d["ratio"] == pytest.approx(d["bytes"] / d["source_bytes"])
     assert 0 < d["rel_error"] < 1 and d["worst_module_rel_error"] >= d["rel_error"] * 0.999
@@ -296,13 +286,14 @@ def test_cli_compress_json(lora_fp32, tmp_path):
 
 def test_budget_picks_largest_rank(synth, tmp_path):
     ad = adaptzip.load_adapter(synth)
-    res = api.compress(synth, tmp_path / "b.safetensors", to="masa", budget=0.4, options={"group": 2}, baseline=False)
-    assert res["bytes"] <= int(0.4 * ad.bytes)
-    choice = res["budget_choice"]
-    r = res["config"]["rank"]
+    res = api.compress(synth, tmp_path / "b.safetensors", to="masa", budget=0.4, options={"group": 2},
+                       fitting=FitOptions(baseline=False))
+    assert res.bytes <= int(0.4 * ad.bytes)
+    choice = res.metrics["budget_choice"]
+    r = res.config["rank"]
     assert choice["rank"] == r >= 1
     assert choice["payload_bytes"] <= choice["budget_payload_bytes"] < choice["next_rank_payload_bytes"]
-    assert choice["payload_bytes"] == res["stored_params"] * 4
+    assert choice["payload_bytes"] == res.stored_params * 4
 
 
 def test_budget_widens_the_group_when_rank_1_does_not_fit(synth):

@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
+from clihelp import run_json
+from fixtures import one_torch_thread
 
-from adaptzip import api, cli, fit, report
+from adaptzip import api, budget, fit, report
 from adaptzip import container as ct
 from adaptzip.adapter import load_adapter
 from adaptzip.errors import OptionError, OutputExists
 from adaptzip.forms import FitContext
-from fixtures import one_torch_thread
+from adaptzip.options import FitOptions, QuantOptions
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -31,7 +32,7 @@ def containers(src, tmp_path_factory):
     d = tmp_path_factory.mktemp("rep")
     api.compress(src, d / "svd25.safetensors", to="svd", budget=0.25)
     api.compress(src, d / "svd50.safetensors", to="svd", budget=0.5)
-    api.compress(src, d / "lora16.safetensors", to="lora", dtype="fp16")
+    api.compress(src, d / "lora16.safetensors", to="lora", fitting=FitOptions(dtype="fp16"))
     return d
 
 
@@ -58,7 +59,7 @@ def test_report_against_source_equals_recomputation(containers, src, tmp_path):
         assert got == pytest.approx({m.name: e for m, e in zip(ad.modules, ev.module_rel_errors)}, rel=1e-9)
         errs = [m["rel_error"] for m in r["modules"]]
         assert errs == sorted(errs, reverse=True)  # worst first
-        base, bsize = api.svd_baseline(ad, size, c.dtype, FitContext())
+        base, bsize = budget.svd_baseline(ad, size, c.dtype, FitContext())
         assert r["svd_baseline_bytes"] == bsize
         assert r["svd_baseline_rel_error"] == pytest.approx(fit.evaluate(base, ad, FitContext()).rel_error, rel=1e-9)
         assert len(r["spectra"]) == 4
@@ -81,7 +82,7 @@ def test_report_against_source_equals_recomputation(containers, src, tmp_path):
     js = json.loads((tmp_path / "r" / "report.json").read_text())
     assert [c["rel_error"] for c in js["containers"]] == pytest.approx(e)
     assert js["containers"][0]["modules"][0] == res["containers"][0]["modules"][0]
-    with pytest.raises(OutputExists):
+    with pytest.raises(OutputExists, match=r"exists \(use --force to replace it\)"):
         report.report(paths[:1], out=tmp_path / "r")
 
 
@@ -111,16 +112,11 @@ def test_report_from_manifest_metrics_and_accuracy(containers, src, tmp_path):
     assert sorted(m["rel_error"] for m in plain["modules"]) == pytest.approx(sorted(stored), rel=1e-12)
 
 
-def test_report_refuses_a_wrong_source_and_cli_json(containers, make_lora, monkeypatch, capsys):
+def test_report_refuses_a_wrong_source_and_cli_json(containers, make_lora):
     other = make_lora("report_other", seed=7)
     with pytest.raises(OptionError, match="is not the source"):
         report.report([containers / "svd25.safetensors"], against=other)
-    monkeypatch.setattr(sys, "argv", ["adaptzip", "report", str(containers / "svd25.safetensors"), str(containers / "lora16.safetensors"), "--json"])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-        raise SystemExit(0)
-    assert e.value.code == 0
-    js = json.loads(capsys.readouterr().out)
+    js = run_json("report", containers / "svd25.safetensors", containers / "lora16.safetensors")  # exit code 0
     assert [c["form"] for c in js["containers"]] == ["svd", "lora"]
     assert js["containers"][0]["bytes"] == (containers / "svd25.safetensors").stat().st_size
 
@@ -128,7 +124,7 @@ def test_report_refuses_a_wrong_source_and_cli_json(containers, make_lora, monke
 def test_report_bit_allocation_of_a_quantised_container(src, tmp_path):
     """A container written with --quant: the storage section's bits are counted per tensor and value."""
     p = tmp_path / "q.safetensors"
-    api.compress(src, p, to="svd", budget=0.25, quant="int4")
+    api.compress(src, p, to="svd", budget=0.25, quant=QuantOptions("int4"))
     c = ct.open_container(p)
     st = c.manifest["storage"]
     r = report.report([p], against=src, out=tmp_path / "r")["containers"][0]

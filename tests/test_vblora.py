@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from clihelp import RESULT_KEYS, run_cli, run_json
 from safetensors import safe_open
-from typer.testing import CliRunner
 
 import adaptzip
 from adaptzip import api, fit
-from adaptzip.cli import app
+from adaptzip.adapter import ModuleInfo, load_adapter
 from adaptzip.container import open_container
 from adaptzip.errors import ExportError, OptionError
 from adaptzip.forms import FitContext, make_config
-from adaptzip.adapter import ModuleInfo, load_adapter
 from adaptzip.forms.vblora import VbloraForm, _Batched, resolve_vector_len, stored_bytes
+from adaptzip.options import FitOptions
 
 # b = 16 divides every dimension of the tiny Llama (64, 96, 32); a short fit keeps the file fast.
 OPTS = ["--vector-len", "16", "--bank", "256", "--topk", "2", "--opt", "steps=30", "--opt", "refit_steps=30"]
@@ -26,10 +26,8 @@ CFG = {"vector_len": 16, "bank": 256, "topk": 2, "steps": 30, "refit_steps": 30}
 
 
 def _compress_cli(lora: Path, cwd: Path, monkeypatch) -> dict:
-    monkeypatch.chdir(cwd)
-    r = CliRunner().invoke(app, ["compress", str(lora), "-o", "c.safetensors", "--to", "vblora", *OPTS, "--json"])
-    assert r.exit_code == 0, r.output
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    monkeypatch.chdir(cwd)  # the same relative output (and so the same recorded command) in both directories
+    return run_json("compress", lora, "-o", "c.safetensors", "--to", "vblora", *OPTS)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +45,7 @@ def compressed(lora_fp32, tmp_path_factory):
 
 def test_cli_json_keys_and_metrics(compressed):
     d, path, _ = compressed
-    for key in ("output", "form", "source_bytes", "bytes", "ratio", "rel_error", "worst_module_rel_error", "svd_baseline_rel_error"):
-        assert key in d, key
+    assert RESULT_KEYS <= d.keys(), RESULT_KEYS - d.keys()
     assert d["form"] == "vblora" and d["bytes"] == path.stat().st_size
     assert d["ratio"] == pytest.approx(d["bytes"] / d["source_bytes"])
     # soft and final hard top-k errors are reported; the final one is the container's error
@@ -126,16 +123,14 @@ def test_peft_native_vblora_equals_our_expand(compressed, llama_base, tmp_path, 
     from fixtures import load_base, random_ids
     from peft import PeftModel
 
-    from adaptzip.export_vblora import to_peft_vblora
+    from adaptzip.forms.vblora_peft import to_peft_vblora
 
     _, path, _ = compressed
     c = open_container(path)
     form = c.form()
     out = tmp_path / "vb"
     if topk_only:  # through the CLI
-        r = CliRunner().invoke(app, ["expand", str(path), "--to", "peft-vblora", "-o", str(out), "--json"])
-        assert r.exit_code == 0, r.output
-        info = json.loads(r.stdout.strip().splitlines()[-1])
+        info = run_json("expand", path, "--to", "peft-vblora", "-o", out)
     else:
         info = to_peft_vblora(c, out, topk_only=False)
     assert info["save_only_topk_weights"] is topk_only
@@ -172,13 +167,13 @@ def test_fit_beats_random_start(compressed, lora_fp32):
 
 def test_budget_picks_bank_and_reports_choice(lora_fp32, tmp_path):
     ad = adaptzip.load_adapter(lora_fp32)
-    res = api.compress(lora_fp32, tmp_path / "b.safetensors", to="vblora", budget=0.15, baseline=False,
+    res = api.compress(lora_fp32, tmp_path / "b.safetensors", to="vblora", budget=0.15, fitting=FitOptions(baseline=False),
                        options={"vector_len": 16, "steps": 3, "refit_steps": 3})
-    assert res["bytes"] <= int(0.15 * ad.bytes)
-    ch = res["budget_choice"]
-    assert res["config"]["bank"] == ch["bank"] and ch["rank"] == res["state"]["rank"] == 8
+    assert res.bytes <= int(0.15 * ad.bytes)
+    ch = res.metrics["budget_choice"]
+    assert res.config["bank"] == ch["bank"] and ch["rank"] == res.state["rank"] == 8
     assert ch["payload_bytes"] <= ch["budget_payload_bytes"] < ch["next_bank_payload_bytes"]
-    n = res["state"]["subvectors"]
+    n = res.state["subvectors"]
     assert ch["payload_bytes"] == stored_bytes(n, ch["bank"], 16, 2, 4)
     # over 256 vectors the indices become int16 (and the choice accounts for it)
     cfg = VbloraForm.config_for_budget(ad, VbloraForm.Config(vector_len=16), 20 * 16 * 4 * 100, 4, FitContext())
@@ -186,9 +181,8 @@ def test_budget_picks_bank_and_reports_choice(lora_fp32, tmp_path):
 
 
 def test_vector_len_must_divide_every_module(lora_fp32, tmp_path):
-    r = CliRunner().invoke(app, ["compress", str(lora_fp32), "-o", str(tmp_path / "x.safetensors"), "--to", "vblora",
-                                 "--vector-len", "64"])
-    assert r.exit_code != 0
+    code, _, err = run_cli("compress", lora_fp32, "-o", tmp_path / "x.safetensors", "--to", "vblora", "--vector-len", "64")
+    assert code == 2 and "--vector-len 64 does not divide module" in err
     # the default: the largest length ≤ 256 dividing every dimension (64 and 96 here → 32)
     ad = load_adapter(lora_fp32)
     assert VbloraForm.config_for_budget(ad, VbloraForm.Config(), 10**6, 2, FitContext()).vector_len == 32
@@ -200,7 +194,7 @@ def test_vector_len_must_divide_every_module(lora_fp32, tmp_path):
     odd = [ModuleInfo("m", None, 0, "q_proj", 7, 9, 1, 1.0, 1.0)]
     with pytest.raises(OptionError, match="no sub-vector length > 1"):
         resolve_vector_len(odd, VbloraForm.Config())
-    with pytest.raises(OptionError) as e:
+    with pytest.raises(OptionError, match="--vector-len 64 does not divide module") as e:
         api.compress(lora_fp32, tmp_path / "x.safetensors", to="vblora", options={"vector_len": 64})
     msg = str(e.value)
     assert msg.startswith(str(lora_fp32))  # the path, then one line
@@ -210,8 +204,8 @@ def test_vector_len_must_divide_every_module(lora_fp32, tmp_path):
 
 
 def test_peft_vblora_refuses_other_forms(lora_fp32, tmp_path):
-    api.compress(lora_fp32, tmp_path / "s.safetensors", to="svd", options={"rank": 2}, baseline=False)
-    with pytest.raises(ExportError, match="holds form svd, not vblora"):
+    api.compress(lora_fp32, tmp_path / "s.safetensors", to="svd", options={"rank": 2}, fitting=FitOptions(baseline=False))
+    with pytest.raises(ExportError, match="--to peft-vblora: not offered by form svd"):
         api.expand(tmp_path / "s.safetensors", tmp_path / "out", to="peft-vblora")
     assert not (tmp_path / "out").exists()
 
@@ -254,7 +248,8 @@ def test_peft_vblora_keeps_modules_to_save(make_lora, llama_base, tmp_path):
 
     src = make_lora("mts", modules_to_save=["lm_head"], target_modules=["q_proj", "v_proj"])
     path = tmp_path / "m.safetensors"
-    api.compress(src, path, to="vblora", baseline=False, options={"vector_len": 32, "bank": 16, "steps": 3, "refit_steps": 3})
+    api.compress(src, path, to="vblora", fitting=FitOptions(baseline=False),
+                 options={"vector_len": 32, "bank": 16, "steps": 3, "refit_steps": 3})
     api.expand(path, tmp_path / "vb", to="peft-vblora")
     api.expand(path, tmp_path / "lora")
     cfg = json.loads((tmp_path / "vb" / "adapter_config.json").read_text())

@@ -211,7 +211,7 @@ def test_vllm_dir_is_what_vllm_needs(vllm_case):
             want = (r, in_f) if ".lora_A." in k else (out_f, r)
             assert tuple(f.get_slice(k).get_shape()) == want, k
     # budget 0.5 gave uneven ranks: the vLLM dir pads them to one r ≥ every module's rank
-    ranks = vllm_case["summary"]["state"]["ranks"]
+    ranks = vllm_case["summary"].state["ranks"]
     assert ranks["max"] <= r and ranks["min"] < ranks["max"]
 
 
