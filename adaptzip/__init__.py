@@ -10,6 +10,7 @@ Public API::
     adaptzip.batch("zoo_dir", "out_dir", to="svd", budget=0.25, shared_basis=True)   # every adapter below zoo_dir
     adaptzip.report_containers(["small.safetensors"], against="lora_dir", out="report_dir")
 """
+
 __version__ = "0.1.0"
 
 import os as _os
@@ -21,11 +22,25 @@ import os as _os
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .adapter import Adapter, ModuleInfo, load_adapter  # noqa: E402
-from .container import Container, open_container  # noqa: E402
 from .api import compress, expand, inspect, list_forms, verify  # noqa: E402
+from .container import Container, open_container  # noqa: E402
 from .errors import AdaptzipError  # noqa: E402
-from .zoo import batch  # noqa: E402
 from .report import report as report_containers  # noqa: E402  (the module adaptzip.report keeps its name)
+from .zoo import batch  # noqa: E402
 
-__all__ = ["Adapter", "ModuleInfo", "load_adapter", "Container", "open_container", "compress", "expand",
-           "inspect", "list_forms", "verify", "AdaptzipError", "batch", "report_containers", "__version__"]
+__all__ = [
+    "Adapter",
+    "ModuleInfo",
+    "load_adapter",
+    "Container",
+    "open_container",
+    "compress",
+    "expand",
+    "inspect",
+    "list_forms",
+    "verify",
+    "AdaptzipError",
+    "batch",
+    "report_containers",
+    "__version__",
+]

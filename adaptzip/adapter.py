@@ -9,6 +9,7 @@ Everything in the weights file that is not a LoRA factor (``modules_to_save`` co
 ``lora_B.bias``, DoRA's ``lora_magnitude_vector``, embedding base layers saved by PEFT) is a
 *carried* tensor: kept verbatim and restored on expand, with a role that says what it is.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,9 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 TORCH_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 # A layer index is the first number that follows one of these container names in a module path.
-_LAYER_RE = re.compile(r"^(?P<stack>(?:.*?\.)?(?:layers|layer|h|blocks|block|decoder_layers|encoder_layers|transformer_blocks))\.(?P<idx>\d+)\.(?P<rest>.+)$")
+_LAYER_RE = re.compile(
+    r"^(?P<stack>(?:.*?\.)?(?:layers|layer|h|blocks|block|decoder_layers|encoder_layers|transformer_blocks))\.(?P<idx>\d+)\.(?P<rest>.+)$"
+)
 _GENERIC_LAYER_RE = re.compile(r"^(?P<stack>(?:.*?\.)?[A-Za-z_][A-Za-z_0-9]*)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 
 _FACTOR_KEYS = {
@@ -121,8 +124,11 @@ def natural_key(s: str):
 
 def _role_of(key: str, module_names: set[str]) -> Carried:
     name = key.removeprefix(PREFIX)
-    for suffix, role in ((".lora_B.bias", "lora_bias"), (".lora_magnitude_vector", "dora_magnitude"),
-                         (".lora_magnitude_vector.weight", "dora_magnitude")):
+    for suffix, role in (
+        (".lora_B.bias", "lora_bias"),
+        (".lora_magnitude_vector", "dora_magnitude"),
+        (".lora_magnitude_vector.weight", "dora_magnitude"),
+    ):
         if name.endswith(suffix):
             mod = name[: -len(suffix)]
             return Carried(key, role, mod if mod in module_names else None)
@@ -177,7 +183,9 @@ class Adapter:
                 raise AdapterError(self.weights_file, f"module {name} has no {missing} tensor")
             (sa, _), (sb, _) = self._shapes[p["A"]], self._shapes[p["B"]]
             if len(sa) != 2 or len(sb) != 2:
-                raise UnsupportedAdapter(self.weights_file, f"module {name}: {len(sa)}-D LoRA factors (convolution LoRA) are not supported")
+                raise UnsupportedAdapter(
+                    self.weights_file, f"module {name}: {len(sa)}-D LoRA factors (convolution LoRA) are not supported"
+                )
             r, n_in = sa
             n_out, r_b = sb
             if r != r_b:
@@ -185,27 +193,46 @@ class Adapter:
             rk = pattern_key(rank_pattern, name)
             r_cfg = int(rank_pattern[rk]) if rk is not None else r_default
             if r != r_cfg:
-                raise AdapterError(self.weights_file, f"module {name}: tensors have rank {r} but adapter_config.json says r={r_cfg}")
+                raise AdapterError(
+                    self.weights_file, f"module {name}: tensors have rank {r} but adapter_config.json says r={r_cfg}"
+                )
             ak = pattern_key(alpha_pattern, name)
             alpha = float(alpha_pattern[ak]) if ak is not None else alpha_default
-            scale = alpha / (r ** 0.5) if use_rslora else alpha / r
+            scale = alpha / (r**0.5) if use_rslora else alpha / r
             stack, layer, mtype = split_layer(name)
             kind = kinds[name]
-            self.modules.append(ModuleInfo(
-                name=name, stack=stack, layer=layer, type=mtype, in_features=int(n_in), out_features=int(n_out),
-                rank=int(r), alpha=alpha, scale=float(scale), kind=kind, fan_in_fan_out=fifo and kind == "linear"))
+            self.modules.append(
+                ModuleInfo(
+                    name=name,
+                    stack=stack,
+                    layer=layer,
+                    type=mtype,
+                    in_features=int(n_in),
+                    out_features=int(n_out),
+                    rank=int(r),
+                    alpha=alpha,
+                    scale=float(scale),
+                    kind=kind,
+                    fan_in_fan_out=fifo and kind == "linear",
+                )
+            )
             self._keys[name] = (p["A"], p["B"])
         factor_keys = {k for ab in self._keys.values() for k in ab}
         names = set(self._keys)
         self.carried = [_role_of(k, names) for k in sorted(self._shapes, key=natural_key) if k not in factor_keys]
         other = [c.key for c in self.carried if c.role == "other"]
         if other:
-            raise UnsupportedAdapter(self.weights_file, f"unrecognised LoRA tensor {other[0]} (a LoRA variant adaptzip does not know)")
+            raise UnsupportedAdapter(
+                self.weights_file, f"unrecognised LoRA tensor {other[0]} (a LoRA variant adaptzip does not know)"
+            )
         if cfg.get("use_dora"):
             need = {m.name for m in self.modules}
             have = {c.module for c in self.carried if c.role == "dora_magnitude"}
             if need - have:
-                raise AdapterError(self.weights_file, f"use_dora is set but module {min(need - have, key=natural_key)} has no lora_magnitude_vector")
+                raise AdapterError(
+                    self.weights_file,
+                    f"use_dora is set but module {min(need - have, key=natural_key)} has no lora_magnitude_vector",
+                )
 
     # ----------------------------------------------------------------- facts
     @property
@@ -276,7 +303,9 @@ class Adapter:
         m = self.module(m) if isinstance(m, str) else m
         return self.lora_B(m.name).to(dtype) * m.scale, self.lora_A(m.name).to(dtype)
 
-    def iter_factors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[ModuleInfo, torch.Tensor, torch.Tensor]]:
+    def iter_factors(
+        self, dtype: torch.dtype = torch.float32
+    ) -> Iterator[tuple[ModuleInfo, torch.Tensor, torch.Tensor]]:
         for m in self.modules:
             B, A = self.factors(m, dtype)
             yield m, B, A
@@ -286,10 +315,16 @@ class Adapter:
 
     def summary(self) -> dict:
         return {
-            "path": str(self.path), "base_model": self.base_model, "peft_version": self.peft_version,
-            "weights_file": self.weights_file.name, "bytes": self.bytes, "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype)),
-            "n_modules": len(self.modules), "n_params": self.n_params,
-            "use_rslora": bool(self.config.get("use_rslora")), "use_dora": self.uses_dora,
+            "path": str(self.path),
+            "base_model": self.base_model,
+            "peft_version": self.peft_version,
+            "weights_file": self.weights_file.name,
+            "bytes": self.bytes,
+            "dtype": DTYPE_NAMES.get(self.dtype, str(self.dtype)),
+            "n_modules": len(self.modules),
+            "n_params": self.n_params,
+            "use_rslora": bool(self.config.get("use_rslora")),
+            "use_dora": self.uses_dora,
             "fan_in_fan_out": bool(self.config.get("fan_in_fan_out")),
             "carried": [{"key": c.key, "role": c.role} for c in self.carried],
         }
@@ -313,7 +348,9 @@ def _read_config(path: Path) -> dict:
     if ptype != "LORA":
         raise UnsupportedAdapter(cfg_file, f"peft_type {ptype!r} is not supported (only LORA)")
     if cfg.get("target_parameters"):
-        raise UnsupportedAdapter(cfg_file, "target_parameters (LoRA on nn.Parameter, e.g. MoE experts) is not supported")
+        raise UnsupportedAdapter(
+            cfg_file, "target_parameters (LoRA on nn.Parameter, e.g. MoE experts) is not supported"
+        )
     for key in ("r", "lora_alpha"):
         if key in cfg and not isinstance(cfg[key], (int, float)):
             raise AdapterError(cfg_file, f"{key} must be a number, got {cfg[key]!r}")
@@ -340,7 +377,9 @@ def load_adapter(path: str | Path) -> Adapter:
         try:
             state = torch.load(binf, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # torch raises many types here: all mean "refused"
-            raise UnsupportedAdapter(binf, f"refused: not loadable with torch.load(weights_only=True) ({type(e).__name__})") from e
+            raise UnsupportedAdapter(
+                binf, f"refused: not loadable with torch.load(weights_only=True) ({type(e).__name__})"
+            ) from e
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise AdapterError(binf, "not a state dict of tensors")
         ad = Adapter(path, cfg, binf, {k: (tuple(v.shape), v.dtype) for k, v in state.items()})
@@ -353,4 +392,3 @@ def _st_dtype(name: str, path: Path, key: str) -> torch.dtype:
     if name not in ST_TORCH:
         raise UnsupportedAdapter(path, f"tensor {key} has unsupported dtype {name}")
     return ST_TORCH[name]
-

@@ -25,10 +25,19 @@ from .options import CalibrationOptions, CompressResult, FitOptions, QuantOption
 EXPAND_TARGETS = ("peft", "dense", "merged")  # for every form; forms may add their own (Form.native_exports)
 
 
-def compress(lora_dir: str | Path, output: str | Path, *, to: str = BASELINE, budget: str | float | None = None,
-             options: dict[str, Any] | None = None, fitting: FitOptions | None = None,
-             calibration: CalibrationOptions | None = None, quant: QuantOptions | None = None,
-             run: RunOptions | None = None, **form_options: Any) -> CompressResult:
+def compress(
+    lora_dir: str | Path,
+    output: str | Path,
+    *,
+    to: str = BASELINE,
+    budget: str | float | None = None,
+    options: dict[str, Any] | None = None,
+    fitting: FitOptions | None = None,
+    calibration: CalibrationOptions | None = None,
+    quant: QuantOptions | None = None,
+    run: RunOptions | None = None,
+    **form_options: Any,
+) -> CompressResult:
     """Fit the PEFT LoRA in ``lora_dir`` into form ``to`` and write one container to ``output``.
 
     ``budget``: a fraction of the source's bytes (``0.25``) or a size (``"5MB"``): the whole
@@ -39,9 +48,17 @@ def compress(lora_dir: str | Path, output: str | Path, *, to: str = BASELINE, bu
     Σ-weighted fit, distillation, KL metrics), ``quant`` (quantised storage) and ``run`` (force,
     progress, recorded command). Returns a :class:`~adaptzip.options.CompressResult`; its
     ``to_json()`` is what ``adaptzip compress --json`` prints."""
-    return pipeline.compress(lora_dir, output, to=to, budget=budget, form_options={**(options or {}), **form_options},
-                             fitting=fitting or FitOptions(), calibration=calibration, quant=quant or QuantOptions(),
-                             run=run or RunOptions())
+    return pipeline.compress(
+        lora_dir,
+        output,
+        to=to,
+        budget=budget,
+        form_options={**(options or {}), **form_options},
+        fitting=fitting or FitOptions(),
+        calibration=calibration,
+        quant=quant or QuantOptions(),
+        run=run or RunOptions(),
+    )
 
 
 def expand_targets() -> list[str]:
@@ -50,9 +67,17 @@ def expand_targets() -> list[str]:
     return list(EXPAND_TARGETS) + [t for t in extra if t not in EXPAND_TARGETS]
 
 
-def expand(container: str | Path, output: str | Path, *, to: str = "peft", target: str = "peft",
-           max_lora_rank: int | None = None, base_model: str | Path | None = None, dtype: str | None = None,
-           force: bool = False) -> dict:
+def expand(
+    container: str | Path,
+    output: str | Path,
+    *,
+    to: str = "peft",
+    target: str = "peft",
+    max_lora_rank: int | None = None,
+    base_model: str | Path | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+) -> dict:
     """Restore a container as a PEFT LoRA directory (``to='peft'``; ``target='vllm'`` for vLLM's
     loader), a dense ΔW file (``to='dense'``), a merged model (``to='merged'``, needs
     ``base_model``) or a form's own native export (e.g. ``to='peft-vblora'``)."""
@@ -78,8 +103,11 @@ def expand(container: str | Path, output: str | Path, *, to: str = "peft", targe
     if to in native:
         return native[to](c, output, dtype=dtype)
     if to in expand_targets():
-        raise ExportError(c.path, f"--to {to}: not offered by form {c.form_name} (its targets: "
-                                  f"{', '.join(list(EXPAND_TARGETS) + sorted(native))}); use --to peft for a LoRA")
+        raise ExportError(
+            c.path,
+            f"--to {to}: not offered by form {c.form_name} (its targets: "
+            f"{', '.join(list(EXPAND_TARGETS) + sorted(native))}); use --to peft for a LoRA",
+        )
     raise OptionError(None, f"--to {to!r}: expected one of {', '.join(expand_targets())}")
 
 
@@ -97,15 +125,26 @@ def inspect(lora_dir: str | Path, *, top_k: tuple[int, ...] = (1, 2, 4, 8)) -> d
     with torch.no_grad():
         for m, B, A in ad.iter_factors():
             s = linalg.factored_svd(B, A)
-            mods.append({
-                "name": m.name, "layer": m.layer, "type": m.type, "kind": m.kind, "in": m.in_features,
-                "out": m.out_features, "rank": m.rank, "alpha": m.alpha, "scale": m.scale,
-                "norm": float(s.S.double().pow(2).sum().sqrt()), "effective_rank": linalg.effective_rank(s.S),
-                "energy_top": {str(k): linalg.energy_top(s.S, k) for k in top_k if k <= m.rank},
-            })
+            mods.append(
+                {
+                    "name": m.name,
+                    "layer": m.layer,
+                    "type": m.type,
+                    "kind": m.kind,
+                    "in": m.in_features,
+                    "out": m.out_features,
+                    "rank": m.rank,
+                    "alpha": m.alpha,
+                    "scale": m.scale,
+                    "norm": float(s.S.double().pow(2).sum().sqrt()),
+                    "effective_rank": linalg.effective_rank(s.S),
+                    "energy_top": {str(k): linalg.energy_top(s.S, k) for k in top_k if k <= m.rank},
+                }
+            )
     return {
         **ad.summary(),
-        "modules_per_type": dict(sorted(by_type.items())), "modules_per_layer": dict(by_layer),
+        "modules_per_type": dict(sorted(by_type.items())),
+        "modules_per_layer": dict(by_layer),
         "ranks": dict(Counter(str(m.rank) for m in ad.modules)),
         "alphas": dict(Counter(str(m.alpha) for m in ad.modules)),
         "scales": dict(Counter(f"{m.scale:.6g}" for m in ad.modules)),
@@ -115,5 +154,12 @@ def inspect(lora_dir: str | Path, *, top_k: tuple[int, ...] = (1, 2, 4, 8)) -> d
 
 def list_forms() -> list[dict]:
     """Every registered form with its options (internal ones left out), defaults and exports."""
-    return [{"name": n, "summary": c.summary, "options": [o for o in config_fields(c.Config) if not o.pop("internal")],
-             "exports": list(EXPAND_TARGETS) + sorted(c.native_exports())} for n, c in sorted(REGISTRY.items())]
+    return [
+        {
+            "name": n,
+            "summary": c.summary,
+            "options": [o for o in config_fields(c.Config) if not o.pop("internal")],
+            "exports": list(EXPAND_TARGETS) + sorted(c.native_exports()),
+        }
+        for n, c in sorted(REGISTRY.items())
+    ]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -23,8 +24,17 @@ from .forms import FitContext, Form, baseline_form
 T = TypeVar("T")
 
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B)?\s*$", re.I)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_budget(budget: str | float | int, source_bytes: int) -> int:
@@ -49,8 +59,15 @@ def resolve_dtype(dtype: str | None, adapter: Adapter) -> torch.dtype:
     return TORCH_DTYPES[dtype]
 
 
-def fit_within(target: int, overhead: int, attempt: Callable[[int], tuple[T, int, int] | None], *,
-               tries: int = 8, margin: int = 64, give_back: bool = True) -> T | None:
+def fit_within(
+    target: int,
+    overhead: int,
+    attempt: Callable[[int], tuple[T, int, int] | None],
+    *,
+    tries: int = 8,
+    margin: int = 64,
+    give_back: bool = True,
+) -> T | None:
     """The largest result of ``attempt`` whose file fits ``target`` bytes, or None.
 
     ``attempt(allowance)`` fits something within ``allowance`` payload bytes and returns
@@ -86,15 +103,26 @@ def fit_within(target: int, overhead: int, attempt: Callable[[int], tuple[T, int
 def header_estimate(adapter: Adapter) -> int:
     """A first estimate of a container's bytes beyond the form's payload: carried tensors, the
     module table and source config as the manifest holds them, and the tensor entries."""
-    carried = sum(adapter.carried_tensor(c.key).numel() * adapter.carried_tensor(c.key).element_size()
-                  for c in adapter.carried)
+    carried = sum(
+        adapter.carried_tensor(c.key).numel() * adapter.carried_tensor(c.key).element_size() for c in adapter.carried
+    )
     table = json.dumps([m.to_json() for m in adapter.modules]) + json.dumps(adapter.config)
     return carried + len(table) + 1024 + 96 * 2 * len(adapter.modules)
 
 
-def fit_to_budget(adapter: Adapter, form_cls: type[Form], config: Any, budget_bytes: int | None,
-                  dtype: torch.dtype, ctx: FitContext, *, metrics_fn=None, command: str | None = None,
-                  quant: str = "none", group_size: int = qz.DEFAULT_GROUP):
+def fit_to_budget(
+    adapter: Adapter,
+    form_cls: type[Form],
+    config: Any,
+    budget_bytes: int | None,
+    dtype: torch.dtype,
+    ctx: FitContext,
+    *,
+    metrics_fn=None,
+    command: str | None = None,
+    quant: str = "none",
+    group_size: int = qz.DEFAULT_GROUP,
+):
     """Fit a form (choosing its configuration for the budget when one is given) so that the whole
     container file, header and manifest (with the metrics ``metrics_fn(form, size)`` returns)
     included, fits the budget. ``quant``: a fixed storage scheme (none, int8, int4, int4-asym)
@@ -108,8 +136,9 @@ def fit_to_budget(adapter: Adapter, form_cls: type[Form], config: Any, budget_by
         size = ct.serialized_size(tensors, manifest)
         if metrics_fn is not None:
             stored = ct.decoded_form(form, tensors, manifest)  # measure what is stored (dtype cast, quantised)
-            tensors, manifest = ct.build(form, adapter, dtype, metrics=metrics_fn(stored, size), command=command,
-                                         storage=storage)
+            tensors, manifest = ct.build(
+                form, adapter, dtype, metrics=metrics_fn(stored, size), command=command, storage=storage
+            )
             size = ct.serialized_size(tensors, manifest)
         return form, tensors, manifest, size
 
@@ -117,8 +146,10 @@ def fit_to_budget(adapter: Adapter, form_cls: type[Form], config: Any, budget_by
         return build(form_cls.fit(adapter, config, ctx))
     overhead = header_estimate(adapter)
     if budget_bytes - overhead <= 0:
-        raise OptionError(adapter.path, f"--budget of {budget_bytes} bytes is below the container's fixed overhead "
-                                        f"(~{overhead} bytes)")
+        raise OptionError(
+            adapter.path,
+            f"--budget of {budget_bytes} bytes is below the container's fixed overhead (~{overhead} bytes)",
+        )
     tried: list[Any] = []
 
     def attempt(allowance: int):

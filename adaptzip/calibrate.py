@@ -8,13 +8,15 @@
 * :func:`teacher_model` — ``PeftModel.from_pretrained`` of the source directory on the base, and
   :class:`Modes` to switch one loaded model between *teacher* (base + source LoRA), *base* (no
   adapter) and *student* (base + a :class:`~adaptzip.forms.base.Form` live, see :mod:`.distill`).
-* :func:`collect_stats` — forward hooks accumulating Σ_m = E[x xᵀ] (in×in, fp32, streamed) of
+* :class:`SigmaHooks` — forward hooks accumulating Σ_m = E[x xᵀ] (in×in, fp32, streamed) of
   every adapted module's input, keyed by ``ModuleInfo.name``; :func:`save_stats` /
   :func:`load_stats` store them in a safetensors file (modules that see the same input tensor,
   e.g. q/k/v, share one stored matrix).
 
-The distillation and the metrics live in :mod:`adaptzip.distill`.
+The distillation and the metrics live in :mod:`adaptzip.distill`. (Slightly over ~500 lines: the
+four parts are the base-model side of calibration and share its loading and hooks.)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,7 +56,9 @@ def read_texts(path: str | Path) -> list[str]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise CalibrationError(path, f"invalid UTF-8 at byte {e.start} (line {line}): calibration text must be UTF-8") from e
+        raise CalibrationError(
+            path, f"invalid UTF-8 at byte {e.start} (line {line}): calibration text must be UTF-8"
+        ) from e
     text = text.lstrip("\ufeff")
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
     docs: list[str] = []
@@ -100,8 +104,11 @@ def pack(ids: Sequence[int], seq_len: int, n_tokens: int | None, path: Path | st
     """The first ``n_tokens`` tokens (all when None) as rows of ``seq_len``: (N, seq_len) int64.
     Raises CalibrationError when there are fewer tokens than asked (or than one row)."""
     if n_tokens is not None and len(ids) < n_tokens:
-        raise CalibrationError(path, f"{what} has {len(ids)} tokens, fewer than the {n_tokens} asked "
-                                     f"(give more text or a smaller --calib-tokens)")
+        raise CalibrationError(
+            path,
+            f"{what} has {len(ids)} tokens, fewer than the {n_tokens} asked "
+            f"(give more text or a smaller --calib-tokens)",
+        )
     n = len(ids) if n_tokens is None else n_tokens
     rows = n // seq_len
     if rows < 1:
@@ -109,7 +116,9 @@ def pack(ids: Sequence[int], seq_len: int, n_tokens: int | None, path: Path | st
     return torch.tensor(list(ids[: rows * seq_len]), dtype=torch.long).view(rows, seq_len)  # (N, T)
 
 
-def encoder_rows(tokenizer, docs: Sequence[str], seq_len: int, n_tokens: int | None, path, what: str) -> tuple[Tensor, Tensor]:
+def encoder_rows(
+    tokenizer, docs: Sequence[str], seq_len: int, n_tokens: int | None, path, what: str
+) -> tuple[Tensor, Tensor]:
     """Encoder inputs: every document cut into chunks wrapped in the tokenizer's special tokens
     ([CLS] … [SEP]), ``seq_len`` tokens at most, and padded: (ids, attention_mask), both (N, T)."""
     rows: list[list[int]] = []
@@ -119,7 +128,7 @@ def encoder_rows(tokenizer, docs: Sequence[str], seq_len: int, n_tokens: int | N
     for d in docs:
         ids = tokenizer(d, add_special_tokens=False)["input_ids"]
         for j in range(0, len(ids), body):
-            chunk = prefix + ids[j: j + body] + suffix
+            chunk = prefix + ids[j : j + body] + suffix
             rows.append(chunk)
             total += len(chunk)
             if n_tokens is not None and total >= n_tokens:
@@ -127,8 +136,10 @@ def encoder_rows(tokenizer, docs: Sequence[str], seq_len: int, n_tokens: int | N
         if n_tokens is not None and total >= n_tokens:
             break
     if n_tokens is not None and total < n_tokens:
-        raise CalibrationError(path, f"{what} has {total} tokens, fewer than the {n_tokens} asked "
-                                     f"(give more text or a smaller --calib-tokens)")
+        raise CalibrationError(
+            path,
+            f"{what} has {total} tokens, fewer than the {n_tokens} asked (give more text or a smaller --calib-tokens)",
+        )
     if not rows:
         raise CalibrationError(path, f"{what} has no tokens")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -227,8 +238,11 @@ def load_base(base: str | Path, adapter: Adapter, device: str | torch.device | N
     base = Path(base)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     if adapter.uses_dora:
-        raise CalibrationError(adapter.path, "DoRA adapters cannot be calibrated: DoRA rescales by the norm of the dense "
-                                             "W+ΔŴ of every module; compress without --base-model")
+        raise CalibrationError(
+            adapter.path,
+            "DoRA adapters cannot be calibrated: DoRA rescales by the norm of the dense "
+            "W+ΔŴ of every module; compress without --base-model",
+        )
     where, kw = _model_location(base)
     try:
         config = AutoConfig.from_pretrained(where, **kw)
@@ -241,7 +255,9 @@ def load_base(base: str | Path, adapter: Adapter, device: str | torch.device | N
         if task_type == "SEQ_CLS":
             n = _num_labels(adapter)
             if n is None:
-                raise CalibrationError(adapter.path, "a SEQ_CLS adapter without a saved classifier head (modules_to_save)")
+                raise CalibrationError(
+                    adapter.path, "a SEQ_CLS adapter without a saved classifier head (modules_to_save)"
+                )
             model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=n, dtype=torch.float32, **kw)
             task = "cls"
         elif causal:
@@ -258,7 +274,9 @@ def load_base(base: str | Path, adapter: Adapter, device: str | torch.device | N
     try:
         tok = AutoTokenizer.from_pretrained(where, **kw)
     except Exception as e:
-        raise BaseModelError(base, f"no usable tokenizer (calibration needs the base model's tokenizer): {_first_line(e)}") from e
+        raise BaseModelError(
+            base, f"no usable tokenizer (calibration needs the base model's tokenizer): {_first_line(e)}"
+        ) from e
     model = teacher_model(model, adapter, base)
     model.to(dev).eval()
     for p in model.parameters():
@@ -363,11 +381,13 @@ def _delta_hook(form, i: int, m: ModuleInfo, layer: nn.Module):
     bias = None if lb is None or getattr(lb, "bias", None) is None else lb.bias.detach() * layer.scaling["default"]
 
     if m.kind == "embedding":
+
         def hook(mod, args, out):
             B, A = form.factors(i)  # B (dim×k), A (k×vocab)
             d = nn.functional.embedding(args[0], A.T) @ B.T  # (…, dim)
             return out + d.to(out.dtype)
     else:
+
         def hook(mod, args, out):
             B, A = form.factors(i)  # B (out×k), A (k×in)
             x = args[0]  # (…, in)
@@ -375,6 +395,7 @@ def _delta_hook(form, i: int, m: ModuleInfo, layer: nn.Module):
             if bias is not None:
                 d = d + bias
             return out + d.to(out.dtype)
+
     return hook
 
 
@@ -455,6 +476,7 @@ class SigmaHooks:
                 self.acc.append(self.acc[s] - lead_xtx + xtx)
                 self.count.append(self.count[s] - lead_n + n)
                 self._leader_key[self.slot[j]] = key
+
         return hook
 
     def result(self) -> tuple[dict[str, Tensor], dict]:
@@ -466,7 +488,9 @@ class SigmaHooks:
         omitted: list[str] = []
         for j, m in enumerate(self.modules):
             if j not in self.slot:
-                raise CalibrationError(None, f"module {m.name} never ran during calibration (is it used by the model's forward?)")
+                raise CalibrationError(
+                    None, f"module {m.name} never ran during calibration (is it used by the model's forward?)"
+                )
             s = sig[self.slot[j]]
             if m.kind == "embedding":
                 if m.in_features > MAX_EMBED_SIGMA_VOCAB:
@@ -519,7 +543,12 @@ def load_stats(path: str | Path, adapter: Adapter | None = None) -> tuple[dict[s
             if m.name not in stats:
                 if m.name in omitted:
                     continue
-                raise CalibrationError(path, f"no statistics for module {m.name} (computed for another adapter or base?)")
+                raise CalibrationError(
+                    path, f"no statistics for module {m.name} (computed for another adapter or base?)"
+                )
             if tuple(stats[m.name].shape) != (m.in_features, m.in_features):
-                raise CalibrationError(path, f"module {m.name}: Σ has shape {tuple(stats[m.name].shape)}, expected ({m.in_features}, {m.in_features})")
+                raise CalibrationError(
+                    path,
+                    f"module {m.name}: Σ has shape {tuple(stats[m.name].shape)}, expected ({m.in_features}, {m.in_features})",
+                )
     return stats, meta

@@ -1,5 +1,11 @@
 """The ``adaptzip`` command line. It only parses options, calls :mod:`adaptzip.api` and prints:
-results on stdout (one JSON object with ``--json``), everything else on stderr."""
+results on stdout (one JSON object with ``--json``), everything else on stderr.
+
+Form options are not written here: :func:`with_form_options` makes one ``--<field>`` per field of
+every registered form's Config dataclass. The module is longer than ~500 lines because each
+command declares its options with their help text inline — ``--help`` and docs/cli.md
+(scripts/gen_cli_docs.py) are generated from them."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +18,7 @@ import sys
 import typing
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -23,8 +29,12 @@ from .errors import AdaptzipError, OptionError
 from .forms import BASELINE, REGISTRY
 from .options import CalibrationOptions, FitOptions, QuantOptions, RunOptions
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Convert PEFT LoRA adapters into compact parameter-shared forms, and back.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Convert PEFT LoRA adapters into compact parameter-shared forms, and back.",
+)
 err = Console(stderr=True)
 _STATE = {"debug": False}
 
@@ -142,9 +152,14 @@ def _form_params(taken: set[str]) -> list[pyinspect.Parameter]:
             raise RuntimeError(f"form option {fname!r} clashes with a command option")
         typ = next(iter(d["types"])) if len(d["types"]) == 1 else str
         help_ = "; ".join(f"{', '.join(forms)}: {h}" for h, forms in d["help"].items())
-        opt = typer.Option("--" + fname.replace("_", "-"), help=help_, rich_help_panel="Form options (see `adaptzip forms`)")
-        params.append(pyinspect.Parameter(fname, pyinspect.Parameter.KEYWORD_ONLY, default=None,
-                                          annotation=Annotated[Optional[typ], opt]))
+        opt = typer.Option(
+            "--" + fname.replace("_", "-"), help=help_, rich_help_panel="Form options (see `adaptzip forms`)"
+        )
+        params.append(
+            pyinspect.Parameter(
+                fname, pyinspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[typ | None, opt]
+            )
+        )
     return params
 
 
@@ -159,7 +174,9 @@ def with_form_options(fn):
     """Give a command one option per form field (generated from the forms' Config dataclasses, so a
     new form's options appear by themselves); ``fn`` receives the given ones as ``form_options``."""
     sig = pyinspect.signature(fn, eval_str=True)
-    own = [p.replace(kind=pyinspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values() if p.name != "form_options"]
+    own = [
+        p.replace(kind=pyinspect.Parameter.KEYWORD_ONLY) for p in sig.parameters.values() if p.name != "form_options"
+    ]
     extra = _form_params({p.name for p in own})
     names = [p.name for p in extra]
 
@@ -180,13 +197,32 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks o
 
 
 @app.command()
-def inspect(lora_dir: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.")], as_json: JsonOpt = False) -> None:
+def inspect(
+    lora_dir: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.")], as_json: JsonOpt = False
+) -> None:
     """Show an adapter: base model, PEFT version, modules per type and layer, ranks, alphas/scales,
     dtype, parameters, bytes, and a per-module spectrum (effective rank, energy in top-k)."""
     res = api.inspect(lora_dir)
 
     def human(r):
-        _kv_table(f"adapter {r['path']}", {k: r[k] for k in ("base_model", "peft_version", "weights_file", "bytes", "dtype", "n_modules", "n_params", "use_rslora", "use_dora", "fan_in_fan_out")})
+        _kv_table(
+            f"adapter {r['path']}",
+            {
+                k: r[k]
+                for k in (
+                    "base_model",
+                    "peft_version",
+                    "weights_file",
+                    "bytes",
+                    "dtype",
+                    "n_modules",
+                    "n_params",
+                    "use_rslora",
+                    "use_dora",
+                    "fan_in_fan_out",
+                )
+            },
+        )
         _kv_table("modules per type", r["modules_per_type"])
         _kv_table("ranks / alphas / scales", {"ranks": r["ranks"], "alphas": r["alphas"], "scales": r["scales"]})
         if r["carried"]:
@@ -195,9 +231,19 @@ def inspect(lora_dir: Annotated[Path, typer.Argument(help="PEFT LoRA adapter dir
         for col in ("module", "in", "out", "r", "scale", "‖ΔW‖", "eff. rank", "energy top-1", "top-4"):
             t.add_column(col)
         for m in r["modules"]:
-            t.add_row(m["name"], str(m["in"]), str(m["out"]), str(m["rank"]), f"{m['scale']:.4g}", f"{m['norm']:.4g}",
-                      f"{m['effective_rank']:.2f}", f"{m['energy_top'].get('1', 0):.3f}", f"{m['energy_top'].get('4', 1.0):.3f}")
+            t.add_row(
+                m["name"],
+                str(m["in"]),
+                str(m["out"]),
+                str(m["rank"]),
+                f"{m['scale']:.4g}",
+                f"{m['norm']:.4g}",
+                f"{m['effective_rank']:.2f}",
+                f"{m['energy_top'].get('1', 0):.3f}",
+                f"{m['energy_top'].get('4', 1.0):.3f}",
+            )
         err.print(t)
+
     _emit(res, as_json, human)
 
 
@@ -215,6 +261,7 @@ def forms(as_json: JsonOpt = False) -> None:
             for o in f["options"]:
                 t.add_row("--" + o["name"].replace("_", "-"), str(o["default"]), o["help"])
             err.print(t)
+
     _emit({"forms": res}, as_json, lambda r: human(r["forms"]))
 
 
@@ -223,21 +270,82 @@ def forms(as_json: JsonOpt = False) -> None:
 def compress(
     lora_dir: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Container file to write (.safetensors).")],
-    to: Annotated[CompressTo, typer.Option("--to", help="Target form (see `adaptzip forms`), or 'auto': with --budget and --base-model, try the forms that fit and keep the best by eval KL.")] = BASELINE,  # type: ignore[assignment]
-    budget: Annotated[Optional[str], typer.Option(help="Size of the whole container: a fraction of the source's bytes (0.25) or a size (5MB, 300KiB).")] = None,
-    opt: Annotated[Optional[list[str]], typer.Option("--opt", help="Any form option as KEY=VALUE (repeatable).")] = None,
-    dtype: Annotated[Optional[DType], typer.Option(help="Container float dtype (default: the source's).")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed: same inputs and seed give a byte-identical container (on the same machine, torch build and thread count).")] = 0,
-    base_model: Annotated[Optional[Path], typer.Option("--base-model", help="Base model: a local model directory (safetensors) or a .gguf file. Enables calibration: Σ-weighted fit, distillation, KL metrics.")] = None,
-    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text: UTF-8 text (paragraphs separated by blank lines) or JSONL with a 'text' field.")] = None,
-    calib_tokens: Annotated[int, typer.Option("--calib-tokens", help="Calibration tokens to use (10% held out for early stopping, 10% more for eval without --eval).")] = 50000,
-    calib_steps: Annotated[int, typer.Option("--calib-steps", help="Distillation steps (batches of 4×128 tokens); 0 skips distillation.")] = 300,
-    calib_lr: Annotated[Optional[float], typer.Option("--calib-lr", help="Distillation learning rate (default: 1e-4 for a strong start, 1e-3 for a weak one).")] = None,
-    eval_text: Annotated[Optional[Path], typer.Option("--eval", help="Evaluation text (default: a held-out part of --calib).")] = None,
-    stats: Annotated[Optional[Path], typer.Option("--stats", help="Σ statistics file: reused when it exists, else written there (default: <output>.stats.safetensors). Alone (no --base-model): a Σ-weighted fit.")] = None,
+    to: Annotated[
+        CompressTo,
+        typer.Option(
+            "--to",
+            help="Target form (see `adaptzip forms`), or 'auto': with --budget and --base-model, try the forms that fit and keep the best by eval KL.",
+        ),
+    ] = BASELINE,  # type: ignore[assignment]
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Size of the whole container: a fraction of the source's bytes (0.25) or a size (5MB, 300KiB)."
+        ),
+    ] = None,
+    opt: Annotated[list[str] | None, typer.Option("--opt", help="Any form option as KEY=VALUE (repeatable).")] = None,
+    dtype: Annotated[DType | None, typer.Option(help="Container float dtype (default: the source's).")] = None,
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Random seed: same inputs and seed give a byte-identical container (on the same machine, torch build and thread count)."
+        ),
+    ] = 0,
+    base_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--base-model",
+            help="Base model: a local model directory (safetensors) or a .gguf file. Enables calibration: Σ-weighted fit, distillation, KL metrics.",
+        ),
+    ] = None,
+    calib: Annotated[
+        Path | None,
+        typer.Option(
+            "--calib",
+            help="Calibration text: UTF-8 text (paragraphs separated by blank lines) or JSONL with a 'text' field.",
+        ),
+    ] = None,
+    calib_tokens: Annotated[
+        int,
+        typer.Option(
+            "--calib-tokens",
+            help="Calibration tokens to use (10% held out for early stopping, 10% more for eval without --eval).",
+        ),
+    ] = 50000,
+    calib_steps: Annotated[
+        int, typer.Option("--calib-steps", help="Distillation steps (batches of 4×128 tokens); 0 skips distillation.")
+    ] = 300,
+    calib_lr: Annotated[
+        float | None,
+        typer.Option(
+            "--calib-lr", help="Distillation learning rate (default: 1e-4 for a strong start, 1e-3 for a weak one)."
+        ),
+    ] = None,
+    eval_text: Annotated[
+        Path | None, typer.Option("--eval", help="Evaluation text (default: a held-out part of --calib).")
+    ] = None,
+    stats: Annotated[
+        Path | None,
+        typer.Option(
+            "--stats",
+            help="Σ statistics file: reused when it exists, else written there (default: <output>.stats.safetensors). Alone (no --base-model): a Σ-weighted fit.",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")] = "auto",
-    quant: Annotated[Quant, typer.Option("--quant", help="Storage of the form's float tensors: none (the container dtype); int8 (symmetric, fp16 scale per group); int4 (two codes per byte, symmetric, fp16 scale per group); int4-asym (plus fp16 zero points); auto (needs --budget: bits per svd direction, or per tensor, and ranks chosen to minimise the error; never worse than none/int8/int4 at the same bytes). See docs/quantization.md.")] = Quant.none,
-    group_size: Annotated[int, typer.Option("--group-size", help="Values per quantisation group (one fp16 scale each), along the input dimension of A and the output dimension of B: each rank direction gets its own scales.")] = 64,
+    quant: Annotated[
+        Quant,
+        typer.Option(
+            "--quant",
+            help="Storage of the form's float tensors: none (the container dtype); int8 (symmetric, fp16 scale per group); int4 (two codes per byte, symmetric, fp16 scale per group); int4-asym (plus fp16 zero points); auto (needs --budget: bits per svd direction, or per tensor, and ranks chosen to minimise the error; never worse than none/int8/int4 at the same bytes). See docs/quantization.md.",
+        ),
+    ] = Quant.none,
+    group_size: Annotated[
+        int,
+        typer.Option(
+            "--group-size",
+            help="Values per quantisation group (one fp16 scale each), along the input dimension of A and the output dimension of B: each rank direction gets its own scales.",
+        ),
+    ] = 64,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     form_options: dict[str, Any] | None = None,
@@ -247,28 +355,52 @@ def compress(
     before and after distillation)."""
     calibration = None
     if base_model is not None or calib is not None or eval_text is not None or stats is not None:
-        calibration = CalibrationOptions(base_model=base_model, calib=calib, tokens=calib_tokens, steps=calib_steps,
-                                         eval_text=eval_text, stats_file=stats, device=device, lr=calib_lr)
-    res = api.compress(lora_dir, output, to=str(to.value if isinstance(to, Enum) else to), budget=budget,
-                       options={**(form_options or {}), **_parse_opts(opt)},
-                       fitting=FitOptions(dtype=None if dtype is None else dtype.value, seed=seed),
-                       calibration=calibration, quant=QuantOptions(scheme=quant.value, group_size=group_size),
-                       run=RunOptions(force=force, progress=not as_json, command=_command())).to_json()
+        calibration = CalibrationOptions(
+            base_model=base_model,
+            calib=calib,
+            tokens=calib_tokens,
+            steps=calib_steps,
+            eval_text=eval_text,
+            stats_file=stats,
+            device=device,
+            lr=calib_lr,
+        )
+    res = api.compress(
+        lora_dir,
+        output,
+        to=str(to.value if isinstance(to, Enum) else to),
+        budget=budget,
+        options={**(form_options or {}), **_parse_opts(opt)},
+        fitting=FitOptions(dtype=None if dtype is None else dtype.value, seed=seed),
+        calibration=calibration,
+        quant=QuantOptions(scheme=quant.value, group_size=group_size),
+        run=RunOptions(force=force, progress=not as_json, command=_command()),
+    ).to_json()
 
     def human(r):
-        rows = {"output": r["output"], "form": r["form"], "source bytes": _fmt_bytes(r["source_bytes"]),
-                "container bytes": _fmt_bytes(r["bytes"]), "ratio": f"{r['ratio']:.4f}",
-                "stored params": r["stored_params"], "rel. error": r["rel_error"],
-                "worst module": f"{r['worst_module_rel_error']:.4g} ({r['worst_module']})"}
+        rows = {
+            "output": r["output"],
+            "form": r["form"],
+            "source bytes": _fmt_bytes(r["source_bytes"]),
+            "container bytes": _fmt_bytes(r["bytes"]),
+            "ratio": f"{r['ratio']:.4f}",
+            "stored params": r["stored_params"],
+            "rel. error": r["rel_error"],
+            "worst module": f"{r['worst_module_rel_error']:.4g} ({r['worst_module']})",
+        }
         if "svd_baseline_rel_error" in r:
             rows["svd baseline (same bytes)"] = r["svd_baseline_rel_error"]
         if "quant" in r:
             q = r["quant"]
-            rows["storage"] = f"{q['scheme']}" + (f" → {q['auto']['chosen']}" if "auto" in q else "") + \
-                f", groups of {q['group_size']}, row bits {q['row_bits']}"
+            rows["storage"] = (
+                f"{q['scheme']}"
+                + (f" → {q['auto']['chosen']}" if "auto" in q else "")
+                + f", groups of {q['group_size']}, row bits {q['row_bits']}"
+            )
         _kv_table("compressed", rows)
         if "kl_after" in r or "objective_after" in r:
             _calibration_tables(r)
+
     _emit(res, as_json, human)
 
 
@@ -280,13 +412,23 @@ def _calibration_tables(r: dict) -> None:
 
     def f(v):
         return "–" if v is None else f"{v:.4g}"
+
     for name, p in ((r["form"], ""), ("svd (same bytes)", "svd_baseline_")):
         if p + "kl_after" in r or p + "objective_after" in r:
-            t.add_row(name, f(r.get(p + "kl_before")), f(r.get(p + "kl_after")), f(r.get(p + "top1_agreement_before")),
-                      f(r.get(p + "top1_agreement")), f(r.get(p + "improvement_kept_before")), f(r.get(p + "improvement_kept")))
+            t.add_row(
+                name,
+                f(r.get(p + "kl_before")),
+                f(r.get(p + "kl_after")),
+                f(r.get(p + "top1_agreement_before")),
+                f(r.get(p + "top1_agreement")),
+                f(r.get(p + "improvement_kept_before")),
+                f(r.get(p + "improvement_kept")),
+            )
     err.print(t)
     if "ppl_base" in r:
-        err.print(f"perplexity: base {r['ppl_base']:.4g}, source {r['ppl_source']:.4g}, compressed {r.get('ppl_compressed', 0):.4g}")
+        err.print(
+            f"perplexity: base {r['ppl_base']:.4g}, source {r['ppl_source']:.4g}, compressed {r.get('ppl_compressed', 0):.4g}"
+        )
     if "auto" in r:
         a = Table(title=f"--to auto chose {r['auto']['chosen']}: {r['auto']['reason']}")
         for col in ("form", "bytes", "output rel. error", "KL start", "KL distilled"):
@@ -295,7 +437,9 @@ def _calibration_tables(r: dict) -> None:
             if "skipped" in c:
                 a.add_row(c["form"], "–", "–", "–", f"skipped: {c['skipped']}")
             else:
-                a.add_row(c["form"], str(c["bytes"]), f(c["output_rel_error"]), f(c["score_before"]), f(c.get("score_after")))
+                a.add_row(
+                    c["form"], str(c["bytes"]), f(c["output_rel_error"]), f(c["score_before"]), f(c.get("score_after"))
+                )
         err.print(a)
 
 
@@ -303,25 +447,58 @@ def _calibration_tables(r: dict) -> None:
 def expand(
     container: Annotated[Path, typer.Argument(help="adaptzip container (.safetensors).")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output directory (peft, merged) or file (dense).")],
-    to: Annotated[ExpandTo, typer.Option("--to", help="peft: a PEFT LoRA dir; dense: ΔW per module; merged: base model + ΔW; peft-vblora: a native PEFT VB-LoRA dir (vblora containers only).")] = ExpandTo.peft,
-    target: Annotated[Target, typer.Option(help="For --to peft: 'vllm' also satisfies vLLM's loader (one global rank, scale folded).")] = Target.peft,
-    max_lora_rank: Annotated[Optional[int], typer.Option(help="vLLM's max_lora_rank (1, 8, 16, 32, 64, 128, 256, 320, 512); larger modules are re-factored by SVD.")] = None,
-    base_model: Annotated[Optional[Path], typer.Option(help="Base model directory (safetensors) for --to merged.")] = None,
-    dtype: Annotated[Optional[DType], typer.Option(help="Output float dtype (default: container's; dense: fp32).")] = None,
+    to: Annotated[
+        ExpandTo,
+        typer.Option(
+            "--to",
+            help="peft: a PEFT LoRA dir; dense: ΔW per module; merged: base model + ΔW; peft-vblora: a native PEFT VB-LoRA dir (vblora containers only).",
+        ),
+    ] = ExpandTo.peft,
+    target: Annotated[
+        Target, typer.Option(help="For --to peft: 'vllm' also satisfies vLLM's loader (one global rank, scale folded).")
+    ] = Target.peft,
+    max_lora_rank: Annotated[
+        int | None,
+        typer.Option(
+            help="vLLM's max_lora_rank (1, 8, 16, 32, 64, 128, 256, 320, 512); larger modules are re-factored by SVD."
+        ),
+    ] = None,
+    base_model: Annotated[Path | None, typer.Option(help="Base model directory (safetensors) for --to merged.")] = None,
+    dtype: Annotated[DType | None, typer.Option(help="Output float dtype (default: container's; dense: fp32).")] = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Restore a container as a PEFT LoRA directory (also for vLLM), a dense ΔW file, or a merged model."""
-    res = api.expand(container, output, to=to.value, target=target.value, max_lora_rank=max_lora_rank,
-                     base_model=base_model, dtype=None if dtype is None else dtype.value, force=force)
-    _emit(res, as_json, lambda r: _kv_table("expanded", {k: v for k, v in r.items() if not isinstance(v, dict) or len(v) < 8}))
+    res = api.expand(
+        container,
+        output,
+        to=to.value,
+        target=target.value,
+        max_lora_rank=max_lora_rank,
+        base_model=base_model,
+        dtype=None if dtype is None else dtype.value,
+        force=force,
+    )
+    _emit(
+        res,
+        as_json,
+        lambda r: _kv_table("expanded", {k: v for k, v in r.items() if not isinstance(v, dict) or len(v) < 8}),
+    )
 
 
 @app.command()
-def verify(container: Annotated[Path, typer.Argument(help="adaptzip container (.safetensors).")], as_json: JsonOpt = False) -> None:
+def verify(
+    container: Annotated[Path, typer.Argument(help="adaptzip container (.safetensors).")], as_json: JsonOpt = False
+) -> None:
     """Check a container: manifest schema, tensor shapes against the manifest, payload hash."""
     res = api.verify(container)
-    _emit(res, as_json, lambda r: err.print(f"[green]ok[/] {r['path']}: form {r['form']}, {r['tensors']} tensors, {_fmt_bytes(r['bytes'])}"))
+    _emit(
+        res,
+        as_json,
+        lambda r: err.print(
+            f"[green]ok[/] {r['path']}: form {r['form']}, {r['tensors']} tensors, {_fmt_bytes(r['bytes'])}"
+        ),
+    )
 
 
 class Executor(str, Enum):
@@ -332,20 +509,58 @@ class Executor(str, Enum):
 @app.command()
 @with_form_options
 def batch(
-    zoo_dir: Annotated[Path, typer.Argument(help="Folder searched (at any depth) for PEFT LoRA adapters (folders with adapter_config.json).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder: OUT/<relative path>.safetensors per adapter, batch.json, batch.md.")],
+    zoo_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder searched (at any depth) for PEFT LoRA adapters (folders with adapter_config.json)."
+        ),
+    ],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "-o", "--output", help="Output folder: OUT/<relative path>.safetensors per adapter, batch.json, batch.md."
+        ),
+    ],
     to: Annotated[FormName, typer.Option("--to", help="Target form (see `adaptzip forms`).")] = BASELINE,  # type: ignore[assignment]
-    budget: Annotated[Optional[str], typer.Option(help="Size of each container: a fraction of its source's bytes (0.25) or a size (5MB).")] = None,
-    opt: Annotated[Optional[list[str]], typer.Option("--opt", help="Any form option as KEY=VALUE (repeatable).")] = None,
-    dtype: Annotated[Optional[DType], typer.Option(help="Container float dtype (default: each source's).")] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(help="Size of each container: a fraction of its source's bytes (0.25) or a size (5MB)."),
+    ] = None,
+    opt: Annotated[list[str] | None, typer.Option("--opt", help="Any form option as KEY=VALUE (repeatable).")] = None,
+    dtype: Annotated[DType | None, typer.Option(help="Container float dtype (default: each source's).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of every fit.")] = 0,
-    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Worker processes (default: CPU cores).")] = None,
-    shared_basis: Annotated[bool, typer.Option("--shared-basis", help="Also fit one shared A basis per module across adapters of the same base model and shapes, where that saves bytes at equal or lower error.")] = False,
-    executor: Annotated[Executor, typer.Option(help="process: a local process pool; ray: Ray tasks (needs `ray`; RAY_ADDRESS picks the cluster).")] = Executor.process,
-    base_model: Annotated[Optional[Path], typer.Option("--base-model", help="Base model, passed to compress: calibrates every adapter (see `adaptzip compress --help`).")] = None,
-    calib: Annotated[Optional[Path], typer.Option("--calib", help="Calibration text, passed to compress (see `adaptzip compress --help`).")] = None,
-    quant: Annotated[Optional[Quant], typer.Option("--quant", help="Quantised storage, passed to compress (see `adaptzip compress --help`).")] = None,
-    group_size: Annotated[Optional[int], typer.Option("--group-size", help="Quantisation group size, passed to compress.")] = None,
+    jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Worker processes (default: CPU cores).")] = None,
+    shared_basis: Annotated[
+        bool,
+        typer.Option(
+            "--shared-basis",
+            help="Also fit one shared A basis per module across adapters of the same base model and shapes, where that saves bytes at equal or lower error.",
+        ),
+    ] = False,
+    executor: Annotated[
+        Executor,
+        typer.Option(
+            help="process: a local process pool; ray: Ray tasks (needs `ray`; RAY_ADDRESS picks the cluster)."
+        ),
+    ] = Executor.process,
+    base_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--base-model",
+            help="Base model, passed to compress: calibrates every adapter (see `adaptzip compress --help`).",
+        ),
+    ] = None,
+    calib: Annotated[
+        Path | None,
+        typer.Option("--calib", help="Calibration text, passed to compress (see `adaptzip compress --help`)."),
+    ] = None,
+    quant: Annotated[
+        Quant | None,
+        typer.Option("--quant", help="Quantised storage, passed to compress (see `adaptzip compress --help`)."),
+    ] = None,
+    group_size: Annotated[
+        int | None, typer.Option("--group-size", help="Quantisation group size, passed to compress.")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo containers that are already up to date.")] = False,
     as_json: JsonOpt = False,
     form_options: dict[str, Any] | None = None,
@@ -354,34 +569,71 @@ def batch(
     converted, 1 when some failed (the rest are converted), 2 on a usage error, 130 when interrupted."""
     from . import zoo
     from .options import DEFAULT_GROUP
-    calibration = None if base_model is None and calib is None else CalibrationOptions(base_model=base_model, calib=calib)
-    res = zoo.batch(zoo_dir, output, to=str(to.value if isinstance(to, Enum) else to), budget=budget,
-                    options={**(form_options or {}), **_parse_opts(opt)},
-                    fitting=FitOptions(dtype=None if dtype is None else dtype.value, seed=seed), calibration=calibration,
-                    quant=QuantOptions("none" if quant is None else quant.value, DEFAULT_GROUP if group_size is None else group_size),
-                    jobs=jobs, force=force, shared_basis=shared_basis, executor=executor.value,
-                    progress=not as_json and err.is_terminal, command=_command())
+
+    calibration = (
+        None if base_model is None and calib is None else CalibrationOptions(base_model=base_model, calib=calib)
+    )
+    res = zoo.batch(
+        zoo_dir,
+        output,
+        to=str(to.value if isinstance(to, Enum) else to),
+        budget=budget,
+        options={**(form_options or {}), **_parse_opts(opt)},
+        fitting=FitOptions(dtype=None if dtype is None else dtype.value, seed=seed),
+        calibration=calibration,
+        quant=QuantOptions(
+            "none" if quant is None else quant.value, DEFAULT_GROUP if group_size is None else group_size
+        ),
+        jobs=jobs,
+        force=force,
+        shared_basis=shared_basis,
+        executor=executor.value,
+        progress=not as_json and err.is_terminal,
+        command=_command(),
+    )
 
     def human(r):
         from rich.markup import escape
+
         t = Table(title=f"batch → {escape(r['output'])}")
-        for col in ("adapter", "source bytes", "container bytes", "ratio", "error", "svd-baseline error", "time", "status"):
+        for col in (
+            "adapter",
+            "source bytes",
+            "container bytes",
+            "ratio",
+            "error",
+            "svd-baseline error",
+            "time",
+            "status",
+        ):
             t.add_column(col, overflow="fold", no_wrap=col not in ("adapter", "status"))
         f = lambda x: "–" if x is None else f"{x:.4g}"  # noqa: E731
         for a in r["adapters"]:
             st = a["status"] + (f": {a['error']}" if a.get("error") else "")
-            t.add_row(escape(a["adapter"]), "–" if a.get("source_bytes") is None else _fmt_bytes(a["source_bytes"]),
-                      "–" if a.get("bytes") is None else _fmt_bytes(a["bytes"]), f(a.get("ratio")), f(a.get("rel_error")),
-                      f(a.get("svd_baseline_rel_error")), f"{a.get('seconds', 0):.1f}s", escape(st))
+            t.add_row(
+                escape(a["adapter"]),
+                "–" if a.get("source_bytes") is None else _fmt_bytes(a["source_bytes"]),
+                "–" if a.get("bytes") is None else _fmt_bytes(a["bytes"]),
+                f(a.get("ratio")),
+                f(a.get("rel_error")),
+                f(a.get("svd_baseline_rel_error")),
+                f"{a.get('seconds', 0):.1f}s",
+                escape(st),
+            )
         err.print(t)
         tot = r["totals"]
-        err.print(f"{', '.join(f'{k} {v}' for k, v in sorted(r['counts'].items()))}; zoo {_fmt_bytes(tot['zoo_bytes'])} of "
-                  f"{_fmt_bytes(tot['source_bytes'])} source" + (f" (ratio {tot['ratio']:.4f})" if tot["ratio"] else ""))
+        err.print(
+            f"{', '.join(f'{k} {v}' for k, v in sorted(r['counts'].items()))}; zoo {_fmt_bytes(tot['zoo_bytes'])} of "
+            f"{_fmt_bytes(tot['source_bytes'])} source" + (f" (ratio {tot['ratio']:.4f})" if tot["ratio"] else "")
+        )
         if r.get("sharing"):
             s = r["sharing"]
-            err.print(f"zoo sharing: {s['shared_groups']} of {len(s['groups'])} groups shared; {_fmt_bytes(s['separate_bytes'])} separate → "
-                      f"{_fmt_bytes(s['zoo_bytes'])}")
+            err.print(
+                f"zoo sharing: {s['shared_groups']} of {len(s['groups'])} groups shared; {_fmt_bytes(s['separate_bytes'])} separate → "
+                f"{_fmt_bytes(s['zoo_bytes'])}"
+            )
         err.print(f"summary: {escape(str(Path(r['output']) / 'batch.md'))}")
+
     _emit(res, as_json, human)
     if res["interrupted"]:
         err.print("[yellow]interrupted[/]: finished containers are kept; rerun the same command to convert the rest")
@@ -393,22 +645,36 @@ def batch(
 @app.command()
 def report(
     containers: Annotated[list[Path], typer.Argument(help="adaptzip containers (.safetensors).")],
-    against: Annotated[Optional[Path], typer.Option(help="The source PEFT LoRA folder: recompute every error, the svd baseline and spectra from it.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for report.md, report.json and the PNG charts.")] = None,
+    against: Annotated[
+        Path | None,
+        typer.Option(help="The source PEFT LoRA folder: recompute every error, the svd baseline and spectra from it."),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for report.md, report.json and the PNG charts.")
+    ] = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Sizes, ratios, parameters, per-module errors (worst first), accuracy metrics and bit allocation of
     containers; with --out also charts (error per layer/type, error vs bytes with the svd baseline, spectra)."""
     from . import report as rp
+
     res = rp.report(containers, against=against, out=out, force=force)
 
     def human(r):
         from rich.markup import escape
+
         for c in r["containers"]:
-            rows = {"form": c["form"], "bytes": _fmt_bytes(c["bytes"]), "ratio vs source": f"{c['ratio_source']:.4f}",
-                    "ratio vs fp16 LoRA": f"{c['ratio_fp16_lora']:.4f}", "stored params": c["params"]["stored"],
-                    "source params": c["params"]["source"], "rel. error": c["rel_error"], "error from": c["errors_from"]}
+            rows = {
+                "form": c["form"],
+                "bytes": _fmt_bytes(c["bytes"]),
+                "ratio vs source": f"{c['ratio_source']:.4f}",
+                "ratio vs fp16 LoRA": f"{c['ratio_fp16_lora']:.4f}",
+                "stored params": c["params"]["stored"],
+                "source params": c["params"]["source"],
+                "rel. error": c["rel_error"],
+                "error from": c["errors_from"],
+            }
             if c.get("svd_baseline_rel_error") is not None:
                 rows["svd baseline (same bytes)"] = c["svd_baseline_rel_error"]
             if c.get("shared"):
@@ -420,11 +686,17 @@ def report(
                 for col in ("module", "layer", "type", "rel. error", "stored rank"):
                     t.add_column(col)
                 for m in c["modules"][:15]:
-                    t.add_row(escape(m["name"]), str(m["layer"]), escape(m["type"]), f"{m['rel_error']:.4g}" if m["rel_error"] is not None else "–",
-                              "–" if m.get("rank") is None else str(m["rank"]))
+                    t.add_row(
+                        escape(m["name"]),
+                        str(m["layer"]),
+                        escape(m["type"]),
+                        f"{m['rel_error']:.4g}" if m["rel_error"] is not None else "–",
+                        "–" if m.get("rank") is None else str(m["rank"]),
+                    )
                 err.print(t)
         if r.get("files"):
             err.print(f"report: {escape(r['files']['report_md'])}")
+
     _emit(res, as_json, human)
 
 

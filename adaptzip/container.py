@@ -4,7 +4,11 @@ a JSON string under the single key ``adaptzip`` (see formats/container.md).
 Tensor names: the form's own (e.g. ``A.3``, ``B.3``; documented per form in formats/forms/)
 and ``carry.{j}`` for the j-th carried tensor of the source. Floats are stored in the container
 dtype; integer tensors (indices) keep their integer dtype.
+
+The writer (:func:`build`, :func:`write`) and the reader (:class:`Container`, :func:`open_container`)
+of the spec live together — longer than ~500 lines — so that both enforce one definition of it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -63,8 +67,19 @@ def _validator():
     return jsonschema.validators.validator_for(schema)(schema)
 
 
-_MODULE_TYPES = {"name": str, "stack": (str, type(None)), "layer": (int, type(None)), "type": str, "in": int, "out": int,
-                 "rank": int, "alpha": (int, float), "scale": (int, float), "kind": str, "fan_in_fan_out": bool}
+_MODULE_TYPES = {
+    "name": str,
+    "stack": (str, type(None)),
+    "layer": (int, type(None)),
+    "type": str,
+    "in": int,
+    "out": int,
+    "rank": int,
+    "alpha": (int, float),
+    "scale": (int, float),
+    "kind": str,
+    "fan_in_fan_out": bool,
+}
 
 
 def _quick_validate(manifest: dict, path: Path | str | None) -> None:
@@ -74,8 +89,13 @@ def _quick_validate(manifest: dict, path: Path | str | None) -> None:
     mods = manifest.get("modules")
     validate_manifest({**manifest, "modules": mods[:1] if isinstance(mods, list) else mods}, path)
     for i, m in enumerate(mods):
-        if not isinstance(m, dict) or set(m) != set(_MODULE_TYPES) or not all(
-                isinstance(m[k], t) and not (t is int and isinstance(m[k], bool)) for k, t in _MODULE_TYPES.items()):
+        if (
+            not isinstance(m, dict)
+            or set(m) != set(_MODULE_TYPES)
+            or not all(
+                isinstance(m[k], t) and not (t is int and isinstance(m[k], bool)) for k, t in _MODULE_TYPES.items()
+            )
+        ):
             raise ContainerError(path, f"manifest does not match the schema at modules/{i}")
 
 
@@ -99,7 +119,10 @@ def encode_tensors(form: Form, dtype: torch.dtype, storage: quant.Storage | None
         want = specs[name][1] if name in specs else None
         if name in qt:
             if want is not None or not t.is_floating_point():
-                raise ContainerError(None, f"tensor {name} of form {form.name} is not a container-dtype float tensor and cannot be quantised")
+                raise ContainerError(
+                    None,
+                    f"tensor {name} of form {form.name} is not a container-dtype float tensor and cannot be quantised",
+                )
             try:
                 out.update(quant.encode(name, t, qt[name], dtype))
             except quant.QuantError as e:
@@ -113,9 +136,16 @@ def encode_tensors(form: Form, dtype: torch.dtype, storage: quant.Storage | None
     return out
 
 
-def build(form: Form, adapter: Adapter, dtype: torch.dtype, *, metrics: dict | None = None,
-          command: str | None = None, shared: dict | None = None,
-          storage: quant.Storage | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def build(
+    form: Form,
+    adapter: Adapter,
+    dtype: torch.dtype,
+    *,
+    metrics: dict | None = None,
+    command: str | None = None,
+    shared: dict | None = None,
+    storage: quant.Storage | None = None,
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and manifest of a container (nothing written).
 
     ``shared``: ``{"file": "_shared/<sha256>.safetensors", "sha256": ..., "tensors": [names]}``
@@ -128,9 +158,12 @@ def build(form: Form, adapter: Adapter, dtype: torch.dtype, *, metrics: dict | N
     if storage is None:
         storage = form.quant_storage
     if storage is not None and shared is not None:
-        storage = quant.Storage(storage.scheme, storage.group_size,
-                                {k: v for k, v in storage.tensors.items() if k not in set(shared["tensors"])},
-                                storage.allocation)
+        storage = quant.Storage(
+            storage.scheme,
+            storage.group_size,
+            {k: v for k, v in storage.tensors.items() if k not in set(shared["tensors"])},
+            storage.allocation,
+        )
     tensors = encode_tensors(form, dtype, storage)
     if shared is not None:
         shared = {"file": shared["file"], "sha256": shared["sha256"], "tensors": sorted(shared["tensors"])}
@@ -343,14 +376,22 @@ class Container:
         if s is None:
             return None
         if Path(s["file"]).name != f"{s['sha256']}.safetensors":
-            raise ContainerError(self.path, f"manifest shared.file {s['file']} does not carry its sha256 {s['sha256'][:12]}… in its name")
+            raise ContainerError(
+                self.path, f"manifest shared.file {s['file']} does not carry its sha256 {s['sha256'][:12]}… in its name"
+            )
         path = find_shared(self.path, s["file"])
         if path is None:
-            raise ContainerError(self.path, f"shared file {s['file']} referenced by the manifest is missing "
-                                 "(looked beside the container and in every parent directory; keep the zoo's _shared/ folder with its containers)")
+            raise ContainerError(
+                self.path,
+                f"shared file {s['file']} referenced by the manifest is missing "
+                "(looked beside the container and in every parent directory; keep the zoo's _shared/ folder with its containers)",
+            )
         got = file_sha256(path)
         if got != s["sha256"]:
-            raise ContainerError(path, f"sha256 {got[:12]}… does not match {s['sha256'][:12]}… that {self.path.name} references: the shared file was modified or corrupted")
+            raise ContainerError(
+                path,
+                f"sha256 {got[:12]}… does not match {s['sha256'][:12]}… that {self.path.name} references: the shared file was modified or corrupted",
+            )
         return path
 
     @cached_property
@@ -407,7 +448,10 @@ class Container:
         validate_manifest(self.manifest, self.path)
         m = self.manifest
         if m["format_version"] > FORMAT_VERSION:
-            raise ContainerError(self.path, f"format_version {m['format_version']} is newer than this adaptzip reads ({FORMAT_VERSION}); upgrade adaptzip")
+            raise ContainerError(
+                self.path,
+                f"format_version {m['format_version']} is newer than this adaptzip reads ({FORMAT_VERSION}); upgrade adaptzip",
+            )
         try:
             cls = get_form(m["form"])
         except Exception as e:
@@ -420,18 +464,29 @@ class Container:
         st = self.storage
         for n in sorted(st.tensors if st is not None else ()):
             if n not in specs or specs[n][1] is not None:
-                raise ContainerError(self.path, f"storage lists tensor {n}, which is not a float tensor of form {m['form']}")
+                raise ContainerError(
+                    self.path, f"storage lists tensor {n}, which is not a float tensor of form {m['form']}"
+                )
             self._quant_parts(n)  # checks the entry against the form's specs
             del expected[n]  # stored as its parts: names, shapes and dtypes from the scheme
-            expected.update({k: (tuple(s), dt) for k, (s, dt) in quant.stored_specs(n, specs[n][0], st.tensors[n], self.dtype).items()})
+            expected.update(
+                {
+                    k: (tuple(s), dt)
+                    for k, (s, dt) in quant.stored_specs(n, specs[n][0], st.tensors[n], self.dtype).items()
+                }
+            )
         shared = self.shared_names
         if shared:  # resolves and hash-checks the shared file
             both = sorted(shared & set(self._shapes))
             if both:
-                raise ContainerError(self.path, f"tensor {both[0]} is stored in the container and also referenced in the shared file")
+                raise ContainerError(
+                    self.path, f"tensor {both[0]} is stored in the container and also referenced in the shared file"
+                )
             gone = sorted(shared - set(self.shared_shapes))
             if gone:
-                raise ContainerError(self.shared_path, f"tensor {gone[0]} referenced by {self.path.name} is missing from the shared file")
+                raise ContainerError(
+                    self.shared_path, f"tensor {gone[0]} referenced by {self.path.name} is missing from the shared file"
+                )
         names = set(self._shapes) | shared
         missing = sorted(set(expected) - names)
         if missing:
@@ -447,9 +502,13 @@ class Container:
             shape, dt = spec
             got_shape, got_dt = self._shapes[n] if n in self._shapes else self.shared_shapes[n]
             if tuple(got_shape) != shape:
-                raise ContainerError(self.path, f"tensor {n} has shape {list(got_shape)} but the manifest implies {list(shape)}")
+                raise ContainerError(
+                    self.path, f"tensor {n} has shape {list(got_shape)} but the manifest implies {list(shape)}"
+                )
             if dt is None and (got_dt not in float_st or got_dt != want_float):
-                raise ContainerError(self.path, f"tensor {n} has dtype {got_dt} but the container dtype is {want_float}")
+                raise ContainerError(
+                    self.path, f"tensor {n} has dtype {got_dt} but the container dtype is {want_float}"
+                )
             if dt is not None and got_dt != ST_DTYPE[dt]:
                 raise ContainerError(self.path, f"tensor {n} has dtype {got_dt}, expected {ST_DTYPE[dt]}")
         stored = self.tensors()
@@ -460,9 +519,19 @@ class Container:
                 raise ContainerError(self.path, str(e)) from e
         actual = payload_sha256(stored)
         if actual != m["payload_sha256"]:
-            raise ContainerError(self.path, f"payload sha256 {actual[:12]}… does not match the manifest's {m['payload_sha256'][:12]}… (corrupted or edited)")
-        res = {"path": str(self.path), "ok": True, "form": m["form"], "format_version": m["format_version"],
-               "tensors": len(names), "bytes": self.bytes, "payload_sha256": actual}
+            raise ContainerError(
+                self.path,
+                f"payload sha256 {actual[:12]}… does not match the manifest's {m['payload_sha256'][:12]}… (corrupted or edited)",
+            )
+        res = {
+            "path": str(self.path),
+            "ok": True,
+            "form": m["form"],
+            "format_version": m["format_version"],
+            "tensors": len(names),
+            "bytes": self.bytes,
+            "payload_sha256": actual,
+        }
         if shared:
             res["shared"] = str(self.shared_path)
         return res

@@ -17,9 +17,10 @@ forward hooks, :class:`adaptzip.calibrate.Modes`) to minimise that divergence: A
 schedule with warm-up, gradient clipping, early stopping on the held-out split, the best state
 kept, ``form.finalize()`` at the end. :meth:`Calibration.measure` is the whole step for one form:
 metrics before, distillation, metrics after. (What to distil and when — the compress pipeline —
-is :mod:`adaptzip.pipeline`; this module is the session alone, ~540 lines: its data, teacher
+is :mod:`adaptzip.pipeline`; this module is the session alone, longer than ~500 lines because its data, teacher
 caches, divergences and training loop belong together.)
 """
+
 from __future__ import annotations
 
 import math
@@ -122,7 +123,9 @@ class Calibration:
 
     # ----------------------------------------------------------------- teacher caches
     @torch.no_grad()
-    def _cache(self, sp: Split, topk: int, label: str, sigma: cb.SigmaHooks | None = None, base_pass: bool = False) -> None:
+    def _cache(
+        self, sp: Split, topk: int, label: str, sigma: cb.SigmaHooks | None = None, base_pass: bool = False
+    ) -> None:
         """Fill the teacher outputs of a split (and Σ when ``sigma``; the base loss when
         ``base_pass``)."""
         lp_k, idx_k, hid, lgt = [], [], [], []
@@ -257,8 +260,19 @@ class Calibration:
         return 1.0 - ev["objective"] / sp.base_objective
 
     # ----------------------------------------------------------------- distillation
-    def distil(self, form: Form, *, steps: int, lr: float, eval_every: int | None = None, patience: int = 4,
-               warmup: float = 0.05, clip: float = 1.0, weight_decay: float = 0.0, label: str = "distil") -> dict:
+    def distil(
+        self,
+        form: Form,
+        *,
+        steps: int,
+        lr: float,
+        eval_every: int | None = None,
+        patience: int = 4,
+        warmup: float = 0.05,
+        clip: float = 1.0,
+        weight_decay: float = 0.0,
+        label: str = "distil",
+    ) -> dict:
         """Train ``form``'s parameters (``form.trainable_groups()``) to imitate the teacher.
 
         AdamW (lr, no weight decay by default), cosine schedule after a linear warm-up of
@@ -274,8 +288,13 @@ class Calibration:
         groups = [g for g in form.trainable_groups() if any(p.requires_grad for p in g["params"])]
         params = [p for g in groups for p in g["params"] if p.requires_grad]
         start = self.evaluate(form, "heldout")["objective"]
-        info: dict[str, Any] = {"distill_steps": 0, "distill_lr": lr, "heldout_before": start, "heldout_after": start,
-                                "distill_best_step": 0}
+        info: dict[str, Any] = {
+            "distill_steps": 0,
+            "distill_lr": lr,
+            "heldout_before": start,
+            "heldout_after": start,
+            "distill_best_step": 0,
+        }
         if steps <= 0 or not params or start <= 1e-10:  # nothing to train, or already the teacher
             form.eval()
             return info
@@ -286,11 +305,21 @@ class Calibration:
         g = torch.Generator().manual_seed(self.seed)
         for attempt in range(2):
             # fresh group dicts per attempt; a form's group may carry ``lr_scale`` (× the run's lr)
-            pg = [{**{k: v for k, v in grp.items() if k not in ("initial_lr", "lr_scale")},
-                   "lr": grp.get("lr", lr * grp.get("lr_scale", 1.0))} for grp in groups]
+            pg = [
+                {
+                    **{k: v for k, v in grp.items() if k not in ("initial_lr", "lr_scale")},
+                    "lr": grp.get("lr", lr * grp.get("lr_scale", 1.0)),
+                }
+                for grp in groups
+            ]
             opt = torch.optim.AdamW(pg, lr=lr, weight_decay=weight_decay)
             n_warm = max(1, int(warmup * steps))
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / n_warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt,
+                lambda s, n_warm=n_warm: (
+                    min(1.0, (s + 1) / n_warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+                ),
+            )
             since = 0
             restart = False
             with progress_bar(self.progress, f"{label} {form.name}", steps) as bar:
@@ -334,13 +363,21 @@ class Calibration:
         form.eval()
         secs = time.perf_counter() - t0
         tok_per_row = self.train.ids.shape[1]
-        info.update({"distill_steps": done, "distill_best_step": best_step, "heldout_after": self.evaluate(form, "heldout")["objective"],
-                     "distill_seconds": secs, "distill_tokens_per_s": done * self.batch_size * tok_per_row / max(secs, 1e-9)})
+        info.update(
+            {
+                "distill_steps": done,
+                "distill_best_step": best_step,
+                "heldout_after": self.evaluate(form, "heldout")["objective"],
+                "distill_seconds": secs,
+                "distill_tokens_per_s": done * self.batch_size * tok_per_row / max(secs, 1e-9),
+            }
+        )
         return info
 
     # ----------------------------------------------------------------- the whole step
-    def measure(self, form: Form, ctx: FitContext, dtype: torch.dtype, *, steps: int, lr: float | None = None,
-                prefix: str = "") -> dict[str, Any]:
+    def measure(
+        self, form: Form, ctx: FitContext, dtype: torch.dtype, *, steps: int, lr: float | None = None, prefix: str = ""
+    ) -> dict[str, Any]:
         """Metrics of ``form`` before distillation, ``steps`` of distillation (in place), metrics
         after. The form's floats are rounded to the container ``dtype`` before each measurement
         so the numbers describe what is stored. Keys (with ``prefix``): kl_before, kl_after,
@@ -360,12 +397,18 @@ class Calibration:
         form.cpu()
         rep1 = fit.evaluate(form, self.adapter, ctx)
         m: dict[str, Any] = {
-            "kl_before": ev0.get("kl"), "kl_after": ev1.get("kl"),
-            "top1_agreement_before": ev0.get("top1"), "top1_agreement": ev1.get("top1"),
-            "improvement_kept_before": self.improvement_kept(ev0), "improvement_kept": self.improvement_kept(ev1),
-            "objective_before": ev0["objective"], "objective_after": ev1["objective"],
-            "output_rel_error_before": rep0.rel_error, "output_rel_error": rep1.rel_error,
-            "worst_module_output_rel_error": rep1.worst_module_rel_error, "worst_module": rep1.worst_module,
+            "kl_before": ev0.get("kl"),
+            "kl_after": ev1.get("kl"),
+            "top1_agreement_before": ev0.get("top1"),
+            "top1_agreement": ev1.get("top1"),
+            "improvement_kept_before": self.improvement_kept(ev0),
+            "improvement_kept": self.improvement_kept(ev1),
+            "objective_before": ev0["objective"],
+            "objective_after": ev1["objective"],
+            "output_rel_error_before": rep0.rel_error,
+            "output_rel_error": rep1.rel_error,
+            "worst_module_output_rel_error": rep1.worst_module_rel_error,
+            "worst_module": rep1.worst_module,
             **{k: v for k, v in info.items() if k.startswith("distill_") or k.startswith("heldout_")},
         }
         if self.task == "lm":
@@ -378,9 +421,14 @@ class Calibration:
 
     def reference_metrics(self) -> dict[str, Any]:
         """Facts about the calibration itself: tokens, base/source perplexity on the eval split."""
-        m: dict[str, Any] = {"task": self.task, "calib_tokens": self.train.tokens + self.heldout.tokens,
-                             "heldout_tokens": self.heldout.tokens, "eval_tokens": self.eval.tokens,
-                             "eval_text": self.eval_source, "weighted": self.stats is not None}
+        m: dict[str, Any] = {
+            "task": self.task,
+            "calib_tokens": self.train.tokens + self.heldout.tokens,
+            "heldout_tokens": self.heldout.tokens,
+            "eval_tokens": self.eval.tokens,
+            "eval_text": self.eval_source,
+            "weighted": self.stats is not None,
+        }
         if self.task == "lm":
             m["ppl_base"] = math.exp(min(self.eval.loss_base, 700))
             m["ppl_source"] = math.exp(min(self.eval.loss_source, 700))
@@ -404,11 +452,25 @@ class _Rows:
 
 
 # --------------------------------------------------------------------------------- prepare
-def prepare(adapter: Adapter, base_model: str | Path, calib: str | Path, *, calib_tokens: int = 50000,
-            eval_text: str | Path | None = None, eval_tokens: int = 8192, stats: dict[str, Tensor] | None = None,
-            stats_file: str | Path | None = None, save_stats_to: str | Path | None = None, device: str | None = "auto",
-            seq_len: int = 128, batch_size: int = 4, heldout: float = 0.1, progress: bool = False, seed: int = 0,
-            weighted: bool = True) -> Calibration:
+def prepare(
+    adapter: Adapter,
+    base_model: str | Path,
+    calib: str | Path,
+    *,
+    calib_tokens: int = 50000,
+    eval_text: str | Path | None = None,
+    eval_tokens: int = 8192,
+    stats: dict[str, Tensor] | None = None,
+    stats_file: str | Path | None = None,
+    save_stats_to: str | Path | None = None,
+    device: str | None = "auto",
+    seq_len: int = 128,
+    batch_size: int = 4,
+    heldout: float = 0.1,
+    progress: bool = False,
+    seed: int = 0,
+    weighted: bool = True,
+) -> Calibration:
     """Load the base + teacher, tokenise, compute Σ (or reuse ``stats`` / ``stats_file``) and the
     teacher caches. ``calib_tokens`` tokens of ``calib`` are used: a ``heldout`` fraction for early
     stopping, the same fraction for evaluation when no ``eval_text`` is given, the rest for
@@ -436,11 +498,14 @@ def prepare(adapter: Adapter, base_model: str | Path, calib: str | Path, *, cali
     n_hold = max(1, int(round(heldout * n)))
     n_eval = 0 if eval_text is not None else n_hold
     if n - n_hold - n_eval < 1:
-        raise CalibrationError(calib, f"{n} sequences of {seq} tokens are too few to split into train/held-out"
-                                      f"{'' if eval_text else '/eval'} (give more text or a larger --calib-tokens)")
+        raise CalibrationError(
+            calib,
+            f"{n} sequences of {seq} tokens are too few to split into train/held-out"
+            f"{'' if eval_text else '/eval'} (give more text or a larger --calib-tokens)",
+        )
     # deterministic split: held-out and eval rows spread over the text (every k-th row)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    hold_rows, eval_rows, train_rows = perm[:n_hold], perm[n_hold:n_hold + n_eval], perm[n_hold + n_eval:]
+    hold_rows, eval_rows, train_rows = perm[:n_hold], perm[n_hold : n_hold + n_eval], perm[n_hold + n_eval :]
 
     def take(r: Tensor) -> Split:
         r = r.sort().values
@@ -454,7 +519,9 @@ def prepare(adapter: Adapter, base_model: str | Path, calib: str | Path, *, cali
         ev, src = Split(e_ids, e_mask), "eval"
     else:
         ev, src = take(eval_rows), "calib"
-    cal = Calibration(adapter, base, modes, train, hold, ev, src, None, batch_size=batch_size, seed=seed, progress=progress)
+    cal = Calibration(
+        adapter, base, modes, train, hold, ev, src, None, batch_size=batch_size, seed=seed, progress=progress
+    )
     vocab = base.vocab_size
     k_train = vocab if vocab and vocab <= 2 * TRAIN_TOPK else TRAIN_TOPK
     k_eval = vocab if vocab and vocab <= 2 * EVAL_TOPK else EVAL_TOPK
@@ -480,8 +547,12 @@ def prepare(adapter: Adapter, base_model: str | Path, calib: str | Path, *, cali
     cal.stats = stats
     cal.stats_info = info
     train_tokens = train.tokens
-    cal.timings = {"load_seconds": t_load, "stats_seconds": t2 - t1, "stats_tokens_per_s": train_tokens / max(t2 - t1, 1e-9),
-                   "prepare_seconds": time.perf_counter() - t0}
+    cal.timings = {
+        "load_seconds": t_load,
+        "stats_seconds": t2 - t1,
+        "stats_tokens_per_s": train_tokens / max(t2 - t1, 1e-9),
+        "prepare_seconds": time.perf_counter() - t0,
+    }
     return cal
 
 

@@ -1,5 +1,6 @@
 """One exception family. Every error carries the path it concerns and a one-line cause;
 the CLI turns it into ``adaptzip: error: <path>: <cause>`` and exit code 2."""
+
 from __future__ import annotations
 
 from pathlib import Path

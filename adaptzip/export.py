@@ -1,6 +1,7 @@
 """Expanding a container: PEFT LoRA directory (optionally vLLM-compatible), dense ΔW file, or a
 merged base model. Dense and merged outputs stream: one ΔW (or one base tensor) in memory at a
 time, written at its planned offset by :class:`adaptzip.fileio.StreamingWriter`."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,9 @@ def _config_reproduces(cfg: dict, want: dict[str, tuple[int, float]]) -> bool:
     return True
 
 
-def _lora_config(source: dict, modules: list[ModuleInfo], ranks: dict[str, int], alphas: dict[str, float],
-                 rslora: bool) -> dict:
+def _lora_config(
+    source: dict, modules: list[ModuleInfo], ranks: dict[str, int], alphas: dict[str, float], rslora: bool
+) -> dict:
     """A LoraConfig dict that gives each module its rank and alpha: the source's own config when it
     does, else a uniform r/alpha (the most common) plus rank_pattern/alpha_pattern entries."""
     cfg = dict(source)
@@ -65,9 +67,12 @@ def _lora_config(source: dict, modules: list[ModuleInfo], ranks: dict[str, int],
         return cfg
     r0 = Counter(ranks[m.name] for m in present).most_common(1)[0][0] if present else 1
     a0 = Counter(alphas[m.name] for m in present).most_common(1)[0][0] if present else 1
-    cfg.update(r=r0, lora_alpha=a0,
-               rank_pattern={m.name: ranks[m.name] for m in present if ranks[m.name] != r0},
-               alpha_pattern={m.name: alphas[m.name] for m in present if alphas[m.name] != a0})
+    cfg.update(
+        r=r0,
+        lora_alpha=a0,
+        rank_pattern={m.name: ranks[m.name] for m in present if ranks[m.name] != r0},
+        alpha_pattern={m.name: alphas[m.name] for m in present if alphas[m.name] != a0},
+    )
     return cfg
 
 
@@ -77,8 +82,9 @@ def _factor_keys(m: ModuleInfo) -> tuple[str, str]:
     return f"{PREFIX}{m.name}.lora_A.weight", f"{PREFIX}{m.name}.lora_B.weight"
 
 
-def to_peft(c: Container, out: Path, *, target: str = "peft", max_lora_rank: int | None = None,
-            dtype: str | None = None) -> dict:
+def to_peft(
+    c: Container, out: Path, *, target: str = "peft", max_lora_rank: int | None = None, dtype: str | None = None
+) -> dict:
     """Write a PEFT LoRA directory. ``target='vllm'`` also satisfies vLLM's loader (one global
     rank ≤ max_lora_rank, scale folded into B, only lora_A/lora_B tensors)."""
     facs = c.lora_factors()  # stored dtype for lora/svd (no fp32 round trip), fp32 otherwise
@@ -92,14 +98,21 @@ def to_peft(c: Container, out: Path, *, target: str = "peft", max_lora_rank: int
         if target == "vllm":
             bad = [x for x in c.carried if x["role"] in ("lora_bias", "dora_magnitude", "modules_to_save")]
             if bad:
-                why = {"lora_bias": "a LoRA bias (lora_B.bias)", "dora_magnitude": "DoRA (lora_magnitude_vector)",
-                       "modules_to_save": "modules_to_save"}[bad[0]["role"]]
-                raise ExportError(c.path, f"vLLM cannot load {why} ({bad[0]['key']}); expand with --target peft instead")
+                why = {
+                    "lora_bias": "a LoRA bias (lora_B.bias)",
+                    "dora_magnitude": "DoRA (lora_magnitude_vector)",
+                    "modules_to_save": "modules_to_save",
+                }[bad[0]["role"]]
+                raise ExportError(
+                    c.path, f"vLLM cannot load {why} ({bad[0]['key']}); expand with --target peft instead"
+                )
             R = max((A.shape[0] for _, A, _ in facs), default=1)
             if max_lora_rank is None:
                 max_lora_rank = next((n for n in VLLM_RANKS if n >= R), VLLM_RANKS[-1])
             if max_lora_rank not in VLLM_RANKS:
-                raise ExportError(out, f"--max-lora-rank {max_lora_rank} is not one vLLM accepts ({', '.join(map(str, VLLM_RANKS))})")
+                raise ExportError(
+                    out, f"--max-lora-rank {max_lora_rank} is not one vLLM accepts ({', '.join(map(str, VLLM_RANKS))})"
+                )
             r = max(1, min(R, max_lora_rank))
             refactored = {}
             for m, (B, A, scale) in zip(c.modules, facs):
@@ -108,7 +121,9 @@ def to_peft(c: Container, out: Path, *, target: str = "peft", max_lora_rank: int
                 if k > r:
                     s = linalg.factored_svd(B, A)
                     B2, A2 = s.truncate(r)
-                    refactored[m.name] = math.sqrt(float(linalg.sq_error(B, A, B2, A2).clamp_min(0)) / max(float(linalg.sq_norm(B, A)), 1e-30))
+                    refactored[m.name] = math.sqrt(
+                        float(linalg.sq_error(B, A, B2, A2).clamp_min(0)) / max(float(linalg.sq_norm(B, A)), 1e-30)
+                    )
                     B, A = B2, A2
                 elif k < r:  # zero-pad to the global rank
                     B = torch.cat([B, B.new_zeros(B.shape[0], r - k)], 1)
@@ -116,8 +131,18 @@ def to_peft(c: Container, out: Path, *, target: str = "peft", max_lora_rank: int
                 ka, kb = _factor_keys(m)
                 tensors[ka], tensors[kb] = A.to(out_dtype).contiguous(), B.to(out_dtype).contiguous()
             cfg = dict(src_cfg)
-            cfg.update(r=r, lora_alpha=r, use_rslora=False, rank_pattern={}, alpha_pattern={}, use_dora=False,
-                       lora_bias=False, bias="none", modules_to_save=None, inference_mode=True)
+            cfg.update(
+                r=r,
+                lora_alpha=r,
+                use_rslora=False,
+                rank_pattern={},
+                alpha_pattern={},
+                use_dora=False,
+                lora_bias=False,
+                bias="none",
+                modules_to_save=None,
+                inference_mode=True,
+            )
             dropped = [x["key"] for x in c.carried if x["role"] == "embedding_base"]
             info.update(r=r, max_lora_rank=max_lora_rank, refactored=refactored, dropped=dropped)
         else:
@@ -160,7 +185,9 @@ def to_dense(c: Container, out: Path, *, dtype: str | None = "fp32") -> dict:
     """One safetensors file: ΔW per module keyed by the base weight name, written module by module
     (peak memory: one ΔW). LoRA biases become ``<module>.bias`` deltas."""
     if any(x["role"] == "dora_magnitude" for x in c.carried):
-        raise ExportError(c.path, "a DoRA update depends on the base weights and has no dense ΔW; use --to merged --base-model DIR")
+        raise ExportError(
+            c.path, "a DoRA update depends on the base weights and has no dense ΔW; use --to merged --base-model DIR"
+        )
     form = c.form()
     out_dtype = _resolve_dtype(dtype, torch.float32)
     plan = []
@@ -172,8 +199,12 @@ def to_dense(c: Container, out: Path, *, dtype: str | None = "fp32") -> dict:
         if m.name in biases:
             plan.append((f"{m.name}.bias", out_dtype, (m.out_features,)))
     not_included = [x["key"] for x in c.carried if x["role"] in ("modules_to_save", "embedding_base")]
-    meta = {"adaptzip": json.dumps({"kind": "dense_delta", "source_container": c.path.name,
-                                    "form": c.form_name, "not_included": not_included}, sort_keys=True)}
+    meta = {
+        "adaptzip": json.dumps(
+            {"kind": "dense_delta", "source_container": c.path.name, "form": c.form_name, "not_included": not_included},
+            sort_keys=True,
+        )
+    }
     with torch.no_grad(), atomic_file(out) as tmp, StreamingWriter(tmp, plan, meta) as w:
         for i, m in enumerate(c.modules):
             w.write(f"{m.name}.weight", _delta(form, i, m, out_dtype))
@@ -186,7 +217,9 @@ def to_dense(c: Container, out: Path, *, dtype: str | None = "fp32") -> dict:
 # ----------------------------------------------------------------------------- merged
 def _base_shards(base: Path) -> tuple[list[Path], Path | None]:
     if not base.is_dir():
-        raise BaseModelError(base, "not a directory (--base-model must be a local model directory with safetensors weights)")
+        raise BaseModelError(
+            base, "not a directory (--base-model must be a local model directory with safetensors weights)"
+        )
     idx = base / "model.safetensors.index.json"
     if idx.is_file():
         files = sorted(set(json.loads(idx.read_text())["weight_map"].values()))
@@ -230,18 +263,26 @@ def to_merged(c: Container, base: Path, out: Path) -> dict:
         if k is None:
             raise BaseModelError(base, f"module {m.name} of the adapter has no weight in the base model")
         if m.name in magnitude and m.kind == "embedding":
-            raise ExportError(c.path, f"merging DoRA on an embedding ({m.name}) is not supported; expand with --to peft")
+            raise ExportError(
+                c.path, f"merging DoRA on an embedding ({m.name}) is not supported; expand with --to peft"
+            )
         edits[k] = ("delta", i)
     for j, x in enumerate(c.carried):
         if x["role"] == "lora_bias":
             k = _match_key(x["module"], kset, "bias")
             if k is None:
-                raise BaseModelError(base, f"module {x['module']} has a LoRA bias but the base layer has no bias to merge it into")
+                raise BaseModelError(
+                    base, f"module {x['module']} has a LoRA bias but the base layer has no bias to merge it into"
+                )
             i = next(i for i, m in enumerate(c.modules) if m.name == x["module"])
             edits[k] = ("bias", j, i)
         elif x["role"] in ("modules_to_save", "embedding_base"):
             name = x["key"].removeprefix(PREFIX)
-            name = name.replace(".base_layer.weight", ".weight").replace(".modules_to_save.", ".").replace(".original_module.", ".")
+            name = (
+                name.replace(".base_layer.weight", ".weight")
+                .replace(".modules_to_save.", ".")
+                .replace(".original_module.", ".")
+            )
             k = name if name in kset else _match_key(name.rsplit(".", 1)[0], kset, name.rsplit(".", 1)[1])
             if k is None:
                 raise BaseModelError(base, f"tensor {x['key']} of the adapter has no counterpart in the base model")
@@ -275,7 +316,9 @@ def _apply(c: Container, form: Form, e: tuple, t: torch.Tensor, magnitude: dict[
     W = t.float()
     d = _delta(form, i, m, torch.float32)
     if W.shape != d.shape:
-        raise BaseModelError(None, f"module {m.name}: base weight has shape {list(W.shape)} but the adapter's update is {list(d.shape)}")
+        raise BaseModelError(
+            None, f"module {m.name}: base weight has shape {list(W.shape)} but the adapter's update is {list(d.shape)}"
+        )
     W = W + d
     if m.name in magnitude:
         Wo = W.T if m.dense_transposed else W  # (out, in), PEFT's DoRA convention

@@ -7,6 +7,7 @@ partial file. Source files are never opened for writing.
 The safetensors layout rule lives here once (:func:`safetensors_plan`, :func:`safetensors_header`):
 the streaming writer uses it to write, the container uses it to predict a file's size exactly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,9 +27,18 @@ import torch
 
 from .errors import AdaptzipError, OutputExists
 
-ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-            torch.bool: "BOOL"}
+ST_DTYPE = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 ST_TORCH = {v: k for k, v in ST_DTYPE.items()}  # safetensors dtype name -> torch dtype
 # The order of safetensors' own (Rust) ``Dtype`` enum for the dtypes above: ``save_file`` lays
 # tensors out by it, highest first, then by name (measured: tests/test_fileio.py). That keeps every
@@ -202,9 +212,18 @@ def check_not_truncated(path: Path, error: type[AdaptzipError]) -> None:
         return
     if not isinstance(header, dict):
         return
-    end = max((v["data_offsets"][1] for k, v in header.items()
-               if k != "__metadata__" and isinstance(v, dict) and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2
-               and isinstance(v["data_offsets"][1], int)), default=0)
+    end = max(
+        (
+            v["data_offsets"][1]
+            for k, v in header.items()
+            if k != "__metadata__"
+            and isinstance(v, dict)
+            and isinstance(v.get("data_offsets"), list)
+            and len(v["data_offsets"]) == 2
+            and isinstance(v["data_offsets"][1], int)
+        ),
+        default=0,
+    )
     if 8 + n + end > size:
         raise error(path, f"truncated safetensors file: payload needs {8 + n + end} bytes, file has {size}")
 
@@ -225,7 +244,9 @@ class StreamingWriter:
     def write(self, name: str, t: torch.Tensor) -> None:
         exp_name, dtype, shape, n = self._order[self._next]
         if name != exp_name or t.dtype != dtype or tuple(t.shape) != shape:
-            raise ValueError(f"streaming writer: expected {exp_name} {dtype} {shape}, got {name} {t.dtype} {tuple(t.shape)}")
+            raise ValueError(
+                f"streaming writer: expected {exp_name} {dtype} {shape}, got {name} {t.dtype} {tuple(t.shape)}"
+            )
         if n:  # the tensor's own buffer, no bytes copy (peak memory: one tensor)
             self._f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
         self._next += 1

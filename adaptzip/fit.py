@@ -4,6 +4,7 @@ Objective: Σ_m ‖ΔW_m − ΔŴ_m‖²_{Σ_m} / Σ_m ‖ΔW_m‖²_{Σ_m}, wit
 update and ΔŴ_m = form.factors(m) — computed from Gram products (``linalg.sq_error``), never from
 dense matrices. Σ_m is the module's input second moment when statistics exist, else the identity.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,9 +80,19 @@ def evaluate(form: Form, adapter: Adapter, ctx: FitContext) -> FitReport:
     return FitReport(total, rel[worst], adapter.modules[worst].name, rel)
 
 
-def optimise(form: Form, adapter: Adapter, ctx: FitContext, *, lr: float = 1e-2, max_steps: int = 500,
-             tol: float = 1e-4, patience: int = 25, params=None, label: str = "fit",
-             loss_fn: Callable[[], torch.Tensor] | None = None) -> list[float]:
+def optimise(
+    form: Form,
+    adapter: Adapter,
+    ctx: FitContext,
+    *,
+    lr: float = 1e-2,
+    max_steps: int = 500,
+    tol: float = 1e-4,
+    patience: int = 25,
+    params=None,
+    label: str = "fit",
+    loss_fn: Callable[[], torch.Tensor] | None = None,
+) -> list[float]:
     """Adam on the relative factored objective with early stopping: stop when the best loss has
     not improved by a relative ``tol`` in ``patience`` steps; the best state is restored.
     ``loss_fn``: a form's own (faster, e.g. batched) computation of the same relative objective.
@@ -89,8 +100,10 @@ def optimise(form: Form, adapter: Adapter, ctx: FitContext, *, lr: float = 1e-2,
     tg = targets(adapter, ctx)
     total = max(sum(t.norm2 for t in tg), 1e-30)
     if loss_fn is None:
+
         def loss_fn() -> torch.Tensor:
             return module_sq_errors(form, tg).sum() / total
+
     params = [p for p in (params if params is not None else form.parameters()) if p.requires_grad]
     if not params:
         return []
@@ -125,9 +138,21 @@ def optimise(form: Form, adapter: Adapter, ctx: FitContext, *, lr: float = 1e-2,
     return history
 
 
-def refine(form: Form, adapter: Adapter, ctx: FitContext, *, solve: Callable[[], None] | None = None,
-           params=None, lr: float = 1e-2, relative_lr: bool = True, max_steps: int = 300, round_steps: int = 25,
-           tol: float = 1e-4, chunk_values: int = 1 << 22, label: str = "refine") -> list[float]:
+def refine(
+    form: Form,
+    adapter: Adapter,
+    ctx: FitContext,
+    *,
+    solve: Callable[[], None] | None = None,
+    params=None,
+    lr: float = 1e-2,
+    relative_lr: bool = True,
+    max_steps: int = 300,
+    round_steps: int = 25,
+    tol: float = 1e-4,
+    chunk_values: int = 1 << 22,
+    label: str = "refine",
+) -> list[float]:
     """Alternating refinement (block-coordinate descent): rounds of Adam steps on ``params``
     (default: every parameter), each closed by ``solve()``, a callable that sets some blocks to
     their exact minimiser given the others (a truncated SVD, a least-squares solve).
@@ -195,4 +220,3 @@ def refine(form: Form, adapter: Adapter, ctx: FitContext, *, solve: Callable[[],
         for p, b in zip(every, best_state):
             p.copy_(b)
     return history
-

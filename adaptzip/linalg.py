@@ -5,6 +5,7 @@ sharing). Nothing here materialises a dense ΔW.
 Conventions: an update is ΔW = B @ A with B (out×r), A (r×in). Σ (in×in) is a module's input
 second moment E[x xᵀ]; the Σ-weighted norm is ‖M‖_Σ² = tr(M Σ Mᵀ) = ‖M L‖_F² with Σ = L Lᵀ.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -98,9 +99,15 @@ def energy_top(S: Tensor, k: int) -> float:
     return float(e[:k].sum()) / tot if tot > 0 else 0.0
 
 
-def allocate(gains: Sequence[Sequence[float] | Tensor], costs: Sequence[float | Sequence[float]], budget: float = math.inf,
-             max_ranks: Sequence[int] | None = None, *, after: Sequence[int | None] | None = None,
-             target_gain: float | None = None) -> list[int] | None:
+def allocate(
+    gains: Sequence[Sequence[float] | Tensor],
+    costs: Sequence[float | Sequence[float]],
+    budget: float = math.inf,
+    max_ranks: Sequence[int] | None = None,
+    *,
+    after: Sequence[int | None] | None = None,
+    target_gain: float | None = None,
+) -> list[int] | None:
     """Greedy allocation by gain per cost, the one allocator (svd and BSLoRA ranks within a
     budget, zoo shared-basis ranks to an error target).
 
@@ -201,8 +208,9 @@ class ModuleBasis:
     norms: list[float]
 
 
-def module_basis(factors: Iterable[tuple[Tensor, Tensor]], n_in: int, cap: int | None = None,
-                 total_rank: int | None = None) -> ModuleBasis:
+def module_basis(
+    factors: Iterable[tuple[Tensor, Tensor]], n_in: int, cap: int | None = None, total_rank: int | None = None
+) -> ModuleBasis:
     """From the factors (B_a out×r_a, A_a r_a×in) of one module of n adapters, without any
     dense ΔW: when Σ r_a ≤ in, QR of the stacked Aᵀ and an eigendecomposition of the small
     (Σr)×(Σr) Gram of the stacked cores; otherwise the in×in Gram Σ_a A_aᵀ(B_aᵀB_a)A_a, streamed
@@ -237,7 +245,7 @@ def module_basis(factors: Iterable[tuple[Tensor, Tensor]], n_in: int, cap: int |
     off = 0
     for B, A in fs:
         r = A.shape[0]
-        C = B @ Rr[:, off:off + r].T  # out×R: B_a A_a = C Qᵀ
+        C = B @ Rr[:, off : off + r].T  # out×R: B_a A_a = C Qᵀ
         M += C.T @ C
         off += r
     lam, W = torch.linalg.eigh(M)

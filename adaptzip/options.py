@@ -177,9 +177,17 @@ class CompressResult:
 
     def to_json(self) -> dict:
         out: dict[str, Any] = {
-            "output": self.output, "form": self.form, "config": self.config, "state": self.state,
-            "dtype": self.dtype, "source_bytes": self.source_bytes, "bytes": self.bytes, "ratio": self.ratio,
-            "stored_params": self.stored_params, "source_params": self.source_params, **self.metrics,
+            "output": self.output,
+            "form": self.form,
+            "config": self.config,
+            "state": self.state,
+            "dtype": self.dtype,
+            "source_bytes": self.source_bytes,
+            "bytes": self.bytes,
+            "ratio": self.ratio,
+            "stored_params": self.stored_params,
+            "source_params": self.source_params,
+            **self.metrics,
         }
         if self.quant is not None:
             out["quant"] = self.quant

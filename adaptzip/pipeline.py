@@ -33,31 +33,88 @@ from .forms.base import config_to_json
 from .options import CalibrationOptions, CompressResult, FitOptions, QuantOptions, RunOptions
 
 _PLACEHOLDER = -1.2345678901234567e-300  # the longest JSON float: reserves header room for metrics
-MEASURE_KEYS = ("kl_before", "kl_after", "top1_agreement_before", "top1_agreement", "improvement_kept_before",
-                "improvement_kept", "objective_before", "objective_after", "output_rel_error_before", "output_rel_error",
-                "worst_module_output_rel_error", "worst_module", "distill_steps", "distill_lr", "distill_best_step",
-                "distill_seconds", "distill_tokens_per_s", "distill_restarted", "heldout_before", "heldout_after",
-                "ppl_compressed_before", "ppl_compressed", "hidden_rel_mse_before", "hidden_rel_mse_after")
-REFERENCE_KEYS = ("task", "calib_tokens", "heldout_tokens", "eval_tokens", "eval_text", "weighted", "ppl_base",
-                  "ppl_source", "loss_base", "loss_source", "base_objective")
+MEASURE_KEYS = (
+    "kl_before",
+    "kl_after",
+    "top1_agreement_before",
+    "top1_agreement",
+    "improvement_kept_before",
+    "improvement_kept",
+    "objective_before",
+    "objective_after",
+    "output_rel_error_before",
+    "output_rel_error",
+    "worst_module_output_rel_error",
+    "worst_module",
+    "distill_steps",
+    "distill_lr",
+    "distill_best_step",
+    "distill_seconds",
+    "distill_tokens_per_s",
+    "distill_restarted",
+    "heldout_before",
+    "heldout_after",
+    "ppl_compressed_before",
+    "ppl_compressed",
+    "hidden_rel_mse_before",
+    "hidden_rel_mse_after",
+)
+REFERENCE_KEYS = (
+    "task",
+    "calib_tokens",
+    "heldout_tokens",
+    "eval_tokens",
+    "eval_text",
+    "weighted",
+    "ppl_base",
+    "ppl_source",
+    "loss_base",
+    "loss_source",
+    "base_objective",
+)
 WEIGHT_KEYS = ("rel_error", "worst_module_rel_error", "svd_baseline_rel_error", "svd_baseline_bytes")
 _AUTO_REASON_LEN = 300
-_AUTO_BASELINE_KEYS = ("svd_baseline_kl_after", "svd_baseline_kl_before", "svd_baseline_top1_agreement",
-                       "svd_baseline_improvement_kept", "svd_baseline_bytes")
-_ESSENTIAL = {"kl_before", "kl_after", "top1_agreement", "improvement_kept", "svd_baseline_kl_after", "rel_error",
-              "worst_module_rel_error", "worst_module", "weighted"}
+_AUTO_BASELINE_KEYS = (
+    "svd_baseline_kl_after",
+    "svd_baseline_kl_before",
+    "svd_baseline_top1_agreement",
+    "svd_baseline_improvement_kept",
+    "svd_baseline_bytes",
+)
+_ESSENTIAL = {
+    "kl_before",
+    "kl_after",
+    "top1_agreement",
+    "improvement_kept",
+    "svd_baseline_kl_after",
+    "rel_error",
+    "worst_module_rel_error",
+    "worst_module",
+    "weighted",
+}
 
 
-def compress(lora_dir: str | Path, output: str | Path, *, to: str, budget: str | float | None, form_options: dict,
-             fitting: FitOptions, calibration: CalibrationOptions | None, quant: QuantOptions,
-             run: RunOptions) -> CompressResult:
+def compress(
+    lora_dir: str | Path,
+    output: str | Path,
+    *,
+    to: str,
+    budget: str | float | None,
+    form_options: dict,
+    fitting: FitOptions,
+    calibration: CalibrationOptions | None,
+    quant: QuantOptions,
+    run: RunOptions,
+) -> CompressResult:
     """See :func:`adaptzip.api.compress`."""
     t0 = time.perf_counter()
     if quant.scheme == "auto" and budget is None:
         raise OptionError(None, "--quant auto chooses bits for a size: give --budget too")
     teacher = calibration is not None and calibration.teacher
     if to == "auto" and (budget is None or not teacher):
-        raise OptionError(None, "--to auto needs --budget and --base-model/--calib (forms are compared by their eval KL)")
+        raise OptionError(
+            None, "--to auto needs --budget and --base-model/--calib (forms are compared by their eval KL)"
+        )
     adapter = load_adapter(lora_dir)
     output = Path(output)
     check_output(output, run.force, sources=(adapter.path, adapter.weights_file))
@@ -68,42 +125,93 @@ def compress(lora_dir: str | Path, output: str | Path, *, to: str, budget: str |
     cal, stats = calibration_session(adapter, output, calibration, fitting, run)
     torch.manual_seed(fitting.seed)
     ctx = FitContext(stats=stats, seed=fitting.seed, progress=run.progress, max_steps=fitting.steps)
-    fitb = (fit_to_budget if quant.scheme == "none"
-            else functools.partial(qsearch.fit_quantised, quant=quant.scheme, group_size=quant.group_size))
+    fitb = (
+        fit_to_budget
+        if quant.scheme == "none"
+        else functools.partial(qsearch.fit_quantised, quant=quant.scheme, group_size=quant.group_size)
+    )
     auto_report: dict | None = None
     qauto: dict = {}
     if form_cls is None:
         form, tensors, manifest, _, auto_report = auto_select(
-            adapter, budget_bytes, dt, ctx, cal, fit_to_budget=fitb, steps=calibration.steps, lr=calibration.lr,
-            n_distil=calibration.auto_distil, command=run.command)
+            adapter,
+            budget_bytes,
+            dt,
+            ctx,
+            cal,
+            fit_to_budget=fitb,
+            steps=calibration.steps,
+            lr=calibration.lr,
+            n_distil=calibration.auto_distil,
+            command=run.command,
+        )
     elif cal is not None:
         if quant.scheme == "auto":
             fitb = functools.partial(fitb, auto_report=qauto)
         form, tensors, manifest, _ = fit_and_distil(
-            adapter, form_cls, config, budget_bytes, dt, ctx, cal, fit_to_budget=fitb,
-            baseline=fitting.baseline, steps=calibration.steps, lr=calibration.lr, command=run.command)
+            adapter,
+            form_cls,
+            config,
+            budget_bytes,
+            dt,
+            ctx,
+            cal,
+            fit_to_budget=fitb,
+            baseline=fitting.baseline,
+            steps=calibration.steps,
+            lr=calibration.lr,
+            command=run.command,
+        )
     else:
         metrics_fn = weight_metrics(adapter, ctx, dt, budget_bytes, quant, fitting.baseline, stats is not None)
         if quant.scheme == "auto":
-            form, tensors, manifest, _, qauto = qsearch.quant_auto(adapter, form_cls, config, budget_bytes, dt, ctx,
-                                                                   quant.group_size, metrics_fn, run.command)
+            form, tensors, manifest, _, qauto = qsearch.quant_auto(
+                adapter, form_cls, config, budget_bytes, dt, ctx, quant.group_size, metrics_fn, run.command
+            )
         else:
-            form, tensors, manifest, _ = fit_to_budget(adapter, form_cls, config, budget_bytes, dt, ctx,
-                                                       metrics_fn=metrics_fn, command=run.command, quant=quant.scheme,
-                                                       group_size=quant.group_size)
+            form, tensors, manifest, _ = fit_to_budget(
+                adapter,
+                form_cls,
+                config,
+                budget_bytes,
+                dt,
+                ctx,
+                metrics_fn=metrics_fn,
+                command=run.command,
+                quant=quant.scheme,
+                group_size=quant.group_size,
+            )
     written = ct.write(output, tensors, manifest)
     qinfo = qsearch.storage_summary(manifest) if "storage" in manifest else None
     if qinfo is not None and quant.scheme == "auto" and form_cls is not None:
         qinfo["auto"] = qauto
     return CompressResult(
-        output=str(output), form=form.name, config=config_to_json(form.config), state=state_summary(form),
-        dtype=DTYPE_NAMES[dt], source_bytes=adapter.bytes, bytes=written, stored_params=form.float_params(),
-        source_params=adapter.n_params, metrics=dict(manifest["metrics"]), quant=qinfo, auto=auto_report,
-        extras=calibration_extras(cal, form, adapter, ctx), seconds=time.perf_counter() - t0)
+        output=str(output),
+        form=form.name,
+        config=config_to_json(form.config),
+        state=state_summary(form),
+        dtype=DTYPE_NAMES[dt],
+        source_bytes=adapter.bytes,
+        bytes=written,
+        stored_params=form.float_params(),
+        source_params=adapter.n_params,
+        metrics=dict(manifest["metrics"]),
+        quant=qinfo,
+        auto=auto_report,
+        extras=calibration_extras(cal, form, adapter, ctx),
+        seconds=time.perf_counter() - t0,
+    )
 
 
-def weight_metrics(adapter: Adapter, ctx: FitContext, dt: torch.dtype, budget_bytes: int | None,
-                   quant: QuantOptions, baseline: bool, weighted: bool):
+def weight_metrics(
+    adapter: Adapter,
+    ctx: FitContext,
+    dt: torch.dtype,
+    budget_bytes: int | None,
+    quant: QuantOptions,
+    baseline: bool,
+    weighted: bool,
+):
     """``metrics_fn(form, size)`` of a fit without a teacher: the (Σ-weighted) weight errors and
     those of the same-bytes svd baseline."""
 
@@ -130,8 +238,12 @@ def state_summary(form: Form) -> dict:
     s = dict(form.state_info)
     if isinstance(s.get("ranks"), list):
         r = s.pop("ranks")
-        s["ranks"] = {"min": min(r, default=0), "max": max(r, default=0), "total": sum(r),
-                      "zero": sum(1 for x in r if x == 0)}
+        s["ranks"] = {
+            "min": min(r, default=0),
+            "max": max(r, default=0),
+            "total": sum(r),
+            "zero": sum(1 for x in r if x == 0),
+        }
     return s
 
 
@@ -143,8 +255,9 @@ def default_stats_path(output: Path) -> Path:
     return output.with_name(stem + ".stats.safetensors")
 
 
-def calibration_session(adapter: Adapter, output: Path, opts: CalibrationOptions | None, fitting: FitOptions,
-                        run: RunOptions):
+def calibration_session(
+    adapter: Adapter, output: Path, opts: CalibrationOptions | None, fitting: FitOptions, run: RunOptions
+):
     """The calibration session (None without a base model) and the Σ to fit with.
 
     Without a base model, ``opts.stats_file`` alone gives a Σ-weighted fit (no distillation). With
@@ -166,9 +279,21 @@ def calibration_session(adapter: Adapter, output: Path, opts: CalibrationOptions
         save_to = Path(opts.stats_file) if opts.stats_file is not None else default_stats_path(output)
         if opts.stats_file is None:
             check_output(save_to, run.force)
-    cal = distill.prepare(adapter, opts.base_model, opts.calib, calib_tokens=opts.tokens, eval_text=opts.eval_text,
-                          stats=stats, stats_file=opts.stats_file, save_stats_to=save_to, device=opts.device,
-                          seq_len=opts.seq_len, batch_size=opts.batch_size, progress=run.progress, seed=fitting.seed)
+    cal = distill.prepare(
+        adapter,
+        opts.base_model,
+        opts.calib,
+        calib_tokens=opts.tokens,
+        eval_text=opts.eval_text,
+        stats=stats,
+        stats_file=opts.stats_file,
+        save_stats_to=save_to,
+        device=opts.device,
+        seq_len=opts.seq_len,
+        batch_size=opts.batch_size,
+        progress=run.progress,
+        seed=fitting.seed,
+    )
     return cal, cal.stats
 
 
@@ -178,8 +303,11 @@ def calibration_extras(cal, form: Form, adapter: Adapter, ctx: FitContext) -> di
     if cal is None:
         return {}
     rep = fit.evaluate(form, adapter, ctx)
-    return {"module_output_rel_errors": dict(zip((m.name for m in adapter.modules), json_clean(rep.module_rel_errors))),
-            "stats_file": cal.stats_info.get("saved_to"), "timings": cal.timings}
+    return {
+        "module_output_rel_errors": dict(zip((m.name for m in adapter.modules), json_clean(rep.module_rel_errors))),
+        "stats_file": cal.stats_info.get("saved_to"),
+        "timings": cal.timings,
+    }
 
 
 def metrics_template(adapter: Adapter, baseline: bool, auto: bool = False) -> dict:
@@ -197,15 +325,29 @@ def metrics_template(adapter: Adapter, baseline: bool, auto: bool = False) -> di
     return t
 
 
-def fit_and_distil(adapter: Adapter, form_cls: type[Form], config: Any, budget_bytes: int | None, dtype: torch.dtype,
-                   ctx: FitContext, cal, *, fit_to_budget, baseline: bool = True, steps: int, lr: float | None = None,
-                   command: str | None = None, auto: bool = False) -> tuple[Form, dict, dict, int]:
+def fit_and_distil(
+    adapter: Adapter,
+    form_cls: type[Form],
+    config: Any,
+    budget_bytes: int | None,
+    dtype: torch.dtype,
+    ctx: FitContext,
+    cal,
+    *,
+    fit_to_budget,
+    baseline: bool = True,
+    steps: int,
+    lr: float | None = None,
+    command: str | None = None,
+    auto: bool = False,
+) -> tuple[Form, dict, dict, int]:
     """Fit to the budget with header room reserved for the metrics, then measure + distil the
     form (and the same-bytes svd baseline) and build the container. Returns (form, tensors,
     manifest, size)."""
     template = metrics_template(adapter, baseline and not auto, auto)
-    form, _, _, size = fit_to_budget(adapter, form_cls, config, budget_bytes, dtype, ctx,
-                                     metrics_fn=lambda f, s: template, command=command)
+    form, _, _, size = fit_to_budget(
+        adapter, form_cls, config, budget_bytes, dtype, ctx, metrics_fn=lambda f, s: template, command=command
+    )
     m: dict[str, Any] = {**cal.reference_metrics(), **cal.measure(form, ctx, dtype, steps=steps, lr=lr)}
     m["rel_error"] = m["output_rel_error"] if cal.stats is not None else fit.evaluate(form, adapter, ctx).rel_error
     m["worst_module_rel_error"] = m["worst_module_output_rel_error"]
@@ -221,8 +363,9 @@ def fit_and_distil(adapter: Adapter, form_cls: type[Form], config: Any, budget_b
     return (form, *build_within(form, adapter, dtype, m, budget_bytes, command))
 
 
-def build_within(form: Form, adapter: Adapter, dtype: torch.dtype, metrics: dict, budget_bytes: int | None,
-                 command: str | None) -> tuple[dict, dict, int]:
+def build_within(
+    form: Form, adapter: Adapter, dtype: torch.dtype, metrics: dict, budget_bytes: int | None, command: str | None
+) -> tuple[dict, dict, int]:
     """Build the container; if (unexpectedly) over the budget, drop the least essential metrics."""
     metrics = dict(metrics)
     while True:
@@ -234,9 +377,20 @@ def build_within(form: Form, adapter: Adapter, dtype: torch.dtype, metrics: dict
         metrics.pop(droppable[-1])
 
 
-def auto_select(adapter: Adapter, budget_bytes: int, dtype: torch.dtype, ctx: FitContext, cal, *,
-                fit_to_budget, steps: int, lr: float | None = None, n_distil: int = 3, command: str | None = None,
-                forms: list[str] | None = None) -> tuple[Form, dict, dict, int, dict]:
+def auto_select(
+    adapter: Adapter,
+    budget_bytes: int,
+    dtype: torch.dtype,
+    ctx: FitContext,
+    cal,
+    *,
+    fit_to_budget,
+    steps: int,
+    lr: float | None = None,
+    n_distil: int = 3,
+    command: str | None = None,
+    forms: list[str] | None = None,
+) -> tuple[Form, dict, dict, int, dict]:
     """``--to auto``: every registered form (or ``forms``) is fitted to the budget (Σ-weighted) and
     measured on the eval split — weight-space output error and eval divergence, cheap; the
     ``n_distil`` most promising (the svd baseline always among them, then the lowest eval KL) are
@@ -253,8 +407,9 @@ def auto_select(adapter: Adapter, budget_bytes: int, dtype: torch.dtype, ctx: Fi
         cls = REGISTRY[name]
         row: dict[str, Any] = {"form": name}
         try:
-            form, _, _, size = fit_to_budget(adapter, cls, cls.Config(), budget_bytes, dtype, ctx,
-                                             metrics_fn=lambda f, s: template, command=command)
+            form, _, _, size = fit_to_budget(
+                adapter, cls, cls.Config(), budget_bytes, dtype, ctx, metrics_fn=lambda f, s: template, command=command
+            )
         except AdaptzipError as e:
             row["skipped"] = e.cause
             rows.append(row)
@@ -264,24 +419,55 @@ def auto_select(adapter: Adapter, budget_bytes: int, dtype: torch.dtype, ctx: Fi
         form.to(cal.base.device)
         ev = cal.evaluate(form)
         form.cpu()
-        row.update({"bytes": size, "output_rel_error": rep.rel_error, "kl_before": ev.get("kl"),
-                    "top1_before": ev.get("top1"), "score_before": ev["objective"], "distilled": False})
+        row.update(
+            {
+                "bytes": size,
+                "output_rel_error": rep.rel_error,
+                "kl_before": ev.get("kl"),
+                "top1_before": ev.get("top1"),
+                "score_before": ev["objective"],
+                "distilled": False,
+            }
+        )
         rows.append(row)
     fitted = [r for r in rows if "skipped" not in r]
     if not fitted:
-        raise OptionError(adapter.path, f"--to auto: no form fits {budget_bytes} bytes ("
-                                        + "; ".join(f"{r['form']}: {r['skipped']}" for r in rows) + ")")
+        raise OptionError(
+            adapter.path,
+            f"--to auto: no form fits {budget_bytes} bytes ("
+            + "; ".join(f"{r['form']}: {r['skipped']}" for r in rows)
+            + ")",
+        )
     order = sorted(fitted, key=lambda r: (r["form"] != BASELINE, r["score_before"]))
     shortlist = order[: max(1, n_distil)]
     best: tuple | None = None
     for r in shortlist:
         cls = REGISTRY[r["form"]]
-        form, tensors, manifest, size = fit_and_distil(adapter, cls, cls.Config(), budget_bytes, dtype, ctx, cal,
-                                                       fit_to_budget=fit_to_budget, steps=steps, lr=lr, command=command,
-                                                       auto=True)
+        form, tensors, manifest, size = fit_and_distil(
+            adapter,
+            cls,
+            cls.Config(),
+            budget_bytes,
+            dtype,
+            ctx,
+            cal,
+            fit_to_budget=fit_to_budget,
+            steps=steps,
+            lr=lr,
+            command=command,
+            auto=True,
+        )
         mt = manifest["metrics"]
-        r.update({"distilled": True, "bytes": size, "kl_after": mt.get("kl_after"), "top1_after": mt.get("top1_agreement"),
-                  "improvement_kept": mt.get("improvement_kept"), "score_after": mt["objective_after"]})
+        r.update(
+            {
+                "distilled": True,
+                "bytes": size,
+                "kl_after": mt.get("kl_after"),
+                "top1_after": mt.get("top1_agreement"),
+                "improvement_kept": mt.get("improvement_kept"),
+                "score_after": mt["objective_after"],
+            }
+        )
         if best is None or r["score_after"] < best[0]["score_after"]:
             best = (r, form, manifest)
     for r in fitted:
@@ -289,23 +475,41 @@ def auto_select(adapter: Adapter, budget_bytes: int, dtype: torch.dtype, ctx: Fi
     win = min(fitted, key=lambda r: r["score"])
     if not win["distilled"]:  # a start beat every distilled candidate: take it as fitted
         cls = REGISTRY[win["form"]]
-        form, _, manifest, _ = fit_and_distil(adapter, cls, cls.Config(), budget_bytes, dtype, ctx, cal,
-                                              fit_to_budget=fit_to_budget, steps=0, command=command, auto=True)
+        form, _, manifest, _ = fit_and_distil(
+            adapter,
+            cls,
+            cls.Config(),
+            budget_bytes,
+            dtype,
+            ctx,
+            cal,
+            fit_to_budget=fit_to_budget,
+            steps=0,
+            command=command,
+            auto=True,
+        )
     else:
         _, form, manifest = best
     base_row = next((r for r in fitted if r["form"] == BASELINE), None)
     metric = "KL" if cal.task in ("lm", "cls") else "divergence"
-    reason = (f"lowest eval {metric} ({win['score']:.4g}) among {len(fitted)} forms that fit {budget_bytes} bytes; "
-              f"{len(shortlist)} distilled ({', '.join(r['form'] for r in shortlist)})")
+    reason = (
+        f"lowest eval {metric} ({win['score']:.4g}) among {len(fitted)} forms that fit {budget_bytes} bytes; "
+        f"{len(shortlist)} distilled ({', '.join(r['form'] for r in shortlist)})"
+    )
     if base_row is not None and win["form"] != BASELINE:
         reason += f"; {BASELINE} at the same budget: {base_row['score']:.4g}"
     report = {"chosen": win["form"], "reason": reason, "candidates": rows}
     metrics = dict(manifest["metrics"])
     if base_row is not None and base_row.get("distilled"):
-        metrics.update({"svd_baseline_kl_after": base_row.get("kl_after"), "svd_baseline_kl_before": base_row.get("kl_before"),
-                        "svd_baseline_top1_agreement": base_row.get("top1_after"),
-                        "svd_baseline_improvement_kept": base_row.get("improvement_kept"),
-                        "svd_baseline_bytes": base_row["bytes"]})
+        metrics.update(
+            {
+                "svd_baseline_kl_after": base_row.get("kl_after"),
+                "svd_baseline_kl_before": base_row.get("kl_before"),
+                "svd_baseline_top1_agreement": base_row.get("top1_after"),
+                "svd_baseline_improvement_kept": base_row.get("improvement_kept"),
+                "svd_baseline_bytes": base_row["bytes"],
+            }
+        )
     metrics["auto_candidates"] = json_clean({r["form"]: r["score"] for r in fitted})
     metrics["auto_reason"] = reason[:_AUTO_REASON_LEN]
     tensors, manifest, size = build_within(form, adapter, dtype, metrics, budget_bytes, command)

@@ -1,4 +1,5 @@
 """Rich progress on stderr (never stdout, which carries ``--json`` results)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -61,6 +62,13 @@ def progress_bar(enabled: bool, label: str, total: int | None) -> Iterator[Bar]:
     if not enabled or not sys.stderr:
         yield Bar()
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=True) as p:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as p:
         yield Bar(p, p.add_task(f"[bold]{label}[/]", total=total, info=""))

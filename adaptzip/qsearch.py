@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,8 +59,9 @@ def _hull(opts: Sequence[tuple[float, float]]) -> list[int]:
         path.append(best)
 
 
-def allocate_levels(options: Sequence[Sequence[Sequence[tuple[float, float]]]], budget: float,
-                    prefix: bool = True) -> tuple[list[list[int]], float]:
+def allocate_levels(
+    options: Sequence[Sequence[Sequence[tuple[float, float]]]], budget: float, prefix: bool = True
+) -> tuple[list[list[int]], float]:
     """Greedy rate–distortion allocation by marginal error reduction per byte.
 
     ``options[m][i][l] = (bytes, error)`` of item i of group m at level l; level 0 is the
@@ -86,8 +88,15 @@ def allocate_levels(options: Sequence[Sequence[Sequence[tuple[float, float]]]], 
 
 
 @single_thread()
-def direction_options(B: Tensor, A: Tensor, Sigma: Tensor | None, levels: Sequence[int], group_size: int,
-                      float_dtype: torch.dtype, zero: bool = False) -> tuple[list[float], Tensor]:
+def direction_options(
+    B: Tensor,
+    A: Tensor,
+    Sigma: Tensor | None,
+    levels: Sequence[int],
+    group_size: int,
+    float_dtype: torch.dtype,
+    zero: bool = False,
+) -> tuple[list[float], Tensor]:
     """Per singular direction i of balanced factors B (out×k), A (k×in): the bytes and the
     (Σ-weighted) squared error of storing it at each level. Levels: 0 (dropped), then each of
     ``levels`` (code bits, or the container float width). Returns (bytes per level (L+1),
@@ -128,6 +137,7 @@ def direction_options(B: Tensor, A: Tensor, Sigma: Tensor | None, levels: Sequen
 def allocation_summary(type_keys: Sequence[str], bits: Sequence[Sequence[int]], max_rank: int) -> dict:
     """Bit allocation per module type and per rank position: kept directions, mean bits of the
     kept ones and a histogram of widths (0 = dropped)."""
+
     def hist(vals: Iterable[int]) -> dict:
         h: dict[str, int] = {}
         for v in vals:
@@ -138,19 +148,34 @@ def allocation_summary(type_keys: Sequence[str], bits: Sequence[Sequence[int]], 
     for t in sorted(set(type_keys)):
         vals = [b for tk, row in zip(type_keys, bits) if tk == t for b in row]
         kept = [b for b in vals if b > 0]
-        by_type[t] = {"directions": len(vals), "kept": len(kept),
-                      "mean_bits": (sum(kept) / len(kept)) if kept else 0.0, "bits": hist(vals)}
+        by_type[t] = {
+            "directions": len(vals),
+            "kept": len(kept),
+            "mean_bits": (sum(kept) / len(kept)) if kept else 0.0,
+            "bits": hist(vals),
+        }
     by_pos = []
     for p in range(max_rank):
         vals = [row[p] if p < len(row) else 0 for row in bits]
         kept = [b for b in vals if b > 0]
-        by_pos.append({"position": p, "kept": len(kept), "mean_bits": (sum(kept) / len(kept)) if kept else 0.0,
-                       "bits": hist(vals)})
+        by_pos.append(
+            {
+                "position": p,
+                "kept": len(kept),
+                "mean_bits": (sum(kept) / len(kept)) if kept else 0.0,
+                "bits": hist(vals),
+            }
+        )
     allv = [b for row in bits for b in row]
     kept = [b for b in allv if b > 0]
-    return {"directions": len(allv), "kept": len(kept), "mean_bits": (sum(kept) / len(kept)) if kept else 0.0,
-            "bits": hist(allv), "by_type": by_type, "by_position": by_pos}
-
+    return {
+        "directions": len(allv),
+        "kept": len(kept),
+        "mean_bits": (sum(kept) / len(kept)) if kept else 0.0,
+        "bits": hist(allv),
+        "by_type": by_type,
+        "by_position": by_pos,
+    }
 
 
 def direction_bits(manifest: dict) -> list[list[int]] | None:
@@ -195,10 +220,17 @@ def describe_storage(manifest: dict) -> dict:
 
 
 @torch.no_grad()
-def tensor_options(form: nn.Module, names: Sequence[str], levels: Sequence[int], group_size: int,
-                   float_dtype: torch.dtype, module_errors: Callable[[nn.Module, list[int]], Tensor], n_modules: int,
-                   rebuild: Callable[[dict[str, Tensor]], nn.Module] | None = None,
-                   axes: Callable[[str, tuple[int, ...]], int | None] | None = None) -> dict[str, list[tuple[int, float, float]]]:
+def tensor_options(
+    form: nn.Module,
+    names: Sequence[str],
+    levels: Sequence[int],
+    group_size: int,
+    float_dtype: torch.dtype,
+    module_errors: Callable[[nn.Module, list[int]], Tensor],
+    n_modules: int,
+    rebuild: Callable[[dict[str, Tensor]], nn.Module] | None = None,
+    axes: Callable[[str, tuple[int, ...]], int | None] | None = None,
+) -> dict[str, list[tuple[int, float, float]]]:
     """Measured sensitivity of each stored float tensor: for each level (code bits or the float
     width), (bits, bytes, increase of the total squared error) when that tensor alone is stored at
     that level, the others kept in float. ``module_errors(form, idx)`` returns the squared errors
@@ -252,9 +284,20 @@ def tensor_options(form: nn.Module, names: Sequence[str], levels: Sequence[int],
 
 
 # ----------------------------------------------------------------------------- the search
-def fit_quantised(adapter: Adapter, form_cls: type[Form], config: Any, budget_bytes: int | None, dtype: torch.dtype,
-                  ctx: FitContext, *, quant: str, group_size: int, metrics_fn=None, command: str | None = None,
-                  auto_report: dict | None = None):
+def fit_quantised(
+    adapter: Adapter,
+    form_cls: type[Form],
+    config: Any,
+    budget_bytes: int | None,
+    dtype: torch.dtype,
+    ctx: FitContext,
+    *,
+    quant: str,
+    group_size: int,
+    metrics_fn=None,
+    command: str | None = None,
+    auto_report: dict | None = None,
+):
     """``fit_to_budget`` under ``--quant`` for distillation: the form carries its storage
     (``form.quant_storage``, so every later ``container.build`` stores it quantised) and is seen
     through the straight-through fake quantiser (:func:`adaptzip.quant.attach_fake_quant`), so
@@ -263,16 +306,32 @@ def fit_quantised(adapter: Adapter, form_cls: type[Form], config: Any, budget_by
     are first chosen by :func:`quant_auto` on the (Σ-weighted, when statistics exist)
     weight-space error; its report goes into ``auto_report``."""
     if quant == "auto":  # compress has checked that a budget is given
+
         def weighed(f: Form, size: int) -> dict:  # the header reservation of metrics_fn, with the real error
-            return {**(metrics_fn(f, size) if metrics_fn is not None else {}), "rel_error": fit.evaluate(f, adapter, ctx).rel_error}
-        form, tensors, manifest, size, rep = quant_auto(adapter, form_cls, config, budget_bytes, dtype, ctx, group_size,
-                                                        weighed, command)
+            return {
+                **(metrics_fn(f, size) if metrics_fn is not None else {}),
+                "rel_error": fit.evaluate(f, adapter, ctx).rel_error,
+            }
+
+        form, tensors, manifest, size, rep = quant_auto(
+            adapter, form_cls, config, budget_bytes, dtype, ctx, group_size, weighed, command
+        )
         if auto_report is not None:
             auto_report.clear()
             auto_report.update(rep)
     else:
-        form, tensors, manifest, size = fit_to_budget(adapter, form_cls, config, budget_bytes, dtype, ctx, quant=quant,
-                                                      group_size=group_size, metrics_fn=metrics_fn, command=command)
+        form, tensors, manifest, size = fit_to_budget(
+            adapter,
+            form_cls,
+            config,
+            budget_bytes,
+            dtype,
+            ctx,
+            quant=quant,
+            group_size=group_size,
+            metrics_fn=metrics_fn,
+            command=command,
+        )
     storage = qz.Storage.from_json(manifest.get("storage"))
     if storage is not None:
         form.quant_storage = storage
@@ -287,15 +346,28 @@ def storage_summary(manifest: dict) -> dict:
     st = manifest["storage"]
     hist: dict[str, int] = {}
     for t in st["tensors"].values():
-        for b in ([t["bits"]] if isinstance(t["bits"], int) else t["bits"]):
+        for b in [t["bits"]] if isinstance(t["bits"], int) else t["bits"]:
             hist[str(b)] = hist.get(str(b), 0) + 1
-    return {"scheme": st["scheme"], "group_size": st["group_size"], "quantised_tensors": len(st["tensors"]),
-            "row_bits": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))), "bits": describe_storage(manifest)}
+    return {
+        "scheme": st["scheme"],
+        "group_size": st["group_size"],
+        "quantised_tensors": len(st["tensors"]),
+        "row_bits": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
+        "bits": describe_storage(manifest),
+    }
 
 
-def direction_candidates(adapter: Adapter, form_cls: type[Form], config: Any, target: int, dt: torch.dtype,
-                         ctx: FitContext, group_size: int, command: str | None, only: str | None = None
-                         ) -> list[Candidate]:
+def direction_candidates(
+    adapter: Adapter,
+    form_cls: type[Form],
+    config: Any,
+    target: int,
+    dt: torch.dtype,
+    ctx: FitContext,
+    group_size: int,
+    command: str | None,
+    only: str | None = None,
+) -> list[Candidate]:
     """A ``per_direction_quant`` form under ``--quant auto``: every direction of its
     :meth:`~adaptzip.forms.base.Form.direction_table` is dropped or stored at 2/3/4/8 bits or the
     container float width (``mixed``), or all kept directions at 2 or 3 bits; each fitted so that
@@ -304,8 +376,10 @@ def direction_candidates(adapter: Adapter, form_cls: type[Form], config: Any, ta
     levels = list(qz.AUTO_LEVELS) + [fbits]
     key = ("quant-auto-options", form_cls.name, id(adapter), repr(config), group_size, fbits)
     if key not in ctx.cache:
-        ctx.cache[key] = [direction_options(B, A, ctx.sigma(m), levels, group_size, dt)
-                          for (B, A), m in zip(form_cls.direction_table(adapter, config, ctx), adapter.modules)]
+        ctx.cache[key] = [
+            direction_options(B, A, ctx.sigma(m), levels, group_size, dt)
+            for (B, A), m in zip(form_cls.direction_table(adapter, config, ctx), adapter.modules)
+        ]
     tabs = ctx.cache[key]
     empty = form_cls.fit(adapter, form_cls.config_with_ranks(config, [0] * len(adapter.modules)), ctx)
     overhead = ct.serialized_size(*ct.build(empty, adapter, dt, command=command)) + 220 * len(adapter.modules)
@@ -338,8 +412,9 @@ def direction_candidates(adapter: Adapter, form_cls: type[Form], config: Any, ta
     return out
 
 
-def tensor_candidate(adapter: Adapter, form: Form, target: int, dt: torch.dtype, ctx: FitContext,
-                     group_size: int, command: str | None) -> Candidate | None:
+def tensor_candidate(
+    adapter: Adapter, form: Form, target: int, dt: torch.dtype, ctx: FitContext, group_size: int, command: str | None
+) -> Candidate | None:
     """Any form under ``--quant auto``: bits per stored float tensor (2/3/4/8 or the container
     width) by measured sensitivity (error increase when that tensor alone is quantised), greedy
     by error reduction per byte from the all-2-bit start, within ``target``."""
@@ -362,8 +437,9 @@ def tensor_candidate(adapter: Adapter, form: Form, target: int, dt: torch.dtype,
     for n in names:
         ax = form.quant_axis(n, tuple(specs[n][0]))
         axis_of[n] = qz.choose_axis(own[n], 4, group_size, False, dt) if ax is None else ax
-    sens = tensor_options(form, names, levels, group_size, dt, module_errors, len(tg), rebuild,
-                          lambda n, _shape: axis_of[n])
+    sens = tensor_options(
+        form, names, levels, group_size, dt, module_errors, len(tg), rebuild, lambda n, _shape: axis_of[n]
+    )
     form.eval()
     if not sens:
         return None
@@ -394,8 +470,17 @@ def tensor_candidate(adapter: Adapter, form: Form, target: int, dt: torch.dtype,
     return fit_within(target, overhead + base, attempt, tries=6)
 
 
-def quant_auto(adapter: Adapter, form_cls: type[Form], config: Any, budget_bytes: int, dt: torch.dtype,
-               ctx: FitContext, group_size: int, metrics_fn, command: str | None):
+def quant_auto(
+    adapter: Adapter,
+    form_cls: type[Form],
+    config: Any,
+    budget_bytes: int,
+    dt: torch.dtype,
+    ctx: FitContext,
+    group_size: int,
+    metrics_fn,
+    command: str | None,
+):
     """``--quant auto``: every candidate of the module docstring is measured as stored
     (dequantised); the lowest error wins. The manifest records the chosen bits as its
     ``storage`` entries (scheme ``auto``); the candidates go in the report. Returns (form,
@@ -414,8 +499,18 @@ def quant_auto(adapter: Adapter, form_cls: type[Form], config: Any, budget_bytes
         # "none" has no storage section of its own: leave room for the one auto adds
         b = budget_bytes - (96 if scheme == "none" else 0)
         try:
-            f, _, man, _ = fit_to_budget(adapter, form_cls, config, b, dt, ctx, metrics_fn=metrics_fn,
-                                         command=command, quant=scheme, group_size=group_size)
+            f, _, man, _ = fit_to_budget(
+                adapter,
+                form_cls,
+                config,
+                b,
+                dt,
+                ctx,
+                metrics_fn=metrics_fn,
+                command=command,
+                quant=scheme,
+                group_size=group_size,
+            )
         except OptionError:
             continue
         t, m, sz = relabel(f, man)  # int8/int4 → auto: the same length, the same bytes
@@ -432,20 +527,22 @@ def quant_auto(adapter: Adapter, form_cls: type[Form], config: Any, budget_bytes
     def finish(f: Form, storage: qz.Storage) -> tuple[dict, dict, int]:
         t, m = ct.build(f, adapter, dt, command=command, storage=storage)
         size = ct.serialized_size(t, m)
-        t, m = ct.build(f, adapter, dt, metrics=metrics_fn(ct.decoded_form(f, t, m), size), command=command,
-                        storage=storage)
+        t, m = ct.build(
+            f, adapter, dt, metrics=metrics_fn(ct.decoded_form(f, t, m), size), command=command, storage=storage
+        )
         return t, m, ct.serialized_size(t, m)
 
-    labels = (["mixed", "2-bit", "3-bit"] if form_cls.per_direction_quant
-              else [f"per-tensor({s})" for s, _ in fixed])
+    labels = ["mixed", "2-bit", "3-bit"] if form_cls.per_direction_quant else [f"per-tensor({s})" for s, _ in fixed]
     for label in labels:
+
         def attempt(target: int, label=label):
             if form_cls.per_direction_quant:
                 got = direction_candidates(adapter, form_cls, config, target, dt, ctx, group_size, command, label)
                 c = got[0] if got else None
             else:
-                c = tensor_candidate(adapter, dict(fixed)[label[len("per-tensor("):-1]], target, dt, ctx, group_size,
-                                     command)
+                c = tensor_candidate(
+                    adapter, dict(fixed)[label[len("per-tensor(") : -1]], target, dt, ctx, group_size, command
+                )
             if c is None:
                 return None
             _, f, storage, _, _, _ = c
@@ -460,6 +557,8 @@ def quant_auto(adapter: Adapter, form_cls: type[Form], config: Any, budget_bytes
         raise OptionError(adapter.path, f"--quant auto: form {form_cls.name} does not fit {budget_bytes} bytes")
     order = sorted(range(len(cands)), key=lambda j: (cands[j][0], cands[j][1], j))
     _, size, label, form, tensors, manifest = cands[order[0]]
-    report = {"chosen": label, "considered": [{"candidate": cands[j][2], "bytes": cands[j][1], "rel_error": cands[j][0]}
-                                              for j in order]}
+    report = {
+        "chosen": label,
+        "considered": [{"candidate": cands[j][2], "bytes": cands[j][1], "rel_error": cands[j][0]} for j in order],
+    }
     return form, tensors, manifest, size, report

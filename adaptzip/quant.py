@@ -2,7 +2,7 @@
 packing, dequantisation and fake quantisation for distillation (the rate–distortion search that
 chooses bits lives in :mod:`adaptzip.qsearch`).
 
-At ~600 lines this module is larger than most: it is the byte-level codec of formats/quantization.md
+Why this module is longer than ~500 lines: it is the byte-level codec of formats/quantization.md
 (row layout, codes, packing, encode/decode and their checks), kept in one place so that the
 writer and every reader share one definition of the format.
 
@@ -28,19 +28,20 @@ scales. Quantisation then commutes with the diagonal gauge ``B A = (B D)(D⁻¹ 
 direction's error is independent of the others' (the basis of per-direction bit allocation),
 and a direction can be dropped or stored at its own bit width.
 """
+
 from __future__ import annotations
 
 import hashlib
 import math
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
-
-from .runtime import single_thread
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from .runtime import single_thread
 
 Tensor = torch.Tensor
 
@@ -83,14 +84,22 @@ class TensorQuant:
         return [int(self.bits)] * rows if isinstance(self.bits, int) else [int(b) for b in self.bits]
 
     def to_json(self) -> dict:
-        return {"bits": self.bits if isinstance(self.bits, int) else list(self.bits), "axis": self.axis,
-                "group_size": self.group_size, "zero": self.zero}
+        return {
+            "bits": self.bits if isinstance(self.bits, int) else list(self.bits),
+            "axis": self.axis,
+            "group_size": self.group_size,
+            "zero": self.zero,
+        }
 
     @classmethod
-    def from_json(cls, d: dict) -> "TensorQuant":
+    def from_json(cls, d: dict) -> TensorQuant:
         b = d["bits"]
-        return cls(int(b) if isinstance(b, int) else tuple(int(x) for x in b), int(d["axis"]), int(d["group_size"]),
-                   bool(d.get("zero", False)))
+        return cls(
+            int(b) if isinstance(b, int) else tuple(int(x) for x in b),
+            int(d["axis"]),
+            int(d["group_size"]),
+            bool(d.get("zero", False)),
+        )
 
 
 @dataclass
@@ -105,18 +114,25 @@ class Storage:
     allocation: dict | None = None
 
     def to_json(self) -> dict:
-        d = {"scheme": self.scheme, "group_size": self.group_size,
-             "tensors": {k: v.to_json() for k, v in sorted(self.tensors.items())}}
+        d = {
+            "scheme": self.scheme,
+            "group_size": self.group_size,
+            "tensors": {k: v.to_json() for k, v in sorted(self.tensors.items())},
+        }
         if self.allocation is not None:
             d["allocation"] = self.allocation
         return d
 
     @classmethod
-    def from_json(cls, d: dict | None) -> "Storage | None":
+    def from_json(cls, d: dict | None) -> Storage | None:
         if not d:
             return None
-        return cls(d["scheme"], int(d["group_size"]), {k: TensorQuant.from_json(v) for k, v in d["tensors"].items()},
-                   d.get("allocation"))
+        return cls(
+            d["scheme"],
+            int(d["group_size"]),
+            {k: TensorQuant.from_json(v) for k, v in d["tensors"].items()},
+            d.get("allocation"),
+        )
 
 
 def group_axis(shape: Sequence[int]) -> int:
@@ -228,7 +244,7 @@ def quantize_rows(X: Tensor, bits: int, group_size: int, zero: bool = False) -> 
     L = (1 << bits) - 1
     if not zero and bits <= CLIP_BITS and R > 1 and R * ng * G * len(_CLIPS) > _CHUNK * 4:
         step = max(1, _CHUNK * 4 // (ng * G * len(_CLIPS)))  # bound the clip search's memory
-        parts = [quantize_rows(X[i:i + step], bits, G) for i in range(0, R, step)]
+        parts = [quantize_rows(X[i : i + step], bits, G) for i in range(0, R, step)]
         return Codes(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]), None, bits, G)
     if zero:
         lo, hi = Xp.amin(-1).clamp(max=0), Xp.amax(-1).clamp(min=0)
@@ -246,7 +262,7 @@ def quantize_rows(X: Tensor, bits: int, group_size: int, zero: bool = False) -> 
         xh = (torch.round(Xp[None] / torch.where(scf > 0, scf, 1.0) + zc).clamp_(0, L) - zc) * scf
         err = (Xp[None] - xh).square_()
         if ng * G != n:
-            err[..., -1, n - (ng - 1) * G:] = 0  # padding values do not count
+            err[..., -1, n - (ng - 1) * G :] = 0  # padding values do not count
         best = err.sum(-1).argmin(0)  # R×ng
         s = sc.gather(0, best[None]).squeeze(0)
     else:
@@ -335,7 +351,7 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
             c = torch.cat([c, c.new_zeros(4 - N % 4)])
         c = c.view(-1, 4)
         return c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)
-    out = [_bits_to_bytes(_to_bits(codes[i:i + _CHUNK], bits)) for i in range(0, N, _CHUNK)]
+    out = [_bits_to_bytes(_to_bits(codes[i : i + _CHUNK], bits)) for i in range(0, N, _CHUNK)]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
 
 
@@ -350,13 +366,15 @@ def unpack_bits(buf: Tensor, bits: int, count: int) -> Tensor:
     if bits == 2:
         return torch.stack([(buf >> (2 * j)) & 3 for j in range(4)], 1).reshape(-1)[:count].to(torch.int64)
     per = _CHUNK * bits // 8  # bytes per chunk of codes
-    out = [_from_bits(_bytes_to_bits(buf[i:i + per]), bits) for i in range(0, buf.numel(), per)]
+    out = [_from_bits(_bytes_to_bits(buf[i : i + per]), bits) for i in range(0, buf.numel(), per)]
     codes = torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
     return codes[:count]
 
 
 # ----------------------------------------------------------------------------- tensors
-def stored_specs(name: str, shape: Sequence[int], tq: TensorQuant, float_dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def stored_specs(
+    name: str, shape: Sequence[int], tq: TensorQuant, float_dtype: torch.dtype
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Exact stored names, shapes and dtypes of logical tensor ``name`` under ``tq``."""
     check_spec(shape, tq, float_dtype)
     R, n = row_shape(shape, tq.axis)
@@ -380,7 +398,10 @@ def stored_bytes(shape: Sequence[int], tq: TensorQuant | None, float_dtype: torc
     = ceil(Σ_r bits_r · n / 8) + 2·R_q·ceil(n/G) + 2·R_z·ceil(n/G)."""
     if tq is None:
         return math.prod(shape) * (float_bits(float_dtype) // 8)
-    return sum(math.prod(s) * torch.empty(0, dtype=dt).element_size() for s, dt in stored_specs("t", shape, tq, float_dtype).values())
+    return sum(
+        math.prod(s) * torch.empty(0, dtype=dt).element_size()
+        for s, dt in stored_specs("t", shape, tq, float_dtype).values()
+    )
 
 
 def _raw_float_codes(rows: Tensor, float_dtype: torch.dtype) -> Tensor:
@@ -390,7 +411,7 @@ def _raw_float_codes(rows: Tensor, float_dtype: torch.dtype) -> Tensor:
     return iv & ((1 << fb) - 1)
 
 
-_ENCODED: "OrderedDict[tuple, dict[str, Tensor]]" = OrderedDict()
+_ENCODED: OrderedDict[tuple, dict[str, Tensor]] = OrderedDict()
 _ENCODED_MAX = 4096  # tensors remembered (a budget search re-encodes the same factors many times)
 
 
@@ -399,8 +420,14 @@ def encode(name: str, x: Tensor, tq: TensorQuant, float_dtype: torch.dtype) -> d
     """The stored tensors of logical tensor ``name`` (``name.q``, ``name.scale`` [, ``name.zero``]).
     Deterministic; results are memoised by the tensor's bytes and the spec."""
     xc = x.detach().cpu().contiguous()
-    key = (name, tuple(xc.shape), str(xc.dtype), tq, str(float_dtype),
-           hashlib.sha1(memoryview(xc.reshape(-1).view(torch.uint8).numpy())).hexdigest() if xc.numel() else "")
+    key = (
+        name,
+        tuple(xc.shape),
+        str(xc.dtype),
+        tq,
+        str(float_dtype),
+        hashlib.sha1(memoryview(xc.reshape(-1).view(torch.uint8).numpy())).hexdigest() if xc.numel() else "",
+    )
     hit = _ENCODED.get(key)
     if hit is not None:
         _ENCODED.move_to_end(key)
@@ -424,8 +451,10 @@ def _encode(name: str, x: Tensor, tq: TensorQuant, float_dtype: torch.dtype) -> 
     if len(set(bits)) == 1:  # uniform: one quantisation, no per-row work
         b = bits[0]
         c = quantize_rows(rows, b, G, zero=tq.zero and b < 8)
-        out = {f"{name}.q": c.codes.contiguous() if b == 8 else pack_bits(c.codes.reshape(-1), b),
-               f"{name}.scale": c.scale.contiguous()}
+        out = {
+            f"{name}.q": c.codes.contiguous() if b == 8 else pack_bits(c.codes.reshape(-1), b),
+            f"{name}.scale": c.scale.contiguous(),
+        }
         if c.zero is not None:
             out[f"{name}.zero"] = c.zero.contiguous()
         return out
@@ -453,15 +482,19 @@ def _encode(name: str, x: Tensor, tq: TensorQuant, float_dtype: torch.dtype) -> 
             e += 1
         bitv.append(_to_bits(torch.cat([row_codes[i] for i in range(r, e)]), bits[r]))  # type: ignore[misc]
         r = e
-    out = {f"{name}.q": _bits_to_bytes(torch.cat(bitv)),
-           f"{name}.scale": scale[[r for r in range(R) if bits[r] in CODE_BITS]].contiguous()}
+    out = {
+        f"{name}.q": _bits_to_bytes(torch.cat(bitv)),
+        f"{name}.scale": scale[[r for r in range(R) if bits[r] in CODE_BITS]].contiguous(),
+    }
     if tq.zero and any(b < 8 for b in bits):
         out[f"{name}.zero"] = zero[[r for r in range(R) if bits[r] < 8]].contiguous()
     return out
 
 
 @single_thread()
-def decode(name: str, parts: dict[str, Tensor], tq: TensorQuant, shape: Sequence[int], float_dtype: torch.dtype) -> Tensor:
+def decode(
+    name: str, parts: dict[str, Tensor], tq: TensorQuant, shape: Sequence[int], float_dtype: torch.dtype
+) -> Tensor:
     """The dequantised logical tensor (fp32, ``shape``) from its stored parts."""
     check_spec(shape, tq, float_dtype)
     R, n = row_shape(shape, tq.axis)
@@ -482,7 +515,7 @@ def decode(name: str, parts: dict[str, Tensor], tq: TensorQuant, shape: Sequence
         while e < R and bits[e] == bits[r]:
             e += 1
         b, cnt = bits[r], e - r
-        codes = _from_bits(allbits[off:off + cnt * n * b], b).view(cnt, n)
+        codes = _from_bits(allbits[off : off + cnt * n * b], b).view(cnt, n)
         off += cnt * n * b
         if b == fb:  # raw container-dtype bits
             signed = torch.where(codes >= 1 << (fb - 1), codes - (1 << fb), codes)
@@ -492,15 +525,17 @@ def decode(name: str, parts: dict[str, Tensor], tq: TensorQuant, shape: Sequence
                 codes = torch.where(codes >= 128, codes - 256, codes)
             z = None
             if b < 8 and zero is not None:
-                z = zero[iz:iz + cnt]
+                z = zero[iz : iz + cnt]
                 iz += cnt
-            out[r:e] = dequantize_rows(codes, scale[iq:iq + cnt], z, b, G)
+            out[r:e] = dequantize_rows(codes, scale[iq : iq + cnt], z, b, G)
             iq += cnt
         r = e
     return from_rows(out, shape, tq.axis)
 
 
-def check_parts(name: str, parts: dict[str, Tensor], tq: TensorQuant, shape: Sequence[int], float_dtype: torch.dtype) -> None:
+def check_parts(
+    name: str, parts: dict[str, Tensor], tq: TensorQuant, shape: Sequence[int], float_dtype: torch.dtype
+) -> None:
     """Value invariants of stored parts (after names/shapes/dtypes matched): scales finite and
     ≥ 0, zero points in [0, 2^b − 1], 8-bit codes ≠ −128, the stream's padding bits zero."""
     R, n = row_shape(shape, tq.axis)
@@ -528,7 +563,7 @@ def check_parts(name: str, parts: dict[str, Tensor], tq: TensorQuant, shape: Seq
         allbits = _bytes_to_bits(q)
         off = 0
         for b in bits:
-            if b == 8 and bool((_from_bits(allbits[off:off + 8 * n], 8) == 128).any()):
+            if b == 8 and bool((_from_bits(allbits[off : off + 8 * n], 8) == 128).any()):
                 raise QuantError(f"{name}.q holds the code −128 (8-bit codes are in [−127, 127])")
             off += b * n
 
@@ -556,7 +591,9 @@ def bytes_per_value(scheme: str, group_size: int, float_dtype: torch.dtype) -> f
     return b / 8 + (4 if z else 2) / group_size
 
 
-def choose_axis(x: Tensor, bits: int, group_size: int, zero: bool = False, float_dtype: torch.dtype = torch.float16) -> int:
+def choose_axis(
+    x: Tensor, bits: int, group_size: int, zero: bool = False, float_dtype: torch.dtype = torch.float16
+) -> int:
     """The group axis of a tensor with no declared one: the longest dimension (each rank direction
     of a factor gets its own scales), unless another axis at most doubles the number of scales and
     at least halves the squared error — e.g. a vector bank (h×b, h > b) whose vectors are its rows
@@ -584,8 +621,13 @@ def choose_axis(x: Tensor, bits: int, group_size: int, zero: bool = False, float
     return ax if e < 0.5 * e_best else best
 
 
-def plan_uniform(tensors: dict[str, Tensor], scheme: str, group_size: int, float_dtype: torch.dtype,
-                 axes: Callable[[str, tuple[int, ...]], int | None] | None = None) -> Storage | None:
+def plan_uniform(
+    tensors: dict[str, Tensor],
+    scheme: str,
+    group_size: int,
+    float_dtype: torch.dtype,
+    axes: Callable[[str, tuple[int, ...]], int | None] | None = None,
+) -> Storage | None:
     """One width for every float tensor that quantising makes smaller (a tiny tensor whose
     scales and extra header entries would outweigh its savings stays in the container dtype).
     ``axes(name, shape)`` (a form's ``quant_axis``) may declare a tensor's group axis; otherwise
@@ -656,7 +698,11 @@ def parameter_map(form: nn.Module) -> dict[str, tuple[nn.Module, str, nn.Paramet
     params = {}
     for pname, p in form.named_parameters():
         mod_name, _, attr = pname.rpartition(".")
-        params[(p.data_ptr(), tuple(p.shape), p.stride())] = (form.get_submodule(mod_name) if mod_name else form, attr, p)
+        params[(p.data_ptr(), tuple(p.shape), p.stride())] = (
+            form.get_submodule(mod_name) if mod_name else form,
+            attr,
+            p,
+        )
     out = {}
     for name, t in form.tensors().items():  # type: ignore[operator]
         if t.is_floating_point() and t.numel():

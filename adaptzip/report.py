@@ -11,6 +11,7 @@ Charts (PNG, Agg backend, no pyplot state): error per layer and module type; err
 the svd baseline of the same bytes (all containers of one source on one chart, with their Pareto
 front); singular-value spectra of source vs compressed for the worst modules (needs ``against``).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,18 @@ from .fileio import atomic_file, check_output, json_clean
 from .forms import FitContext, get_form
 from .forms.base import config_from_json
 
-ACCURACY_KEYS = ("kl_before", "kl_after", "top1_agreement", "top1_before", "top1_after", "improvement_kept",
-                 "svd_baseline_kl_after", "svd_baseline_top1_agreement", "eval_loss_before", "eval_loss_after")
+ACCURACY_KEYS = (
+    "kl_before",
+    "kl_after",
+    "top1_agreement",
+    "top1_before",
+    "top1_after",
+    "improvement_kept",
+    "svd_baseline_kl_after",
+    "svd_baseline_top1_agreement",
+    "eval_loss_before",
+    "eval_loss_after",
+)
 _ACCURACY_RE = re.compile(r"^(kl_|top1|.*_kl_|.*agreement|improvement|eval_loss|nll)")
 
 
@@ -46,11 +57,18 @@ def _params(c: ct.Container) -> dict:
     config = config_from_json(cls, c.manifest["config"])
     specs = cls.tensor_specs(c.modules, config, c.manifest["state"])
     shared = c.shared_names
-    n = lambda s: math.prod(int(d) for d in s)
-    return {"stored": sum(n(s) for k, (s, dt) in specs.items() if dt is None and k not in shared),
-            "shared": sum(n(s) for k, (s, dt) in specs.items() if dt is None and k in shared),
-            "index_bytes": sum(n(s) * torch.empty(0, dtype=dt).element_size() for s, dt in specs.values() if dt is not None),
-            "source": sum(m.rank * (m.in_features + m.out_features) for m in c.modules)}
+
+    def n(s) -> int:
+        return math.prod(int(d) for d in s)
+
+    return {
+        "stored": sum(n(s) for k, (s, dt) in specs.items() if dt is None and k not in shared),
+        "shared": sum(n(s) for k, (s, dt) in specs.items() if dt is None and k in shared),
+        "index_bytes": sum(
+            n(s) * torch.empty(0, dtype=dt).element_size() for s, dt in specs.values() if dt is not None
+        ),
+        "source": sum(m.rank * (m.in_features + m.out_features) for m in c.modules),
+    }
 
 
 def _storage(st: Any, c: ct.Container | None = None) -> dict | None:
@@ -62,7 +80,12 @@ def _storage(st: Any, c: ct.Container | None = None) -> dict | None:
     shapes: dict[str, tuple] = {}
     if c is not None:
         cls = get_form(c.form_name)
-        shapes = {k: tuple(s) for k, (s, _) in cls.tensor_specs(c.modules, config_from_json(cls, c.manifest["config"]), c.manifest["state"]).items()}
+        shapes = {
+            k: tuple(s)
+            for k, (s, _) in cls.tensor_specs(
+                c.modules, config_from_json(cls, c.manifest["config"]), c.manifest["state"]
+            ).items()
+        }
     tensors: Counter = Counter()
     rows: Counter = Counter()
     values: Counter = Counter()
@@ -83,15 +106,27 @@ def _storage(st: Any, c: ct.Container | None = None) -> dict | None:
             values[str(bits)] += numel
     total = sum(values.values())
     mean = sum(int(b) * v for b, v in values.items()) / total if total else None
-    return {"scheme": st.get("scheme"), "group_size": st.get("group_size"), "tensors": sum(tensors.values()),
-            "tensors_by_bits": dict(tensors), "rows_by_bits": dict(rows), "values_by_bits": dict(values),
-            "mean_bits": mean, "allocation": st.get("allocation")}
+    return {
+        "scheme": st.get("scheme"),
+        "group_size": st.get("group_size"),
+        "tensors": sum(tensors.values()),
+        "tensors_by_bits": dict(tensors),
+        "rows_by_bits": dict(rows),
+        "values_by_bits": dict(values),
+        "mean_bits": mean,
+        "allocation": st.get("allocation"),
+    }
 
 
 def _accuracy(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and (k in ACCURACY_KEYS or _ACCURACY_RE.match(k))
-            and not k.startswith("svd_baseline_rel")}
+    return {
+        k: v
+        for k, v in metrics.items()
+        if isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and (k in ACCURACY_KEYS or _ACCURACY_RE.match(k))
+        and not k.startswith("svd_baseline_rel")
+    }
 
 
 def _stored_ranks(c: ct.Container) -> list[int | None]:
@@ -110,19 +145,37 @@ def container_report(c: ct.Container, adapter: Adapter | None = None, ctx: FitCo
     if man.get("shared"):
         try:
             sp = c.shared_path
-            shared = {"file": man["shared"]["file"], "sha256": man["shared"]["sha256"], "bytes": sp.stat().st_size, "path": str(sp)}
+            shared = {
+                "file": man["shared"]["file"],
+                "sha256": man["shared"]["sha256"],
+                "bytes": sp.stat().st_size,
+                "path": str(sp),
+            }
         except ct.ContainerError as e:
             shared = {"file": man["shared"]["file"], "sha256": man["shared"]["sha256"], "bytes": None, "error": e.cause}
         share = zoo.get("shared_share_bytes") or (shared["bytes"] or 0)
     bytes_ = c.bytes
     eff = bytes_ + share  # this container's bytes plus its share of the shared file
     res: dict[str, Any] = {
-        "path": str(c.path), "form": c.form_name, "config": man["config"], "dtype": man["dtype"],
-        "source": {"name": man["source"]["name"], "sha256": man["source"]["sha256"], "bytes": src_bytes,
-                   "base_model": man["source"].get("base_model")},
-        "bytes": bytes_, "effective_bytes": eff, "ratio_source": eff / src_bytes if src_bytes else None,
-        "fp16_lora_bytes": fp16_lora_bytes(c.modules), "ratio_fp16_lora": eff / fp16_lora_bytes(c.modules),
-        "params": _params(c), "shared": shared, "accuracy": _accuracy(met), "storage": _storage(man.get("storage"), c),
+        "path": str(c.path),
+        "form": c.form_name,
+        "config": man["config"],
+        "dtype": man["dtype"],
+        "source": {
+            "name": man["source"]["name"],
+            "sha256": man["source"]["sha256"],
+            "bytes": src_bytes,
+            "base_model": man["source"].get("base_model"),
+        },
+        "bytes": bytes_,
+        "effective_bytes": eff,
+        "ratio_source": eff / src_bytes if src_bytes else None,
+        "fp16_lora_bytes": fp16_lora_bytes(c.modules),
+        "ratio_fp16_lora": eff / fp16_lora_bytes(c.modules),
+        "params": _params(c),
+        "shared": shared,
+        "accuracy": _accuracy(met),
+        "storage": _storage(man.get("storage"), c),
         "metrics": met,
     }
     ranks = _stored_ranks(c)
@@ -139,12 +192,25 @@ def container_report(c: ct.Container, adapter: Adapter | None = None, ctx: FitCo
         res.update(rel_error=met.get("rel_error"), errors_from="manifest")
     res["svd_baseline_rel_error"] = met.get("svd_baseline_rel_error")
     res["svd_baseline_bytes"] = met.get("svd_baseline_bytes")
-    mods = [{"index": i, "name": m.name, "layer": m.layer, "type": m.type, "type_key": m.type_key, "rank": ranks[i],
-             "source_rank": m.rank, "rel_error": errs[i]} for i, m in enumerate(c.modules)]
+    mods = [
+        {
+            "index": i,
+            "name": m.name,
+            "layer": m.layer,
+            "type": m.type,
+            "type_key": m.type_key,
+            "rank": ranks[i],
+            "source_rank": m.rank,
+            "rel_error": errs[i],
+        }
+        for i, m in enumerate(c.modules)
+    ]
     res["modules"] = sorted(mods, key=lambda d: (d["rel_error"] is None, -(d["rel_error"] or 0.0)))
     if all(e is None for e in errs):
-        res["modules_note"] = (f"no per-module errors in the manifest (worst: {met.get('worst_module')} "
-                               f"{met.get('worst_module_rel_error')}); use --against LORA_DIR to recompute them")
+        res["modules_note"] = (
+            f"no per-module errors in the manifest (worst: {met.get('worst_module')} "
+            f"{met.get('worst_module_rel_error')}); use --against LORA_DIR to recompute them"
+        )
     return res
 
 
@@ -160,8 +226,15 @@ def _svd_curve(adapter: Adapter, points: list[int], dtype: torch.dtype, ctx: Fit
     return out
 
 
-def report(containers: Sequence[str | Path], *, against: str | Path | None = None, out: str | Path | None = None,
-           force: bool = False, max_spectra: int = 4, curve_points: int = 8) -> dict:
+def report(
+    containers: Sequence[str | Path],
+    *,
+    against: str | Path | None = None,
+    out: str | Path | None = None,
+    force: bool = False,
+    max_spectra: int = 4,
+    curve_points: int = 8,
+) -> dict:
     """Report on containers; with ``out`` also write ``report.md``, ``report.json`` and PNG charts.
 
     ``against``: the source LoRA folder of every container: errors, the same-bytes svd baseline,
@@ -175,14 +248,19 @@ def report(containers: Sequence[str | Path], *, against: str | Path | None = Non
         ad = load_adapter(against)
         for c in cs:
             if c.manifest["source"]["sha256"] != ad.sha256:
-                raise OptionError(against, f"is not the source of {c.path} (its weights sha256 {ad.sha256[:12]}… ≠ the container's source {c.manifest['source']['sha256'][:12]}…)")
+                raise OptionError(
+                    against,
+                    f"is not the source of {c.path} (its weights sha256 {ad.sha256[:12]}… ≠ the container's source {c.manifest['source']['sha256'][:12]}…)",
+                )
     out_p = Path(out) if out is not None else None
     if out_p is not None:
         check_output(out_p / "report.json", force)
     reps = [container_report(c, ad, ctx) for c in cs]
     sources: dict[str, dict] = {}
     for r in reps:
-        s = sources.setdefault(r["source"]["sha256"], {"name": r["source"]["name"], "bytes": r["source"]["bytes"], "containers": []})
+        s = sources.setdefault(
+            r["source"]["sha256"], {"name": r["source"]["name"], "bytes": r["source"]["bytes"], "containers": []}
+        )
         s["containers"].append(r["path"])
     if ad is not None:
         for r, c in zip(reps, cs):
@@ -191,11 +269,17 @@ def report(containers: Sequence[str | Path], *, against: str | Path | None = Non
             r["svd_baseline_bytes"] = size
         lo = min(r["effective_bytes"] for r in reps) / 2
         hi = ad.bytes
-        pts = [int(lo * (hi / lo) ** (j / max(1, curve_points - 1))) for j in range(curve_points)] + [int(r["effective_bytes"]) for r in reps]
+        pts = [int(lo * (hi / lo) ** (j / max(1, curve_points - 1))) for j in range(curve_points)] + [
+            int(r["effective_bytes"]) for r in reps
+        ]
         sources[ad.sha256]["svd_curve"] = _svd_curve(ad, pts, cs[0].dtype, ctx)
         for r in reps:
             r["spectra"] = _spectra(r, ad, max_spectra)
-    result: dict[str, Any] = {"containers": reps, "sources": sources, "against": None if against is None else str(against)}
+    result: dict[str, Any] = {
+        "containers": reps,
+        "sources": sources,
+        "against": None if against is None else str(against),
+    }
     if out_p is not None:
         result["files"] = _write(out_p, result)
     for r in reps:
@@ -209,13 +293,21 @@ def _spectra(r: dict, ad: Adapter, k: int) -> list[dict]:
     form = r["_form"]
     out = []
     with torch.no_grad():
-        norms = sorted(((float(linalg.sq_norm(B, A)), i) for i, (_, B, A) in enumerate(ad.iter_factors())), reverse=True)
+        norms = sorted(
+            ((float(linalg.sq_norm(B, A)), i) for i, (_, B, A) in enumerate(ad.iter_factors())), reverse=True
+        )
         for _, i in norms[:k]:
             B, A = ad.factors(ad.modules[i])
             Bc, Ac = form.factors(i)
             s_src = linalg.factored_svd(B, A).S if A.shape[0] else torch.zeros(0)
             s_c = linalg.factored_svd(Bc.detach(), Ac.detach()).S if Ac.shape[0] else torch.zeros(0)
-            out.append({"module": ad.modules[i].name, "source": [float(x) for x in s_src], "compressed": [float(x) for x in s_c]})
+            out.append(
+                {
+                    "module": ad.modules[i].name,
+                    "source": [float(x) for x in s_src],
+                    "compressed": [float(x) for x in s_c],
+                }
+            )
     return out
 
 
@@ -223,6 +315,7 @@ def _spectra(r: dict, ad: Adapter, k: int) -> list[dict]:
 def _fig(w: float = 7.0, h: float = 4.2):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(w, h), dpi=110)
     FigureCanvasAgg(fig)
     return fig
@@ -250,6 +343,7 @@ def _chart_errors(r: dict, path: Path) -> bool:
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=t)
     from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer (-1: no layer)")
     ax.set_ylabel("relative error ‖ΔW−ΔŴ‖/‖ΔW‖")
@@ -277,8 +371,18 @@ def _chart_pareto(src: dict, reps: list[dict], path: Path) -> bool:
     ax = fig.add_subplot(111)
     curve = src.get("svd_curve")
     if curve:
-        ax.plot([p["bytes"] for p in curve], [p["rel_error"] for p in curve], "-", color="gray", label="svd baseline (recomputed)")
-    base = [(r["svd_baseline_bytes"], r["svd_baseline_rel_error"]) for r in reps if r.get("svd_baseline_rel_error") is not None and r.get("svd_baseline_bytes")]
+        ax.plot(
+            [p["bytes"] for p in curve],
+            [p["rel_error"] for p in curve],
+            "-",
+            color="gray",
+            label="svd baseline (recomputed)",
+        )
+    base = [
+        (r["svd_baseline_bytes"], r["svd_baseline_rel_error"])
+        for r in reps
+        if r.get("svd_baseline_rel_error") is not None and r.get("svd_baseline_bytes")
+    ]
     if base:
         ax.scatter([b for b, _ in base], [e for _, e in base], marker="x", color="gray", label="svd at the same bytes")
     for b, e, r in pts:
@@ -307,7 +411,9 @@ def _chart_spectra(r: dict, path: Path) -> bool:
         ax = fig.add_subplot(1, len(sp), j + 1)
         ax.semilogy(range(1, len(s["source"]) + 1), [max(x, 1e-12) for x in s["source"]], "o-", label="source")
         if s["compressed"]:
-            ax.semilogy(range(1, len(s["compressed"]) + 1), [max(x, 1e-12) for x in s["compressed"]], "s--", label="compressed")
+            ax.semilogy(
+                range(1, len(s["compressed"]) + 1), [max(x, 1e-12) for x in s["compressed"]], "s--", label="compressed"
+            )
         else:
             ax.text(0.5, 0.5, "compressed: rank 0", transform=ax.transAxes, ha="center", fontsize=7)
         ax.set_title(s["module"], fontsize=7)
@@ -344,34 +450,61 @@ def _write(out: Path, result: dict) -> dict:
         name = f"pareto_{k}_{_slug(src['name'])}.png"
         if _chart_pareto(src, [r for r in reps if r["source"]["sha256"] == sha], out / name):
             pareto.append(name)
-    lines = ["# adaptzip report", "",
-             "| container | form | bytes | ratio vs source | ratio vs fp16 LoRA | stored params | rel. error | svd at same bytes | errors from |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# adaptzip report",
+        "",
+        "| container | form | bytes | ratio vs source | ratio vs fp16 LoRA | stored params | rel. error | svd at same bytes | errors from |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in reps:
-        lines.append(f"| {_fmt(Path(r['path']).name)} | {r['form']} | {r['bytes']}" + (f" (+{r['effective_bytes'] - r['bytes']:.0f} shared)" if r["shared"] else "")
-                     + f" | {_fmt(r['ratio_source'])} | {_fmt(r['ratio_fp16_lora'])} | {r['params']['stored']} | {_fmt(r['rel_error'])} | "
-                     f"{_fmt(r['svd_baseline_rel_error'])} | {_fmt(r['errors_from'])} |")
+        lines.append(
+            f"| {_fmt(Path(r['path']).name)} | {r['form']} | {r['bytes']}"
+            + (f" (+{r['effective_bytes'] - r['bytes']:.0f} shared)" if r["shared"] else "")
+            + f" | {_fmt(r['ratio_source'])} | {_fmt(r['ratio_fp16_lora'])} | {r['params']['stored']} | {_fmt(r['rel_error'])} | "
+            f"{_fmt(r['svd_baseline_rel_error'])} | {_fmt(r['errors_from'])} |"
+        )
     lines.append("")
     for name in pareto:
         lines += [f"![error vs bytes]({name})", ""]
     for r in reps:
-        lines += [f"## {_fmt(Path(r['path']).name)}", "",
-                  f"- form `{r['form']}`, dtype {r['dtype']}, source `{_fmt(r['source']['name'])}` ({r['source']['bytes']} bytes)",
-                  (f"- bytes {r['bytes']}, ratio {_fmt(r['ratio_source'])} of the source file, {_fmt(r['ratio_fp16_lora'])} of an fp16 LoRA "
-                   f"({r['fp16_lora_bytes']} bytes)"),
-                  f"- parameters: {r['params']['stored']} stored (+{r['params']['shared']} in the shared file) of {r['params']['source']} in the source"]
+        lines += [
+            f"## {_fmt(Path(r['path']).name)}",
+            "",
+            f"- form `{r['form']}`, dtype {r['dtype']}, source `{_fmt(r['source']['name'])}` ({r['source']['bytes']} bytes)",
+            (
+                f"- bytes {r['bytes']}, ratio {_fmt(r['ratio_source'])} of the source file, {_fmt(r['ratio_fp16_lora'])} of an fp16 LoRA "
+                f"({r['fp16_lora_bytes']} bytes)"
+            ),
+            f"- parameters: {r['params']['stored']} stored (+{r['params']['shared']} in the shared file) of {r['params']['source']} in the source",
+        ]
         if r["shared"]:
-            lines.append(f"- shared file `{r['shared']['file']}`: " + (f"{r['shared']['bytes']} bytes" if r["shared"]["bytes"] is not None else f"**{_fmt(r['shared'].get('error'))}**"))
+            lines.append(
+                f"- shared file `{r['shared']['file']}`: "
+                + (
+                    f"{r['shared']['bytes']} bytes"
+                    if r["shared"]["bytes"] is not None
+                    else f"**{_fmt(r['shared'].get('error'))}**"
+                )
+            )
         if r["accuracy"]:
-            lines += ["", "| accuracy metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in r["accuracy"].items()]
+            lines += ["", "| accuracy metric | value |", "|---|---|"] + [
+                f"| {k} | {_fmt(v)} |" for k, v in r["accuracy"].items()
+            ]
         if r["storage"]:
             st = r["storage"]
-            lines += ["", (f"Bit allocation (`{st['scheme']}`, group size {st['group_size']}): {st['tensors']} quantised tensors; "
-                           f"tensors by bits {st['tensors_by_bits']}; rows by bits {st['rows_by_bits']}; values by bits {st['values_by_bits']}; "
-                           f"mean {_fmt(st['mean_bits'])} bits per quantised value")]
+            lines += [
+                "",
+                (
+                    f"Bit allocation (`{st['scheme']}`, group size {st['group_size']}): {st['tensors']} quantised tensors; "
+                    f"tensors by bits {st['tensors_by_bits']}; rows by bits {st['rows_by_bits']}; values by bits {st['values_by_bits']}; "
+                    f"mean {_fmt(st['mean_bits'])} bits per quantised value"
+                ),
+            ]
         lines += ["", "| module | layer | type | stored rank | rel. error |", "|---|---|---|---|---|"]
         for m in r["modules"][:30]:
-            lines.append(f"| {_fmt(m['name'])} | {_fmt(m['layer'])} | {_fmt(m['type'])} | {_fmt(m['rank'])} | {_fmt(m['rel_error'])} |")
+            lines.append(
+                f"| {_fmt(m['name'])} | {_fmt(m['layer'])} | {_fmt(m['type'])} | {_fmt(m['rank'])} | {_fmt(m['rel_error'])} |"
+            )
         if len(r["modules"]) > 30:
             lines.append(f"| … {len(r['modules']) - 30} more in report.json | | | | |")
         if r.get("modules_note"):
@@ -379,11 +512,16 @@ def _write(out: Path, result: dict) -> dict:
         lines.append("")
         for img in images[r["path"]]:
             lines += [f"![{img}]({img})", ""]
-    files = {"report_md": str(out / "report.md"), "report_json": str(out / "report.json"),
-             "images": [i for v in images.values() for i in v] + pareto}
+    files = {
+        "report_md": str(out / "report.md"),
+        "report_json": str(out / "report.json"),
+        "images": [i for v in images.values() for i in v] + pareto,
+    }
     with atomic_file(out / "report.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     with atomic_file(out / "report.json") as tmp:
         public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in reps]  # not "_form": live objects
-        tmp.write_text(json.dumps(json_clean({**result, "containers": public, "files": files}), indent=1, allow_nan=False) + "\n")
+        tmp.write_text(
+            json.dumps(json_clean({**result, "containers": public, "files": files}), indent=1, allow_nan=False) + "\n"
+        )
     return files

@@ -5,6 +5,7 @@ is memory-bound: waking a second thread costs more than it saves, and on a share
 (measured: ``torch.round`` on 5k values, 5 µs with one thread, 12 ms with two under load). Code
 that knows its work is small says so with :func:`single_thread`; nothing else here sets threads.
 """
+
 from __future__ import annotations
 
 import contextlib

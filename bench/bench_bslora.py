@@ -16,6 +16,7 @@ Prints a table; writes bench/out/bslora.json and bench/out/bslora.md. Target: �
 2 CPU cores. ``--threads`` defaults to 1: on a 2-core machine shared with other jobs, a second
 OpenMP thread makes these skinny matmuls many times slower (measured 10–25×), not faster.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,6 +48,7 @@ def _rusage() -> tuple[float, float]:
 def run_case(case: str, work: Path, layers: int, threads: int) -> dict:
     """Run one case in this process (called in a child)."""
     import torch
+
     torch.set_num_threads(threads)
     from adaptzip import api
     from adaptzip.forms import get_form
@@ -69,28 +71,75 @@ def run_case(case: str, work: Path, layers: int, threads: int) -> dict:
     cls.fit = classmethod(timed)  # type: ignore[method-assign]
     rss_before, cpu_before = _rusage()
     t0 = time.perf_counter()
-    res = api.compress(src, work / f"{case}.safetensors", to=form, budget=budget, fitting=FitOptions(seed=0),
-                       run=RunOptions(force=True)).to_json()
+    res = api.compress(
+        src,
+        work / f"{case}.safetensors",
+        to=form,
+        budget=budget,
+        fitting=FitOptions(seed=0),
+        run=RunOptions(force=True),
+    ).to_json()
     compress_s = time.perf_counter() - t0
     peak, cpu = _rusage()
-    keep = ("config", "state", "bytes", "source_bytes", "ratio", "stored_params", "source_params", "rel_error",
-            "worst_module_rel_error", "worst_module", "svd_baseline_rel_error", "svd_baseline_bytes", "init",
-            "init_rel_error", "refine_rounds", "refine_max_steps", "shared_size_clamped_from", "budget_choice")
+    keep = (
+        "config",
+        "state",
+        "bytes",
+        "source_bytes",
+        "ratio",
+        "stored_params",
+        "source_params",
+        "rel_error",
+        "worst_module_rel_error",
+        "worst_module",
+        "svd_baseline_rel_error",
+        "svd_baseline_bytes",
+        "init",
+        "init_rel_error",
+        "refine_rounds",
+        "refine_max_steps",
+        "shared_size_clamped_from",
+        "budget_choice",
+    )
     out = {k: res[k] for k in keep if k in res}
-    out.update(fit_s=fits[-1]["fit_s"], fit_cpu_s=fits[-1]["fit_cpu_s"], fits=len(fits), compress_s=compress_s,
-               compress_cpu_s=cpu - cpu_before, peak_rss_mb=peak, rss_before_mb=rss_before)
+    out.update(
+        fit_s=fits[-1]["fit_s"],
+        fit_cpu_s=fits[-1]["fit_cpu_s"],
+        fits=len(fits),
+        compress_s=compress_s,
+        compress_cpu_s=cpu - cpu_before,
+        peak_rss_mb=peak,
+        rss_before_mb=rss_before,
+    )
     return out
 
 
 # ----------------------------------------------------------------------------- parent side
 def child(case: str, work: Path, layers: int, threads: int, timeout: float) -> dict:
     """Run one case in a child process; return its JSON result."""
-    return common.run_child(__file__, ["--case", case, "--work", work, "--layers", layers, "--threads", threads], timeout,
-                            name=case, process_s=False)
+    return common.run_child(
+        __file__,
+        ["--case", case, "--work", work, "--layers", layers, "--threads", threads],
+        timeout,
+        name=case,
+        process_s=False,
+    )
 
 
-COLUMNS = ("case", "ranks L,I,G", "shared size", "fit s", "fit CPU s", "compress s", "peak RSS MB", "MB", "ratio",
-           "rel. error", "svd same bytes", "error / svd")
+COLUMNS = (
+    "case",
+    "ranks L,I,G",
+    "shared size",
+    "fit s",
+    "fit CPU s",
+    "compress s",
+    "peak RSS MB",
+    "MB",
+    "ratio",
+    "rel. error",
+    "svd same bytes",
+    "error / svd",
+)
 
 
 def _ranks(r: dict) -> str:
@@ -105,9 +154,22 @@ def rows(result: dict) -> list[list[str]]:
     for case, r in result["cases"].items():
         base = r.get("svd_baseline_rel_error")
         size = r["state"].get("shared_size")
-        out.append([CASES[case][1], _ranks(r), "" if size is None else str(size), f"{r['fit_s']:.1f}", f"{r['fit_cpu_s']:.1f}",
-                    f"{r['compress_s']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['bytes'] / 1e6:.2f}", f"{r['ratio']:.3f}",
-                    f"{r['rel_error']:.4f}", "" if base is None else f"{base:.4f}", "" if not base else f"{r['rel_error'] / base:.2f}×"])
+        out.append(
+            [
+                CASES[case][1],
+                _ranks(r),
+                "" if size is None else str(size),
+                f"{r['fit_s']:.1f}",
+                f"{r['fit_cpu_s']:.1f}",
+                f"{r['compress_s']:.1f}",
+                f"{r['peak_rss_mb']:.0f}",
+                f"{r['bytes'] / 1e6:.2f}",
+                f"{r['ratio']:.3f}",
+                f"{r['rel_error']:.4f}",
+                "" if base is None else f"{base:.4f}",
+                "" if not base else f"{r['rel_error'] / base:.2f}×",
+            ]
+        )
     return out
 
 
@@ -147,20 +209,41 @@ def main(argv=None) -> int:
             print(f"… {CASES[case][1]}", file=sys.stderr, flush=True)
             results[case] = child(case, work, a.layers, a.threads, a.timeout)
             r = results[case]
-            print(f"  fit {r['fit_s']:.1f} s (CPU {r['fit_cpu_s']:.1f} s), ratio {r['ratio']:.3f}, error {r['rel_error']:.4f} "
-                  f"vs svd {r.get('svd_baseline_rel_error', float('nan')):.4f}", file=sys.stderr, flush=True)
+            print(
+                f"  fit {r['fit_s']:.1f} s (CPU {r['fit_cpu_s']:.1f} s), ratio {r['ratio']:.3f}, error {r['rel_error']:.4f} "
+                f"vs svd {r.get('svd_baseline_rel_error', float('nan')):.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     # CPU time of the single-threaded fit is its wall time on an idle core; the wall time measured
     # here also counts whatever else the machine was running (see load_before).
     targets = []
     for c, r in results.items():
-        targets.append({"name": f"{CASES[c][1]}: fit CPU s", "measured": r["fit_cpu_s"], "limit": TARGET_FIT_S, "gate": True})
-        targets.append({"name": f"{CASES[c][1]}: fit wall s (shared machine)", "measured": r["fit_s"], "limit": TARGET_FIT_S, "gate": False})
+        targets.append(
+            {"name": f"{CASES[c][1]}: fit CPU s", "measured": r["fit_cpu_s"], "limit": TARGET_FIT_S, "gate": True}
+        )
+        targets.append(
+            {
+                "name": f"{CASES[c][1]}: fit wall s (shared machine)",
+                "measured": r["fit_s"],
+                "limit": TARGET_FIT_S,
+                "gate": False,
+            }
+        )
     common.check_targets(targets)
     result = {
-        "benchmark": "bslora", "layers": a.layers, "rank": 16, "modules": common.module_count(a.layers),
-        "source_bytes": source_bytes, "threads": a.threads, "cpus": os.cpu_count(), "load_before": load_before,
-        **common.machine_info(), "cases": results, "targets": targets,
+        "benchmark": "bslora",
+        "layers": a.layers,
+        "rank": 16,
+        "modules": common.module_count(a.layers),
+        "source_bytes": source_bytes,
+        "threads": a.threads,
+        "cpus": os.cpu_count(),
+        "load_before": load_before,
+        **common.machine_info(),
+        "cases": results,
+        "targets": targets,
     }
     common.write_outputs(a.out, "bslora", result, markdown(result))
     print(table(result))

@@ -14,6 +14,7 @@ Prints a table; writes bench/out/foundation.json and bench/out/foundation.md.
 Targets (2 CPU cores): compress ≤ 60 s; expand to PEFT ≤ 2× a plain load+save of the same tensors;
 dense export peak RSS ≤ 1.5 GB whatever the model size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,8 @@ import time
 from pathlib import Path
 
 import common
-from common import HERE, peak_rss_mb as _peak_rss_mb
+from common import HERE
+from common import peak_rss_mb as _peak_rss_mb
 
 TARGET_COMPRESS_S = 60.0
 TARGET_PEFT_RATIO = 2.0
@@ -39,17 +41,23 @@ def _dir_bytes(p: Path) -> int:
 
 def run_step(step: str, work: Path, layers: int, dense_dtype: str, threads: int) -> dict:
     """Run one step in this process; returns its facts (called in a child process)."""
+    import torch
+
     import adaptzip  # first, as the CLI does (it sets OMP_WAIT_POLICY before torch loads OpenMP)
     from adaptzip import api
     from adaptzip.options import RunOptions
-    import torch
+
     torch.set_num_threads(threads)
     from safetensors.torch import load_file, save_file
 
     src = work / "adapter"
     # every repeat writes a fresh output (as a first run does): removing the previous one is not the step's work
-    fresh = {"ref_source": "ref_source.safetensors", "expand_peft": "svd_peft", "expand_peft_lora": "lora_peft",
-             "ref_expanded": "ref_expanded.safetensors"}.get(step)
+    fresh = {
+        "ref_source": "ref_source.safetensors",
+        "expand_peft": "svd_peft",
+        "expand_peft_lora": "lora_peft",
+        "ref_expanded": "ref_expanded.safetensors",
+    }.get(step)
     if fresh and (work / fresh).exists():
         shutil.rmtree(work / fresh) if (work / fresh).is_dir() else (work / fresh).unlink()
     rss_before = _peak_rss_mb()
@@ -60,6 +68,7 @@ def run_step(step: str, work: Path, layers: int, dense_dtype: str, threads: int)
     elif step == "build":
         sys.path.insert(0, str(HERE))
         from llama7b_adapter import build_llama7b_adapter
+
         build_llama7b_adapter(src, layers=layers)
         res["bytes"] = _dir_bytes(src / "adapter_model.safetensors")
     elif step == "ref_source":
@@ -119,13 +128,22 @@ STEPS = [  # (step, label)
 ]
 
 
-ONCE = {"build", "compress_lora", "expand_dense"}  # expensive or stateful: run once; every other step runs --repeat times
+ONCE = {
+    "build",
+    "compress_lora",
+    "expand_dense",
+}  # expensive or stateful: run once; every other step runs --repeat times
 
 
 def child(step: str, work: Path, layers: int, dense_dtype: str, threads: int, timeout: float) -> dict:
     """Run one step in a child process; return its JSON result plus ``process_s``."""
-    return common.run_child(__file__, ["--step", step, "--work", work, "--layers", layers, "--dense-dtype", dense_dtype,
-                                       "--threads", threads], timeout, what="step", name=step)
+    return common.run_child(
+        __file__,
+        ["--step", step, "--work", work, "--layers", layers, "--dense-dtype", dense_dtype, "--threads", threads],
+        timeout,
+        what="step",
+        name=step,
+    )
 
 
 def _fmt_mb(b: int | None) -> str:
@@ -151,30 +169,55 @@ def markdown(result: dict) -> str:
         if step not in s:
             continue
         r = s[step]
-        lines.append(f"| {label} | {r['seconds']:.2f} | {r['process_s']:.2f} | {r['peak_rss_mb']:.0f} | {_fmt_mb(r.get('bytes'))} | {r['load_avg_1min']:.1f} |")
+        lines.append(
+            f"| {label} | {r['seconds']:.2f} | {r['process_s']:.2f} | {r['peak_rss_mb']:.0f} | {_fmt_mb(r.get('bytes'))} | {r['load_avg_1min']:.1f} |"
+        )
     lines += common.targets_markdown(result["targets"])
     c = s.get("compress_svd", {})
     if c:
-        lines += ["", f"svd at budget 0.25: {c['bytes'] / 1e6:.2f} MB (ratio {c['ratio']:.3f}), weight rel. error {c['rel_error']:.4f}."]
-    lines += ["", "`expand --to peft` does work a bare load+save does not: it checks the manifest's module table, writes "
-              "the config, and fsyncs the files and the directory before the atomic rename (a bare save leaves its bytes "
-              "in the page cache). lora and svd containers are copied in their stored dtype (the form's fp32 parameters "
-              "are not rebuilt); every step writes a fresh output."]
+        lines += [
+            "",
+            f"svd at budget 0.25: {c['bytes'] / 1e6:.2f} MB (ratio {c['ratio']:.3f}), weight rel. error {c['rel_error']:.4f}.",
+        ]
+    lines += [
+        "",
+        "`expand --to peft` does work a bare load+save does not: it checks the manifest's module table, writes "
+        "the config, and fsyncs the files and the directory before the atomic rename (a bare save leaves its bytes "
+        "in the page cache). lora and svd containers are copied in their stored dtype (the form's fp32 parameters "
+        "are not rebuilt); every step writes a fresh output.",
+    ]
     if "expand_dense" in s:
         d = s["expand_dense"]
-        lines += ["", f"The dense export writes {d['bytes'] / 1e9:.1f} GB ({result['dense_dtype']}) module by module; its time "
-                  f"is the disk's ({d['bytes'] / 1e6 / d['seconds']:.0f} MB/s here) and its peak RSS stays at one ΔW plus the "
-                  f"import baseline."]
+        lines += [
+            "",
+            f"The dense export writes {d['bytes'] / 1e9:.1f} GB ({result['dense_dtype']}) module by module; its time "
+            f"is the disk's ({d['bytes'] / 1e6 / d['seconds']:.0f} MB/s here) and its peak RSS stays at one ΔW plus the "
+            f"import baseline.",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="adaptzip foundation benchmark (Llama-7B-shaped LoRA)")
     common.add_common_args(ap, "foundation", what="step")
-    ap.add_argument("--dense-dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the dense ΔW export")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per step (fresh process each; the fastest is reported) except build and dense")
-    ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="torch threads per step (default: min(2, CPUs))")
-    ap.add_argument("--no-dense", action="store_true", help="skip the dense export (its file is ~23 GB in fp32 at full size)")
+    ap.add_argument(
+        "--dense-dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="dtype of the dense ΔW export"
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs per step (fresh process each; the fastest is reported) except build and dense",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, min(2, os.cpu_count() or 1)),
+        help="torch threads per step (default: min(2, CPUs))",
+    )
+    ap.add_argument(
+        "--no-dense", action="store_true", help="skip the dense export (its file is ~23 GB in fp32 at full size)"
+    )
     ap.add_argument("--step", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
@@ -188,8 +231,10 @@ def main(argv=None) -> int:
             if a.no_dense and step == "expand_dense":
                 continue
             print(f"… {label}", file=sys.stderr, flush=True)
-            runs = [child(step, work, a.layers, a.dense_dtype, a.threads, a.timeout)
-                    for _ in range(1 if step in ONCE else a.repeat)]
+            runs = [
+                child(step, work, a.layers, a.dense_dtype, a.threads, a.timeout)
+                for _ in range(1 if step in ONCE else a.repeat)
+            ]
             best = min(runs, key=lambda r: r["seconds"])  # the least disturbed run
             best["runs_s"] = [r["seconds"] for r in runs]
             best["process_runs_s"] = [r["process_s"] for r in runs]
@@ -199,20 +244,55 @@ def main(argv=None) -> int:
                 (work / "dense.safetensors").unlink(missing_ok=True)  # up to 23 GB at full size
 
     targets = [
-        {"name": "compress --to svd --budget 0.25 (s)", "measured": steps["compress_svd"]["seconds"], "limit": TARGET_COMPRESS_S},
-        {"name": "expand --to peft (svd) / load+save of its tensors", "measured": steps["expand_peft"]["seconds"] / steps["ref_expanded"]["seconds"], "limit": TARGET_PEFT_RATIO},
-        {"name": "expand --to peft (lora) / load+save of the source", "measured": steps["expand_peft_lora"]["seconds"] / steps["ref_source"]["seconds"], "limit": TARGET_PEFT_RATIO},
-        {"name": "expand --to peft (svd) / load+save, whole processes (with imports)", "measured": steps["expand_peft"]["process_s"] / steps["ref_expanded"]["process_s"], "limit": TARGET_PEFT_RATIO},
-        {"name": "expand --to peft (lora) / load+save, whole processes (with imports)", "measured": steps["expand_peft_lora"]["process_s"] / steps["ref_source"]["process_s"], "limit": TARGET_PEFT_RATIO},
+        {
+            "name": "compress --to svd --budget 0.25 (s)",
+            "measured": steps["compress_svd"]["seconds"],
+            "limit": TARGET_COMPRESS_S,
+        },
+        {
+            "name": "expand --to peft (svd) / load+save of its tensors",
+            "measured": steps["expand_peft"]["seconds"] / steps["ref_expanded"]["seconds"],
+            "limit": TARGET_PEFT_RATIO,
+        },
+        {
+            "name": "expand --to peft (lora) / load+save of the source",
+            "measured": steps["expand_peft_lora"]["seconds"] / steps["ref_source"]["seconds"],
+            "limit": TARGET_PEFT_RATIO,
+        },
+        {
+            "name": "expand --to peft (svd) / load+save, whole processes (with imports)",
+            "measured": steps["expand_peft"]["process_s"] / steps["ref_expanded"]["process_s"],
+            "limit": TARGET_PEFT_RATIO,
+        },
+        {
+            "name": "expand --to peft (lora) / load+save, whole processes (with imports)",
+            "measured": steps["expand_peft_lora"]["process_s"] / steps["ref_source"]["process_s"],
+            "limit": TARGET_PEFT_RATIO,
+        },
     ]
     if "expand_dense" in steps:
-        targets.append({"name": "expand --to dense peak RSS (MB)", "measured": steps["expand_dense"]["peak_rss_mb"], "limit": TARGET_DENSE_RSS_MB})
+        targets.append(
+            {
+                "name": "expand --to dense peak RSS (MB)",
+                "measured": steps["expand_dense"]["peak_rss_mb"],
+                "limit": TARGET_DENSE_RSS_MB,
+            }
+        )
     common.check_targets(targets)
     result = {
-        "benchmark": "foundation", "layers": a.layers, "rank": 16, "modules": common.module_count(a.layers),
-        "source_bytes": steps["build"]["bytes"], "dense_dtype": a.dense_dtype, "repeat": a.repeat,
-        "threads": a.threads, "cpus": os.cpu_count(), **common.machine_info(),
-        "adaptzip_version": steps["import"]["adaptzip_version"], "steps": steps, "targets": targets,
+        "benchmark": "foundation",
+        "layers": a.layers,
+        "rank": 16,
+        "modules": common.module_count(a.layers),
+        "source_bytes": steps["build"]["bytes"],
+        "dense_dtype": a.dense_dtype,
+        "repeat": a.repeat,
+        "threads": a.threads,
+        "cpus": os.cpu_count(),
+        **common.machine_info(),
+        "adaptzip_version": steps["import"]["adaptzip_version"],
+        "steps": steps,
+        "targets": targets,
     }
     md = markdown(result)
     common.write_outputs(a.out, "foundation", result, md)

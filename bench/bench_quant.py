@@ -12,6 +12,7 @@ bytes are the written file's size, its error is measured on the stored (dequanti
 
 Writes bench/out/quant.json, bench/out/quant.png and bench/out/quant.md (the README's table).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,25 +50,46 @@ def curve(adapter_dir: Path, work: Path, budgets, schemes, group_size: int) -> l
             t0 = time.perf_counter()
             out = work / f"{q}_{b}.safetensors"
             try:
-                r = api.compress(adapter_dir, out, to="svd", budget=b, fitting=FitOptions(dtype="fp16", baseline=False),
-                                 quant=QuantOptions(q, group_size), run=RunOptions(force=True))
+                r = api.compress(
+                    adapter_dir,
+                    out,
+                    to="svd",
+                    budget=b,
+                    fitting=FitOptions(dtype="fp16", baseline=False),
+                    quant=QuantOptions(q, group_size),
+                    run=RunOptions(force=True),
+                )
             except Exception as e:  # a budget below a scheme's floor: record it, go on
                 rows.append({"budget": b, "quant": q, "error": f"{type(e).__name__}: {e}"})
                 print(f"  budget {b:<5} {q:<5} skipped: {e}", flush=True)
                 continue
             secs = time.perf_counter() - t0
-            row = {"budget": b, "quant": q, "bytes": r.bytes, "ratio": r.ratio, "rel_error": r.rel_error,
-                   "ranks_total": r.state["ranks"]["total"], "seconds": secs}
+            row = {
+                "budget": b,
+                "quant": q,
+                "bytes": r.bytes,
+                "ratio": r.ratio,
+                "rel_error": r.rel_error,
+                "ranks_total": r.state["ranks"]["total"],
+                "seconds": secs,
+            }
             if q == "auto":
                 bits = r.quant["bits"]
-                row.update(chosen=r.quant["auto"]["chosen"], considered=r.quant["auto"]["considered"],
-                           mean_bits=bits["mean_bits"], bits_hist=bits["bits"],
-                           by_position=[(p["position"], p["kept"], round(p["mean_bits"], 2)) for p in bits["by_position"]],
-                           by_type={k: (v["kept"], round(v["mean_bits"], 2)) for k, v in bits["by_type"].items()})
+                row.update(
+                    chosen=r.quant["auto"]["chosen"],
+                    considered=r.quant["auto"]["considered"],
+                    mean_bits=bits["mean_bits"],
+                    bits_hist=bits["bits"],
+                    by_position=[(p["position"], p["kept"], round(p["mean_bits"], 2)) for p in bits["by_position"]],
+                    by_type={k: (v["kept"], round(v["mean_bits"], 2)) for k, v in bits["by_type"].items()},
+                )
             rows.append(row)
             out.unlink(missing_ok=True)
-            print(f"  budget {b:<5} {q:<5} {r.bytes:>10} B  rel.err {r.rel_error:.4f}  rank {row['ranks_total']:>5}"
-                  f"{'  ' + row.get('chosen', '') if q == 'auto' else ''}  ({secs:.1f}s)", flush=True)
+            print(
+                f"  budget {b:<5} {q:<5} {r.bytes:>10} B  rel.err {r.rel_error:.4f}  rank {row['ranks_total']:>5}"
+                f"{'  ' + row.get('chosen', '') if q == 'auto' else ''}  ({secs:.1f}s)",
+                flush=True,
+            )
     return rows
 
 
@@ -93,16 +115,37 @@ def throughput(adapter_dir: Path, group_size: int) -> list[dict]:
             qz.decode(n, parts, plan[n], tuple(t.shape), torch.float16)
         t_dec = time.perf_counter() - t0
         stored = sum(p.numel() * p.element_size() for p in parts.values())
-        res.append({"bits": bits, "values": n_values, "stored_bytes": stored, "bits_per_value": 8 * stored / n_values,
-                    "quantise_s": t_enc, "dequantise_s": t_dec,
-                    "quantise_Mvalues_per_s": n_values / t_enc / 1e6, "dequantise_Mvalues_per_s": n_values / t_dec / 1e6})
-        print(f"  {bits}-bit: {n_values / 1e6:.1f} M values, {8 * stored / n_values:.3f} bits/value stored, "
-              f"quantise {n_values / t_enc / 1e6:.1f} M/s, dequantise {n_values / t_dec / 1e6:.1f} M/s", flush=True)
+        res.append(
+            {
+                "bits": bits,
+                "values": n_values,
+                "stored_bytes": stored,
+                "bits_per_value": 8 * stored / n_values,
+                "quantise_s": t_enc,
+                "dequantise_s": t_dec,
+                "quantise_Mvalues_per_s": n_values / t_enc / 1e6,
+                "dequantise_Mvalues_per_s": n_values / t_dec / 1e6,
+            }
+        )
+        print(
+            f"  {bits}-bit: {n_values / 1e6:.1f} M values, {8 * stored / n_values:.3f} bits/value stored, "
+            f"quantise {n_values / t_enc / 1e6:.1f} M/s, dequantise {n_values / t_dec / 1e6:.1f} M/s",
+            flush=True,
+        )
     return res
 
 
-def distil_experiment(work: Path, *, budget: float = 0.1, steps: int = 150, scheme: str = "int4", hidden: int = 256,
-                      inter: int = 512, layers: int = 4, rank: int = 16) -> dict:
+def distil_experiment(
+    work: Path,
+    *,
+    budget: float = 0.1,
+    steps: int = 150,
+    scheme: str = "int4",
+    hidden: int = 256,
+    inter: int = 512,
+    layers: int = 4,
+    rank: int = 16,
+) -> dict:
     """Distillation with quantised forms, on a small text model built like the calibration tests'
     (a Llama with a BPE tokenizer trained on a toy grammar; here hidden 256, 4 layers, so that the
     payload, not the header, dominates the container) and an r=16 LoRA trained on that text: svd at
@@ -127,11 +170,21 @@ def distil_experiment(work: Path, *, budget: float = 0.1, steps: int = 150, sche
     text = make_text(1200, seed=0)
     (work / "calib.txt").write_text(text)
     (work / "eval.txt").write_text(make_text(200, seed=1))
-    base = base_with_tokenizer(make_base(work / "base0", hidden=hidden, inter=inter, layers=layers), work / "base", text)
+    base = base_with_tokenizer(
+        make_base(work / "base0", hidden=hidden, inter=inter, layers=layers), work / "base", text
+    )
     lora = train_text_lora(base, work / "lora", text, steps=40, r=rank, lr=3e-3)
     ad = load_adapter(lora)
-    cal = distill.prepare(ad, base, work / "calib.txt", calib_tokens=6000, eval_text=work / "eval.txt", seq_len=32,
-                          batch_size=8, device="cpu")
+    cal = distill.prepare(
+        ad,
+        base,
+        work / "calib.txt",
+        calib_tokens=6000,
+        eval_text=work / "eval.txt",
+        seq_len=32,
+        batch_size=8,
+        device="cpu",
+    )
     ctx = FitContext(stats=cal.stats, seed=0)
     dt = torch.float16
     budget_bytes = parse_budget(budget, ad.bytes)
@@ -143,8 +196,17 @@ def distil_experiment(work: Path, *, budget: float = 0.1, steps: int = 150, sche
         size = ct.serialized_size(t, m)
         stored = ct.decoded_form(form, t, m)
         ev = cal.evaluate(stored)
-        rows.append({"case": label, "bytes": size, "kl": ev["kl"], "top1": ev["top1"],
-                     "improvement_kept": cal.improvement_kept(ev), "seconds": seconds, **kw})
+        rows.append(
+            {
+                "case": label,
+                "bytes": size,
+                "kl": ev["kl"],
+                "top1": ev["top1"],
+                "improvement_kept": cal.improvement_kept(ev),
+                "seconds": seconds,
+                **kw,
+            }
+        )
         print(f"  {label:<34} {size:>7} B  KL {ev['kl']:.5f}  top-1 {ev['top1']:.4f}  ({seconds:.1f}s)", flush=True)
 
     f16, _, _, _ = fit_to_budget(ad, svd, svd.Config(), budget_bytes, dt, ctx)
@@ -167,12 +229,19 @@ def distil_experiment(work: Path, *, budget: float = 0.1, steps: int = 150, sche
     cal.distil(qat, steps=steps, lr=lr)
     h.remove()
     record(f"{scheme} QAT (straight-through) {steps}", qat, storage, time.perf_counter() - t0)
-    return {"budget": budget, "budget_bytes": budget_bytes, "source_bytes": ad.bytes, "scheme": scheme,
-            "steps": steps, "rows": rows}
+    return {
+        "budget": budget,
+        "budget_bytes": budget_bytes,
+        "source_bytes": ad.bytes,
+        "scheme": scheme,
+        "steps": steps,
+        "rows": rows,
+    }
 
 
 def plot(results: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -201,10 +270,16 @@ def plot(results: dict, path: Path) -> None:
 def markdown(results: dict, tp: list[dict], meta: dict) -> str:
     lines = []
     for name, res in results.items():
-        lines.append(f"**{name}** (source {res['source_bytes'] / 1e6:.2f} MB; svd, `--dtype fp16`, group size "
-                     f"{meta['group_size']}): relative weight-space error (lower is better) at each budget")
+        lines.append(
+            f"**{name}** (source {res['source_bytes'] / 1e6:.2f} MB; svd, `--dtype fp16`, group size "
+            f"{meta['group_size']}): relative weight-space error (lower is better) at each budget"
+        )
         lines.append("")
-        lines.append("| budget | " + " | ".join(f"{q if q != 'none' else 'fp16'}" for q in SCHEMES) + " | auto chose | auto mean bits |")
+        lines.append(
+            "| budget | "
+            + " | ".join(f"{q if q != 'none' else 'fp16'}" for q in SCHEMES)
+            + " | auto chose | auto mean bits |"
+        )
         lines.append("|---|" + "---|" * (len(SCHEMES) + 2))
         for b in sorted({r["budget"] for r in res["curve"]}):
             cells = []
@@ -224,29 +299,41 @@ def markdown(results: dict, tp: list[dict], meta: dict) -> str:
         autos = [r for r in res["curve"] if r["quant"] == "auto" and "by_position" in r]
         if autos:
             a = autos[len(autos) // 2]
-            lines.append(f"auto at budget {a['budget']:g}: mean bits per rank position (kept modules) "
-                         + ", ".join(f"{p}: {mb:g} ({k})" for p, k, mb in a["by_position"]))
+            lines.append(
+                f"auto at budget {a['budget']:g}: mean bits per rank position (kept modules) "
+                + ", ".join(f"{p}: {mb:g} ({k})" for p, k, mb in a["by_position"])
+            )
             lines.append("")
-    lines.append(f"Throughput (all balanced svd factors of the Llama-7B-shaped adapter at rank 16, "
-                 f"{tp[0]['values'] / 1e6:.1f} M values; one CPU thread):")
+    lines.append(
+        f"Throughput (all balanced svd factors of the Llama-7B-shaped adapter at rank 16, "
+        f"{tp[0]['values'] / 1e6:.1f} M values; one CPU thread):"
+    )
     lines.append("")
     lines.append("| bits | stored bits/value | quantise+pack (M values/s) | unpack+dequantise (M values/s) |")
     lines.append("|---|---|---|---|")
     for t in tp:
-        lines.append(f"| {t['bits']} | {t['bits_per_value']:.3f} | {t['quantise_Mvalues_per_s']:.1f} | {t['dequantise_Mvalues_per_s']:.1f} |")
+        lines.append(
+            f"| {t['bits']} | {t['bits_per_value']:.3f} | {t['quantise_Mvalues_per_s']:.1f} | {t['dequantise_Mvalues_per_s']:.1f} |"
+        )
     lines.append("")
     lines.append(f"_{meta['machine']}; {meta['date']}; `python bench/bench_quant.py --layers {meta['layers']}`._")
     return "\n".join(lines) + "\n"
 
 
 def distil_markdown(res: list[dict]) -> str:
-    lines = ["Distillation with quantised svd (small text model: Llama, hidden 256, 4 layers, r=16 LoRA; KL to the "
-             "teacher per token on held-out text, every form measured as stored; seconds of distillation):", "",
-             "| budget | case | bytes | KL | top-1 | seconds |", "|---|---|---|---|---|---|"]
+    lines = [
+        "Distillation with quantised svd (small text model: Llama, hidden 256, 4 layers, r=16 LoRA; KL to the "
+        "teacher per token on held-out text, every form measured as stored; seconds of distillation):",
+        "",
+        "| budget | case | bytes | KL | top-1 | seconds |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in res:
         for row in r["rows"]:
-            lines.append(f"| {r['budget']:g} | {row['case']} | {row['bytes']} | {row['kl']:.5f} | {row['top1']:.4f} | "
-                         f"{row['seconds']:.1f} |")
+            lines.append(
+                f"| {r['budget']:g} | {row['case']} | {row['bytes']} | {row['kl']:.5f} | {row['top1']:.4f} | "
+                f"{row['seconds']:.1f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -256,10 +343,15 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--adapter", action="append", default=[], help="another PEFT LoRA to measure: DIR or LABEL=DIR (repeatable)")
+    ap.add_argument(
+        "--adapter", action="append", default=[], help="another PEFT LoRA to measure: DIR or LABEL=DIR (repeatable)"
+    )
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
-    ap.add_argument("--distil", action="store_true",
-                    help="run only the distillation experiment (PTQ, QAT) → bench/out/quant_distil.{json,md}")
+    ap.add_argument(
+        "--distil",
+        action="store_true",
+        help="run only the distillation experiment (PTQ, QAT) → bench/out/quant_distil.{json,md}",
+    )
     ap.add_argument("--distil-budgets", default="0.04,0.1")
     ap.add_argument("--distil-steps", type=int, default=150)
     a = ap.parse_args()
@@ -295,14 +387,24 @@ def main() -> None:
         results = {}
         for name, d in adapters.items():
             print(f"== {name}", flush=True)
-            results[name] = {"adapter": str(d), "source_bytes": load_adapter(d).bytes,
-                             "curve": curve(d, work, budgets, SCHEMES, a.group_size)}
+            results[name] = {
+                "adapter": str(d),
+                "source_bytes": load_adapter(d).bytes,
+                "curve": curve(d, work, budgets, SCHEMES, a.group_size),
+            }
         print("== throughput", flush=True)
         tp = throughput(src, a.group_size)
-        meta = {"layers": a.layers, "rank": a.rank, "group_size": a.group_size, "budgets": budgets,
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
-                "date": time.strftime("%Y-%m-%d")}
-        (OUT / "quant.json").write_text(json.dumps({"meta": meta, "results": results, "throughput": tp}, indent=1) + "\n")
+        meta = {
+            "layers": a.layers,
+            "rank": a.rank,
+            "group_size": a.group_size,
+            "budgets": budgets,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        (OUT / "quant.json").write_text(
+            json.dumps({"meta": meta, "results": results, "throughput": tp}, indent=1) + "\n"
+        )
         plot(results, OUT / "quant.png")
         md = markdown(results, tp, meta)
         if (OUT / "quant_distil.md").is_file():

@@ -18,6 +18,7 @@ per fit. The synthetic A factors are PEFT's random initialisation, so their sub-
 structure a 256-vector bank could capture: VB-LoRA's weight-space error is expected to be near 1
 and far above same-bytes SVD (DESIGN.md: judge it after distillation, by KL, not here).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,14 +49,18 @@ def _fixed_dtype_bytes(form) -> int:
     import math
 
     import torch
+
     specs = form.tensor_specs(form.modules_info, form.config, form.state_info)
-    return sum(math.prod(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in specs.values() if dt is not None)
+    return sum(
+        math.prod(shape) * torch.empty(0, dtype=dt).element_size() for shape, dt in specs.values() if dt is not None
+    )
 
 
 def run_case(case: str, work: Path, layers: int) -> dict:
     """Run one case in this process (called in a child): fit, evaluate, svd baseline, write,
     verify, export to native PEFT VB-LoRA."""
     import torch
+
     import adaptzip
     from adaptzip import api, fit
     from adaptzip import container as ct
@@ -92,13 +97,28 @@ def run_case(case: str, work: Path, layers: int) -> dict:
     expand_s = time.perf_counter() - t1
     info = form.fit_info
     return {
-        "config": {k: v for k, v in manifest["config"].items()}, "state": manifest["state"],
-        "bytes": written, "source_bytes": ad.bytes, "ratio": written / ad.bytes, "float_params": form.float_params(),
-        "index_bytes": _fixed_dtype_bytes(form), "rel_error": rep.rel_error, "worst_module_rel_error": rep.worst_module_rel_error,
-        "svd_baseline_rel_error": base_err, "svd_baseline_bytes": base_size, "verify_ok": ok,
-        "fit_info": info, "phase_seconds": form.timings, "fits": len(fits), "fit_s": fit_s, "fit_cpu_s": fit_cpu_s,
-        "expand_peft_vblora_s": expand_s, "peft_vblora_bytes": exp["bytes"],
-        "peak_rss_fit_mb": peak_fit, "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": rss_before,
+        "config": {k: v for k, v in manifest["config"].items()},
+        "state": manifest["state"],
+        "bytes": written,
+        "source_bytes": ad.bytes,
+        "ratio": written / ad.bytes,
+        "float_params": form.float_params(),
+        "index_bytes": _fixed_dtype_bytes(form),
+        "rel_error": rep.rel_error,
+        "worst_module_rel_error": rep.worst_module_rel_error,
+        "svd_baseline_rel_error": base_err,
+        "svd_baseline_bytes": base_size,
+        "verify_ok": ok,
+        "fit_info": info,
+        "phase_seconds": form.timings,
+        "fits": len(fits),
+        "fit_s": fit_s,
+        "fit_cpu_s": fit_cpu_s,
+        "expand_peft_vblora_s": expand_s,
+        "peft_vblora_bytes": exp["bytes"],
+        "peak_rss_fit_mb": peak_fit,
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_before_mb": rss_before,
         "loadavg_1min": os.getloadavg()[0],
     }
 
@@ -109,8 +129,22 @@ def child(case: str, work: Path, layers: int, timeout: float) -> dict:
     return common.run_child(__file__, ["--case", case, "--work", work, "--layers", layers], timeout, name=case)
 
 
-COLUMNS = ("case", "h", "r", "fits", "fit s", "fit CPU s", "peak RSS MB", "MB", "ratio", "soft err", "hard err",
-           "svd same bytes", "error / svd", "expand s")
+COLUMNS = (
+    "case",
+    "h",
+    "r",
+    "fits",
+    "fit s",
+    "fit CPU s",
+    "peak RSS MB",
+    "MB",
+    "ratio",
+    "soft err",
+    "hard err",
+    "svd same bytes",
+    "error / svd",
+    "expand s",
+)
 
 
 def rows(result: dict) -> list[list[str]]:
@@ -119,10 +153,24 @@ def rows(result: dict) -> list[list[str]]:
         c, fi = r["config"], r["fit_info"]
         base = r["svd_baseline_rel_error"]
         soft = fi.get("soft_rel_error")
-        out.append([CASES[case][0], str(c["bank"]), str(r["state"]["rank"]), str(r["fits"]), f"{r['fit_s']:.1f}", f"{r['fit_cpu_s']:.1f}",
-                    f"{r['peak_rss_mb']:.0f}", f"{r['bytes'] / 1e6:.3f}", f"{r['ratio']:.4f}",
-                    "skipped" if soft is None else f"{soft:.4f}", f"{r['rel_error']:.4f}", f"{base:.4f}",
-                    f"{r['rel_error'] / base:.2f}×" if base else "", f"{r['expand_peft_vblora_s']:.2f}"])
+        out.append(
+            [
+                CASES[case][0],
+                str(c["bank"]),
+                str(r["state"]["rank"]),
+                str(r["fits"]),
+                f"{r['fit_s']:.1f}",
+                f"{r['fit_cpu_s']:.1f}",
+                f"{r['peak_rss_mb']:.0f}",
+                f"{r['bytes'] / 1e6:.3f}",
+                f"{r['ratio']:.4f}",
+                "skipped" if soft is None else f"{soft:.4f}",
+                f"{r['rel_error']:.4f}",
+                f"{base:.4f}",
+                f"{r['rel_error'] / base:.2f}×" if base else "",
+                f"{r['expand_peft_vblora_s']:.2f}",
+            ]
+        )
     return out
 
 
@@ -142,8 +190,10 @@ def markdown(result: dict) -> str:
     notes = []
     b = result["cases"].get("budget", {}).get("fit_info", {}).get("budget_choice")
     if b:
-        notes.append(f"`--budget 0.02` chose h = {b['bank']} at rank {b['rank']} (payload {b['payload_bytes'] / 1e6:.3f} MB of "
-                     f"{b['budget_payload_bytes'] / 1e6:.3f} MB).")
+        notes.append(
+            f"`--budget 0.02` chose h = {b['bank']} at rank {b['rank']} (payload {b['payload_bytes'] / 1e6:.3f} MB of "
+            f"{b['budget_payload_bytes'] / 1e6:.3f} MB)."
+        )
     return common.markdown_doc(intro, COLUMNS, rows(result), result["targets"], notes)
 
 
@@ -174,14 +224,27 @@ def main(argv=None) -> int:
     targets = []
     for c, r in results.items():
         # the fit is single-threaded: its CPU time is its wall time on an idle machine; per fit
-        targets.append({"name": f"vblora fit ({CASES[c][0]}) CPU s per fit", "measured": r["fit_cpu_s"] / max(1, r["fits"]),
-                        "limit": TARGET_FIT_S})
+        targets.append(
+            {
+                "name": f"vblora fit ({CASES[c][0]}) CPU s per fit",
+                "measured": r["fit_cpu_s"] / max(1, r["fits"]),
+                "limit": TARGET_FIT_S,
+            }
+        )
     common.check_targets(targets)
     result = {
-        "benchmark": "vblora", "layers": a.layers, "rank": 16, "modules": common.module_count(a.layers),
-        "source_bytes": source_bytes, "cpus": os.cpu_count(), "steps": STEPS,
-        "loadavg_start": load_start, "loadavg_end": common.loadavg(),
-        **common.machine_info(), "cases": results, "targets": targets,
+        "benchmark": "vblora",
+        "layers": a.layers,
+        "rank": 16,
+        "modules": common.module_count(a.layers),
+        "source_bytes": source_bytes,
+        "cpus": os.cpu_count(),
+        "steps": STEPS,
+        "loadavg_start": load_start,
+        "loadavg_end": common.loadavg(),
+        **common.machine_info(),
+        "cases": results,
+        "targets": targets,
     }
     common.write_outputs(a.out, "vblora", result, markdown(result))
     print(table(result))

@@ -12,6 +12,7 @@ Adam steps at lr 5e-3 on synthetic text): half from ONE LoRA init seed on differ
 Prints a table; writes bench/out/zoo.json and bench/out/zoo.md. Errors are weight-space relative
 errors, energy-weighted over the adapters: sqrt(Σ_a e_a²‖ΔW_a‖² / Σ_a ‖ΔW_a‖²).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,22 +36,41 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 def build_zoo(work: Path, n: int) -> Path:
     """N adapters: n//2 with init seed 0 (different data), the rest with their own init seeds."""
     import torch
+
     torch.set_num_threads(1)
     from fixtures import make_base, train_lora
+
     base = make_base(work / "base")
     zoo = work / "zoo"
     for k in range(n):
         same = k < n // 2
-        train_lora(base, zoo / ("same" if same else "diff") / f"ad{k:03d}", init_seed=0 if same else 1000 + k,
-                   data_seed=k, lr=5e-3)
+        train_lora(
+            base,
+            zoo / ("same" if same else "diff") / f"ad{k:03d}",
+            init_seed=0 if same else 1000 + k,
+            data_seed=k,
+            lr=5e-3,
+        )
     return zoo
 
 
 def run_batch(zoo: Path, out: Path, jobs: int, shared: bool, budget: str) -> tuple[dict, float, float]:
     """One CLI run; returns its summary, wall seconds and the CPU seconds of the CLI process (its pool
     workers are forkserver children, not counted there: the rows' ``cpu_seconds`` count them)."""
-    cmd = [sys.executable, "-m", "adaptzip.cli", "batch", str(zoo), "-o", str(out), "--budget", budget,
-           "--jobs", str(jobs), "--json"] + (["--shared-basis"] if shared else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "adaptzip.cli",
+        "batch",
+        str(zoo),
+        "-o",
+        str(out),
+        "--budget",
+        budget,
+        "--jobs",
+        str(jobs),
+        "--json",
+    ] + (["--shared-basis"] if shared else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -96,6 +116,7 @@ def main() -> None:
         from adaptzip import fit
         from adaptzip.adapter import load_adapter
         from adaptzip.forms import FitContext
+
         torch.set_num_threads(1)
         norms = {}
         for d in sorted(zoo.glob("*/*")):
@@ -107,46 +128,88 @@ def main() -> None:
             out = work / f"out_{name}"
             s, wall, cpu = run_batch(zoo, out, jobs, shared, args.budget)
             conv_cpu = sum(r.get("cpu_seconds") or 0.0 for r in s["adapters"])
-            runs[name] = {"jobs": jobs, "shared_basis": shared, "wall_s": wall, "cli_cpu_s": cpu, "conversion_cpu_s": conv_cpu,
-                          "batch_s": s["seconds"],
-                          "adapters_per_s": args.n / wall, "counts": s["counts"], "zoo_bytes": s["totals"]["zoo_bytes"],
-                          "source_bytes": s["totals"]["source_bytes"], "rel_error": zoo_error(s, norms),
-                          "same_bytes": sub_bytes(s, out, "same/"), "diff_bytes": sub_bytes(s, out, "diff/"),
-                          "same_rel_error": zoo_error(s, norms, "same/"), "diff_rel_error": zoo_error(s, norms, "diff/"),
-                          "sharing": s.get("sharing")}
+            runs[name] = {
+                "jobs": jobs,
+                "shared_basis": shared,
+                "wall_s": wall,
+                "cli_cpu_s": cpu,
+                "conversion_cpu_s": conv_cpu,
+                "batch_s": s["seconds"],
+                "adapters_per_s": args.n / wall,
+                "counts": s["counts"],
+                "zoo_bytes": s["totals"]["zoo_bytes"],
+                "source_bytes": s["totals"]["source_bytes"],
+                "rel_error": zoo_error(s, norms),
+                "same_bytes": sub_bytes(s, out, "same/"),
+                "diff_bytes": sub_bytes(s, out, "diff/"),
+                "same_rel_error": zoo_error(s, norms, "same/"),
+                "diff_rel_error": zoo_error(s, norms, "diff/"),
+                "sharing": s.get("sharing"),
+            }
         sep, sh = runs["jobs2"], runs["jobs2_shared"]
         result = {
-            "adapters": args.n, "budget": args.budget, "build_s": build_s, "cpus": os.cpu_count(), "load_avg_1m": load,
-            "python": platform.python_version(), "torch": torch.__version__, "runs": runs,
+            "adapters": args.n,
+            "budget": args.budget,
+            "build_s": build_s,
+            "cpus": os.cpu_count(),
+            "load_avg_1m": load,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "runs": runs,
             "throughput_ratio_jobs2_over_jobs1": runs["jobs2"]["adapters_per_s"] / runs["jobs1"]["adapters_per_s"],
-            "sharing": {"bytes_without": sep["zoo_bytes"], "bytes_with": sh["zoo_bytes"],
-                        "bytes_saved": sep["zoo_bytes"] - sh["zoo_bytes"], "error_without": sep["rel_error"], "error_with": sh["rel_error"],
-                        "groups": [{k: g[k] for k in ("group", "adapters", "cluster", "overlap", "overlap_random", "decision", "reason")}
-                                   | {"separate_bytes": g["separate"]["bytes"], "shared_bytes": (g["shared"] or {}).get("bytes")}
-                                   for g in (sh["sharing"] or {}).get("groups", [])]},
+            "sharing": {
+                "bytes_without": sep["zoo_bytes"],
+                "bytes_with": sh["zoo_bytes"],
+                "bytes_saved": sep["zoo_bytes"] - sh["zoo_bytes"],
+                "error_without": sep["rel_error"],
+                "error_with": sh["rel_error"],
+                "groups": [
+                    {
+                        k: g[k]
+                        for k in ("group", "adapters", "cluster", "overlap", "overlap_random", "decision", "reason")
+                    }
+                    | {"separate_bytes": g["separate"]["bytes"], "shared_bytes": (g["shared"] or {}).get("bytes")}
+                    for g in (sh["sharing"] or {}).get("groups", [])
+                ],
+            },
         }
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     OUT.mkdir(exist_ok=True)
     (OUT / "zoo.json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [(f"Zoo of {args.n} tiny adapters (half one init seed, half own seeds), --budget {args.budget}, "
-              f"{result['cpus']} CPUs, 1-min load average {load:.1f} at start; each run is the CLI in its own process."), "",
-             "| run | wall s | conversion CPU s | adapters/s | zoo bytes | ratio | rel. error | same-seed half: bytes / error | own-seed half: bytes / error |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        (
+            f"Zoo of {args.n} tiny adapters (half one init seed, half own seeds), --budget {args.budget}, "
+            f"{result['cpus']} CPUs, 1-min load average {load:.1f} at start; each run is the CLI in its own process."
+        ),
+        "",
+        "| run | wall s | conversion CPU s | adapters/s | zoo bytes | ratio | rel. error | same-seed half: bytes / error | own-seed half: bytes / error |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in runs.items():
-        lines.append(f"| {name.replace('_', ' + ')} | {r['wall_s']:.1f} | {r['conversion_cpu_s']:.1f} | {r['adapters_per_s']:.2f} | {r['zoo_bytes']} | "
-                     f"{r['zoo_bytes'] / r['source_bytes']:.4f} | {r['rel_error']:.4f} | {r['same_bytes']} / {r['same_rel_error']:.4f} | "
-                     f"{r['diff_bytes']} / {r['diff_rel_error']:.4f} |")
+        lines.append(
+            f"| {name.replace('_', ' + ')} | {r['wall_s']:.1f} | {r['conversion_cpu_s']:.1f} | {r['adapters_per_s']:.2f} | {r['zoo_bytes']} | "
+            f"{r['zoo_bytes'] / r['source_bytes']:.4f} | {r['rel_error']:.4f} | {r['same_bytes']} / {r['same_rel_error']:.4f} | "
+            f"{r['diff_bytes']} / {r['diff_rel_error']:.4f} |"
+        )
     s = result["sharing"]
-    lines += ["", f"Throughput ratio jobs 2 / jobs 1: **{result['throughput_ratio_jobs2_over_jobs1']:.2f}×**.",
-              (f"--shared-basis: zoo bytes {s['bytes_without']} → {s['bytes_with']} ({s['bytes_saved']} saved, "
-               f"{s['bytes_saved'] / s['bytes_without']:.1%}), error {s['error_without']:.4f} → {s['error_with']:.4f}."), "",
-              "| candidate group | adapters | cluster | A-overlap | random | separate bytes | shared bytes | decision |",
-              "|---|---:|---|---:|---:|---:|---:|---|"]
+    lines += [
+        "",
+        f"Throughput ratio jobs 2 / jobs 1: **{result['throughput_ratio_jobs2_over_jobs1']:.2f}×**.",
+        (
+            f"--shared-basis: zoo bytes {s['bytes_without']} → {s['bytes_with']} ({s['bytes_saved']} saved, "
+            f"{s['bytes_saved'] / s['bytes_without']:.1%}), error {s['error_without']:.4f} → {s['error_with']:.4f}."
+        ),
+        "",
+        "| candidate group | adapters | cluster | A-overlap | random | separate bytes | shared bytes | decision |",
+        "|---|---:|---|---:|---:|---:|---:|---|",
+    ]
     for g in s["groups"]:
-        lines.append(f"| {g['group']} | {g['adapters']} | {g['cluster']} | {g['overlap']:.3f} | {g['overlap_random']:.3f} | "
-                     f"{g['separate_bytes']} | {g['shared_bytes'] if g['shared_bytes'] is not None else '–'} | {g['decision']}: {g['reason']} |")
+        lines.append(
+            f"| {g['group']} | {g['adapters']} | {g['cluster']} | {g['overlap']:.3f} | {g['overlap_random']:.3f} | "
+            f"{g['separate_bytes']} | {g['shared_bytes'] if g['shared_bytes'] is not None else '–'} | {g['decision']}: {g['reason']} |"
+        )
     md = "\n".join(lines) + "\n"
     (OUT / "zoo.md").write_text(md)
     print(md)

@@ -5,6 +5,7 @@ Llama-7B-shaped adapter, common command-line options, the printed and markdown t
 The bench scripts run as ``python bench/bench_NAME.py``, so this directory is on ``sys.path`` and
 they import this module as ``common``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_child(script: str | Path, args: Sequence[str], timeout: float, *, what: str = "case", name: str = "",
-              process_s: bool = True) -> dict:
+def run_child(
+    script: str | Path,
+    args: Sequence[str],
+    timeout: float,
+    *,
+    what: str = "case",
+    name: str = "",
+    process_s: bool = True,
+) -> dict:
     """Run ``python SCRIPT ARGS`` in a fresh process and return the JSON object on the last line of
     its stdout. Raises ``RuntimeError`` (with the tail of stderr, naming ``WHAT NAME``) when the child
     fails, ``subprocess.TimeoutExpired`` after ``timeout`` seconds. With ``process_s`` the wall time of
@@ -53,13 +61,18 @@ def build_adapter(work: Path, layers: int) -> dict:
     """Write the synthetic Llama-7B-shaped LoRA (r=16, seed 0) to ``WORK/adapter`` (the ``build``
     case, run in a child); return its build seconds, file bytes and module count."""
     import adaptzip
+
     sys.path.insert(0, str(HERE))
     from llama7b_adapter import build_llama7b_adapter
+
     src = work / "adapter"
     t0 = time.perf_counter()
     build_llama7b_adapter(src, layers=layers, rank=16, seed=0)
-    return {"seconds": time.perf_counter() - t0, "bytes": (src / "adapter_model.safetensors").stat().st_size,
-            "modules": len(adaptzip.load_adapter(src).modules)}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "bytes": (src / "adapter_model.safetensors").stat().st_size,
+        "modules": len(adaptzip.load_adapter(src).modules),
+    }
 
 
 def ensure_adapter(work: Path, build: Callable[[], object]) -> int:
@@ -75,24 +88,38 @@ def module_count(layers: int) -> int:
     """Number of LoRA modules in the synthetic adapter with ``layers`` decoder layers."""
     sys.path.insert(0, str(HERE))
     from llama7b_adapter import module_shapes
+
     return layers * len(module_shapes())
 
 
 def machine_info() -> dict:
     """``cpu``, ``python`` and ``torch`` versions for a result's header (imports torch)."""
     import torch
-    return {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(), "torch": torch.__version__}
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
 
 
-def add_common_args(ap: argparse.ArgumentParser, name: str, cases: Sequence[str] | None = None, *,
-                    timeout: float = 1800, what: str = "case") -> None:
+def add_common_args(
+    ap: argparse.ArgumentParser,
+    name: str,
+    cases: Sequence[str] | None = None,
+    *,
+    timeout: float = 1800,
+    what: str = "case",
+) -> None:
     """Add the options every case-per-process bench shares: ``--layers``, ``--cases`` (when ``cases``
     is given), ``--work``, ``--keep``, ``--out`` (``NAME.json`` / ``NAME.md``) and ``--timeout``
     (seconds per ``what``). ``--threads`` and the hidden child flag differ per script and stay there."""
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the synthetic adapter (32 = Llama-7B)")
     if cases is not None:
         ap.add_argument("--cases", default=",".join(cases), help=f"comma-separated subset of {', '.join(cases)}")
-    ap.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one, removed afterwards)")
+    ap.add_argument(
+        "--work", type=Path, default=None, help="scratch directory (default: a temporary one, removed afterwards)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--out", type=Path, default=OUT, help=f"where {name}.json / {name}.md go")
     ap.add_argument("--timeout", type=float, default=timeout, help=f"seconds allowed per {what}")
@@ -130,8 +157,10 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     """Lines of a markdown table: the first column left-aligned, the others right-aligned."""
-    lines = ["| " + " | ".join(columns) + " |",
-             "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"]
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|",
+    ]
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
@@ -162,8 +191,13 @@ def loadavg() -> float:
     return os.getloadavg()[0]
 
 
-def markdown_doc(intro: str, columns: Sequence[str], rows: Sequence[Sequence[str]], targets: Sequence[dict],
-                 notes: Sequence[str] = ()) -> str:
+def markdown_doc(
+    intro: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    targets: Sequence[dict],
+    notes: Sequence[str] = (),
+) -> str:
     """A bench's markdown: the intro paragraph, a blank line, the results table, the targets table,
     then each note as a paragraph of its own; ends with a newline."""
     lines = [intro, "", *markdown_table(columns, rows), *targets_markdown(targets)]

@@ -15,6 +15,7 @@ R a random rotation and σ_i = s_m · i^(−p_m), p_m ∈ [0.6, 1.4] and a log-n
 (MLP and late layers a little larger), so that ranks must be allocated unevenly across modules.
 Deterministic for a given ``seed``.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,9 @@ def module_shapes(kv_dim: int = KV) -> dict[str, tuple[str, int, int]]:
     }
 
 
-def _factors(n_in: int, n_out: int, r: int, scale: float, power: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _factors(
+    n_in: int, n_out: int, r: int, scale: float, power: float, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A (r×n_in) kaiming-uniform like PEFT's init; B (n_out×r) = U diag(σ) R."""
     bound = 1.0 / math.sqrt(n_in)  # kaiming_uniform_(a=√5) on an (r, in) weight
     A = (torch.rand(r, n_in, generator=g) * 2 - 1) * bound
@@ -55,8 +58,15 @@ def _factors(n_in: int, n_out: int, r: int, scale: float, power: float, g: torch
     return A, B
 
 
-def build_llama7b_adapter(out_dir, layers: int = 32, rank: int = 16, seed: int = 0,
-                          dtype: torch.dtype = torch.float16, kv_dim: int = KV, alpha: float | None = None) -> Path:
+def build_llama7b_adapter(
+    out_dir,
+    layers: int = 32,
+    rank: int = 16,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+    kv_dim: int = KV,
+    alpha: float | None = None,
+) -> Path:
     """Write a Llama-7B-shaped PEFT LoRA directory to ``out_dir`` and return its path.
 
     ``layers`` decoder layers, uniform rank ``rank``, ``lora_alpha = alpha`` (default 2·rank),
@@ -71,7 +81,12 @@ def build_llama7b_adapter(out_dir, layers: int = 32, rank: int = 16, seed: int =
         depth = i / max(1, layers - 1)
         for t, (sub, n_in, n_out) in shapes.items():
             # module magnitude: log-normal, MLP ×1.5, growing with depth; decay exponent per module
-            s = 0.05 * math.exp(0.5 * float(torch.randn(1, generator=g))) * (1.5 if sub == "mlp" else 1.0) * (0.7 + 0.6 * depth)
+            s = (
+                0.05
+                * math.exp(0.5 * float(torch.randn(1, generator=g)))
+                * (1.5 if sub == "mlp" else 1.0)
+                * (0.7 + 0.6 * depth)
+            )
             p = 0.6 + 0.8 * float(torch.rand(1, generator=g))
             A, B = _factors(n_in, n_out, rank, s, p, g)
             key = f"base_model.model.model.layers.{i}.{sub}.{t}"
@@ -79,11 +94,26 @@ def build_llama7b_adapter(out_dir, layers: int = 32, rank: int = 16, seed: int =
             tensors[f"{key}.lora_B.weight"] = B.to(dtype).contiguous()
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
-        "alpha_pattern": {}, "auto_mapping": None, "base_model_name_or_path": "llama-7b-shaped", "bias": "none",
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "layers_pattern": None,
-        "layers_to_transform": None, "lora_alpha": alpha, "lora_dropout": 0.05, "modules_to_save": None,
-        "peft_type": "LORA", "r": rank, "rank_pattern": {}, "revision": None,
-        "target_modules": sorted(ATTN + MLP), "task_type": "CAUSAL_LM", "use_dora": False, "use_rslora": False,
+        "alpha_pattern": {},
+        "auto_mapping": None,
+        "base_model_name_or_path": "llama-7b-shaped",
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.05,
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": rank,
+        "rank_pattern": {},
+        "revision": None,
+        "target_modules": sorted(ATTN + MLP),
+        "task_type": "CAUSAL_LM",
+        "use_dora": False,
+        "use_rslora": False,
     }
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
@@ -91,6 +121,7 @@ def build_llama7b_adapter(out_dir, layers: int = 32, rank: int = 16, seed: int =
 
 if __name__ == "__main__":
     import argparse
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir")
     ap.add_argument("--layers", type=int, default=32)

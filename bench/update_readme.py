@@ -24,6 +24,7 @@ nothing and exits 1 when a file is stale.
     python bench/update_readme.py foundation masa       # only these (and what derives from them)
     python bench/update_readme.py --check
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,14 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-BLOCK = re.compile(r"(?P<open><!--\s*bench:(?P<name>[A-Za-z0-9_.-]+)\s*-->)(?P<body>.*?)(?P<close><!--\s*/bench:(?P=name)\s*-->)", re.S)
+BLOCK = re.compile(
+    r"(?P<open><!--\s*bench:(?P<name>[A-Za-z0-9_.-]+)\s*-->)(?P<body>.*?)(?P<close><!--\s*/bench:(?P=name)\s*-->)", re.S
+)
 OPEN = re.compile(r"<!--\s*bench:([A-Za-z0-9_.-]+)\s*-->")
 CLOSE = re.compile(r"<!--\s*/bench:([A-Za-z0-9_.-]+)\s*-->")
 
@@ -54,11 +57,15 @@ def check_markers(text: str, where: str = "README") -> None:
     closes = [m.group(1) for m in CLOSE.finditer(text)]
     for name in sorted(set(opens) | set(closes)):
         if opens.count(name) != 1 or closes.count(name) != 1:
-            raise ValueError(f"{where} marker bench:{name}: {opens.count(name)} opening and {closes.count(name)} closing markers (need one each)")
+            raise ValueError(
+                f"{where} marker bench:{name}: {opens.count(name)} opening and {closes.count(name)} closing markers (need one each)"
+            )
     found = [m.group("name") for m in BLOCK.finditer(text)]
     if sorted(found) != sorted(opens):
         missing = sorted(set(opens) - set(found))
-        raise ValueError(f"{where} marker bench:{missing[0] if missing else '?'}: closing marker before its opening one, or blocks nested")
+        raise ValueError(
+            f"{where} marker bench:{missing[0] if missing else '?'}: closing marker before its opening one, or blocks nested"
+        )
 
 
 def blocks(text: str) -> dict[str, str]:
@@ -94,8 +101,10 @@ def front_real_smollm2(md: str) -> str | None:
     head = cells(table[0])
     ib, iform = head.index("budget"), head.index("form")
     rows = [r for r in table[2:] if cells(r)[ib] == FRONT_BUDGET or cells(r)[iform] in FRONT_FORMS]
-    note = (f"Rows: every form at {FRONT_BUDGET} of the source's bytes, {' and '.join(FRONT_FORMS)} at every budget. "
-            "The whole grid and how it was run: [docs/benchmarks.md](docs/benchmarks.md#real-models).")
+    note = (
+        f"Rows: every form at {FRONT_BUDGET} of the source's bytes, {' and '.join(FRONT_FORMS)} at every budget. "
+        "The whole grid and how it was run: [docs/benchmarks.md](docs/benchmarks.md#real-models)."
+    )
     return "\n".join([caption, "", table[0], table[1], *rows, "", note])
 
 
@@ -105,8 +114,9 @@ DERIVED: dict[str, tuple[str, Callable[[str], str | None]]] = {
 }
 
 
-def update(text: str, source: Callable[[str], str | None], names: set[str] | None = None,
-           where: str = "README") -> tuple[str, list[str], list[str]]:
+def update(
+    text: str, source: Callable[[str], str | None], names: set[str] | None = None, where: str = "README"
+) -> tuple[str, list[str], list[str]]:
     """(new text, names replaced, names without a source); ``source(name)`` gives a block's body."""
     check_markers(text, where)
     replaced, missing = [], []
@@ -128,6 +138,7 @@ def update(text: str, source: Callable[[str], str | None], names: set[str] | Non
 def table_source(tables: Path, fallback: dict[str, str]) -> Callable[[str], str | None]:
     """A block's body: ``tables/NAME.md``; a derived block from its source's table, else from
     the source block as it stands in ``fallback`` (the already updated benchmarks page)."""
+
     def read(name: str) -> str | None:
         f = tables / f"{name}.md"
         return f.read_text(encoding="utf-8") if f.is_file() else None
@@ -138,6 +149,7 @@ def table_source(tables: Path, fallback: dict[str, str]) -> Callable[[str], str 
             md = read(src) or fallback.get(src)
             return None if md is None else fn(md)
         return read(name)
+
     return source
 
 
@@ -150,8 +162,10 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Copy bench/out/NAME.md tables into docs/benchmarks.md and the README's "
-                                             "front-page table, between <!-- bench:NAME --> markers.")
+    ap = argparse.ArgumentParser(
+        description="Copy bench/out/NAME.md tables into docs/benchmarks.md and the README's "
+        "front-page table, between <!-- bench:NAME --> markers."
+    )
     ap.add_argument("names", nargs="*", help="only these blocks (default: all)")
     ap.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md", help="the page with every table")
     ap.add_argument("--readme", type=Path, default=ROOT / "README.md", help="the front page (derived table)")
@@ -173,15 +187,24 @@ def main(argv=None) -> int:
         known |= set(blocks(text))
         for n in missing:
             src = DERIVED[n][0] if n in DERIVED else n
-            print(f"update_readme: no {a.tables / (src + '.md')}: block bench:{n} in {path.name} left as it is", file=sys.stderr)
+            print(
+                f"update_readme: no {a.tables / (src + '.md')}: block bench:{n} in {path.name} left as it is",
+                file=sys.stderr,
+            )
         if new != text:
             stale.append(path.name)
             if not a.check:
                 write_atomic(path, new)
         if a.check:
-            print(f"{path.name} {'is stale' if new != text else 'is up to date'} ({', '.join(replaced) or 'no tables'})", file=sys.stderr)
+            print(
+                f"{path.name} {'is stale' if new != text else 'is up to date'} ({', '.join(replaced) or 'no tables'})",
+                file=sys.stderr,
+            )
         else:
-            print(f"updated {path.name}: {', '.join(replaced) or 'nothing'}" + ("" if new != text else " (no change)"), file=sys.stderr)
+            print(
+                f"updated {path.name}: {', '.join(replaced) or 'nothing'}" + ("" if new != text else " (no change)"),
+                file=sys.stderr,
+            )
     sources = known | {DERIVED[n][0] for n in known if n in DERIVED}
     for n in sorted((names or set()) - sources):
         print(f"update_readme: no <!-- bench:{n} --> block in {a.docs.name} or {a.readme.name}", file=sys.stderr)

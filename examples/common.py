@@ -1,5 +1,6 @@
 """Set-up shared by the real-model examples: offline hub settings (before torch/transformers load),
 the repo on sys.path, output and scratch locations."""
+
 from __future__ import annotations
 
 import os

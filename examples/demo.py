@@ -13,14 +13,15 @@ Artefacts go to examples/out/ (replaced on every run).
 
     python examples/demo.py [--steps 60] [--budget 0.25]
 """
+
 from __future__ import annotations
 
 import argparse
 import os
-import warnings
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,9 +49,19 @@ def batch(n: int, length: int, g: torch.Generator) -> torch.Tensor:
 
 
 def build_base(path: Path, seed: int = 0) -> Path:
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    cfg = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(seed)
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
@@ -128,8 +139,10 @@ def main(argv=None) -> int:
 
     base = build_base(out / "base")
     lora, losses = train_lora(base, out / "lora", a.steps)
-    print(f"1. tiny Llama saved; PEFT LoRA r=16 on {len(TARGETS)} module types × 4 layers trained {a.steps} steps: "
-          f"loss {losses[0]:.3f} → {losses[-1]:.3f}")
+    print(
+        f"1. tiny Llama saved; PEFT LoRA r=16 on {len(TARGETS)} module types × 4 layers trained {a.steps} steps: "
+        f"loss {losses[0]:.3f} → {losses[-1]:.3f}"
+    )
 
     ids = batch(8, 32, torch.Generator().manual_seed(1234))  # held-out sequences
     base_model = load_base(base)
@@ -139,8 +152,17 @@ def main(argv=None) -> int:
     src_delta = delta_weights(src)
     src_bytes = (lora / "adapter_model.safetensors").stat().st_size
 
-    rows = [{"what": "source PEFT LoRA", "bytes": src_bytes, "ratio": 1.0, "fit_err": 0.0, "peft_err": 0.0,
-             "logit": 0.0, "acc": src_acc}]
+    rows = [
+        {
+            "what": "source PEFT LoRA",
+            "bytes": src_bytes,
+            "ratio": 1.0,
+            "fit_err": 0.0,
+            "peft_err": 0.0,
+            "logit": 0.0,
+            "acc": src_acc,
+        }
+    ]
     cases = [("lora", dict(to="lora")), ("svd", dict(to="svd", budget=a.budget))]
     for name, kw in cases:
         cont = out / f"{name}.safetensors"
@@ -151,11 +173,21 @@ def main(argv=None) -> int:
         pm = PeftModel.from_pretrained(load_base(base), exp).eval()
         logits, acc = evaluate(pm, ids)
         label = "lora (lossless repack)" if name == "lora" else f"svd --budget {a.budget}"
-        rows.append({"what": label, "bytes": s.bytes, "ratio": s.bytes / src_bytes, "fit_err": s.rel_error,
-                     "peft_err": rel_error(src_delta, delta_weights(pm)),
-                     "logit": float((logits - src_logits).abs().max()), "acc": acc})
-        print(f"2. compressed → {cont.name} ({fmt_bytes(s.bytes)}), verified, expanded → {exp.name}/, "
-              f"loaded with PeftModel.from_pretrained")
+        rows.append(
+            {
+                "what": label,
+                "bytes": s.bytes,
+                "ratio": s.bytes / src_bytes,
+                "fit_err": s.rel_error,
+                "peft_err": rel_error(src_delta, delta_weights(pm)),
+                "logit": float((logits - src_logits).abs().max()),
+                "acc": acc,
+            }
+        )
+        print(
+            f"2. compressed → {cont.name} ({fmt_bytes(s.bytes)}), verified, expanded → {exp.name}/, "
+            f"loaded with PeftModel.from_pretrained"
+        )
 
     merged = out / "svd_merged"
     adaptzip.expand(out / "svd.safetensors", merged, to="merged", base_model=base)
@@ -163,20 +195,26 @@ def main(argv=None) -> int:
     m_logits, m_acc = evaluate(load_base(merged), ids)
     p_logits, _ = evaluate(pm_svd, ids)
     merged_diff = float((m_logits - p_logits).abs().max())
-    print(f"3. svd container merged into the base → {merged.name}/ (AutoModelForCausalLM): "
-          f"max |logit diff| vs the expanded PEFT adapter {merged_diff:.2e}, pattern accuracy {m_acc:.3f}")
+    print(
+        f"3. svd container merged into the base → {merged.name}/ (AutoModelForCausalLM): "
+        f"max |logit diff| vs the expanded PEFT adapter {merged_diff:.2e}, pattern accuracy {m_acc:.3f}"
+    )
 
     print()
     head = f"{'':26} {'bytes':>10} {'ratio':>6} {'weight rel.err':>15} {'(via PEFT)':>11} {'max|Δlogit|':>12} {'pattern acc':>12}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['what']:26} {fmt_bytes(r['bytes']):>10} {r['ratio']:>6.3f} {r['fit_err']:>15.4f} {r['peft_err']:>11.4f} "
-              f"{r['logit']:>12.2e} {r['acc']:>12.3f}")
+        print(
+            f"{r['what']:26} {fmt_bytes(r['bytes']):>10} {r['ratio']:>6.3f} {r['fit_err']:>15.4f} {r['peft_err']:>11.4f} "
+            f"{r['logit']:>12.2e} {r['acc']:>12.3f}"
+        )
     print(f"{'base model (no adapter)':26} {'':>10} {'':>6} {'':>15} {'':>11} {'':>12} {base_acc:>12.3f}")
-    print(f"\nweight rel.err = ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F over all modules (from the container's manifest; "
-          f"'via PEFT' recomputed from the loaded adapters); max|Δlogit| vs the source PeftModel on held-out sequences; "
-          f"pattern acc = next-token accuracy on the predictable positions. {time.perf_counter() - t0:.0f} s.")
+    print(
+        f"\nweight rel.err = ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F over all modules (from the container's manifest; "
+        f"'via PEFT' recomputed from the loaded adapters); max|Δlogit| vs the source PeftModel on held-out sequences; "
+        f"pattern acc = next-token accuracy on the predictable positions. {time.perf_counter() - t0:.0f} s."
+    )
 
     lossless = rows[1]["peft_err"] < 1e-6 and rows[1]["logit"] < 1e-4
     try:  # a fraction: the whole svd file must fit it
@@ -185,7 +223,10 @@ def main(argv=None) -> int:
         fits = True
     ok = lossless and fits and merged_diff < 1e-3
     if not ok:
-        print(f"demo check failed: lossless={lossless} svd fits budget={fits} merged diff={merged_diff:.2e}", file=sys.stderr)
+        print(
+            f"demo check failed: lossless={lossless} svd fits budget={fits} merged diff={merged_diff:.2e}",
+            file=sys.stderr,
+        )
     return 0 if ok else 1
 
 

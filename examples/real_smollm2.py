@@ -16,6 +16,7 @@ Nothing downloaded, no weights committed: the work directory ($ADAPTZIP_EXAMPLES
 Text split (documents of the corpus, in order): LoRA training [0, 150), calibration [150, 250),
 evaluation [250, 300). One calibration session (model load, Σ, teacher caches) serves the grid.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,15 +27,15 @@ import sys
 import time
 from pathlib import Path
 
-from common import OUT, ROOT, WORK  # noqa: E402,F401  (sets the offline env first)
-
 import torch  # noqa: E402
+from common import OUT, ROOT, WORK  # noqa: E402,F401  (sets the offline env first)
 
 from adaptzip import distill, load_adapter  # noqa: E402
 from adaptzip.budget import fit_to_budget  # noqa: E402
 from adaptzip.errors import AdaptzipError  # noqa: E402
 from adaptzip.forms import REGISTRY, FitContext  # noqa: E402
 from adaptzip.pipeline import metrics_template  # noqa: E402
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -48,7 +49,9 @@ def package_file(pkg: str, *parts: str) -> Path:
     return p
 
 
-def train_lora(gguf: Path, docs: list[str], out: Path, *, steps: int, seq: int, batch: int, lr: float, seed: int = 0) -> dict:
+def train_lora(
+    gguf: Path, docs: list[str], out: Path, *, steps: int, seq: int, batch: int, lr: float, seed: int = 0
+) -> dict:
     """r=16, alpha=32 LoRA on every linear module of the attention and MLP, next-token loss."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,7 +66,9 @@ def train_lora(gguf: Path, docs: list[str], out: Path, *, steps: int, seq: int, 
         ids += tok(d, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     rows = torch.tensor(ids[: len(ids) // seq * seq]).view(-1, seq)
     torch.manual_seed(seed)
-    pm = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM"))
+    pm = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM")
+    )
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
     g = torch.Generator().manual_seed(seed)
     losses = []
@@ -76,8 +81,16 @@ def train_lora(gguf: Path, docs: list[str], out: Path, *, steps: int, seq: int, 
         losses.append(float(loss.detach()))
         print(f"lora step {step + 1}/{steps} loss {losses[-1]:.3f}", file=sys.stderr, flush=True)
     pm.save_pretrained(out)
-    info = {"steps": steps, "batch": batch, "seq": seq, "lr": lr, "train_tokens": int(rows.numel()),
-            "loss_first": losses[0], "loss_last": sum(losses[-5:]) / len(losses[-5:]), "seconds": time.perf_counter() - t0}
+    info = {
+        "steps": steps,
+        "batch": batch,
+        "seq": seq,
+        "lr": lr,
+        "train_tokens": int(rows.numel()),
+        "loss_first": losses[0],
+        "loss_last": sum(losses[-5:]) / len(losses[-5:]),
+        "seconds": time.perf_counter() - t0,
+    }
     (out / "train.json").write_text(json.dumps(info))
     return info
 
@@ -97,14 +110,19 @@ def main() -> None:
     q = args.quick
     cfg = {
         # one LoRA for both modes: 8 steps at lr 2e-3 already lower held-out perplexity by ~17%
-        "lora_steps": 8, "lora_batch": 4, "seq": 128, "lora_lr": 2e-3,
-        "calib_tokens": 4096 if q else 8192, "eval_tokens": 768 if q else 2048,
-        "budgets": [0.25, 0.05, 0.01], "distil_steps": 8 if q else 30, "fit_steps": 40,
+        "lora_steps": 8,
+        "lora_batch": 4,
+        "seq": 128,
+        "lora_lr": 2e-3,
+        "calib_tokens": 4096 if q else 8192,
+        "eval_tokens": 768 if q else 2048,
+        "budgets": [0.25, 0.05, 0.01],
+        "distil_steps": 8 if q else 30,
+        "fit_steps": 40,
         "distil_forms": ["svd", "vblora"] if q else sorted(n for n in REGISTRY if n != "lora"),
         "distil_budgets": [0.05, 0.01] if q else [0.25, 0.05, 0.01],
         # --quick: a subset of (budget, form) cells — on 2 loaded CPU cores one cell costs minutes
-        "grid": ({0.25: ["svd"], 0.05: ["svd", "vblora", "bslora-ke"], 0.01: ["svd", "vblora"]}
-                 if q else None),
+        "grid": ({0.25: ["svd"], 0.05: ["svd", "vblora", "bslora-ke"], 0.01: ["svd", "vblora"]} if q else None),
         "batch": 2 if q else 4,
     }
     work = WORK / "smollm2"
@@ -115,15 +133,36 @@ def main() -> None:
     (work / "calib.txt").write_text("\n\n".join(docs[150:250]) + "\n", encoding="utf-8")
     (work / "eval.txt").write_text("\n\n".join(docs[250:]) + "\n", encoding="utf-8")
     t0 = time.perf_counter()
-    train = train_lora(gguf, docs[:150], work / "lora", steps=cfg["lora_steps"], seq=cfg["seq"], batch=cfg["lora_batch"], lr=cfg["lora_lr"])
+    train = train_lora(
+        gguf,
+        docs[:150],
+        work / "lora",
+        steps=cfg["lora_steps"],
+        seq=cfg["seq"],
+        batch=cfg["lora_batch"],
+        lr=cfg["lora_lr"],
+    )
     ad = load_adapter(work / "lora")
     stats = work / f"stats_{cfg['calib_tokens']}.safetensors"  # Σ of this adapter on this text: reused across runs
-    cal = distill.prepare(ad, gguf, work / "calib.txt", calib_tokens=cfg["calib_tokens"], eval_text=work / "eval.txt",
-                          eval_tokens=cfg["eval_tokens"], seq_len=cfg["seq"], batch_size=cfg["batch"], device=args.device,
-                          progress=True, stats_file=stats if stats.is_file() else None,
-                          save_stats_to=None if stats.is_file() else stats)
+    cal = distill.prepare(
+        ad,
+        gguf,
+        work / "calib.txt",
+        calib_tokens=cfg["calib_tokens"],
+        eval_text=work / "eval.txt",
+        eval_tokens=cfg["eval_tokens"],
+        seq_len=cfg["seq"],
+        batch_size=cfg["batch"],
+        device=args.device,
+        progress=True,
+        stats_file=stats if stats.is_file() else None,
+        save_stats_to=None if stats.is_file() else stats,
+    )
     ref = cal.reference_metrics()
-    print(f"prepared in {cal.timings['prepare_seconds']:.0f}s: ppl base {ref['ppl_base']:.2f}, source {ref['ppl_source']:.2f}", file=sys.stderr)
+    print(
+        f"prepared in {cal.timings['prepare_seconds']:.0f}s: ppl base {ref['ppl_base']:.2f}, source {ref['ppl_source']:.2f}",
+        file=sys.stderr,
+    )
     ctx = FitContext(stats=cal.stats, max_steps=cfg["fit_steps"])
     rows = []
     prev = 0.0  # with --only: the earlier run's rows and time are kept
@@ -141,31 +180,50 @@ def main() -> None:
             tpl = metrics_template(ad, False)
             t1 = time.perf_counter()
             try:
-                form, _, _, size = fit_to_budget(ad, cls, cls.Config(), budget, torch.float32, ctx,
-                                                 metrics_fn=lambda f, s: tpl)
+                form, _, _, size = fit_to_budget(
+                    ad, cls, cls.Config(), budget, torch.float32, ctx, metrics_fn=lambda f, s, tpl=tpl: tpl
+                )
             except AdaptzipError as e:
                 rows.append({"form": name, "budget": frac, "skipped": e.cause})
                 print(f"{name} @ {frac}: skipped ({e.cause})", file=sys.stderr)
                 continue
             steps = cfg["distil_steps"] if name in cfg["distil_forms"] and frac in cfg["distil_budgets"] else 0
             m = cal.measure(form, ctx, torch.float32, steps=steps)
-            row = {"form": name, "budget": frac, "bytes": size, "ratio": size / ad.bytes, "distilled": steps > 0,
-                   "seconds": time.perf_counter() - t1, **m}
+            row = {
+                "form": name,
+                "budget": frac,
+                "bytes": size,
+                "ratio": size / ad.bytes,
+                "distilled": steps > 0,
+                "seconds": time.perf_counter() - t1,
+                **m,
+            }
             rows.append(row)
-            print(f"{name} @ {frac}: {size} B, KL {m['kl_before']:.4f} → {m['kl_after']:.4f}, top-1 "
-                  f"{m['top1_agreement_before']:.3f} → {m['top1_agreement']:.3f}, kept {m['improvement_kept_before']:.3f} → "
-                  f"{m['improvement_kept']:.3f}", file=sys.stderr, flush=True)
+            print(
+                f"{name} @ {frac}: {size} B, KL {m['kl_before']:.4f} → {m['kl_after']:.4f}, top-1 "
+                f"{m['top1_agreement_before']:.3f} → {m['top1_agreement']:.3f}, kept {m['improvement_kept_before']:.3f} → "
+                f"{m['improvement_kept']:.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
             _write(rows, cfg, train, ref, cal, ad, time.perf_counter() - t0, q, prev_seconds=prev)
     _write(rows, cfg, train, ref, cal, ad, time.perf_counter() - t0, q, plot=True, prev_seconds=prev)
 
 
 def _write(rows, cfg, train, ref, cal, ad, seconds, quick, plot=False, prev_seconds: float = 0.0) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    res = {"model": "SmolLM2-135M-Instruct Q4_1 GGUF (dequantised fp32)", "text": "gensim lee_background.cor",
-           "quick": quick, "config": cfg, "lora": {**train, "bytes": ad.bytes, "params": ad.n_params, "modules": len(ad.modules)},
-           "reference": ref, "timings": cal.timings, "seconds": seconds + prev_seconds,
-           "rows": sorted(rows, key=lambda r: (-r["budget"], r["form"])),
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    res = {
+        "model": "SmolLM2-135M-Instruct Q4_1 GGUF (dequantised fp32)",
+        "text": "gensim lee_background.cor",
+        "quick": quick,
+        "config": cfg,
+        "lora": {**train, "bytes": ad.bytes, "params": ad.n_params, "modules": len(ad.modules)},
+        "reference": ref,
+        "timings": cal.timings,
+        "seconds": seconds + prev_seconds,
+        "rows": sorted(rows, key=lambda r: (-r["budget"], r["form"])),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     (OUT / "real_smollm2.json").write_text(json.dumps(res, indent=1))
     render(res, plot)
 
@@ -173,25 +231,31 @@ def _write(rows, cfg, train, ref, cal, ad, seconds, quick, plot=False, prev_seco
 def render(res: dict, plot: bool = False) -> None:
     """The table (examples/out and bench/out) and the plot from a real_smollm2.json result."""
     cfg, train, ref, lo, rows = res["config"], res["lora"], res["reference"], res["lora"], res["rows"]
-    md = [f"SmolLM2-135M-Instruct (Q4_1 GGUF), a real r=16 LoRA on all {lo['modules']} linear modules "
-          f"({lo['bytes'] / 1e6:.2f} MB fp32) trained {train['steps']} steps on news text; eval on held-out news "
-          f"({ref['eval_tokens']} tokens): perplexity base {ref['ppl_base']:.2f} → source {ref['ppl_source']:.2f}. "
-          f"Σ and distillation on {ref['calib_tokens']} calibration tokens; distillation {cfg['distil_steps']} steps "
-          f"× {cfg['batch']}×{cfg['seq']} tokens, lr by the start rule. `{'--quick' if res['quick'] else 'full'}` run, "
-          f"{res['seconds'] / 60:.0f} min in all on 2 shared CPU cores.", "",
-          "| budget | form | bytes | KL start | KL distilled | top-1 start | top-1 distilled | kept start | kept distilled |",
-          "|---|---|---|---|---|---|---|---|---|"]
+    md = [
+        f"SmolLM2-135M-Instruct (Q4_1 GGUF), a real r=16 LoRA on all {lo['modules']} linear modules "
+        f"({lo['bytes'] / 1e6:.2f} MB fp32) trained {train['steps']} steps on news text; eval on held-out news "
+        f"({ref['eval_tokens']} tokens): perplexity base {ref['ppl_base']:.2f} → source {ref['ppl_source']:.2f}. "
+        f"Σ and distillation on {ref['calib_tokens']} calibration tokens; distillation {cfg['distil_steps']} steps "
+        f"× {cfg['batch']}×{cfg['seq']} tokens, lr by the start rule. `{'--quick' if res['quick'] else 'full'}` run, "
+        f"{res['seconds'] / 60:.0f} min in all on 2 shared CPU cores.",
+        "",
+        "| budget | form | bytes | KL start | KL distilled | top-1 start | top-1 distilled | kept start | kept distilled |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def f(v, d=4):
         return "–" if v is None else f"{v:.{d}f}"
+
     for r in rows:
         if "skipped" in r:
             md.append(f"| {r['budget']:.0%} | {r['form']} | – | skipped: {r['skipped'][:110]} | | | | | |")
             continue
         dist = r["distilled"]
-        md.append(f"| {r['budget']:.0%} | {r['form']} | {r['bytes']:,} | {f(r['kl_before'])} | {f(r['kl_after']) if dist else '–'} | "
-                  f"{f(r['top1_agreement_before'], 3)} | {f(r['top1_agreement'], 3) if dist else '–'} | "
-                  f"{f(r['improvement_kept_before'], 3)} | {f(r['improvement_kept'], 3) if dist else '–'} |")
+        md.append(
+            f"| {r['budget']:.0%} | {r['form']} | {r['bytes']:,} | {f(r['kl_before'])} | {f(r['kl_after']) if dist else '–'} | "
+            f"{f(r['top1_agreement_before'], 3)} | {f(r['top1_agreement'], 3) if dist else '–'} | "
+            f"{f(r['improvement_kept_before'], 3)} | {f(r['improvement_kept'], 3) if dist else '–'} |"
+        )
     text = "\n".join(md) + "\n"
     (OUT / "real_smollm2.md").write_text(text)
     (ROOT / "bench" / "out").mkdir(parents=True, exist_ok=True)
@@ -202,6 +266,7 @@ def render(res: dict, plot: bool = False) -> None:
 
 def _plot(rows, path: Path, title: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -210,10 +275,23 @@ def _plot(rows, path: Path, title: str) -> None:
     colors = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for n in names:
         rs = sorted((r for r in rows if r["form"] == n and "skipped" not in r), key=lambda r: r["bytes"])
-        ax.plot([r["bytes"] for r in rs], [r["improvement_kept_before"] for r in rs], "o--", mfc="none", color=colors[n], alpha=0.6)
+        ax.plot(
+            [r["bytes"] for r in rs],
+            [r["improvement_kept_before"] for r in rs],
+            "o--",
+            mfc="none",
+            color=colors[n],
+            alpha=0.6,
+        )
         dd = [r for r in rs if r["distilled"]]
         if dd:
-            ax.plot([r["bytes"] for r in dd], [r["improvement_kept"] for r in dd], "o-", color=colors[n], label=f"{n} (distilled)")
+            ax.plot(
+                [r["bytes"] for r in dd],
+                [r["improvement_kept"] for r in dd],
+                "o-",
+                color=colors[n],
+                label=f"{n} (distilled)",
+            )
         else:
             ax.plot([], [], "o--", mfc="none", color=colors[n], label=f"{n} (weight-space fit)")
     ax.set_xscale("log")

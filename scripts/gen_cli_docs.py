@@ -11,6 +11,7 @@ the code: running it twice gives identical bytes.
     python scripts/gen_cli_docs.py --check    # change nothing; exit 1 if docs/cli.md is stale
     python scripts/gen_cli_docs.py --out -    # print to stdout
 """
+
 from __future__ import annotations
 
 import argparse
@@ -148,7 +149,9 @@ def params_tables(cmd, ctx) -> list[str]:
     for panel in sorted(panels, key=lambda k: k != "Arguments"):  # stable: arguments, then as declared
         out += [f"**{md_text(panel)}**", "", "| name | type | default | help |", "|---|---|---|---|"]
         for p in panels[panel]:
-            out.append(f"| {param_names(p)} | {type_name(p)} | {default_text(p)} | {md_text(getattr(p, 'help', None))} |")
+            out.append(
+                f"| {param_names(p)} | {type_name(p)} | {default_text(p)} | {md_text(getattr(p, 'help', None))} |"
+            )
         out.append("")
     return out
 
@@ -193,11 +196,17 @@ def render() -> str:
 
     group = typer.main.get_command(app)
     ctx = group.context_class(group, info_name=PROG)
-    lines = [HEADER, "", "# Command line reference", "",
-             "Every command prints its result on stdout as one JSON object with `--json`, human output on "
-             "stderr otherwise; errors are one line `adaptzip: error: <path>: <cause>` with exit code 2 "
-             "(see [usage.md](usage.md)). Types: `path`, `integer`, `float`, `text`; a list of values "
-             "in backticks is a choice.", ""]
+    lines = [
+        HEADER,
+        "",
+        "# Command line reference",
+        "",
+        "Every command prints its result on stdout as one JSON object with `--json`, human output on "
+        "stderr otherwise; errors are one line `adaptzip: error: <path>: <cause>` with exit code 2 "
+        "(see [usage.md](usage.md)). Types: `path`, `integer`, `float`, `text`; a list of values "
+        "in backticks is a choice.",
+        "",
+    ]
     lines += walk(group, ctx, [PROG], 1)
     text = "\n".join(lines)
     return re.sub(r"\n{3,}", "\n\n", text).rstrip("\n") + "\n"

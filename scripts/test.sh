@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up everything on a fresh machine and run the whole test suite.
+# Set up everything on a fresh machine, lint (ruff) and run the whole test suite.
 #   .venv       the project (torch 2.13.0 CPU build first, then adaptzip[test])
 #   .venv-vllm  vLLM's CPU build in its own venv (its pins differ); only on x86_64 Linux
 # Extra arguments go to pytest (e.g. ./scripts/test.sh -m "not slow").
@@ -24,4 +24,7 @@ if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] && [ "${ADAPTZIP_SKIP_VLLM:-0}
 else
   echo "not x86_64 Linux (or ADAPTZIP_SKIP_VLLM=1): the vLLM engine test will be skipped" >&2
 fi
+# lint and format (configured in pyproject.toml) before the tests: dead code and drift do not come back
+"$VENV/bin/ruff" check --no-cache .
+"$VENV/bin/ruff" format --no-cache --check .
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"

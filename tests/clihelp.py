@@ -1,5 +1,6 @@
 """Run the real CLI entry point in-process and capture exit code, stdout and stderr; the keys every
 ``compress`` result has (``adaptzip compress --json``, ``CompressResult.to_json()``)."""
+
 from __future__ import annotations
 
 import io
@@ -8,9 +9,25 @@ import sys
 from contextlib import redirect_stderr, redirect_stdout
 
 # The keys of every compress result, whatever the form (a calibrated run and a quantised one add more).
-RESULT_KEYS = frozenset({"output", "form", "config", "state", "dtype", "source_bytes", "bytes", "ratio", "stored_params",
-                         "source_params", "rel_error", "worst_module_rel_error", "worst_module", "svd_baseline_rel_error",
-                         "seconds"})
+RESULT_KEYS = frozenset(
+    {
+        "output",
+        "form",
+        "config",
+        "state",
+        "dtype",
+        "source_bytes",
+        "bytes",
+        "ratio",
+        "stored_params",
+        "source_params",
+        "rel_error",
+        "worst_module_rel_error",
+        "worst_module",
+        "svd_baseline_rel_error",
+        "seconds",
+    }
+)
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny matrices: one thread is fastest, and CI has 2 cores
 
-from fixtures import make_base, train_lora
+from fixtures import make_base, train_lora  # noqa: E402  (after sys.path and the offline flags)
 
 
 @pytest.fixture(scope="session")
@@ -40,4 +40,5 @@ def make_lora(llama_base, tmp_path_factory):
         if name not in cache:
             cache[name] = train_lora(base or llama_base, tmp_path_factory.mktemp("ad") / name, **kw)
         return cache[name]
+
     return make

@@ -1,5 +1,6 @@
 """Real fixtures built locally: tiny transformers models saved as safetensors directories and
 PEFT LoRA adapters trained a few steps (so B ≠ 0). No model hub, no mocks."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,19 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 def tiny_llama_config(layers: int = 3, hidden: int = 64, inter: int = 96, vocab: int = 128) -> LlamaConfig:
-    return LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=128, tie_word_embeddings=False,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
 
 
 def make_base(path: Path, kind: str = "llama", seed: int = 0, **cfg) -> Path:
@@ -27,8 +38,17 @@ def make_base(path: Path, kind: str = "llama", seed: int = 0, **cfg) -> Path:
     if kind == "llama":
         model = LlamaForCausalLM(tiny_llama_config(**cfg))
     elif kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_embd=cfg.get("hidden", 64), n_layer=cfg.get("layers", 2), n_head=4,
-                                           vocab_size=cfg.get("vocab", 128), n_positions=128, bos_token_id=1, eos_token_id=2))
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                n_embd=cfg.get("hidden", 64),
+                n_layer=cfg.get("layers", 2),
+                n_head=4,
+                vocab_size=cfg.get("vocab", 128),
+                n_positions=128,
+                bos_token_id=1,
+                eos_token_id=2,
+            )
+        )
     else:
         raise ValueError(kind)
     model.save_pretrained(path)
@@ -37,17 +57,32 @@ def make_base(path: Path, kind: str = "llama", seed: int = 0, **cfg) -> Path:
 
 def load_base(path: Path):
     from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
 
 
-def train_lora(base_dir: Path, out: Path, *, steps: int = 8, seed: int = 0, dtype: torch.dtype = torch.float32,
-               lr: float = 2e-2, init_seed: int | None = None, data_seed: int | None = None, **lora_kwargs) -> Path:
+def train_lora(
+    base_dir: Path,
+    out: Path,
+    *,
+    steps: int = 8,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    lr: float = 2e-2,
+    init_seed: int | None = None,
+    data_seed: int | None = None,
+    **lora_kwargs,
+) -> Path:
     """Train a PEFT LoRA a few steps on random token sequences and save it in ``dtype``.
 
     ``init_seed`` fixes the LoRA initialisation (A) independently of the data (``data_seed``), as in
     pipelines that train many adapters from one seed."""
     model = load_base(base_dir)
-    kw = {"r": 8, "lora_alpha": 16, "target_modules": LLAMA_TARGETS if model.config.model_type == "llama" else ["c_attn", "c_proj", "c_fc"]}
+    kw = {
+        "r": 8,
+        "lora_alpha": 16,
+        "target_modules": LLAMA_TARGETS if model.config.model_type == "llama" else ["c_attn", "c_proj", "c_fc"],
+    }
     kw.update(lora_kwargs)
     torch.manual_seed(seed if init_seed is None else init_seed)
     pm = get_peft_model(model, LoraConfig(**kw))
@@ -70,8 +105,15 @@ def train_lora(base_dir: Path, out: Path, *, steps: int = 8, seed: int = 0, dtyp
 
 
 # What PEFT writes for a plain LoRA; write_adapter's ``config`` overrides or extends it.
-PEFT_LORA_CONFIG = {"peft_type": "LORA", "base_model_name_or_path": "synthetic", "task_type": "CAUSAL_LM", "bias": "none",
-                    "fan_in_fan_out": False, "use_rslora": False, "use_dora": False}
+PEFT_LORA_CONFIG = {
+    "peft_type": "LORA",
+    "base_model_name_or_path": "synthetic",
+    "task_type": "CAUSAL_LM",
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "use_rslora": False,
+    "use_dora": False,
+}
 
 
 def lora_key(module: str, factor: str) -> str:

@@ -1,4 +1,5 @@
 """Reading PEFT LoRA directories: dtypes, patterns, rsLoRA, Conv1D, carried tensors, .bin."""
+
 import fractions
 import json
 import shutil
@@ -54,8 +55,15 @@ def test_half_dtypes(make_lora, dtype):
 
 
 def test_patterns_and_rslora_match_peft(llama_base, make_lora):
-    d = make_lora("patterns", steps=3, use_rslora=True, r=8, lora_alpha=12,
-                  rank_pattern={"v_proj": 4, "layers.1.mlp.up_proj": 2}, alpha_pattern={"o_proj": 3, "down_proj": 20})
+    d = make_lora(
+        "patterns",
+        steps=3,
+        use_rslora=True,
+        r=8,
+        lora_alpha=12,
+        rank_pattern={"v_proj": 4, "layers.1.mlp.up_proj": 2},
+        alpha_pattern={"o_proj": 3, "down_proj": 20},
+    )
     ad = adaptzip.load_adapter(d)
     truth = peft_scalings(llama_base, d)
     assert len(truth) == len(ad.modules)
@@ -64,7 +72,7 @@ def test_patterns_and_rslora_match_peft(llama_base, make_lora):
     assert ad.module("model.layers.0.self_attn.v_proj").rank == 4
     assert ad.module("model.layers.1.mlp.up_proj").rank == 2
     assert ad.module("model.layers.0.mlp.up_proj").rank == 8
-    assert ad.module("model.layers.2.mlp.down_proj").scale == pytest.approx(20 / 8 ** 0.5)
+    assert ad.module("model.layers.2.mlp.down_proj").scale == pytest.approx(20 / 8**0.5)
 
 
 def test_gpt2_conv1d_fan_in_fan_out(gpt2_base, make_lora):
@@ -112,13 +120,16 @@ def test_bin_weights_and_refusal(lora_fp32, tmp_path):
         adaptzip.load_adapter(bad)
 
 
-@pytest.mark.parametrize("name,expect", [
-    ("model.layers.3.self_attn.q_proj", ("model.layers", 3, "self_attn.q_proj")),
-    ("transformer.h.11.attn.c_attn", ("transformer.h", 11, "attn.c_attn")),
-    ("bert.encoder.layer.5.attention.self.query", ("bert.encoder.layer", 5, "attention.self.query")),
-    ("encoder.block.2.layer.0.SelfAttention.q", ("encoder.block", 2, "layer.0.SelfAttention.q")),
-    ("lm_head", (None, None, "lm_head")),
-])
+@pytest.mark.parametrize(
+    "name,expect",
+    [
+        ("model.layers.3.self_attn.q_proj", ("model.layers", 3, "self_attn.q_proj")),
+        ("transformer.h.11.attn.c_attn", ("transformer.h", 11, "attn.c_attn")),
+        ("bert.encoder.layer.5.attention.self.query", ("bert.encoder.layer", 5, "attention.self.query")),
+        ("encoder.block.2.layer.0.SelfAttention.q", ("encoder.block", 2, "layer.0.SelfAttention.q")),
+        ("lm_head", (None, None, "lm_head")),
+    ],
+)
 def test_split_layer(name, expect):
     assert split_layer(name) == expect
 
@@ -154,7 +165,7 @@ def test_bad_inputs(lora_fp32, tmp_path):
 
 def test_spectrum_without_dense(lora_fp32):
     ad = adaptzip.load_adapter(lora_fp32)
-    for m, B, A in list(ad.iter_factors())[:4]:
+    for _, B, A in list(ad.iter_factors())[:4]:
         s = linalg.factored_svd(B, A)
         dense = torch.linalg.svdvals((B @ A).double())
         assert torch.allclose(s.S.double(), dense[: s.S.numel()], rtol=1e-5, atol=1e-7)

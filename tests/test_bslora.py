@@ -1,5 +1,6 @@
 """BSLoRA forms (bslora-ss, bslora-gt, bslora-ke): optimum anchors, transforms on mixed and
 non-divisible dims, Σ weighting, expand round trip, budget, CLI, determinism."""
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,9 @@ FAST = {"bslora-ss": {"steps": 20}, "bslora-ke": {"steps": 20}, "bslora-gt": {}}
 
 
 # ----------------------------------------------------------------------------- synthetic adapters
-def synthetic_adapter(path: Path, spec: list[tuple[str, int, int]], rank: int = 6, alpha: float = 12.0, seed: int = 0,
-                      common: float = 0.5) -> Path:
+def synthetic_adapter(
+    path: Path, spec: list[tuple[str, int, int]], rank: int = 6, alpha: float = 12.0, seed: int = 0, common: float = 0.5
+) -> Path:
     """A PEFT-format LoRA dir; updates of one in-size share part of their row space (so sharing
     has something to find) and have decaying spectra."""
     g = torch.Generator().manual_seed(seed)
@@ -46,8 +48,16 @@ def synthetic_adapter(path: Path, spec: list[tuple[str, int, int]], rank: int = 
 
 # 3 layers of mixed, non-divisible dims (q 40→40, k 40→24 GQA-like, up 40→56, down 56→40) and an
 # lm_head without a layer index (inter part only).
-MIXED = [(f"model.layers.{i}.{t}", n_in, n_out) for i in range(3)
-         for t, n_in, n_out in (("self_attn.q_proj", 40, 40), ("self_attn.k_proj", 40, 24), ("mlp.up_proj", 40, 56), ("mlp.down_proj", 56, 40))]
+MIXED = [
+    (f"model.layers.{i}.{t}", n_in, n_out)
+    for i in range(3)
+    for t, n_in, n_out in (
+        ("self_attn.q_proj", 40, 40),
+        ("self_attn.k_proj", 40, 24),
+        ("mlp.up_proj", 40, 56),
+        ("mlp.down_proj", 56, 40),
+    )
+]
 MIXED.append(("lm_head", 40, 72))
 
 
@@ -151,14 +161,24 @@ def test_ke_fits_dims_that_s_does_not_divide(mixed):
 
 def test_gt_more_rank_never_fits_worse(mixed):
     ad = adaptzip.load_adapter(mixed)
-    errs = [_fit(ad, "bslora-gt", ranks=r, shared_size=8)[1].rel_error for r in [(1, 0, 0), (1, 1, 0), (1, 1, 1), (2, 1, 1), (3, 8, 16)]]
+    errs = [
+        _fit(ad, "bslora-gt", ranks=r, shared_size=8)[1].rel_error
+        for r in [(1, 0, 0), (1, 1, 0), (1, 1, 1), (2, 1, 1), (3, 8, 16)]
+    ]
     assert all(b <= a * (1 + 1e-6) for a, b in zip(errs, errs[1:])), errs
 
 
 # ----------------------------------------------------------------------------- transforms and shapes
-BIG = [(f"model.layers.{i}.{t}", n_in, n_out) for i in range(2)
-       for t, n_in, n_out in (("self_attn.q_proj", 896, 896), ("self_attn.k_proj", 896, 128), ("mlp.gate_proj", 5120, 11008),
-                              ("mlp.down_proj", 11008, 5120))] + [("lm_head", 896, 14336)]
+BIG = [
+    (f"model.layers.{i}.{t}", n_in, n_out)
+    for i in range(2)
+    for t, n_in, n_out in (
+        ("self_attn.q_proj", 896, 896),
+        ("self_attn.k_proj", 896, 128),
+        ("mlp.gate_proj", 5120, 11008),
+        ("mlp.down_proj", 11008, 5120),
+    )
+] + [("lm_head", 896, 14336)]
 
 
 def _infos(spec, rank: int = 4) -> list[ModuleInfo]:
@@ -191,7 +211,10 @@ def test_shapes_on_llama_and_qwen_sized_dims(name):
         assert tuple(B.shape) == (m.out_features, k) and tuple(A.shape) == (k, m.in_features)
     if name == "bslora-ke":
         s = 256
-        assert specs["kernel.inter.2.A"][0] == (1, math.ceil(5120 / s)) and specs["kernel.inter.2.B"][0] == (math.ceil(11008 / s), 1)
+        assert specs["kernel.inter.2.A"][0] == (1, math.ceil(5120 / s)) and specs["kernel.inter.2.B"][0] == (
+            math.ceil(11008 / s),
+            1,
+        )
         assert specs["kernel.inter.0.A"][0] == (1, 4)  # 896 = 3.5 blocks of 256: 4, cropped
         assert specs["kernel.inter.8.B"][0] == (56, 1)  # 14336 / 256
         assert "kernel.intra.8.A" not in specs  # no layer: no intra part
@@ -214,7 +237,7 @@ def test_ke_crop_and_tiling_formula():
     dense = torch.zeros(12, 9)
     for i in range(4):
         for j in range(3):
-            dense[3 * i:3 * i + 3, 3 * j:3 * j + 3] = kB[i] * kA[j] * (Bs @ As)
+            dense[3 * i : 3 * i + 3, 3 * j : 3 * j + 3] = kB[i] * kA[j] * (Bs @ As)
     B, A = form.factors(0)
     torch.testing.assert_close(B @ A, dense[:11, :7], rtol=1e-5, atol=1e-5)
 
@@ -244,7 +267,11 @@ def test_factors_are_differentiable(mixed):
     ad = adaptzip.load_adapter(mixed)
     for name in FORMS:
         cls = get_form(name)
-        form, _, _ = _random_form(cls, ad.modules, make_config(cls, {"ranks": (1, 2, 2), **({"shared_size": 16} if name != "bslora-ss" else {})}))
+        form, _, _ = _random_form(
+            cls,
+            ad.modules,
+            make_config(cls, {"ranks": (1, 2, 2), **({"shared_size": 16} if name != "bslora-ss" else {})}),
+        )
         i = next(i for i, m in enumerate(ad.modules) if m.layer is not None)
         B, A = form.factors(i)
         (B @ A).pow(2).sum().backward()
@@ -287,7 +314,10 @@ def test_gpt2_conv1d_round_trip(gpt2_base, make_lora, tmp_path):
     assert any(m.fan_in_fan_out for m in adaptzip.load_adapter(lora).modules)
     adaptzip.expand(out, tmp_path / "peft")
     src, back = adaptzip.load_adapter(lora), adaptzip.load_adapter(tmp_path / "peft")
-    e2 = sum(float(linalg.sq_error(*(x.double() for x in src.factors(m)), *(x.double() for x in back.factors(m.name)))) for m in src.modules)
+    e2 = sum(
+        float(linalg.sq_error(*(x.double() for x in src.factors(m)), *(x.double() for x in back.factors(m.name))))
+        for m in src.modules
+    )
     n2 = sum(float(linalg.sq_norm(*(x.double() for x in src.factors(m)))) for m in src.modules)
     assert abs(math.sqrt(e2 / n2) - res.rel_error) <= 1e-5 * res.rel_error
 
@@ -318,8 +348,22 @@ def test_budget_is_never_exceeded(lora_fp32, tmp_path, name):
 
 def test_cli_compress_json_keys(lora_fp32, tmp_path):
     out = tmp_path / "ke.safetensors"
-    r = run_json("compress", str(lora_fp32), "-o", str(out), "--to", "bslora-ke", "--ranks", "2,4,8", "--shared-size", "32",
-                 "--opt", "steps=10", "--seed", "1")
+    r = run_json(
+        "compress",
+        str(lora_fp32),
+        "-o",
+        str(out),
+        "--to",
+        "bslora-ke",
+        "--ranks",
+        "2,4,8",
+        "--shared-size",
+        "32",
+        "--opt",
+        "steps=10",
+        "--seed",
+        "1",
+    )
     assert RESULT_KEYS <= r.keys(), RESULT_KEYS - r.keys()
     assert r["form"] == "bslora-ke" and r["state"]["shared_size"] == 32 and r["config"]["ranks"] == [2, 4, 8]
     assert 0 < r["rel_error"] < 1 and r["ratio"] == pytest.approx(r["bytes"] / r["source_bytes"])
@@ -328,9 +372,13 @@ def test_cli_compress_json_keys(lora_fp32, tmp_path):
 
 
 def test_option_errors(lora_fp32, tmp_path):
-    code, _, err = run_cli("compress", str(lora_fp32), "-o", str(tmp_path / "x.safetensors"), "--to", "bslora-ss", "--ranks", "2,4")
+    code, _, err = run_cli(
+        "compress", str(lora_fp32), "-o", str(tmp_path / "x.safetensors"), "--to", "bslora-ss", "--ranks", "2,4"
+    )
     assert code == 2 and "ranks must be three integers" in err
-    code, _, err = run_cli("compress", str(lora_fp32), "-o", str(tmp_path / "x.safetensors"), "--to", "bslora-ss", "--shared-size", "64")
+    code, _, err = run_cli(
+        "compress", str(lora_fp32), "-o", str(tmp_path / "x.safetensors"), "--to", "bslora-ss", "--shared-size", "64"
+    )
     assert code == 2 and "shared_size" in err
     for bad, msg in (((0, 0, 0), "store nothing"), ((2, -1, 4), "≥ 0, got -1")):
         with pytest.raises(OptionError, match=msg):
@@ -342,6 +390,10 @@ def test_option_errors(lora_fp32, tmp_path):
 def test_bad_state_is_a_container_error():
     infos = _infos(MIXED[:2])
     with pytest.raises(ContainerError, match="2 modules"):
-        get_form("bslora-ss").tensor_specs(infos, make_config(get_form("bslora-ss"), {}), {"ranks": [1], "r_intra": 1, "r_inter": 1})
+        get_form("bslora-ss").tensor_specs(
+            infos, make_config(get_form("bslora-ss"), {}), {"ranks": [1], "r_intra": 1, "r_inter": 1}
+        )
     with pytest.raises(ContainerError, match="shared_size"):
-        get_form("bslora-ke").tensor_specs(infos, make_config(get_form("bslora-ke"), {}), {"ranks": [1, 1], "r_intra": 1, "r_inter": 1})
+        get_form("bslora-ke").tensor_specs(
+            infos, make_config(get_form("bslora-ke"), {}), {"ranks": [1, 1], "r_intra": 1, "r_inter": 1}
+        )

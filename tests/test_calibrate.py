@@ -1,5 +1,6 @@
 """Calibration: text loading, Σ statistics, the form live in the base model, distillation,
 metrics and ``--to auto`` — on tiny real models (no mocks), with a tokenizer trained offline."""
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,16 @@ def env(llama_base, tmp_path_factory):
     base = base_with_tokenizer(llama_base, d / "base", text)
     lora = train_text_lora(base, d / "lora", text, steps=40)
     ad = load_adapter(lora)
-    cal = distill.prepare(ad, base, d / "calib.txt", calib_tokens=6000, eval_text=d / "eval.txt", seq_len=SEQ,
-                          batch_size=8, save_stats_to=d / "stats.safetensors")
+    cal = distill.prepare(
+        ad,
+        base,
+        d / "calib.txt",
+        calib_tokens=6000,
+        eval_text=d / "eval.txt",
+        seq_len=SEQ,
+        batch_size=8,
+        save_stats_to=d / "stats.safetensors",
+    )
     return {"dir": d, "base": base, "lora": lora, "adapter": ad, "cal": cal, "text": text}
 
 
@@ -77,16 +86,25 @@ def test_too_few_tokens_is_a_clear_error(env):
 # ----------------------------------------------------------------------------- base model
 def test_base_missing_module_refused_naming_it(env, tmp_path):
     small = make_base(tmp_path / "two_layers", layers=2)  # the adapter has 3 layers
-    with pytest.raises(BaseModelError, match=r"module model\.layers\.2\.\S+ of the adapter is missing from the base model"):
+    with pytest.raises(
+        BaseModelError, match=r"module model\.layers\.2\.\S+ of the adapter is missing from the base model"
+    ):
         cb.load_base(small, env["adapter"], "cpu")
 
 
 def test_base_wrong_shape_refused_naming_it(env, tmp_path):
     narrow = make_base(tmp_path / "narrow", inter=80)  # MLP width 80, the adapter's is 96
     with pytest.raises(BaseModelError, match=r"module model\.layers\.0\.mlp\.down_proj: base weight has shape") as e:
-        api.compress(env["lora"], tmp_path / "o.safetensors", to="svd", rank=1,
-                     calibration=CalibrationOptions(base_model=narrow, calib=env["dir"] / "calib.txt", tokens=2000))
-    assert "module model.layers.0.mlp.down_proj: base weight has shape (64, 80), the adapter needs (64, 96)" in str(e.value)
+        api.compress(
+            env["lora"],
+            tmp_path / "o.safetensors",
+            to="svd",
+            rank=1,
+            calibration=CalibrationOptions(base_model=narrow, calib=env["dir"] / "calib.txt", tokens=2000),
+        )
+    assert "module model.layers.0.mlp.down_proj: base weight has shape (64, 80), the adapter needs (64, 96)" in str(
+        e.value
+    )
     assert not (tmp_path / "o.safetensors").exists()
 
 
@@ -178,7 +196,9 @@ def test_live_form_conv1d_and_embedding(kind, llama_base, gpt2_base, tmp_path):
         base = base_with_tokenizer(llama_base, tmp_path / "base", text)
         lora = train_lora(base, tmp_path / "lora", target_modules=["q_proj", "embed_tokens"])
     ad = load_adapter(lora)
-    assert any(m.fan_in_fan_out for m in ad.modules) if kind == "gpt2" else any(m.kind == "embedding" for m in ad.modules)
+    assert (
+        any(m.fan_in_fan_out for m in ad.modules) if kind == "gpt2" else any(m.kind == "embedding" for m in ad.modules)
+    )
     cal = distill.prepare(ad, base, tmp_path / "c.txt", calib_tokens=1000, seq_len=SEQ)
     form = get_form("lora").fit(ad, get_form("lora").Config(), FitContext())
     t, s = _logits(cal, cal.modes.teacher()), _logits(cal, cal.modes.student(form))
@@ -239,16 +259,33 @@ def test_lr_rule_and_backoff(env):
 # ----------------------------------------------------------------------------- compress API / CLI
 def test_compress_metrics_lora_and_small_svd(env, tmp_path):
     d = env["dir"]
-    common = dict(base_model=env["base"], calib=d / "calib.txt", tokens=6000, eval_text=d / "eval.txt",
-                  seq_len=SEQ, batch_size=8, stats_file=d / "stats.safetensors")
-    r = api.compress(env["lora"], tmp_path / "l.safetensors", to="lora", fitting=FitOptions(baseline=False),
-                     calibration=CalibrationOptions(steps=5, **common))
+    common = dict(
+        base_model=env["base"],
+        calib=d / "calib.txt",
+        tokens=6000,
+        eval_text=d / "eval.txt",
+        seq_len=SEQ,
+        batch_size=8,
+        stats_file=d / "stats.safetensors",
+    )
+    r = api.compress(
+        env["lora"],
+        tmp_path / "l.safetensors",
+        to="lora",
+        fitting=FitOptions(baseline=False),
+        calibration=CalibrationOptions(steps=5, **common),
+    )
     m = r.metrics
     assert m["improvement_kept"] == pytest.approx(1.0, abs=1e-4)
     assert m["kl_after"] < 1e-9 and m["top1_agreement"] == 1.0
     assert m["ppl_source"] < m["ppl_base"]
-    r = api.compress(env["lora"], tmp_path / "s.safetensors", to="svd", budget=0.3,
-                     calibration=CalibrationOptions(steps=30, **common))
+    r = api.compress(
+        env["lora"],
+        tmp_path / "s.safetensors",
+        to="svd",
+        budget=0.3,
+        calibration=CalibrationOptions(steps=30, **common),
+    )
     m = r.metrics
     budget = int(0.3 * env["adapter"].bytes)
     assert r.bytes <= budget and m["svd_baseline_bytes"] <= budget
@@ -266,9 +303,26 @@ def test_cli_compress_with_calibration_and_stats_reuse(env, tmp_path):
     d = env["dir"]
     # --rank, not --budget: the command line is recorded in the manifest, so under a budget the
     # second (longer) command would leave the payload a few bytes less
-    args = ["compress", env["lora"], "-o", tmp_path / "c.safetensors", "--to", "svd", "--rank", "2",
-            "--base-model", env["base"], "--calib", d / "calib.txt", "--calib-tokens", "3000",
-            "--calib-steps", "10", "--device", "cpu"]
+    args = [
+        "compress",
+        env["lora"],
+        "-o",
+        tmp_path / "c.safetensors",
+        "--to",
+        "svd",
+        "--rank",
+        "2",
+        "--base-model",
+        env["base"],
+        "--calib",
+        d / "calib.txt",
+        "--calib-tokens",
+        "3000",
+        "--calib-steps",
+        "10",
+        "--device",
+        "cpu",
+    ]
     r = run_json(*args)
     stats = tmp_path / "c.stats.safetensors"
     assert r["stats_file"] == str(stats) and stats.is_file()
@@ -280,18 +334,37 @@ def test_cli_compress_with_calibration_and_stats_reuse(env, tmp_path):
 
 def test_options_need_a_base_model(env, tmp_path):
     with pytest.raises(AdaptzipError, match="need --base-model"):
-        api.compress(env["lora"], tmp_path / "o.safetensors", to="svd", rank=1,
-                     calibration=CalibrationOptions(calib=env["dir"] / "calib.txt"))
+        api.compress(
+            env["lora"],
+            tmp_path / "o.safetensors",
+            to="svd",
+            rank=1,
+            calibration=CalibrationOptions(calib=env["dir"] / "calib.txt"),
+        )
     with pytest.raises(AdaptzipError, match="--to auto needs --budget"):
         api.compress(env["lora"], tmp_path / "o.safetensors", to="auto", budget=0.3)
 
 
 def test_auto_never_picks_a_form_worse_than_another_tried(env, tmp_path):
     d = env["dir"]
-    r = api.compress(env["lora"], tmp_path / "a.safetensors", to="auto", budget=0.4, fitting=FitOptions(steps=30),
-                     calibration=CalibrationOptions(base_model=env["base"], calib=d / "calib.txt", tokens=6000, steps=10,
-                                                    eval_text=d / "eval.txt", seq_len=SEQ, batch_size=8,
-                                                    stats_file=d / "stats.safetensors", auto_distil=2))
+    r = api.compress(
+        env["lora"],
+        tmp_path / "a.safetensors",
+        to="auto",
+        budget=0.4,
+        fitting=FitOptions(steps=30),
+        calibration=CalibrationOptions(
+            base_model=env["base"],
+            calib=d / "calib.txt",
+            tokens=6000,
+            steps=10,
+            eval_text=d / "eval.txt",
+            seq_len=SEQ,
+            batch_size=8,
+            stats_file=d / "stats.safetensors",
+            auto_distil=2,
+        ),
+    )
     cands = [c for c in r.auto["candidates"] if "skipped" not in c]
     assert len(cands) >= 2 and r.form == r.auto["chosen"]
     chosen = next(c for c in cands if c["form"] == r.form)
@@ -313,18 +386,41 @@ def test_auto_with_quantised_storage(env, tmp_path):
 
     d = env["dir"]
     budget = int(0.3 * env["adapter"].bytes)
-    r = api.compress(env["lora"], tmp_path / "q.safetensors", to="auto", budget=0.3, fitting=FitOptions(steps=20),
-                     calibration=CalibrationOptions(base_model=env["base"], calib=d / "calib.txt", tokens=6000, steps=5,
-                                                    eval_text=d / "eval.txt", seq_len=SEQ, batch_size=8,
-                                                    stats_file=d / "stats.safetensors", auto_distil=1),
-                     quant=QuantOptions(scheme="int8"))
+    r = api.compress(
+        env["lora"],
+        tmp_path / "q.safetensors",
+        to="auto",
+        budget=0.3,
+        fitting=FitOptions(steps=20),
+        calibration=CalibrationOptions(
+            base_model=env["base"],
+            calib=d / "calib.txt",
+            tokens=6000,
+            steps=5,
+            eval_text=d / "eval.txt",
+            seq_len=SEQ,
+            batch_size=8,
+            stats_file=d / "stats.safetensors",
+            auto_distil=1,
+        ),
+        quant=QuantOptions(scheme="int8"),
+    )
     assert r.quant["scheme"] == "int8" and r.bytes <= budget
     assert all(c["bytes"] <= budget for c in r.auto["candidates"] if "skipped" not in c)
     c = open_container(tmp_path / "q.safetensors")
     c.verify()
     assert c.manifest["storage"]["scheme"] == "int8" and c.manifest["form"] == r.form
-    cal = distill.prepare(env["adapter"], env["base"], d / "calib.txt", calib_tokens=6000, eval_text=d / "eval.txt",
-                          seq_len=SEQ, batch_size=8, device="cpu", stats_file=d / "stats.safetensors")
+    cal = distill.prepare(
+        env["adapter"],
+        env["base"],
+        d / "calib.txt",
+        calib_tokens=6000,
+        eval_text=d / "eval.txt",
+        seq_len=SEQ,
+        batch_size=8,
+        device="cpu",
+        stats_file=d / "stats.safetensors",
+    )
     assert cal.evaluate(c.form())["kl"] == pytest.approx(r.metrics["kl_after"], rel=1e-5)
 
 
@@ -334,14 +430,26 @@ def test_encoder_with_classifier_head(tmp_path):
     from calib_fixtures import make_tokenizer
     from peft import LoraConfig, get_peft_model
     from transformers import BertConfig, BertForSequenceClassification
+
     text = make_text(500, seed=5)
     (tmp_path / "c.txt").write_text(text)
     torch.manual_seed(0)
-    m = BertForSequenceClassification(BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                 intermediate_size=96, max_position_embeddings=128, num_labels=3))
+    m = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=128,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=96,
+            max_position_embeddings=128,
+            num_labels=3,
+        )
+    )
     m.save_pretrained(tmp_path / "base")
     make_tokenizer(text).save_pretrained(tmp_path / "base")
-    pm = get_peft_model(m, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], task_type="SEQ_CLS"))
+    pm = get_peft_model(
+        m, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], task_type="SEQ_CLS")
+    )
     opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
     g = torch.Generator().manual_seed(0)
     for _ in range(10):

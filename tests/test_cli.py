@@ -1,4 +1,5 @@
 """The CLI: every command, --json on stdout, one-line errors with exit code 2."""
+
 import json
 import shutil
 import subprocess
@@ -27,7 +28,12 @@ def test_end_to_end_commands(lora_fp32, llama_base, tmp_path):
     v = run_json("expand", small, "-o", tmp_path / "lora_vllm", "--target", "vllm", "--max-lora-rank", "64")
     assert v["max_lora_rank"] == 64
     assert run_json("expand", small, "-o", tmp_path / "delta.safetensors", "--to", "dense")["tensors"] == 21
-    assert run_json("expand", small, "-o", tmp_path / "merged", "--to", "merged", "--base-model", llama_base)["edited_tensors"] == 21
+    assert (
+        run_json("expand", small, "-o", tmp_path / "merged", "--to", "merged", "--base-model", llama_base)[
+            "edited_tensors"
+        ]
+        == 21
+    )
     # human output goes to stderr, stdout stays empty
     code, out, err = run_cli("verify", small)
     assert code == 0 and out == "" and "ok" in err
@@ -35,7 +41,22 @@ def test_end_to_end_commands(lora_fp32, llama_base, tmp_path):
     assert code == 0 and out == "" and "svd baseline" in err
 
 
-@pytest.mark.parametrize("case", ["missing_dir", "no_config", "bad_type", "corrupt", "contradict", "bad_container", "exists", "bad_option", "bad_budget", "merged_no_base", "bad_choice"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_dir",
+        "no_config",
+        "bad_type",
+        "corrupt",
+        "contradict",
+        "bad_container",
+        "exists",
+        "bad_option",
+        "bad_budget",
+        "merged_no_base",
+        "bad_choice",
+    ],
+)
 def test_errors_are_one_line(case, lora_fp32, tmp_path):
     d = tmp_path / "ad"
     shutil.copytree(lora_fp32, d)

@@ -1,4 +1,5 @@
 """The container: manifest schema, tensor names, hashes, verify, atomic writes."""
+
 import json
 import struct
 
@@ -18,7 +19,9 @@ from adaptzip.options import RunOptions
 @pytest.fixture(scope="module")
 def svd_container(lora_fp32, tmp_path_factory):
     p = tmp_path_factory.mktemp("c") / "svd.safetensors"
-    adaptzip.compress(lora_fp32, p, to="svd", budget=0.3, run=RunOptions(command="adaptzip compress x --to svd --budget 0.3"))
+    adaptzip.compress(
+        lora_fp32, p, to="svd", budget=0.3, run=RunOptions(command="adaptzip compress x --to svd --budget 0.3")
+    )
     return p
 
 
@@ -52,6 +55,7 @@ def test_manifest_content_and_schema(svd_container, lora_fp32):
     assert set(c.tensor_names) == {f"{ab}.{i}" for i in range(21) for ab in "AB"}
     # the schema file in formats/ is the package's
     from pathlib import Path
+
     assert (Path(__file__).parent.parent / "formats" / "manifest.schema.json").read_text() == ct.SCHEMA_FILE.read_text()
 
 
@@ -61,32 +65,47 @@ def test_verify_ok_and_tampering(svd_container, tmp_path):
     def flip(t):
         t["A.0"] = t["A.0"].clone()
         t["A.0"][0, 0] += 1.0
+
     with pytest.raises(ContainerError, match="payload sha256"):
         adaptzip.verify(_rewrite(svd_container, tmp_path / "t1.safetensors", edit_tensors=flip))
 
     def reshape(t):
         t["A.3"] = torch.zeros(t["A.3"].shape[0] + 1, t["A.3"].shape[1])
+
     with pytest.raises(ContainerError, match="tensor A.3 has shape"):
         adaptzip.verify(_rewrite(svd_container, tmp_path / "t2.safetensors", edit_tensors=reshape))
 
     def drop(t):
         del t["B.5"]
+
     with pytest.raises(ContainerError, match="tensor B.5 .* missing"):
         adaptzip.verify(_rewrite(svd_container, tmp_path / "t3.safetensors", edit_tensors=drop))
 
     def extra(t):
         t["Z"] = torch.zeros(2)
+
     with pytest.raises(ContainerError, match="tensor Z is not described"):
         adaptzip.verify(_rewrite(svd_container, tmp_path / "t4.safetensors", edit_tensors=extra))
 
     with pytest.raises(ContainerError, match="schema at modules/0/in"):
-        adaptzip.verify(_rewrite(svd_container, tmp_path / "t5.safetensors", edit_manifest=lambda m: m["modules"][0].update({"in": "64"})))
+        adaptzip.verify(
+            _rewrite(
+                svd_container, tmp_path / "t5.safetensors", edit_manifest=lambda m: m["modules"][0].update({"in": "64"})
+            )
+        )
 
     with pytest.raises(ContainerError, match="schema at modules/5"):  # opening checks every entry, cheaply
-        adaptzip.open_container(_rewrite(svd_container, tmp_path / "t5b.safetensors", edit_manifest=lambda m: m["modules"][5].update({"rank": "8"})))
+        adaptzip.open_container(
+            _rewrite(
+                svd_container,
+                tmp_path / "t5b.safetensors",
+                edit_manifest=lambda m: m["modules"][5].update({"rank": "8"}),
+            )
+        )
 
     def newer(m):
         m["format_version"] = 99
+
     with pytest.raises(ContainerError, match="format_version 99 is newer"):
         adaptzip.verify(_rewrite(svd_container, tmp_path / "t6.safetensors", edit_manifest=newer))
 
@@ -104,14 +123,21 @@ def test_not_a_container(tmp_path, lora_fp32):
 def test_truncated_container(svd_container, tmp_path):
     data = svd_container.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-100])
-    with pytest.raises(ContainerError, match=f"cut.safetensors: truncated safetensors file: payload needs {len(data)} bytes, file has {len(data) - 100}$"):
+    with pytest.raises(
+        ContainerError,
+        match=f"cut.safetensors: truncated safetensors file: payload needs {len(data)} bytes, file has {len(data) - 100}$",
+    ):
         adaptzip.verify(tmp_path / "cut.safetensors")
 
 
 def test_streaming_writer_matches_safetensors(tmp_path):
     g = torch.Generator().manual_seed(0)
-    ts = {"b": torch.randn(3, 5, generator=g), "a": torch.randn(7, generator=g).half(), "z": torch.arange(6, dtype=torch.uint8).reshape(2, 3),
-          "e": torch.zeros(0, 4)}
+    ts = {
+        "b": torch.randn(3, 5, generator=g),
+        "a": torch.randn(7, generator=g).half(),
+        "z": torch.arange(6, dtype=torch.uint8).reshape(2, 3),
+        "e": torch.zeros(0, 4),
+    }
     plan = [(k, v.dtype, tuple(v.shape)) for k, v in ts.items()]
     with StreamingWriter(tmp_path / "s.safetensors", plan, {"k": "v"}) as w:
         for k, v in ts.items():

@@ -1,4 +1,5 @@
 """Round trips: lora repack, svd, PEFT loads, vLLM layout, dense ΔW, merged model."""
+
 import json
 
 import pytest
@@ -34,6 +35,7 @@ def peft_logits(base_dir, lora_dir, ids):
 def assert_merged_matches(merged, base_dir, lora_dir):
     """The merged model's logits equal PEFT's base + LoRA."""
     from transformers import AutoModelForCausalLM
+
     mm = AutoModelForCausalLM.from_pretrained(merged, torch_dtype=torch.float32).eval()
     ids = random_ids()
     with torch.no_grad():
@@ -58,8 +60,21 @@ def test_lora_repack_is_exact(make_lora, llama_base, tmp_path, variant):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-    ca, cb = json.loads((src / "adapter_config.json").read_text()), json.loads((out / "adapter_config.json").read_text())
-    for k in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "use_dora", "target_modules", "modules_to_save", "lora_bias"):
+    ca, cb = (
+        json.loads((src / "adapter_config.json").read_text()),
+        json.loads((out / "adapter_config.json").read_text()),
+    )
+    for k in (
+        "r",
+        "lora_alpha",
+        "rank_pattern",
+        "alpha_pattern",
+        "use_rslora",
+        "use_dora",
+        "target_modules",
+        "modules_to_save",
+        "lora_bias",
+    ):
         assert ca.get(k) == cb.get(k), k
     ids = random_ids()
     assert torch.equal(peft_logits(llama_base, src, ids), peft_logits(llama_base, out, ids))
@@ -78,7 +93,9 @@ def test_svd_full_rank_same_delta_and_outputs(make_lora, llama_base, tmp_path, v
     for k in d0:
         assert float((d0[k] - d1[k]).norm() / d0[k].norm()) < 1e-5, k
     ids = random_ids()
-    torch.testing.assert_close(peft_logits(llama_base, out, ids), peft_logits(llama_base, src, ids), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        peft_logits(llama_base, out, ids), peft_logits(llama_base, src, ids), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_expanded_equals_hand_applied_delta(lora_fp32, llama_base, tmp_path):
@@ -104,6 +121,7 @@ def test_expanded_equals_hand_applied_delta(lora_fp32, llama_base, tmp_path):
 def test_budget_never_exceeded_and_beats_uniform(lora_fp32, tmp_path):
     from adaptzip import fit
     from adaptzip.forms import FitContext, get_form
+
     ad = adaptzip.load_adapter(lora_fp32)
     svd, ctx = get_form("svd"), FitContext()
     for rank in (1, 2, 4):  # at the payload of a uniform rank-k cut, global allocation fits better
@@ -118,7 +136,9 @@ def test_budget_never_exceeded_and_beats_uniform(lora_fp32, tmp_path):
     assert not (tmp_path / "tiny.safetensors").exists()
     fracs = (0.12, 0.2, 0.25, 0.5)
     for frac in fracs:  # the whole file fits, and little of the budget is left unused
-        r = adaptzip.compress(lora_fp32, tmp_path / f"f{frac}.safetensors", to="svd", budget=frac, fitting=FitOptions(baseline=False))
+        r = adaptzip.compress(
+            lora_fp32, tmp_path / f"f{frac}.safetensors", to="svd", budget=frac, fitting=FitOptions(baseline=False)
+        )
         assert (tmp_path / f"f{frac}.safetensors").stat().st_size == r.bytes <= frac * ad.bytes
         assert r.bytes > frac * ad.bytes - 2 * 4 * (96 + 64) - 512
     errs = [adaptzip.open_container(tmp_path / f"f{f}.safetensors").manifest["metrics"]["rel_error"] for f in fracs]
@@ -126,7 +146,10 @@ def test_budget_never_exceeded_and_beats_uniform(lora_fp32, tmp_path):
 
 
 def test_dense_export(make_lora, gpt2_base, lora_fp32, tmp_path):
-    for src in (lora_fp32, make_lora("gpt2x", base=gpt2_base, steps=3, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)):
+    for src in (
+        lora_fp32,
+        make_lora("gpt2x", base=gpt2_base, steps=3, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+    ):
         c = tmp_path / f"{src.name}.safetensors"
         adaptzip.compress(src, c, to="lora")
         d = tmp_path / f"{src.name}.delta.safetensors"
@@ -160,8 +183,13 @@ def test_merged_equals_peft(make_lora, llama_base, tmp_path, variant):
 
 
 def test_merged_dora_and_gpt2(make_lora, llama_base, gpt2_base, tmp_path):
-    cases = [(llama_base, make_lora("dora_lin", steps=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)),
-             (gpt2_base, make_lora("gpt2m", base=gpt2_base, steps=3, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))]
+    cases = [
+        (llama_base, make_lora("dora_lin", steps=4, target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)),
+        (
+            gpt2_base,
+            make_lora("gpt2m", base=gpt2_base, steps=3, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+        ),
+    ]
     for base, src in cases:
         c = tmp_path / f"{src.name}.safetensors"
         adaptzip.compress(src, c, to="lora")
@@ -213,8 +241,12 @@ def test_vllm_layout(make_lora, lora_fp32, tmp_path):
 
 def test_determinism(lora_fp32, tmp_path):
     for form, kw, dtype in (("svd", {"budget": 0.25}, None), ("lora", {}, "fp16")):
-        a = adaptzip.compress(lora_fp32, tmp_path / f"{form}1.safetensors", to=form, fitting=FitOptions(dtype=dtype, seed=3), **kw)
-        b = adaptzip.compress(lora_fp32, tmp_path / f"{form}2.safetensors", to=form, fitting=FitOptions(dtype=dtype, seed=3), **kw)
+        a = adaptzip.compress(
+            lora_fp32, tmp_path / f"{form}1.safetensors", to=form, fitting=FitOptions(dtype=dtype, seed=3), **kw
+        )
+        b = adaptzip.compress(
+            lora_fp32, tmp_path / f"{form}2.safetensors", to=form, fitting=FitOptions(dtype=dtype, seed=3), **kw
+        )
         assert (tmp_path / f"{form}1.safetensors").read_bytes() == (tmp_path / f"{form}2.safetensors").read_bytes()
         assert a.bytes == b.bytes
 

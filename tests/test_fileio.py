@@ -1,5 +1,6 @@
 """fileio: the safetensors layout rule (against safetensors itself), file hashes, truncation
 checks, JSON-safe values; runtime: the one-thread helper."""
+
 import hashlib
 import math
 import struct
@@ -21,20 +22,35 @@ from adaptzip.fileio import (
 )
 from adaptzip.runtime import single_thread
 
-ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
-              torch.int8, torch.uint8, torch.bool)
+ALL_DTYPES = (
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+)
 
 
 def _mixed(seed: int = 0) -> dict[str, torch.Tensor]:
     """A container-like mix: bf16 factors, fp16 mixing weights and quantisation scales, int8 and
     packed-int4 (uint8) codes, an int16 index, a carried fp32 tensor, an empty tensor."""
     g = torch.Generator().manual_seed(seed)
-    return {"A.0": torch.randn(4, 33, generator=g).bfloat16(), "B.0": torch.randn(17, 4, generator=g).bfloat16(),
-            "logits": torch.randn(5, 3, generator=g).half(), "A.1.scale": torch.rand(4, 2, generator=g).half(),
-            "A.1.q": torch.randint(-127, 128, (4, 33), generator=g, dtype=torch.int8),
-            "B.1.q": torch.randint(0, 256, (17, 2), generator=g, dtype=torch.uint8),
-            "idx": torch.randint(0, 300, (6,), generator=g, dtype=torch.int16),
-            "carry.0": torch.randn(9, generator=g), "empty": torch.zeros(0, 5, dtype=torch.bfloat16)}
+    return {
+        "A.0": torch.randn(4, 33, generator=g).bfloat16(),
+        "B.0": torch.randn(17, 4, generator=g).bfloat16(),
+        "logits": torch.randn(5, 3, generator=g).half(),
+        "A.1.scale": torch.rand(4, 2, generator=g).half(),
+        "A.1.q": torch.randint(-127, 128, (4, 33), generator=g, dtype=torch.int8),
+        "B.1.q": torch.randint(0, 256, (17, 2), generator=g, dtype=torch.uint8),
+        "idx": torch.randint(0, 300, (6,), generator=g, dtype=torch.int16),
+        "carry.0": torch.randn(9, generator=g),
+        "empty": torch.zeros(0, 5, dtype=torch.bfloat16),
+    }
 
 
 def test_plan_is_safetensors_order():
@@ -42,23 +58,49 @@ def test_plan_is_safetensors_order():
     ts["k"] = torch.zeros(0, 3)  # a second F32, after "a" by name
     # measured with safetensors.torch.save_file: its Dtype enum order, highest first, then name
     assert [(n, str(dt).removeprefix("torch.")) for n, dt, _ in safetensors_plan(ts)] == [
-        ("e", "int64"), ("d", "float64"), ("a", "float32"), ("k", "float32"), ("f", "int32"), ("c", "bfloat16"),
-        ("b", "float16"), ("g", "int16"), ("h", "int8"), ("i", "uint8"), ("j", "bool")]
+        ("e", "int64"),
+        ("d", "float64"),
+        ("a", "float32"),
+        ("k", "float32"),
+        ("f", "int32"),
+        ("c", "bfloat16"),
+        ("b", "float16"),
+        ("g", "int16"),
+        ("h", "int8"),
+        ("i", "uint8"),
+        ("j", "bool"),
+    ]
 
 
 def test_header_and_size_numbers():
-    ts = {"u": torch.zeros(3, dtype=torch.uint8), "a": torch.zeros(2, dtype=torch.float16), "b": torch.zeros(2, dtype=torch.bfloat16)}
+    ts = {
+        "u": torch.zeros(3, dtype=torch.uint8),
+        "a": torch.zeros(2, dtype=torch.float16),
+        "b": torch.zeros(2, dtype=torch.bfloat16),
+    }
     plan = safetensors_plan(ts)
     hb = safetensors_header(plan, {"k": "v"})
-    assert hb == (b'{"__metadata__":{"k":"v"},"b":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]},'
-                  b'"a":{"dtype":"F16","shape":[2],"data_offsets":[4,8]},"u":{"dtype":"U8","shape":[3],"data_offsets":[8,11]}}') + b" " * 6
+    assert (
+        hb
+        == (
+            b'{"__metadata__":{"k":"v"},"b":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]},'
+            b'"a":{"dtype":"F16","shape":[2],"data_offsets":[4,8]},"u":{"dtype":"U8","shape":[3],"data_offsets":[8,11]}}'
+        )
+        + b" " * 6
+    )
     assert len(hb) == 192 and safetensors_size(plan, {"k": "v"}) == 8 + 192 + 11 == 211
     assert safetensors_header([], None) == b"{}      "
-    assert safetensors_header([], {}) == b'{"__metadata__":{}}     '  # safetensors itself writes invalid JSON here; same size
+    assert (
+        safetensors_header([], {}) == b'{"__metadata__":{}}     '
+    )  # safetensors itself writes invalid JSON here; same size
     # BF16 before F16 matters: by element size then name ("a" first) the offsets have 8 fewer digits
     ts = {"z": torch.zeros(5000, dtype=torch.bfloat16), "a": torch.zeros(1, dtype=torch.float16)}
     by_size = sorted(ts, key=lambda k: (-ts[k].element_size(), k))
-    assert safetensors_size(safetensors_plan(ts), {"adaptzip": "{}"}) == len(save(ts, metadata={"adaptzip": "{}"})) == 10170
+    assert (
+        safetensors_size(safetensors_plan(ts), {"adaptzip": "{}"})
+        == len(save(ts, metadata={"adaptzip": "{}"}))
+        == 10170
+    )
     assert safetensors_size([(k, ts[k].dtype, tuple(ts[k].shape)) for k in by_size], {"adaptzip": "{}"}) == 10162
 
 
@@ -67,7 +109,7 @@ def test_layout_matches_save_file_byte_for_byte(tmp_path, metadata):
     ts = _mixed()
     ref = save(ts, metadata=metadata)
     n = struct.unpack("<Q", ref[:8])[0]
-    assert ref[8:8 + n] == safetensors_header(safetensors_plan(ts), metadata)
+    assert ref[8 : 8 + n] == safetensors_header(safetensors_plan(ts), metadata)
     assert len(ref) == safetensors_size(safetensors_plan(ts), metadata)
     save_tensors(tmp_path / "s.safetensors", ts, metadata)
     assert (tmp_path / "s.safetensors").read_bytes() == ref
@@ -112,7 +154,12 @@ def test_check_not_truncated(tmp_path):
 
 def test_json_clean():
     v = {"a": math.nan, "b": [1.5, math.inf, (2, -math.inf)], "c": {"d": None, "e": "x", "f": 3, "g": True}, "_h": 0.25}
-    assert json_clean(v) == {"a": None, "b": [1.5, None, [2, None]], "c": {"d": None, "e": "x", "f": 3, "g": True}, "_h": 0.25}
+    assert json_clean(v) == {
+        "a": None,
+        "b": [1.5, None, [2, None]],
+        "c": {"d": None, "e": "x", "f": 3, "g": True},
+        "_h": 0.25,
+    }
     assert json_clean(math.nan) is None and json_clean(None) is None and json_clean(-0.5) == -0.5
     assert json_clean(v)["b"][2] == [2, None] and v["b"][2] == (2, -math.inf)  # a copy: the input is unchanged
 
@@ -129,6 +176,7 @@ def test_single_thread():
         def depth(k: int) -> int:  # recursive use restores the outer count only once, at the end
             assert torch.get_num_threads() == 1
             return 0 if k == 0 else 1 + depth(k - 1)
+
         assert depth(3) == 3 and torch.get_num_threads() == 2
         with pytest.raises(ValueError, match="raised inside"), single_thread():
             raise ValueError("raised inside")

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures import load_base, one_torch_thread
 from torch import nn
 
 from adaptzip import linalg
 from adaptzip.forms.base import REGISTRY, Form, register
-from fixtures import load_base, one_torch_thread
 
 NAME = "test-rank1"
 TESTS = Path(__file__).resolve().parent
@@ -68,8 +68,9 @@ class Rank1Form(Form):
     @classmethod
     def from_tensors(cls, modules, config, state, tensors):
         n = len(modules)
-        return cls(modules, config, [tensors[f"u.{i}"] for i in range(n)], [tensors[f"v.{i}"] for i in range(n)],
-                   tensors["s"])
+        return cls(
+            modules, config, [tensors[f"u.{i}"] for i in range(n)], [tensors[f"v.{i}"] for i in range(n)], tensors["s"]
+        )
 
     def factors(self, i):
         return (self.u[i] * self.s[i])[:, None], self.v[i][None, :]
@@ -92,11 +93,18 @@ def registered():
 def _cli_with_form(*commands: list[str]) -> list[tuple[int, str, str]]:
     """Run CLI commands in a fresh interpreter where the form is registered before the CLI is
     imported (as a form in forms/ is): its options must appear on the command line by themselves."""
-    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); from adaptzip.forms.base import register; "
-            "from test_form_plugin import Rank1Form; register(Rank1Form); from clihelp import run_cli; "
-            "print(json.dumps([run_cli(*c) for c in json.loads(sys.argv[2])]))")
-    p = subprocess.run([sys.executable, "-c", code, str(TESTS), json.dumps(commands)], capture_output=True, text=True,
-                       timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); from adaptzip.forms.base import register; "
+        "from test_form_plugin import Rank1Form; register(Rank1Form); from clihelp import run_cli; "
+        "print(json.dumps([run_cli(*c) for c in json.loads(sys.argv[2])]))"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code, str(TESTS), json.dumps(commands)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout.strip().splitlines()[-1])
 

@@ -3,6 +3,7 @@ from the tiny safetensors Llama of the other calibration tests (no download, no 
 transformers' GGUF loader must give the same weights (llama.cpp's q/k permutation undone) and the
 same token ids as the directory, so adaptzip's loader, ``api.compress`` and the CLI give the same
 numbers from either; a corrupt ``.gguf`` is a one-line BaseModelError naming the file."""
+
 from __future__ import annotations
 
 import json
@@ -72,8 +73,10 @@ def write_llama_gguf(base_dir: Path, out: Path) -> Path:
     assert [vocab[t] for t in tokens] == list(range(len(tokens))) == list(range(cfg["vocab_size"]))
     specials = {a["content"] for a in tj["added_tokens"] if a["special"]}
     unk = tj["model"]["unk_token"]
-    types = [gguf.TokenType.UNKNOWN if t == unk else gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL
-             for t in tokens]
+    types = [
+        gguf.TokenType.UNKNOWN if t == unk else gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL
+        for t in tokens
+    ]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
@@ -160,10 +163,20 @@ def test_compress_with_gguf_base_matches_directory_base(env, tmp_path):
     # budget 0.15, 20 steps: at 0.3 the svd start of this tiny LoRA is nearly exact (eval KL ~1e-6)
     # and distillation, early-stopped on the held-out split only, can move the eval KL either way
     common = dict(calib=d / "calib.txt", tokens=2000, eval_text=d / "eval.txt", seq_len=SEQ, steps=20, device="cpu")
-    rg = api.compress(env["lora"], tmp_path / "g.safetensors", to="svd", budget=0.15,
-                      calibration=CalibrationOptions(base_model=env["gguf"], **common)).metrics
-    rs = api.compress(env["lora"], tmp_path / "s.safetensors", to="svd", budget=0.15,
-                      calibration=CalibrationOptions(base_model=env["base"], **common)).metrics
+    rg = api.compress(
+        env["lora"],
+        tmp_path / "g.safetensors",
+        to="svd",
+        budget=0.15,
+        calibration=CalibrationOptions(base_model=env["gguf"], **common),
+    ).metrics
+    rs = api.compress(
+        env["lora"],
+        tmp_path / "s.safetensors",
+        to="svd",
+        budget=0.15,
+        calibration=CalibrationOptions(base_model=env["base"], **common),
+    ).metrics
     assert isinstance(rg["kl_before"], float) and isinstance(rg["kl_after"], float)
     assert rg["heldout_after"] <= rg["heldout_before"]  # the best state, the start included, is kept
     assert 0 < rg["kl_after"] <= rg["kl_before"]
@@ -173,9 +186,26 @@ def test_compress_with_gguf_base_matches_directory_base(env, tmp_path):
 
 def test_cli_compress_with_gguf_base(env, tmp_path):
     d = env["dir"]
-    r = run_json("compress", env["lora"], "-o", tmp_path / "c.safetensors", "--to", "svd", "--budget", "0.3",
-                 "--base-model", env["gguf"], "--calib", d / "calib.txt", "--calib-tokens", "2000",
-                 "--calib-steps", "0", "--device", "cpu")
+    r = run_json(
+        "compress",
+        env["lora"],
+        "-o",
+        tmp_path / "c.safetensors",
+        "--to",
+        "svd",
+        "--budget",
+        "0.3",
+        "--base-model",
+        env["gguf"],
+        "--calib",
+        d / "calib.txt",
+        "--calib-tokens",
+        "2000",
+        "--calib-steps",
+        "0",
+        "--device",
+        "cpu",
+    )
     assert r["output"] == str(tmp_path / "c.safetensors") and (tmp_path / "c.safetensors").is_file()
     assert r["kl_before"] > 0 and r["kl_after"] == r["kl_before"]  # no distillation steps
 

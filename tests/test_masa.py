@@ -1,4 +1,5 @@
 """MASA form: closed-form optimum, grouping, experts, bytes, expand, CLI, PEFT load."""
+
 from __future__ import annotations
 
 import math
@@ -47,7 +48,9 @@ def synthetic_adapter(path: Path, seed: int = 0, dtype: torch.dtype = torch.floa
         B = torch.randn(n_out, R_SRC, generator=g) * torch.arange(1, R_SRC + 1).float().pow(-1.0) * 0.1
         tensors[lora_key(name, "A")] = A.to(dtype)
         tensors[lora_key(name, "B")] = B.to(dtype)
-    return write_adapter(path, tensors, {"r": R_SRC, "lora_alpha": ALPHA, "target_modules": ["q_proj", "down_proj", "fc", "lm_head"]})
+    return write_adapter(
+        path, tensors, {"r": R_SRC, "lora_alpha": ALPHA, "target_modules": ["q_proj", "down_proj", "fc", "lm_head"]}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +67,7 @@ def expected_groups(ad, S: int) -> list[list[str]]:
             runs.setdefault((t, n_in), []).append(f"model.layers.{i}.{t}")
     groups = [["lm_head"]]
     for run in runs.values():
-        groups += [run[j:j + S] for j in range(0, len(run), S)]
+        groups += [run[j : j + S] for j in range(0, len(run), S)]
     return sorted(groups, key=lambda g: names.index(g[0]))
 
 
@@ -213,7 +216,9 @@ def test_container_bytes_fp16_sum_and_byte_identical(synth, tmp_path):
     fp16 = FitOptions(dtype="fp16", baseline=False)
     r1 = api.compress(synth, tmp_path / "n1.safetensors", to="masa", options={"rank": 4, "experts": 1}, fitting=fp16)
     r5 = api.compress(synth, tmp_path / "n5.safetensors", to="masa", options={"rank": 4, "experts": 5}, fitting=fp16)
-    again = api.compress(synth, tmp_path / "n5b.safetensors", to="masa", options={"rank": 4, "experts": 5}, fitting=fp16)
+    again = api.compress(
+        synth, tmp_path / "n5b.safetensors", to="masa", options={"rank": 4, "experts": 5}, fitting=fp16
+    )
     assert (tmp_path / "n5.safetensors").read_bytes() == (tmp_path / "n5b.safetensors").read_bytes()
     assert again.bytes == r5.bytes
     groups = r1.state["groups"]
@@ -241,8 +246,9 @@ def test_expand_is_lossless_and_peft_loads(lora_fp32, llama_base, tmp_path):
     from peft import PeftModel
 
     out = tmp_path / "m.safetensors"
-    res = api.compress(lora_fp32, out, to="masa", options={"rank": 4, "group": 2, "experts": 3},
-                       fitting=FitOptions(baseline=False))
+    res = api.compress(
+        lora_fp32, out, to="masa", options={"rank": 4, "group": 2, "experts": 3}, fitting=FitOptions(baseline=False)
+    )
     assert api.verify(out)["ok"]
     assert res.metrics["groups"] == 7 * 2  # 7 types × ceil(3 layers / 2)
     c = open_container(out)
@@ -286,8 +292,14 @@ def test_cli_compress_json(lora_fp32, tmp_path):
 
 def test_budget_picks_largest_rank(synth, tmp_path):
     ad = adaptzip.load_adapter(synth)
-    res = api.compress(synth, tmp_path / "b.safetensors", to="masa", budget=0.4, options={"group": 2},
-                       fitting=FitOptions(baseline=False))
+    res = api.compress(
+        synth,
+        tmp_path / "b.safetensors",
+        to="masa",
+        budget=0.4,
+        options={"group": 2},
+        fitting=FitOptions(baseline=False),
+    )
     assert res.bytes <= int(0.4 * ad.bytes)
     choice = res.metrics["budget_choice"]
     r = res.config["rank"]
@@ -306,6 +318,7 @@ def test_budget_widens_the_group_when_rank_1_does_not_fit(synth):
     def rank1(S):
         g = make_groups(mods, S)
         return sum(stored_params(mods, g, [1] * len(g), 1)) * 4
+
     assert rank1(4) < rank1(2)
     budget = (rank1(4) + rank1(2)) // 2
     ctx = FitContext()

@@ -1,5 +1,6 @@
 """Quantised storage (issue 7): packing, error bounds, byte formula, containers, auto allocation,
 verify, expand, fake quantisation. Real adapters from tests/fixtures.py; nothing mocked."""
+
 from __future__ import annotations
 
 import json
@@ -61,7 +62,7 @@ def _check_bound(x: torch.Tensor, tq: qz.TensorQuant) -> float:
         # the scale is max|x|/qmax rounded up to fp16 (≤ 2^-10 relative above; 2^-24 among subnormals)
         amax = torch.nn.functional.pad(rows.abs(), (0, (-n) % tq.group_size)).view(R, -1, tq.group_size).amax(-1)
         if b == 8:
-            assert bool((c.scale.float() <= amax / 127 * (1 + 2 ** -10) + 2 ** -24).all())
+            assert bool((c.scale.float() <= amax / 127 * (1 + 2**-10) + 2**-24).all())
     else:
         z = ((1 << b) - 1) / 2
         bound = torch.maximum(s / 2, rows.abs() - z * s)  # in range: s/2; clipped: its excess
@@ -72,11 +73,18 @@ def _check_bound(x: torch.Tensor, tq: qz.TensorQuant) -> float:
     return float((rows - xh).norm() / rows.norm())
 
 
-@pytest.mark.parametrize("bits,zero,max_rel", [(8, False, 0.008), (4, False, 0.11), (4, True, 0.11), (3, False, 0.2),
-                                               (2, False, 0.36)])
+@pytest.mark.parametrize(
+    "bits,zero,max_rel", [(8, False, 0.008), (4, False, 0.11), (4, True, 0.11), (3, False, 0.2), (2, False, 0.36)]
+)
 def test_roundtrip_error_within_bound_random(bits, zero, max_rel):
     g = torch.Generator().manual_seed(bits)
-    for shape, axis, G in [((7, 130), 1, 64), ((130, 7), 0, 64), ((3, 5, 40), 2, 16), ((16, 4096), 1, 64), ((1, 1), 0, 64)]:
+    for shape, axis, G in [
+        ((7, 130), 1, 64),
+        ((130, 7), 0, 64),
+        ((3, 5, 40), 2, 16),
+        ((16, 4096), 1, 64),
+        ((1, 1), 0, 64),
+    ]:
         x = torch.randn(shape, generator=g) * 0.03
         rel = _check_bound(x, qz.TensorQuant(bits, axis, G, zero))
         if x.numel() > 100:
@@ -103,7 +111,7 @@ def test_zero_and_tiny_groups():
     x[1, 5] = 1e-9  # below fp16's range: the scale rounds up to the smallest subnormal, error ≤ s/2
     for tq in (qz.TensorQuant(8, 1, 64), qz.TensorQuant(4, 1, 64), qz.TensorQuant(4, 1, 64, True)):
         xh = qz.roundtrip(x, tq)
-        assert float((xh - x).abs().max()) <= 2 ** -25
+        assert float((xh - x).abs().max()) <= 2**-25
     with pytest.raises(qz.QuantError, match="exceeds the fp16 range"):
         qz.roundtrip(torch.full((2, 4), 1e7), qz.TensorQuant(8, 1, 64))  # scales beyond fp16
 
@@ -119,7 +127,11 @@ def test_mixed_rows_layout_and_bytes_formula():
     n, ng = 100, 4
     q_bytes = math.ceil(sum(bits) * n / 8)
     formula = q_bytes + 2 * 5 * ng + 2 * 4 * ng  # q + scales (5 quantised rows) + zeros (4 rows < 8 bits)
-    assert sum(t.numel() * t.element_size() for t in parts.values()) == formula == qz.stored_bytes(x.shape, tq, torch.float16)
+    assert (
+        sum(t.numel() * t.element_size() for t in parts.values())
+        == formula
+        == qz.stored_bytes(x.shape, tq, torch.float16)
+    )
     dec = qz.decode("B.0", parts, tq, x.shape, torch.float16)
     assert torch.equal(dec, qz.roundtrip(x, tq, torch.float16))
     assert torch.equal(dec[:, 1], x[:, 1].half().float())  # the 16-bit row is the raw fp16 value
@@ -155,11 +167,15 @@ def runs(lora_fp32, tmp_path_factory):
     fp16 = FitOptions(dtype="fp16", seed=3)
     out = {}
     for q in ("none", "int4", "auto"):
-        out[q] = api.compress(lora_fp32, d / f"{q}.safetensors", to="svd", budget=0.25, fitting=fp16, quant=QuantOptions(q))
-    out["int4_again"] = api.compress(lora_fp32, d / "int4_again.safetensors", to="svd", budget=0.25, fitting=fp16,
-                                     quant=QuantOptions("int4"))
-    out["auto_again"] = api.compress(lora_fp32, d / "auto_again.safetensors", to="svd", budget=0.25, fitting=fp16,
-                                     quant=QuantOptions("auto"))
+        out[q] = api.compress(
+            lora_fp32, d / f"{q}.safetensors", to="svd", budget=0.25, fitting=fp16, quant=QuantOptions(q)
+        )
+    out["int4_again"] = api.compress(
+        lora_fp32, d / "int4_again.safetensors", to="svd", budget=0.25, fitting=fp16, quant=QuantOptions("int4")
+    )
+    out["auto_again"] = api.compress(
+        lora_fp32, d / "auto_again.safetensors", to="svd", budget=0.25, fitting=fp16, quant=QuantOptions("auto")
+    )
     out["budget"] = parse_budget(0.25, load_adapter(lora_fp32).bytes)
     return out
 
@@ -197,7 +213,9 @@ def test_auto_within_budget_and_never_worse_than_considered(runs, lora_fp32):
     # the allocation is reported per module type and per rank position, and recorded in the manifest
     bits = r.quant["bits"]
     assert set(bits["by_type"]) == {m.type_key for m in load_adapter(lora_fp32).modules}
-    assert sum(t["directions"] for t in bits["by_type"].values()) == sum(m.rank for m in load_adapter(lora_fp32).modules)
+    assert sum(t["directions"] for t in bits["by_type"].values()) == sum(
+        m.rank for m in load_adapter(lora_fp32).modules
+    )
     assert len(bits["by_position"]) == 8 and bits["by_position"][0]["kept"] >= bits["by_position"][-1]["kept"]
     man = ct.open_container(r.output).manifest
     assert man["storage"]["scheme"] == "auto"
@@ -284,8 +302,13 @@ def test_fixed_schemes_on_lora_form(lora_fp32, tmp_path):
     ad = load_adapter(lora_fp32)
     res = {}
     for q in ("int8", "int4", "int4-asym"):
-        r = api.compress(lora_fp32, tmp_path / f"{q}.safetensors", to="lora", fitting=FitOptions(dtype="fp16"),
-                         quant=QuantOptions(q, group_size=32))
+        r = api.compress(
+            lora_fp32,
+            tmp_path / f"{q}.safetensors",
+            to="lora",
+            fitting=FitOptions(dtype="fp16"),
+            quant=QuantOptions(q, group_size=32),
+        )
         adaptzip.verify(r.output)
         res[q] = r
         assert r.quant["scheme"] == q and r.quant["quantised_tensors"] == 2 * len(ad.modules)
@@ -298,8 +321,14 @@ def test_fixed_schemes_on_lora_form(lora_fp32, tmp_path):
 
 def test_auto_per_tensor_on_lora_form(lora_fp32, tmp_path):
     budget = parse_budget(0.3, load_adapter(lora_fp32).bytes)
-    r = api.compress(lora_fp32, tmp_path / "auto.safetensors", to="lora", budget=budget, fitting=FitOptions(dtype="fp16"),
-                     quant=QuantOptions("auto"))
+    r = api.compress(
+        lora_fp32,
+        tmp_path / "auto.safetensors",
+        to="lora",
+        budget=budget,
+        fitting=FitOptions(dtype="fp16"),
+        quant=QuantOptions("auto"),
+    )
     assert r.bytes <= budget
     assert r.rel_error <= min(c["rel_error"] for c in r.quant["auto"]["considered"]) + 1e-12
     assert r.quant["auto"]["chosen"].startswith("per-tensor") or r.quant["auto"]["chosen"] in ("int4", "int8")
@@ -316,8 +345,23 @@ def test_option_errors(lora_fp32, tmp_path):
 
 
 def test_cli_quant_options(lora_fp32, tmp_path):
-    code, out, err = run_cli("compress", lora_fp32, "-o", tmp_path / "c.safetensors", "--to", "svd", "--rank", "4",
-                             "--quant", "int4", "--group-size", "32", "--dtype", "fp16", "--json")
+    code, out, err = run_cli(
+        "compress",
+        lora_fp32,
+        "-o",
+        tmp_path / "c.safetensors",
+        "--to",
+        "svd",
+        "--rank",
+        "4",
+        "--quant",
+        "int4",
+        "--group-size",
+        "32",
+        "--dtype",
+        "fp16",
+        "--json",
+    )
     assert code == 0, err
     r = json.loads(out)
     assert r["quant"]["scheme"] == "int4" and r["quant"]["group_size"] == 32
@@ -387,15 +431,32 @@ def test_quantisation_aware_distillation_is_what_is_stored(llama_base, tmp_path)
     (tmp_path / "eval.txt").write_text(make_text(100, seed=1))
     base = base_with_tokenizer(llama_base, tmp_path / "base", text)
     lora = train_text_lora(base, tmp_path / "lora", text, steps=20)
-    common = dict(calibration=CalibrationOptions(base_model=base, calib=tmp_path / "calib.txt", tokens=2000,
-                                                 eval_text=tmp_path / "eval.txt", seq_len=32, steps=10, device="cpu",
-                                                 stats_file=tmp_path / "stats.safetensors"),
-                  fitting=FitOptions(dtype="fp16", baseline=False))
+    common = dict(
+        calibration=CalibrationOptions(
+            base_model=base,
+            calib=tmp_path / "calib.txt",
+            tokens=2000,
+            eval_text=tmp_path / "eval.txt",
+            seq_len=32,
+            steps=10,
+            device="cpu",
+            stats_file=tmp_path / "stats.safetensors",
+        ),
+        fitting=FitOptions(dtype="fp16", baseline=False),
+    )
     r = api.compress(lora, tmp_path / "q.safetensors", to="svd", budget=0.3, quant=QuantOptions("int4"), **common)
     assert r.quant["scheme"] == "int4" and r.bytes <= parse_budget(0.3, load_adapter(lora).bytes)
     adaptzip.verify(r.output)
-    cal = distill.prepare(load_adapter(lora), base, tmp_path / "calib.txt", calib_tokens=2000,
-                          eval_text=tmp_path / "eval.txt", seq_len=32, device="cpu", stats_file=tmp_path / "stats.safetensors")
+    cal = distill.prepare(
+        load_adapter(lora),
+        base,
+        tmp_path / "calib.txt",
+        calib_tokens=2000,
+        eval_text=tmp_path / "eval.txt",
+        seq_len=32,
+        device="cpu",
+        stats_file=tmp_path / "stats.safetensors",
+    )
     assert cal.evaluate(ct.open_container(r.output).form())["kl"] == pytest.approx(r.metrics["kl_after"], rel=1e-6)
     # --quant auto + distillation: bits chosen on the Σ-weighted error, then distilled through them
     a = api.compress(lora, tmp_path / "a.safetensors", to="svd", budget=0.2, quant=QuantOptions("auto"), **common)

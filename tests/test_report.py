@@ -1,4 +1,5 @@
 """``adaptzip report``: every number equals a direct recomputation; charts and files are written."""
+
 from __future__ import annotations
 
 import json
@@ -66,12 +67,16 @@ def test_report_against_source_equals_recomputation(containers, src, tmp_path):
         sp = r["spectra"][0]
         i = next(j for j, m in enumerate(ad.modules) if m.name == sp["module"])
         B, A = ad.factors(ad.modules[i])
-        assert sp["source"] == pytest.approx(torch.linalg.svdvals((B @ A).double()).tolist()[:len(sp["source"])], rel=1e-4, abs=1e-7)
+        assert sp["source"] == pytest.approx(
+            torch.linalg.svdvals((B @ A).double()).tolist()[: len(sp["source"])], rel=1e-4, abs=1e-7
+        )
     # svd at 25% is worse than at 50%; the lossless repack is best; the recomputed svd curve is monotone
     e = [r["rel_error"] for r in res["containers"]]
     assert e[2] < e[1] < e[0]
     curve = next(iter(res["sources"].values()))["svd_curve"]
-    assert [c["rel_error"] for c in sorted(curve, key=lambda c: c["bytes"])] == sorted((c["rel_error"] for c in curve), reverse=True)
+    assert [c["rel_error"] for c in sorted(curve, key=lambda c: c["bytes"])] == sorted(
+        (c["rel_error"] for c in curve), reverse=True
+    )
     # files: report.md embeds every PNG, report.json holds the same numbers
     files = res["files"]
     md = (tmp_path / "r" / "report.md").read_text()
@@ -92,17 +97,31 @@ def test_report_from_manifest_metrics_and_accuracy(containers, src, tmp_path):
     ad = load_adapter(src)
     form = ct.open_container(containers / "svd25.safetensors").form()
     ev = fit.evaluate(form, ad, FitContext())
-    extra = {**ev.to_json(), "module_rel_errors": ev.module_rel_errors, "kl_before": 0.0123, "kl_after": 0.0061,
-             "top1_agreement": 0.93, "improvement_kept": 0.97, "svd_baseline_kl_after": 0.0088}
+    extra = {
+        **ev.to_json(),
+        "module_rel_errors": ev.module_rel_errors,
+        "kl_before": 0.0123,
+        "kl_after": 0.0061,
+        "top1_agreement": 0.93,
+        "improvement_kept": 0.97,
+        "svd_baseline_kl_after": 0.0088,
+    }
     tensors, man = ct.build(form, ad, torch.float32, metrics=extra, command="test")
     p = tmp_path / "calibrated.safetensors"
     ct.write(p, tensors, man)
     res = report.report([p], out=tmp_path / "r")
     r = res["containers"][0]
     assert r["errors_from"] == "manifest" and r["rel_error"] == extra["rel_error"]
-    assert {m["name"]: m["rel_error"] for m in r["modules"]} == {m.name: e for m, e in zip(ad.modules, ev.module_rel_errors)}
-    assert r["accuracy"] == {"kl_before": 0.0123, "kl_after": 0.0061, "top1_agreement": 0.93, "improvement_kept": 0.97,
-                             "svd_baseline_kl_after": 0.0088}
+    assert {m["name"]: m["rel_error"] for m in r["modules"]} == {
+        m.name: e for m, e in zip(ad.modules, ev.module_rel_errors)
+    }
+    assert r["accuracy"] == {
+        "kl_before": 0.0123,
+        "kl_after": 0.0061,
+        "top1_agreement": 0.93,
+        "improvement_kept": 0.97,
+        "svd_baseline_kl_after": 0.0088,
+    }
     assert r["storage"] is None
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| kl_after | 0.0061 |" in md
@@ -129,7 +148,9 @@ def test_report_bit_allocation_of_a_quantised_container(src, tmp_path):
     st = c.manifest["storage"]
     r = report.report([p], against=src, out=tmp_path / "r")["containers"][0]
     assert r["storage"]["scheme"] == st["scheme"] and r["storage"]["tensors"] == len(st["tensors"])
-    specs = {k: v for k, v in report.get_form("svd").tensor_specs(c.modules, c.form().config, c.manifest["state"]).items()}
+    specs = {
+        k: v for k, v in report.get_form("svd").tensor_specs(c.modules, c.form().config, c.manifest["state"]).items()
+    }
     want: dict[str, int] = {}
     for name, t in st["tensors"].items():
         n = 1

@@ -1,6 +1,7 @@
 """VB-LoRA form: storage (uint8 indices, fp16 weights, bytes formula), fit quality vs a random
 start, soft/hard errors, budget, PEFT-native export (loads with PeftModel and equals our expand),
 lossless expand, determinism, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -115,6 +116,7 @@ def test_expand_is_lossless_and_form_round_trips(compressed, lora_fp32, tmp_path
 
 def _vblora_layers(model):
     from peft.tuners.vblora.layer import Linear
+
     return {n.removeprefix("base_model.model."): mod for n, mod in model.named_modules() if isinstance(mod, Linear)}
 
 
@@ -135,7 +137,12 @@ def test_peft_native_vblora_equals_our_expand(compressed, llama_base, tmp_path, 
         info = to_peft_vblora(c, out, topk_only=False)
     assert info["save_only_topk_weights"] is topk_only
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "VBLORA" and (cfg["num_vectors"], cfg["vector_length"], cfg["topk"], cfg["r"]) == (256, 16, 2, 8)
+    assert cfg["peft_type"] == "VBLORA" and (cfg["num_vectors"], cfg["vector_length"], cfg["topk"], cfg["r"]) == (
+        256,
+        16,
+        2,
+        8,
+    )
     api.expand(path, tmp_path / "lora")
     ids = random_ids()
     with torch.no_grad():
@@ -167,8 +174,14 @@ def test_fit_beats_random_start(compressed, lora_fp32):
 
 def test_budget_picks_bank_and_reports_choice(lora_fp32, tmp_path):
     ad = adaptzip.load_adapter(lora_fp32)
-    res = api.compress(lora_fp32, tmp_path / "b.safetensors", to="vblora", budget=0.15, fitting=FitOptions(baseline=False),
-                       options={"vector_len": 16, "steps": 3, "refit_steps": 3})
+    res = api.compress(
+        lora_fp32,
+        tmp_path / "b.safetensors",
+        to="vblora",
+        budget=0.15,
+        fitting=FitOptions(baseline=False),
+        options={"vector_len": 16, "steps": 3, "refit_steps": 3},
+    )
     assert res.bytes <= int(0.15 * ad.bytes)
     ch = res.metrics["budget_choice"]
     assert res.config["bank"] == ch["bank"] and ch["rank"] == res.state["rank"] == 8
@@ -181,15 +194,19 @@ def test_budget_picks_bank_and_reports_choice(lora_fp32, tmp_path):
 
 
 def test_vector_len_must_divide_every_module(lora_fp32, tmp_path):
-    code, _, err = run_cli("compress", lora_fp32, "-o", tmp_path / "x.safetensors", "--to", "vblora", "--vector-len", "64")
+    code, _, err = run_cli(
+        "compress", lora_fp32, "-o", tmp_path / "x.safetensors", "--to", "vblora", "--vector-len", "64"
+    )
     assert code == 2 and "--vector-len 64 does not divide module" in err
     # the default: the largest length ≤ 256 dividing every dimension (64 and 96 here → 32)
     ad = load_adapter(lora_fp32)
     assert VbloraForm.config_for_budget(ad, VbloraForm.Config(), 10**6, 2, FitContext()).vector_len == 32
     assert resolve_vector_len(ad.modules, VbloraForm.Config()).vector_len == 32
     assert resolve_vector_len(ad.modules, VbloraForm.Config(vector_len=16)).vector_len == 16
-    big = [ModuleInfo(f"m{i}", None, 0, "q_proj", i_, o, 8, 8.0, 1.0)
-           for i, (i_, o) in enumerate([(4096, 4096), (4096, 11008), (11008, 4096)])]
+    big = [
+        ModuleInfo(f"m{i}", None, 0, "q_proj", i_, o, 8, 8.0, 1.0)
+        for i, (i_, o) in enumerate([(4096, 4096), (4096, 11008), (11008, 4096)])
+    ]
     assert resolve_vector_len(big, VbloraForm.Config()).vector_len == 256  # the paper's b for Llama shapes
     odd = [ModuleInfo("m", None, 0, "q_proj", 7, 9, 1, 1.0, 1.0)]
     with pytest.raises(OptionError, match="no sub-vector length > 1"):
@@ -204,7 +221,9 @@ def test_vector_len_must_divide_every_module(lora_fp32, tmp_path):
 
 
 def test_peft_vblora_refuses_other_forms(lora_fp32, tmp_path):
-    api.compress(lora_fp32, tmp_path / "s.safetensors", to="svd", options={"rank": 2}, fitting=FitOptions(baseline=False))
+    api.compress(
+        lora_fp32, tmp_path / "s.safetensors", to="svd", options={"rank": 2}, fitting=FitOptions(baseline=False)
+    )
     with pytest.raises(ExportError, match="--to peft-vblora: not offered by form svd"):
         api.expand(tmp_path / "s.safetensors", tmp_path / "out", to="peft-vblora")
     assert not (tmp_path / "out").exists()
@@ -248,8 +267,13 @@ def test_peft_vblora_keeps_modules_to_save(make_lora, llama_base, tmp_path):
 
     src = make_lora("mts", modules_to_save=["lm_head"], target_modules=["q_proj", "v_proj"])
     path = tmp_path / "m.safetensors"
-    api.compress(src, path, to="vblora", fitting=FitOptions(baseline=False),
-                 options={"vector_len": 32, "bank": 16, "steps": 3, "refit_steps": 3})
+    api.compress(
+        src,
+        path,
+        to="vblora",
+        fitting=FitOptions(baseline=False),
+        options={"vector_len": 32, "bank": 16, "steps": 3, "refit_steps": 3},
+    )
     api.expand(path, tmp_path / "vb", to="peft-vblora")
     api.expand(path, tmp_path / "lora")
     cfg = json.loads((tmp_path / "vb" / "adapter_config.json").read_text())

@@ -6,21 +6,21 @@ vLLM runs in its own venv (its pins differ from the project's): ``scripts/test.s
 ``.venv-vllm`` and exports ``ADAPTZIP_VLLM_PYTHON``; without it the test is skipped and says why.
 The engine runs in a subprocess with a timeout (a bad adapter can hang an in-process engine).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from fixtures import LLAMA_TARGETS, train_lora
 from safetensors import safe_open
 
 import adaptzip
-from fixtures import LLAMA_TARGETS, train_lora
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -83,14 +83,27 @@ def run_vllm(job: dict, tmp: Path) -> dict:
     scratch.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
     env.update(
-        VLLM_CPU_KVCACHE_SPACE="1", TORCH_COMPILE_DISABLE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-        TMPDIR=str(scratch), VLLM_CACHE_ROOT=str(scratch / "vllm_cache"), TORCHINDUCTOR_CACHE_DIR=str(scratch / "inductor"),
-        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        TORCH_COMPILE_DISABLE="1",
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        TMPDIR=str(scratch),
+        VLLM_CACHE_ROOT=str(scratch / "vllm_cache"),
+        TORCHINDUCTOR_CACHE_DIR=str(scratch / "inductor"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
         VLLM_LOGGING_LEVEL="WARNING",
     )
     try:
-        p = subprocess.run([VLLM_PYTHON, str(tmp / "vllm_run.py"), str(tmp / "vllm_job.json"), str(tmp / "vllm_out.json")],
-                           env=env, cwd=tmp, capture_output=True, text=True, timeout=ENGINE_TIMEOUT_S)
+        p = subprocess.run(
+            [VLLM_PYTHON, str(tmp / "vllm_run.py"), str(tmp / "vllm_job.json"), str(tmp / "vllm_out.json")],
+            env=env,
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            timeout=ENGINE_TIMEOUT_S,
+        )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"vLLM did not finish within {ENGINE_TIMEOUT_S} s; stderr tail:\n{(e.stderr or b'')[-3000:]!r}")
     assert p.returncode == 0, f"vLLM run failed (exit {p.returncode}):\n{p.stderr[-5000:]}"
@@ -101,13 +114,39 @@ def run_vllm(job: dict, tmp: Path) -> dict:
 def corpus(n: int = 400) -> list[str]:
     """Deterministic code-like text to train a byte-level BPE on."""
     g = torch.Generator().manual_seed(0)
-    words = ["def", "return", "for", "in", "range", "if", "else", "while", "print", "self", "value", "index",
-             "total", "count", "items", "result", "data", "list", "dict", "None", "True", "False", "import", "from"]
+    words = [
+        "def",
+        "return",
+        "for",
+        "in",
+        "range",
+        "if",
+        "else",
+        "while",
+        "print",
+        "self",
+        "value",
+        "index",
+        "total",
+        "count",
+        "items",
+        "result",
+        "data",
+        "list",
+        "dict",
+        "None",
+        "True",
+        "False",
+        "import",
+        "from",
+    ]
     lines = []
     for _ in range(n):
         k = int(torch.randint(3, 9, (1,), generator=g))
         ws = [words[int(i)] for i in torch.randint(0, len(words), (k,), generator=g)]
-        lines.append(f"{ws[0]} {'_'.join(ws[1:3])}({', '.join(ws[3:])}): x = {int(torch.randint(0, 100, (1,), generator=g))}")
+        lines.append(
+            f"{ws[0]} {'_'.join(ws[1:3])}({', '.join(ws[3:])}): x = {int(torch.randint(0, 100, (1,), generator=g))}"
+        )
     return lines
 
 
@@ -120,16 +159,31 @@ def make_tiny_llama_with_tokenizer(path: Path, seed: int = 0) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus(), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     assert fast.convert_tokens_to_ids(["<pad>", "<s>", "</s>"]) == [0, 1, 2]
     assert len(fast) <= VOCAB
 
-    cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=256, tie_word_embeddings=False,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.08)
+    cfg = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        initializer_range=0.08,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(path)
@@ -151,8 +205,18 @@ def vllm_case(tmp_path_factory):
     info_r1 = adaptzip.expand(container, r1, target="vllm", max_lora_rank=1)
     peft_dir = tmp / "peft_dir"
     adaptzip.expand(container, peft_dir, target="peft")
-    return {"tmp": tmp, "base": base, "lora": lora, "container": container, "summary": summary,
-            "vllm_dir": vdir, "info": info, "vllm_r1": r1, "info_r1": info_r1, "peft_dir": peft_dir}
+    return {
+        "tmp": tmp,
+        "base": base,
+        "lora": lora,
+        "container": container,
+        "summary": summary,
+        "vllm_dir": vdir,
+        "info": info,
+        "vllm_r1": r1,
+        "info_r1": info_r1,
+        "peft_dir": peft_dir,
+    }
 
 
 # --------------------------------------------------------------------------- the transformers side
@@ -184,6 +248,7 @@ def peft_greedy(base: Path, adapter: Path | None, prompts: list[list[int]], n: i
 
 def model_shapes(base: Path) -> dict[str, tuple[int, int]]:
     from transformers import AutoModelForCausalLM
+
     m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     return {n: tuple(mod.weight.shape) for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)}
 
@@ -215,23 +280,35 @@ def test_vllm_dir_is_what_vllm_needs(vllm_case):
     assert ranks["max"] <= r and ranks["min"] < ranks["max"]
 
 
-@pytest.mark.skipif(not VLLM_PYTHON, reason="ADAPTZIP_VLLM_PYTHON is not set: vLLM's CPU venv is missing "
-                    "(scripts/test.sh builds .venv-vllm on x86_64 Linux and exports it)")
+@pytest.mark.skipif(
+    not VLLM_PYTHON,
+    reason="ADAPTZIP_VLLM_PYTHON is not set: vLLM's CPU venv is missing "
+    "(scripts/test.sh builds .venv-vllm on x86_64 Linux and exports it)",
+)
 def test_vllm_matches_peft(vllm_case):
     if not Path(VLLM_PYTHON).exists():
         pytest.skip(f"ADAPTZIP_VLLM_PYTHON={VLLM_PYTHON} does not exist")
     from transformers import AutoTokenizer
+
     c = vllm_case
     tok = AutoTokenizer.from_pretrained(c["base"])
     texts = ["def count(items): return", "for index in range(total):", "import data from result"]
     prompts = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     max_rank = c["info"]["max_lora_rank"]
-    job = {"model": str(c["base"]), "adapter": str(c["vllm_dir"]), "prompts": prompts, "max_tokens": MAX_TOKENS,
-           "max_lora_rank": max_rank, "vocab": VOCAB,
-           "checks": {"vllm_dir": [str(c["vllm_dir"]), max_rank],
-                      "vllm_r1": [str(c["vllm_r1"]), 1],
-                      "peft_dir_at_r1": [str(c["peft_dir"]), 1],
-                      "source_lora": [str(c["lora"]), 8]}}
+    job = {
+        "model": str(c["base"]),
+        "adapter": str(c["vllm_dir"]),
+        "prompts": prompts,
+        "max_tokens": MAX_TOKENS,
+        "max_lora_rank": max_rank,
+        "vocab": VOCAB,
+        "checks": {
+            "vllm_dir": [str(c["vllm_dir"]), max_rank],
+            "vllm_r1": [str(c["vllm_r1"]), 1],
+            "peft_dir_at_r1": [str(c["peft_dir"]), 1],
+            "source_lora": [str(c["lora"]), 8],
+        },
+    }
     v = run_vllm(job, c["tmp"])
 
     # loader verdicts: adaptzip's vLLM dirs are accepted, a rank above max_lora_rank is rejected
@@ -255,5 +332,7 @@ def test_vllm_matches_peft(vllm_case):
     moved = max(abs(a - b) for gl, gb in zip(v["lora"], v["base"]) for a, b in zip(gl["logprobs"], gb["logprobs"]))
     changed_ids = sum(gl["ids"] != gb["ids"] for gl, gb in zip(v["lora"], v["base"]))
     assert moved > 1e-2 or changed_ids, (moved, changed_ids)
-    print(f"vLLM vs PEFT: worst |Δlogprob| {worst:.2e}; LoRA moves log-probs by up to {moved:.3f}; "
-          f"engine start {v['engine_start_s']:.1f} s, vLLM total {v['total_s']:.1f} s")
+    print(
+        f"vLLM vs PEFT: worst |Δlogprob| {worst:.2e}; LoRA moves log-probs by up to {moved:.3f}; "
+        f"engine start {v['engine_start_s']:.1f} s, vLLM total {v['total_s']:.1f} s"
+    )

@@ -1,4 +1,5 @@
 """Batch conversion of adapter zoos: discovery, failure isolation, resumability, kills, zoo sharing."""
+
 from __future__ import annotations
 
 import json
@@ -66,7 +67,9 @@ def messy_zoo(tmp_path_factory, make_lora) -> Path:
 
 def test_batch_converts_good_reports_bad_and_resumes(messy_zoo, tmp_path, monkeypatch, capsys, one_thread):
     out = tmp_path / "out"
-    code, stdout, stderr = _cli(["batch", messy_zoo, "-o", out, "--to", "svd", "--budget", "0.3", "--jobs", "2", "--json"], monkeypatch, capsys)
+    code, stdout, stderr = _cli(
+        ["batch", messy_zoo, "-o", out, "--to", "svd", "--budget", "0.3", "--jobs", "2", "--json"], monkeypatch, capsys
+    )
     assert code == 1, stderr
     s = json.loads(stdout)
     rows = {r["adapter"]: r for r in s["adapters"]}
@@ -100,7 +103,9 @@ def test_batch_converts_good_reports_bad_and_resumes(messy_zoo, tmp_path, monkey
 
     # rerun: every good container is up to date and left untouched
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
-    code, stdout, _ = _cli(["batch", messy_zoo, "-o", out, "--to", "svd", "--budget", "0.3", "--jobs", "1", "--json"], monkeypatch, capsys)
+    code, stdout, _ = _cli(
+        ["batch", messy_zoo, "-o", out, "--to", "svd", "--budget", "0.3", "--jobs", "1", "--json"], monkeypatch, capsys
+    )
     s2 = json.loads(stdout)
     assert code == 1 and s2["counts"] == {"skipped": 4, "failed": 3}
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == mtimes
@@ -110,14 +115,20 @@ def test_batch_converts_good_reports_bad_and_resumes(messy_zoo, tmp_path, monkey
     saved = src_b.read_bytes()
     try:
         shutil.copy(messy_zoo / "c" / "adapter_model.safetensors", src_b)
-        code, stdout, _ = _cli(["batch", messy_zoo, "-o", out, "--budget", "0.3", "--jobs", "1", "--json"], monkeypatch, capsys)
+        code, stdout, _ = _cli(
+            ["batch", messy_zoo, "-o", out, "--budget", "0.3", "--jobs", "1", "--json"], monkeypatch, capsys
+        )
         r3 = {r["adapter"]: r["status"] for r in json.loads(stdout)["adapters"]}
         assert r3["team/b"] == "converted" and r3["a"] == r3["c"] == r3["team/a"] == "skipped"
     finally:
         src_b.write_bytes(saved)
-    code, stdout, _ = _cli(["batch", messy_zoo, "-o", out, "--budget", "0.2", "--jobs", "1", "--json"], monkeypatch, capsys)
+    code, stdout, _ = _cli(
+        ["batch", messy_zoo, "-o", out, "--budget", "0.2", "--jobs", "1", "--json"], monkeypatch, capsys
+    )
     assert json.loads(stdout)["counts"] == {"converted": 4, "failed": 3}
-    code, stdout, _ = _cli(["batch", messy_zoo, "-o", out, "--budget", "0.2", "--jobs", "1", "--json", "--force"], monkeypatch, capsys)
+    code, stdout, _ = _cli(
+        ["batch", messy_zoo, "-o", out, "--budget", "0.2", "--jobs", "1", "--json", "--force"], monkeypatch, capsys
+    )
     assert json.loads(stdout)["counts"] == {"converted": 4, "failed": 3}
 
 
@@ -137,8 +148,14 @@ def test_output_paths_never_escape(tmp_path, make_lora):
     out.mkdir()
     assert zoo.output_for(out, "team/a", "z") == (out / "team" / "a.safetensors", None)
     assert zoo.output_for(out, "", "myzoo")[0] == out / "myzoo.safetensors"
-    for rel, why in [("../x", "not allowed"), ("a/../../x", "not allowed"), ("_shared/x", "reserved"),
-                     ("batch.json/x", "reserved"), ("m.safetensors/x", "clash"), ("a\nb", "control characters")]:
+    for rel, why in [
+        ("../x", "not allowed"),
+        ("a/../../x", "not allowed"),
+        ("_shared/x", "reserved"),
+        ("batch.json/x", "reserved"),
+        ("m.safetensors/x", "clash"),
+        ("a\nb", "control characters"),
+    ]:
         o, msg = zoo.output_for(out, rel, "z")
         assert o is None and why in msg, (rel, msg)
     elsewhere = tmp_path / "elsewhere"
@@ -152,7 +169,10 @@ def test_output_paths_never_escape(tmp_path, make_lora):
     os.symlink(z / "real", z / "alias")
     _copy(make_lora("zoo_a1", seed=1), z / ".hidden" / "x")
     found = list(zoo.discover(z))
-    assert [(f.rel, f.status, f.problem is None) for f in found] == [("alias", "ignored", False), ("real", "adapter", True)]
+    assert [(f.rel, f.status, f.problem is None) for f in found] == [
+        ("alias", "ignored", False),
+        ("real", "adapter", True),
+    ]
 
 
 def _containers(out: Path) -> list[Path]:
@@ -168,7 +188,20 @@ def test_batch_killed_midway_then_finished(tmp_path, make_lora):
         _copy(src, z / f"g{i // 8}" / f"ad{i:02d}")
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "adaptzip.cli", "batch", str(z), "-o", str(out), "--budget", "0.25", "--json", "--jobs", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "adaptzip.cli",
+        "batch",
+        str(z),
+        "-o",
+        str(out),
+        "--budget",
+        "0.25",
+        "--json",
+        "--jobs",
+        "1",
+    ]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out.is_dir() and _containers(out)):
@@ -199,6 +232,7 @@ def test_batch_killed_midway_then_finished(tmp_path, make_lora):
     old = signal.signal(signal.SIGTERM, lambda *a: None)  # in case it lands after the batch ended
     try:
         import threading
+
         t = threading.Thread(target=killer, daemon=True)
         t.start()
         s = zoo.batch(z, out, budget=0.25, jobs=2)
@@ -276,7 +310,9 @@ def test_shared_basis_pays_for_a_same_init_zoo(zoos, tmp_path, one_thread):
     c = ct.open_container(tmp_path / "sh" / "ad0.safetensors")
     assert c.verify()["shared"] == str(shared_files[0].absolute())
     ad = load_adapter(srcs[0])
-    assert fit.evaluate(c.form(), ad, FitContext()).rel_error == pytest.approx(c.manifest["metrics"]["rel_error"], rel=1e-6)
+    assert fit.evaluate(c.form(), ad, FitContext()).rel_error == pytest.approx(
+        c.manifest["metrics"]["rel_error"], rel=1e-6
+    )
     api.expand(c.path, tmp_path / "peft0")
     back = load_adapter(tmp_path / "peft0")
     f = c.form()
@@ -340,10 +376,14 @@ def test_module_basis_matches_dense_svd():
         assert torch.allclose(top.T @ top, Vd.T @ Vd, atol=1e-6)  # same subspace
         assert b.norms == pytest.approx([float((B.double() @ A.double()).pow(2).sum()) for B, A in facs])
         streamed = linalg.module_basis(iter(facs), n_in, total_rank=r * n)  # one adapter at a time when Σr > in
-        assert torch.allclose(streamed.lam[:k], b.lam[:k], rtol=1e-9, atol=1e-9) and streamed.overlap == pytest.approx(b.overlap)
+        assert torch.allclose(streamed.lam[:k], b.lam[:k], rtol=1e-9, atol=1e-9) and streamed.overlap == pytest.approx(
+            b.overlap
+        )
     # identical row spaces → overlap 1; the pairwise normaliser
     A = torch.randn(3, n_in, generator=g)
-    same = linalg.module_basis([(torch.randn(out, 3, generator=g), torch.randn(3, 3, generator=g) @ A) for _ in range(4)], n_in)
+    same = linalg.module_basis(
+        [(torch.randn(out, 3, generator=g), torch.randn(3, 3, generator=g) @ A) for _ in range(4)], n_in
+    )
     assert same.overlap == pytest.approx(1.0, abs=1e-6)
     assert linalg._sum_pair_min([2, 3, 3]) == 2 * (2 + 2 + 3)
 
@@ -365,8 +405,11 @@ def test_options_are_checked_before_any_work(messy_zoo, tmp_path):
     with pytest.raises(AdaptzipError, match="budget"):
         zoo.batch(messy_zoo, tmp_path / "o", budget="lots")
     assert not (tmp_path / "o").exists()
-    for kw in ({"calibration": CalibrationOptions(base_model=tmp_path, calib=tmp_path / "t.txt")},
-               {"quant": QuantOptions("int8")}, {"fitting": FitOptions(stats={})}):
+    for kw in (
+        {"calibration": CalibrationOptions(base_model=tmp_path, calib=tmp_path / "t.txt")},
+        {"quant": QuantOptions("int8")},
+        {"fitting": FitOptions(stats={})},
+    ):
         with pytest.raises(OptionError, match="--shared-basis fits in weight space"):
             zoo.batch(messy_zoo, tmp_path / "o", shared_basis=True, **kw)
     assert not (tmp_path / "o").exists()

@@ -9,9 +9,11 @@ from .base import REGISTRY, FitContext, Form, get_form, make_config, user_option
 
 BASELINE = "svd"
 
+
 def baseline_form() -> type[Form]:
     """The same-bytes yardstick: per-module SVD, ranks allocated globally by energy per byte."""
     return REGISTRY[BASELINE]
+
 
 def is_baseline(form: Form) -> bool:
     """True when ``form`` is the baseline fitted with default user options: then, fitted to a
@@ -19,5 +21,16 @@ def is_baseline(form: Form) -> bool:
     cls = baseline_form()
     return type(form) is cls and user_options(form.config) == user_options(cls.Config())
 
-__all__ = ["BASELINE", "REGISTRY", "FitContext", "Form", "baseline_form", "get_form", "is_baseline", "make_config",
-           "user_options", "Any"]
+
+__all__ = [
+    "BASELINE",
+    "REGISTRY",
+    "FitContext",
+    "Form",
+    "baseline_form",
+    "get_form",
+    "is_baseline",
+    "make_config",
+    "user_options",
+    "Any",
+]

@@ -26,12 +26,14 @@ Optional hooks (class attributes and methods with working defaults):
 * :meth:`quant_axis` — the group axis of a stored tensor (None: chosen by error);
 * :meth:`native_exports` — extra ``expand --to`` targets of this form (e.g. PEFT's own VB-LoRA).
 """
+
 from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -87,7 +89,7 @@ class Form(nn.Module, metaclass=abc.ABCMeta):
     # -- construction ---------------------------------------------------------
     @classmethod
     @abc.abstractmethod
-    def fit(cls, adapter: Adapter, config: Any, ctx: FitContext) -> "Form":
+    def fit(cls, adapter: Adapter, config: Any, ctx: FitContext) -> Form:
         """Weight-space (Σ-weighted when ctx.stats) fit of the adapter's updates."""
 
     @classmethod
@@ -97,17 +99,20 @@ class Form(nn.Module, metaclass=abc.ABCMeta):
 
     @classmethod
     @abc.abstractmethod
-    def from_tensors(cls, modules: Sequence[ModuleInfo], config: Any, state: dict, tensors: dict[str, Tensor]) -> "Form":
+    def from_tensors(cls, modules: Sequence[ModuleInfo], config: Any, state: dict, tensors: dict[str, Tensor]) -> Form:
         """Rebuild the form from stored tensors (shapes already checked against tensor_specs)."""
 
     @classmethod
-    def config_for_budget(cls, adapter: Adapter, config: Any, budget_bytes: int, float_bytes: int, ctx: FitContext) -> Any:
+    def config_for_budget(
+        cls, adapter: Adapter, config: Any, budget_bytes: int, float_bytes: int, ctx: FitContext
+    ) -> Any:
         """A configuration whose stored payload fits ``budget_bytes`` (floats of ``float_bytes``)."""
         raise OptionError(None, f"form {cls.name} does not support --budget")
 
     @classmethod
-    def stored_lora_factors(cls, modules: Sequence[ModuleInfo], config: Any, state: dict,
-                            tensors: dict[str, Tensor]) -> list[tuple[Tensor, Tensor, float]] | None:
+    def stored_lora_factors(
+        cls, modules: Sequence[ModuleInfo], config: Any, state: dict, tensors: dict[str, Tensor]
+    ) -> list[tuple[Tensor, Tensor, float]] | None:
         """(B, A, scale) per module read straight from the stored tensors, in their stored dtype,
         for forms whose stored tensors already are LoRA factors (``lora``, ``svd``): expand then
         skips rebuilding the form's fp32 parameters. None (the default): rebuild the form and
@@ -197,8 +202,15 @@ def config_fields(cls: type) -> list[dict]:
     out = []
     for f in fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        out.append({"name": f.name, "default": default, "type": str(f.type), "help": f.metadata.get("help", ""),
-                    "internal": bool(f.metadata.get("internal", False))})
+        out.append(
+            {
+                "name": f.name,
+                "default": default,
+                "type": str(f.type),
+                "help": f.metadata.get("help", ""),
+                "internal": bool(f.metadata.get("internal", False)),
+            }
+        )
     return out
 
 
@@ -212,7 +224,9 @@ def make_config(form: type[Form], options: dict[str, Any]) -> Any:
     known = {f.name for f in fields(form.Config)}
     unknown = sorted(k for k, v in options.items() if v is not None and k not in known)
     if unknown:
-        raise OptionError(None, f"form {form.name} has no option {unknown[0]!r} (its options: {', '.join(sorted(known)) or 'none'})")
+        raise OptionError(
+            None, f"form {form.name} has no option {unknown[0]!r} (its options: {', '.join(sorted(known)) or 'none'})"
+        )
     try:
         return form.Config(**{k: v for k, v in options.items() if v is not None})
     except (TypeError, ValueError) as e:

@@ -43,17 +43,18 @@ Fit (SS, KE), never forming a dense ΔW:
 Σ_m (``ctx.sigma``) weights every error, line search and local SVD; the joint-subspace and kernel
 steps of the initialisation are unweighted (the refinement optimises the weighted objective).
 
-One form family, one file: at ~780 lines it holds the three transforms, their shared layout and
+One form family, one file (hence over ~500 lines): it holds the three transforms, their shared layout and
 closed-form initialisation and the budget search, which only make sense together.
 """
+
 from __future__ import annotations
 
 import abc
-
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -74,11 +75,15 @@ FIT_ORDER = ("inter", "intra")  # order in which the initialisation fits them
 REFINE_WORK = 2.5e11
 REFINE_MAX_STEPS = 300
 
-_RANKS_HELP = ("ranks L,I,G: local rank per module, intra-layer shared rank (one pair per layer), "
-               "inter-layer shared rank (one pair for all modules); 0 leaves a part out")
+_RANKS_HELP = (
+    "ranks L,I,G: local rank per module, intra-layer shared rank (one pair per layer), "
+    "inter-layer shared rank (one pair for all modules); 0 leaves a part out"
+)
 _LOCAL_HELP = "per-module local ranks (set by --budget): override L"
-_STEPS_HELP = ("Adam steps after the closed-form initialisation (default: automatic, ≤ 300 and bounded so a "
-               "Llama-7B-shaped adapter fits in about a minute on 2 cores; 0: initialisation only)")
+_STEPS_HELP = (
+    "Adam steps after the closed-form initialisation (default: automatic, ≤ 300 and bounded so a "
+    "Llama-7B-shaped adapter fits in about a minute on 2 cores; 0: initialisation only)"
+)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -120,7 +125,12 @@ class SSConfig:
 @dataclass
 class GTConfig:
     ranks: tuple[int, int, int] = field(default=(2, 8, 16), metadata={"help": _RANKS_HELP})
-    shared_size: int = field(default=1024, metadata={"help": "d_s: width of the shared pair (d_s×r)(r×d_s) and of the gates; any d_s ≥ 1 works (each level adds rank ≤ 1 per module)"})
+    shared_size: int = field(
+        default=1024,
+        metadata={
+            "help": "d_s: width of the shared pair (d_s×r)(r×d_s) and of the gates; any d_s ≥ 1 works (each level adds rank ≤ 1 per module)"
+        },
+    )
     local_ranks: tuple[int, ...] | None = field(default=None, metadata={"help": _LOCAL_HELP, "internal": True})
 
     def __post_init__(self):
@@ -132,7 +142,12 @@ class GTConfig:
 @dataclass
 class KEConfig:
     ranks: tuple[int, int, int] = field(default=(2, 4, 16), metadata={"help": _RANKS_HELP})
-    shared_size: int = field(default=256, metadata={"help": "s: the shared pair is (s×r)(r×s), tiled ⌈out/s⌉×⌈in/s⌉ times by per-module kernels and cropped; clamped to the largest module dim"})
+    shared_size: int = field(
+        default=256,
+        metadata={
+            "help": "s: the shared pair is (s×r)(r×s), tiled ⌈out/s⌉×⌈in/s⌉ times by per-module kernels and cropped; clamped to the largest module dim"
+        },
+    )
     steps: int | None = field(default=None, metadata={"help": _STEPS_HELP})
     local_ranks: tuple[int, ...] | None = field(default=None, metadata={"help": _LOCAL_HELP, "internal": True})
 
@@ -176,14 +191,21 @@ def make_layout(modules: Sequence[ModuleInfo], state: dict, needs_size: bool) ->
         rank = {"intra": int(state["r_intra"]), "inter": int(state["r_inter"])}
         size = int(state["shared_size"]) if needs_size else None
     except (KeyError, TypeError, ValueError) as e:
-        raise ContainerError(None, f"bslora state needs 'ranks' (per module), 'r_intra', 'r_inter'"
-                                   f"{' and shared_size' if needs_size else ''} ({type(e).__name__}: {e})") from e
+        raise ContainerError(
+            None,
+            f"bslora state needs 'ranks' (per module), 'r_intra', 'r_inter'"
+            f"{' and shared_size' if needs_size else ''} ({type(e).__name__}: {e})",
+        ) from e
     if len(local) != len(modules):
         raise ContainerError(None, f"bslora state has {len(local)} local ranks for {len(modules)} modules")
     if min(local, default=0) < 0 or min(rank.values()) < 0 or (size is not None and size < 1):
-        raise ContainerError(None, f"bslora state has a negative rank or a shared size < 1 ({rank}, shared_size {size})")
-    slots = {"intra": layer_groups(modules) if rank["intra"] > 0 else [],
-             "inter": [list(range(len(modules)))] if rank["inter"] > 0 else []}
+        raise ContainerError(
+            None, f"bslora state has a negative rank or a shared size < 1 ({rank}, shared_size {size})"
+        )
+    slots = {
+        "intra": layer_groups(modules) if rank["intra"] > 0 else [],
+        "inter": [list(range(len(modules)))] if rank["inter"] > 0 else [],
+    }
     slot_of = {lv: {i: j for j, g in enumerate(slots[lv]) for i in g} for lv in LEVELS}
     return Layout(local, rank, slots, slot_of, size)
 
@@ -218,8 +240,16 @@ def _truncate(P: Tensor, Q: Tensor, Sigma: Tensor | None, k: int) -> tuple[Tenso
     return B.float().contiguous(), A.float().contiguous()
 
 
-def _rsvd(mv: Callable[[Tensor], Tensor], rmv: Callable[[Tensor], Tensor], n_out: int, n_in: int, r: int,
-          gen: torch.Generator, power: int = 2, oversample: int = 10) -> tuple[Tensor, Tensor, Tensor]:
+def _rsvd(
+    mv: Callable[[Tensor], Tensor],
+    rmv: Callable[[Tensor], Tensor],
+    n_out: int,
+    n_in: int,
+    r: int,
+    gen: torch.Generator,
+    power: int = 2,
+    oversample: int = 10,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Top-r SVD (U n_out×r, S r, Vh r×n_in) of an operator N given only N·X (``mv``) and Nᵀ·Y
     (``rmv``): randomized subspace iteration with ``power`` power steps (Halko et al. 2011)."""
     p = min(r + oversample, n_in, n_out)
@@ -281,8 +311,9 @@ class _BSLoRA(Form):
             members = sorted(self.layout.slot_of[lv])
             self._pos[lv] = {i: k for k, i in enumerate(members)}
             if self.module_params:
-                self.per_module[lv] = nn.ModuleDict({p: nn.ParameterList([P(self.pm_name(lv, i, p)) for i in members])
-                                                     for p in self.module_params})
+                self.per_module[lv] = nn.ModuleDict(
+                    {p: nn.ParameterList([P(self.pm_name(lv, i, p)) for i in members]) for p in self.module_params}
+                )
 
     # -- per transform ----------------------------------------------------------
     @staticmethod
@@ -291,7 +322,9 @@ class _BSLoRA(Form):
         """(T_B(Bs) out×r, T_A(As) r×in) of module m from a shared pair and its own tensors."""
 
     @classmethod
-    def shared_shape(cls, modules: Sequence[ModuleInfo], members: Sequence[int], r: int, lay: Layout) -> tuple[tuple[int, int], tuple[int, int]]:
+    def shared_shape(
+        cls, modules: Sequence[ModuleInfo], members: Sequence[int], r: int, lay: Layout
+    ) -> tuple[tuple[int, int], tuple[int, int]]:
         """(shape of B_s, shape of A_s) of a pair shared by ``members``: by default a square pair of
         the shared size (GT's d_s, KE's s); SS overrides it with the members' largest dims."""
         s = lay.shared_size
@@ -311,7 +344,9 @@ class _BSLoRA(Form):
         L, I, G = config.ranks
         if config.local_ranks is not None:
             if len(config.local_ranks) != len(modules):
-                raise OptionError(None, f"{cls.name}: {len(config.local_ranks)} local ranks given for {len(modules)} modules")
+                raise OptionError(
+                    None, f"{cls.name}: {len(config.local_ranks)} local ranks given for {len(modules)} modules"
+                )
             local = list(config.local_ranks)
         else:
             local = [min(L, m.in_features, m.out_features) for m in modules]
@@ -343,7 +378,7 @@ class _BSLoRA(Form):
         return specs
 
     @classmethod
-    def from_tensors(cls, modules, config, state, tensors) -> "_BSLoRA":
+    def from_tensors(cls, modules, config, state, tensors) -> _BSLoRA:
         return cls(modules, config, state, tensors)
 
     def tensors(self) -> dict[str, Tensor]:
@@ -396,7 +431,9 @@ class _BSLoRA(Form):
 
     # -- budget -------------------------------------------------------------------
     @classmethod
-    def config_for_budget(cls, adapter: Adapter, config: Any, budget_bytes: int, float_bytes: int, ctx: FitContext) -> Any:
+    def config_for_budget(
+        cls, adapter: Adapter, config: Any, budget_bytes: int, float_bytes: int, ctx: FitContext
+    ) -> Any:
         """Keep the shared ranks I, G (halving the larger part while the shared parts would take
         more than half the budget), then give the rest to per-module local ranks, allocated
         greedily by the source's σ² per byte (each local direction of m costs in_m + out_m)."""
@@ -434,21 +471,39 @@ class _BSLoRA(Form):
         shared = sum(shared_values(I, G))
         sv = svd_form.spectra(adapter, ctx)
         costs = [m.in_features + m.out_features for m in mods]
-        local = linalg.allocate([s.S.double() ** 2 for s in sv], costs, budget - shared) if budget > shared else [0] * len(mods)
+        local = (
+            linalg.allocate([s.S.double() ** 2 for s in sv], costs, budget - shared)
+            if budget > shared
+            else [0] * len(mods)
+        )
         if I == 0 and G == 0 and sum(local) == 0:
             cheapest = min(costs)
-            raise OptionError(adapter.path, f"{cls.name}: the budget leaves {budget_bytes} payload bytes, less than one local "
-                                            f"direction ({cheapest * float_bytes:.0f} bytes); raise --budget")
-        note = {"requested_ranks": [config.ranks[0], *requested], "r_intra": I, "r_inter": G,
-                "shared_values": shared, "local_values": sum(k * c for k, c in zip(local, costs)),
-                "budget_values": int(budget), "local_rank_min": min(local), "local_rank_max": max(local)}
+            raise OptionError(
+                adapter.path,
+                f"{cls.name}: the budget leaves {budget_bytes} payload bytes, less than one local "
+                f"direction ({cheapest * float_bytes:.0f} bytes); raise --budget",
+            )
+        note = {
+            "requested_ranks": [config.ranks[0], *requested],
+            "r_intra": I,
+            "r_inter": G,
+            "shared_values": shared,
+            "local_values": sum(k * c for k, c in zip(local, costs)),
+            "budget_values": int(budget),
+            "local_rank_min": min(local),
+            "local_rank_max": max(local),
+        }
         ctx.cache[(cls.name, "budget", id(adapter))] = note
         return dataclasses.replace(config, ranks=(config.ranks[0], I, G), local_ranks=tuple(local))
 
     @classmethod
     def _budget_note(cls, adapter: Adapter, config: Any, ctx: FitContext) -> dict | None:
         note = ctx.cache.get((cls.name, "budget", id(adapter)))
-        if note is not None and config.local_ranks is not None and (note["r_intra"], note["r_inter"]) == tuple(config.ranks[1:]):
+        if (
+            note is not None
+            and config.local_ranks is not None
+            and (note["r_intra"], note["r_inter"]) == tuple(config.ranks[1:])
+        ):
             return note
         return None
 
@@ -459,15 +514,29 @@ class _Fitted(_BSLoRA):
 
     @classmethod
     @abc.abstractmethod
-    def init_slot(cls, lv: str, members: list[int], mods: Sequence[ModuleInfo], lay: Layout,
-                  res: list[tuple[Tensor, Tensor]], sigmas: list[Tensor | None], gen: torch.Generator
-                  ) -> tuple[Tensor, Tensor, dict[int, dict[str, Tensor]]]:
+    def init_slot(
+        cls,
+        lv: str,
+        members: list[int],
+        mods: Sequence[ModuleInfo],
+        lay: Layout,
+        res: list[tuple[Tensor, Tensor]],
+        sigmas: list[Tensor | None],
+        gen: torch.Generator,
+    ) -> tuple[Tensor, Tensor, dict[int, dict[str, Tensor]]]:
         """(B_s, A_s, per-module tensors) of one shared pair fitted to its members' residuals."""
 
     @classmethod
-    def line_search(cls, members: list[int], mods: Sequence[ModuleInfo], res: list[tuple[Tensor, Tensor]],
-                    sigmas: list[Tensor | None], Bs: Tensor, As: Tensor, pms: dict[int, dict[str, Tensor]]
-                    ) -> tuple[Tensor, Tensor, float]:
+    def line_search(
+        cls,
+        members: list[int],
+        mods: Sequence[ModuleInfo],
+        res: list[tuple[Tensor, Tensor]],
+        sigmas: list[Tensor | None],
+        Bs: Tensor,
+        As: Tensor,
+        pms: dict[int, dict[str, Tensor]],
+    ) -> tuple[Tensor, Tensor, float]:
         """Scale the pair by the α minimising Σ_m ‖R_m − α T_m‖²_Σ (exact); returns the scaled pair
         and the change of that loss (≤ 0)."""
         num = den = 0.0
@@ -481,8 +550,16 @@ class _Fitted(_BSLoRA):
         return Bs * (f if alpha >= 0 else -f), As * f, -(num * num / den if den > 0 else 0.0)
 
     @classmethod
-    def initialise(cls, mods: Sequence[ModuleInfo], lay: Layout, targets: list[tuple[Tensor, Tensor]],
-                   sigmas: list[Tensor | None], order: str, gen: torch.Generator, bar) -> dict[str, Tensor]:
+    def initialise(
+        cls,
+        mods: Sequence[ModuleInfo],
+        lay: Layout,
+        targets: list[tuple[Tensor, Tensor]],
+        sigmas: list[Tensor | None],
+        order: str,
+        gen: torch.Generator,
+        bar,
+    ) -> dict[str, Tensor]:
         """Every stored tensor, by name, for one initialisation order (see the module docstring)."""
         T: dict[str, Tensor] = {}
         res = list(targets)
@@ -519,7 +596,7 @@ class _Fitted(_BSLoRA):
         return int(max(5, min(REFINE_MAX_STEPS, REFINE_WORK // max(flops, 1))))
 
     @classmethod
-    def fit(cls, adapter: Adapter, config: Any, ctx: FitContext) -> "_Fitted":
+    def fit(cls, adapter: Adapter, config: Any, ctx: FitContext) -> _Fitted:
         mods = adapter.modules
         state = cls.make_state(mods, config)
         lay = make_layout(mods, state, cls.uses_shared_size)
@@ -544,12 +621,25 @@ class _Fitted(_BSLoRA):
             steps = ctx.max_steps
         history = [init_loss]
         if steps > 0:
-            history = fitter.refine(form, adapter, ctx, solve=lambda: form.solve_local(targets, sigmas), lr=3e-2,
-                                    max_steps=steps, round_steps=max(5, min(25, steps // 3)), tol=1e-3,
-                                    label=f"{cls.name} refine")
-        form.fit_info = {"init": order, "init_rel_error": math.sqrt(max(init_loss, 0.0)),
-                         "refine_rounds": len(history) - 1, "refine_max_steps": steps,
-                         "refine_rel_error": math.sqrt(max(min(history), 0.0)), "weighted": ctx.stats is not None}
+            history = fitter.refine(
+                form,
+                adapter,
+                ctx,
+                solve=lambda: form.solve_local(targets, sigmas),
+                lr=3e-2,
+                max_steps=steps,
+                round_steps=max(5, min(25, steps // 3)),
+                tol=1e-3,
+                label=f"{cls.name} refine",
+            )
+        form.fit_info = {
+            "init": order,
+            "init_rel_error": math.sqrt(max(init_loss, 0.0)),
+            "refine_rounds": len(history) - 1,
+            "refine_max_steps": steps,
+            "refine_rel_error": math.sqrt(max(min(history), 0.0)),
+            "weighted": ctx.stats is not None,
+        }
         if cls.uses_shared_size and state["shared_size"] != config.shared_size:
             form.fit_info["shared_size_clamped_from"] = config.shared_size
         note = cls._budget_note(adapter, config, ctx)
@@ -570,7 +660,7 @@ class SliceSharing(_Fitted):
     def transform(Bs, As, pm, m):
         o = (Bs.shape[0] - m.out_features) // 2
         c = (As.shape[1] - m.in_features) // 2
-        return Bs[o:o + m.out_features], As[:, c:c + m.in_features]
+        return Bs[o : o + m.out_features], As[:, c : c + m.in_features]
 
     @classmethod
     def shared_shape(cls, modules, members, r, lay):
@@ -586,14 +676,14 @@ class SliceSharing(_Fitted):
             Y = X.new_zeros(d_out, X.shape[1])
             for i, o, c in place:
                 P, Q = res[i]
-                Y[o:o + P.shape[0]] += P @ (Q @ X[c:c + Q.shape[1]])
+                Y[o : o + P.shape[0]] += P @ (Q @ X[c : c + Q.shape[1]])
             return Y
 
         def rmv(Y: Tensor) -> Tensor:  # Y d_out×p → Nᵀ Y (d_in×p)
             X = Y.new_zeros(d_in, Y.shape[1])
             for i, o, c in place:
                 P, Q = res[i]
-                X[c:c + Q.shape[1]] += Q.T @ (P.T @ Y[o:o + P.shape[0]])
+                X[c : c + Q.shape[1]] += Q.T @ (P.T @ Y[o : o + P.shape[0]])
             return X
 
         U, S, Vh = _rsvd(mv, rmv, d_out, d_in, min(r, d_out, d_in), gen)
@@ -620,7 +710,7 @@ class KroneckerExtension(_Fitted):
     @staticmethod
     def transform(Bs, As, pm, m):
         # K_B (n_out×1) ⊗ B_s (s×r) → (n_out·s)×r, first `out` rows; K_A (1×n_in) ⊗ A_s (r×s) → r×(n_in·s), first `in` columns
-        return torch.kron(pm["B"], Bs)[:m.out_features], torch.kron(pm["A"], As)[:, :m.in_features]
+        return torch.kron(pm["B"], Bs)[: m.out_features], torch.kron(pm["A"], As)[:, : m.in_features]
 
     @classmethod
     def module_param_shapes(cls, m, lay):
@@ -653,8 +743,14 @@ class KroneckerExtension(_Fitted):
         for _ in range(cls.KERNEL_ROUNDS):
             Pt = {i: torch.einsum("i,isk->sk", a[i], Pb[i]) for i in members}  # Σ_i a_i P_i: s×k
             Qt = {i: torch.einsum("j,kjs->ks", b[i], Qb[i]) for i in members}  # Σ_j b_j Q_j: k×s
-            U, S, Vh = _rsvd(lambda X: sum(Pt[i] @ (Qt[i] @ X) for i in members),
-                             lambda Y: sum(Qt[i].T @ (Pt[i].T @ Y) for i in members), s, s, min(r, s), gen)
+            U, S, Vh = _rsvd(
+                lambda X, Pt=Pt, Qt=Qt: sum(Pt[i] @ (Qt[i] @ X) for i in members),
+                lambda Y, Pt=Pt, Qt=Qt: sum(Qt[i].T @ (Pt[i].T @ Y) for i in members),
+                s,
+                s,
+                min(r, s),
+                gen,
+            )
             Bs, As = _balanced(U, S, Vh, r)
             Bs, As, _ = cls.line_search(members, mods, res, sigmas, Bs, As, kernels())
             for i in members:
@@ -667,8 +763,9 @@ class KroneckerExtension(_Fitted):
         return cls._gauge(Bs, As, pms)
 
     @classmethod
-    def _kernel_step(cls, Pb: Tensor, Qb: Tensor, Bs: Tensor, As: Tensor, m: ModuleInfo, s: int,
-                     a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    def _kernel_step(
+        cls, Pb: Tensor, Qb: Tensor, Bs: Tensor, As: Tensor, m: ModuleInfo, s: int, a: Tensor, b: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """argmin over a (n_out), b (n_in) of Σ_ij ‖R^(ij) − a_i b_j M^(ij)‖² by alternating exact
         steps from the current (a, b); R^(ij) = P_i Q_j from the padded blocks, M = B_s A_s."""
         U = torch.einsum("isk,sr->ikr", Pb, Bs)  # P_iᵀ B_s: n_out×k×r
@@ -677,8 +774,13 @@ class KroneckerExtension(_Fitted):
         no, ni = Pb.shape[0], Qb.shape[1]
         hv = (s, m.out_features - s * (no - 1))  # block heights: full, last (cropped)
         wv = (s, m.in_features - s * (ni - 1))
-        tab = torch.tensor([[float(((Bs[:h].T @ Bs[:h]).double() * (As[:, :w] @ As[:, :w].T).double()).sum()) for w in wv]
-                            for h in hv], dtype=torch.float64)  # ‖M[:h, :w]‖²
+        tab = torch.tensor(
+            [
+                [float(((Bs[:h].T @ Bs[:h]).double() * (As[:, :w] @ As[:, :w].T).double()).sum()) for w in wv]
+                for h in hv
+            ],
+            dtype=torch.float64,
+        )  # ‖M[:h, :w]‖²
         hi = torch.zeros(no, dtype=torch.long)
         hi[-1] = 1
         wi = torch.zeros(ni, dtype=torch.long)
@@ -731,7 +833,7 @@ class GateTransformation(_BSLoRA):
         return {"iu": (d,), "id": (m.in_features,), "ou": (m.out_features,), "od": (d,)}
 
     @classmethod
-    def fit(cls, adapter: Adapter, config: GTConfig, ctx: FitContext) -> "GateTransformation":
+    def fit(cls, adapter: Adapter, config: GTConfig, ctx: FitContext) -> GateTransformation:
         """Closed form, globally optimal: module m's update can be any matrix of rank ≤ L_m + n_m
         (n_m its shared levels), so the best is its (Σ-weighted) truncated SVD. Components
         0..L_m−1 go to the local pair; component L_m + t to level t (inter, then intra) through the
@@ -766,7 +868,7 @@ class GateTransformation(_BSLoRA):
                     c = k + n  # the SVD component this level carries
                     sigma = float(sv.S[c]) if c < len(sv.S) else 0.0
                     if sigma > 0:
-                        rho = sigma ** 0.25
+                        rho = sigma**0.25
                         ou, id_ = sv.U[:, c] * rho, sv.Vh[c] * rho
                     else:  # nothing left to fit: a zero part that can still learn (g_ou = 0, g_id ≠ 0)
                         rho = max(top, 1e-12) ** 0.25

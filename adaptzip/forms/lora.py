@@ -4,10 +4,11 @@ Stored: ``A.{i}`` (r_i×in_i) and ``B.{i}`` (out_i×r_i) exactly as in the sourc
 in the module table (``scale``), so ΔŴ_i = scale_i · B_i @ A_i and expand restores the source
 tensors and config bit for bit (in the same dtype).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -36,7 +37,7 @@ class LoraForm(Form):
         self._raw = tensors  # the exact stored tensors, so expand restores them bit for bit
 
     @classmethod
-    def fit(cls, adapter: Adapter, config: LoraConfig, ctx: FitContext) -> "LoraForm":
+    def fit(cls, adapter: Adapter, config: LoraConfig, ctx: FitContext) -> LoraForm:
         t = {}
         for i, m in enumerate(adapter.modules):
             t[f"A.{i}"] = adapter.lora_A(m.name)
@@ -52,7 +53,7 @@ class LoraForm(Form):
         return specs
 
     @classmethod
-    def from_tensors(cls, modules, config, state, tensors) -> "LoraForm":
+    def from_tensors(cls, modules, config, state, tensors) -> LoraForm:
         return cls(modules, config, tensors)
 
     @classmethod
@@ -70,7 +71,10 @@ class LoraForm(Form):
     def tensors(self):
         if self._raw is not None:
             return dict(self._raw)
-        return {**{f"A.{i}": a.detach() for i, a in enumerate(self.A)}, **{f"B.{i}": b.detach() for i, b in enumerate(self.B)}}
+        return {
+            **{f"A.{i}": a.detach() for i, a in enumerate(self.A)},
+            **{f"B.{i}": b.detach() for i, b in enumerate(self.B)},
+        }
 
     def train(self, mode: bool = True):
         # Once trained (distillation), the live parameters, not the source tensors, are the truth.

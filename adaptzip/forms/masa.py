@@ -47,12 +47,13 @@ Stored tensors (formats/forms/masa.md): ``A.{k}`` (N×r_k×in_k) per group k, ``
 (out_i×r_k) per module i; ``state`` records ``groups`` (module indices per group) and ``ranks``
 (r_k per group).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -68,9 +69,24 @@ Tensor = torch.Tensor
 
 @dataclass
 class MasaConfig:
-    rank: int = field(default=8, metadata={"help": "rank r of the shared A (per group; capped by the group's total source rank and in-features)"})
-    group: int = field(default=2, metadata={"help": "S: consecutive layers of one module type that share their A-experts (the last group is smaller when S does not divide the layer count)"})
-    experts: int = field(default=1, metadata={"help": "N: A-experts per group, ΔW_ℓ = B_ℓ Σ_i A_i. Under the sum they act as one A, so N > 1 costs (N−1)·r·in values per group without changing ΔŴ; 5 reproduces the paper's layout for further MASA training"})
+    rank: int = field(
+        default=8,
+        metadata={
+            "help": "rank r of the shared A (per group; capped by the group's total source rank and in-features)"
+        },
+    )
+    group: int = field(
+        default=2,
+        metadata={
+            "help": "S: consecutive layers of one module type that share their A-experts (the last group is smaller when S does not divide the layer count)"
+        },
+    )
+    experts: int = field(
+        default=1,
+        metadata={
+            "help": "N: A-experts per group, ΔW_ℓ = B_ℓ Σ_i A_i. Under the sum they act as one A, so N > 1 costs (N−1)·r·in values per group without changing ΔŴ; 5 reproduces the paper's layout for further MASA training"
+        },
+    )
 
     def __post_init__(self):
         for name in ("rank", "group", "experts"):
@@ -96,16 +112,20 @@ def make_groups(modules: Sequence[ModuleInfo], group: int) -> list[list[int]]:
     groups = list(singles)
     for idx in by_key.values():
         idx = sorted(idx, key=lambda i: modules[i].layer)
-        groups += [idx[j:j + group] for j in range(0, len(idx), group)]
+        groups += [idx[j : j + group] for j in range(0, len(idx), group)]
     return sorted(groups, key=lambda g: g[0])
 
 
 def group_rank(modules: Sequence[ModuleInfo], members: Sequence[int], rank: int) -> int:
     """r_k = min(rank, Σ_ℓ min(rank_ℓ, out_ℓ), in): the stack has no more directions than that."""
-    return min(rank, sum(min(modules[i].rank, modules[i].out_features) for i in members), modules[members[0]].in_features)
+    return min(
+        rank, sum(min(modules[i].rank, modules[i].out_features) for i in members), modules[members[0]].in_features
+    )
 
 
-def stored_params(modules: Sequence[ModuleInfo], groups: Sequence[Sequence[int]], ranks: Sequence[int], experts: int) -> tuple[int, int]:
+def stored_params(
+    modules: Sequence[ModuleInfo], groups: Sequence[Sequence[int]], ranks: Sequence[int], experts: int
+) -> tuple[int, int]:
     """(A-expert values, B values) stored for a layout: Σ_k N·r_k·in_k and Σ_ℓ out_ℓ·r_k."""
     a = sum(experts * r * modules[g[0]].in_features for g, r in zip(groups, ranks))
     b = sum(modules[i].out_features * r for g, r in zip(groups, ranks) for i in g)
@@ -150,7 +170,7 @@ def _stack_core(facs: list[tuple[Tensor, Tensor]], weights: list[float], L: Tens
         RA = _gram_root(B) @ A  # r×in
         if L is not None:
             RA = RA @ L
-        rows.append(RA * c ** 0.5)
+        rows.append(RA * c**0.5)
     return torch.cat(rows, 0)
 
 
@@ -204,8 +224,15 @@ class MasaForm(Form):
     summary = "MASA: S consecutive layers of a type share N summed A-experts, each layer its own B (closed-form fit)"
     Config = MasaConfig
 
-    def __init__(self, modules: Sequence[ModuleInfo], config: MasaConfig, groups: list[list[int]], ranks: list[int],
-                 experts: list[Tensor], Bs: list[Tensor]):
+    def __init__(
+        self,
+        modules: Sequence[ModuleInfo],
+        config: MasaConfig,
+        groups: list[list[int]],
+        ranks: list[int],
+        experts: list[Tensor],
+        Bs: list[Tensor],
+    ):
         """``experts[k]``: N×r_k×in_k of group k; ``Bs[i]``: out_i×r_k of module i (scale folded)."""
         super().__init__(modules, config)
         self.groups = groups
@@ -219,15 +246,17 @@ class MasaForm(Form):
         a, b = stored_params(modules, groups, ranks, config.experts)
         redundant = a - a // config.experts
         self.fit_info = {
-            "groups": len(groups), "experts": config.experts,
-            "expert_params": a, "b_params": b,
+            "groups": len(groups),
+            "experts": config.experts,
+            "expert_params": a,
+            "b_params": b,
             "redundant_expert_params": redundant,  # (N−1)·Σ r_k·in_k: what N > 1 adds, ΔŴ unchanged
             "redundant_expert_share": redundant / max(a + b, 1),  # of the stored float values (= of their bytes)
         }
 
     # -- construction ---------------------------------------------------------
     @classmethod
-    def fit(cls, adapter: Adapter, config: MasaConfig, ctx: FitContext) -> "MasaForm":
+    def fit(cls, adapter: Adapter, config: MasaConfig, ctx: FitContext) -> MasaForm:
         mods = adapter.modules
         groups = make_groups(mods, config.group)
         ranks = [group_rank(mods, g, config.rank) for g in groups]
@@ -257,7 +286,9 @@ class MasaForm(Form):
         return form
 
     @classmethod
-    def config_for_budget(cls, adapter: Adapter, config: MasaConfig, budget_bytes: int, float_bytes: int, ctx: FitContext) -> MasaConfig:
+    def config_for_budget(
+        cls, adapter: Adapter, config: MasaConfig, budget_bytes: int, float_bytes: int, ctx: FitContext
+    ) -> MasaConfig:
         """The largest rank whose payload fits ``budget_bytes`` for the given S and N (the error
         only falls with the rank). When not even rank 1 fits (every layer keeps its own B, so at
         small budgets the A's are what must shrink), S doubles — up to every layer in one group —
@@ -269,7 +300,7 @@ class MasaForm(Form):
             groups = make_groups(mods, group)
             cap = max(group_rank(mods, g, 10**9) for g in groups)
 
-            def payload(r: int) -> int:  # float_bytes may be fractional (quantised storage)
+            def payload(r: int, groups=groups) -> int:  # float_bytes may be fractional (quantised storage)
                 a, b = stored_params(mods, groups, [group_rank(mods, g, r) for g in groups], config.experts)
                 return math.ceil((a + b) * float_bytes)
 
@@ -282,13 +313,21 @@ class MasaForm(Form):
                 break
             group = min(2 * group, layers)
         if best == 0:
-            raise OptionError(adapter.path, f"masa ({config.experts} experts) needs {payload(1)} payload bytes at rank 1 even "
-                                            f"with every layer in one group (--group {group}), but the budget leaves {budget_bytes}; "
-                                            f"raise --budget" + (" or use --experts 1" if config.experts > 1 else ""))
+            raise OptionError(
+                adapter.path,
+                f"masa ({config.experts} experts) needs {payload(1)} payload bytes at rank 1 even "
+                f"with every layer in one group (--group {group}), but the budget leaves {budget_bytes}; "
+                f"raise --budget" + (" or use --experts 1" if config.experts > 1 else ""),
+            )
         ctx.cache[("masa", "budget", id(adapter))] = {
-            "rank": best, "group": group, "requested_group": config.group, "experts": config.experts,
-            "payload_bytes": payload(best), "budget_payload_bytes": int(budget_bytes),
-            "next_rank_payload_bytes": payload(best + 1) if best < cap else None}
+            "rank": best,
+            "group": group,
+            "requested_group": config.group,
+            "experts": config.experts,
+            "payload_bytes": payload(best),
+            "budget_payload_bytes": int(budget_bytes),
+            "next_rank_payload_bytes": payload(best + 1) if best < cap else None,
+        }
         return dataclasses.replace(config, rank=best, group=group)
 
     @classmethod
@@ -302,10 +341,16 @@ class MasaForm(Form):
         return specs
 
     @classmethod
-    def from_tensors(cls, modules, config, state, tensors) -> "MasaForm":
+    def from_tensors(cls, modules, config, state, tensors) -> MasaForm:
         groups, ranks = _check_state(modules, state)
-        return cls(modules, config, groups, ranks, [tensors[f"A.{k}"] for k in range(len(groups))],
-                   [tensors[f"B.{i}"] for i in range(len(modules))])
+        return cls(
+            modules,
+            config,
+            groups,
+            ranks,
+            [tensors[f"A.{k}"] for k in range(len(groups))],
+            [tensors[f"B.{i}"] for i in range(len(modules))],
+        )
 
     # -- use --------------------------------------------------------------------
     def factors(self, i: int) -> tuple[Tensor, Tensor]:

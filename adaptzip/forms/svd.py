@@ -7,10 +7,11 @@ the truncation is optimal in the activation-weighted norm. ``--rank`` gives a un
 stored values, and directions are taken by σ² per byte — the strongest per-module baseline at
 a given size, and the yardstick every report compares against.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -23,8 +24,15 @@ from .base import FitContext, Form, TensorSpecs, register
 
 @dataclass
 class SvdConfig:
-    rank: int | None = field(default=None, metadata={"help": "uniform rank per module (default: the source's rank, i.e. lossless); capped by each module's source rank"})
-    ranks: tuple[int, ...] | None = field(default=None, metadata={"help": "per-module ranks (set by --budget)", "internal": True})
+    rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "uniform rank per module (default: the source's rank, i.e. lossless); capped by each module's source rank"
+        },
+    )
+    ranks: tuple[int, ...] | None = field(
+        default=None, metadata={"help": "per-module ranks (set by --budget)", "internal": True}
+    )
 
     def __post_init__(self):
         if self.rank is not None and self.rank < 0:
@@ -57,7 +65,9 @@ class SvdForm(Form):
     direction_rows = True
     per_direction_quant = True
 
-    def __init__(self, modules: Sequence[ModuleInfo], config: SvdConfig, factors: list[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(
+        self, modules: Sequence[ModuleInfo], config: SvdConfig, factors: list[tuple[torch.Tensor, torch.Tensor]]
+    ):
         super().__init__(modules, config)
         self.B = nn.ParameterList([nn.Parameter(b.float().contiguous()) for b, _ in factors])
         self.A = nn.ParameterList([nn.Parameter(a.float().contiguous()) for _, a in factors])
@@ -72,7 +82,7 @@ class SvdForm(Form):
         return [m.rank if config.rank is None else min(config.rank, m.rank) for m in modules]
 
     @classmethod
-    def fit(cls, adapter: Adapter, config: SvdConfig, ctx: FitContext) -> "SvdForm":
+    def fit(cls, adapter: Adapter, config: SvdConfig, ctx: FitContext) -> SvdForm:
         ranks = cls._ranks(adapter.modules, config)
         sv = spectra(adapter, ctx)
         return cls(adapter.modules, config, [s.truncate(k) for s, k in zip(sv, ranks)])
@@ -103,7 +113,7 @@ class SvdForm(Form):
         return specs
 
     @classmethod
-    def from_tensors(cls, modules, config, state, tensors) -> "SvdForm":
+    def from_tensors(cls, modules, config, state, tensors) -> SvdForm:
         return cls(modules, config, [(tensors[f"B.{i}"], tensors[f"A.{i}"]) for i in range(len(modules))])
 
     @classmethod

@@ -33,16 +33,17 @@ top-k may change), freeze the top-k, bank + weights (hard), weights rounded to t
 ``fit_info`` records the init, soft and final hard errors. A random start (``init='random'``,
 PEFT's) is kept for comparison. The fit runs on one thread (:func:`adaptzip.runtime.single_thread`).
 
-One form, one file: at ~760 lines this is the longest form — the bank fit (k-means, convex codes,
+One form, one file (hence over ~500 lines): the bank fit (k-means, convex codes,
 least squares, the soft and hard phases) is part of the form and kept beside its layout.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -64,14 +65,36 @@ SOFT_LIMIT = 1 << 26  # most soft logits (N·h, fp32) the fit allocates; beyond,
 
 @dataclass
 class VbloraConfig:
-    bank: int = field(default=256, metadata={"help": "vectors in the shared bank h (indices are uint8 when h ≤ 256, else int16)"})
-    vector_len: int | None = field(default=None, metadata={"help": "sub-vector length b; must divide every module's in and out features (default: the largest such length ≤ 256, the paper's b)"})
+    bank: int = field(
+        default=256, metadata={"help": "vectors in the shared bank h (indices are uint8 when h ≤ 256, else int16)"}
+    )
+    vector_len: int | None = field(
+        default=None,
+        metadata={
+            "help": "sub-vector length b; must divide every module's in and out features (default: the largest such length ≤ 256, the paper's b)"
+        },
+    )
     topk: int = field(default=2, metadata={"help": "bank vectors mixed per sub-vector k (k−1 fp16 weights stored)"})
-    rank: int | None = field(default=None, metadata={"help": "rank r of every module (default: the source's largest module rank; one global r as in PEFT)"})
-    init: str = field(default="kmeans", metadata={"help": "bank start: kmeans (gain-shape k-means of the balanced sub-vectors) or random (PEFT-like)"})
+    rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "rank r of every module (default: the source's largest module rank; one global r as in PEFT)"
+        },
+    )
+    init: str = field(
+        default="kmeans",
+        metadata={"help": "bank start: kmeans (gain-shape k-means of the balanced sub-vectors) or random (PEFT-like)"},
+    )
     steps: int = field(default=150, metadata={"help": "max Adam steps with trainable top-k selection (soft logits)"})
-    refit_steps: int = field(default=150, metadata={"help": "max Adam steps on bank + weights after freezing the top-k"})
-    lr: float = field(default=0.02, metadata={"help": "Adam learning rate of the fit (the bank is fitted at unit RMS, so one rate serves bank and logits)"})
+    refit_steps: int = field(
+        default=150, metadata={"help": "max Adam steps on bank + weights after freezing the top-k"}
+    )
+    lr: float = field(
+        default=0.02,
+        metadata={
+            "help": "Adam learning rate of the fit (the bank is fitted at unit RMS, so one rate serves bank and logits)"
+        },
+    )
 
     def __post_init__(self):
         if not 1 <= self.topk:
@@ -108,10 +131,16 @@ def check_vector_len(modules: Sequence[ModuleInfo], b: int, path=None) -> None:
             for x in modules:
                 g = math.gcd(g, math.gcd(x.in_features, x.out_features))
             ok = _divisors_desc(g)[:6]
-            hint = (f"values that divide every module's dimensions: {', '.join(map(str, ok))}" if ok
-                    else "no vector length > 1 divides every module's dimensions")
-            raise OptionError(path, f"vblora: --vector-len {b} does not divide module {m.name} "
-                                    f"(in {m.in_features}, out {m.out_features}); {hint}")
+            hint = (
+                f"values that divide every module's dimensions: {', '.join(map(str, ok))}"
+                if ok
+                else "no vector length > 1 divides every module's dimensions"
+            )
+            raise OptionError(
+                path,
+                f"vblora: --vector-len {b} does not divide module {m.name} "
+                f"(in {m.in_features}, out {m.out_features}); {hint}",
+            )
 
 
 def resolve_vector_len(modules: Sequence[ModuleInfo], config: VbloraConfig, path=None) -> VbloraConfig:
@@ -126,8 +155,11 @@ def resolve_vector_len(modules: Sequence[ModuleInfo], config: VbloraConfig, path
         g = math.gcd(g, math.gcd(m.in_features, m.out_features))
     ok = [d for d in _divisors_desc(g) if d <= 256]
     if not ok:
-        raise OptionError(path, "vblora: no sub-vector length > 1 divides every module's in and out features "
-                                f"(their gcd is {g}); VB-LoRA cannot tile these modules")
+        raise OptionError(
+            path,
+            "vblora: no sub-vector length > 1 divides every module's in and out features "
+            f"(their gcd is {g}); VB-LoRA cannot tile these modules",
+        )
     return dataclasses.replace(config, vector_len=ok[0])
 
 
@@ -171,9 +203,16 @@ class VbloraForm(Form):
 
         return {"peft-vblora": to_peft_vblora}
 
-    def __init__(self, modules: Sequence[ModuleInfo], config: VbloraConfig, rank: int, bank: Tensor, *,
-                 logits: list[tuple[Tensor, Tensor]] | None = None,
-                 topk: list[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None):
+    def __init__(
+        self,
+        modules: Sequence[ModuleInfo],
+        config: VbloraConfig,
+        rank: int,
+        bank: Tensor,
+        *,
+        logits: list[tuple[Tensor, Tensor]] | None = None,
+        topk: list[tuple[Tensor, Tensor, Tensor, Tensor]] | None = None,
+    ):
         """``bank`` (h×b). Soft mode: ``logits`` [(L_A (r, n_in, h), L_B (n_out, r, h))] per module.
         Hard mode: ``topk`` [(idx_A (r, n_in, k), wlog_A, idx_B (n_out, r, k), wlog_B)]."""
         super().__init__(modules, config)
@@ -295,7 +334,9 @@ class VbloraForm(Form):
         else:
             (ia, ib), va, vb = self.idx(i), self.wlog_A[i], self.wlog_B[i]
         A = self._mix(bank, ia, va).reshape(self.rank, m.in_features)  # (r, n_in, b) → (r, in)
-        B = self._mix(bank, ib, vb).transpose(1, 2).reshape(m.out_features, self.rank)  # (n_out, r, b) → (n_out, b, r) → (out, r)
+        B = (
+            self._mix(bank, ib, vb).transpose(1, 2).reshape(m.out_features, self.rank)
+        )  # (n_out, r, b) → (n_out, b, r) → (out, r)
         return B, A
 
     def trainable_groups(self) -> list[dict]:
@@ -342,7 +383,7 @@ class VbloraForm(Form):
         return specs
 
     @classmethod
-    def from_tensors(cls, modules, config, state, tensors) -> "VbloraForm":
+    def from_tensors(cls, modules, config, state, tensors) -> VbloraForm:
         r, b, k, h = int(state["rank"]), config.vector_len, config.topk, config.bank
         idx = tensors["topk_indices"].long()
         if k > 1:
@@ -356,17 +397,18 @@ class VbloraForm(Form):
         topk, off = [], 0
         for m in modules:
             na, nb = r * (m.in_features // b), (m.out_features // b) * r
-            ia, wa = idx[off:off + na].reshape(r, -1, k), w[off:off + na].reshape(r, -1, k).log()
+            ia, wa = idx[off : off + na].reshape(r, -1, k), w[off : off + na].reshape(r, -1, k).log()
             off += na
-            ib, wb = idx[off:off + nb].reshape(-1, r, k), w[off:off + nb].reshape(-1, r, k).log()
+            ib, wb = idx[off : off + nb].reshape(-1, r, k), w[off : off + nb].reshape(-1, r, k).log()
             off += nb
             topk.append((ia, wa, ib, wb))
         return cls(modules, config, r, tensors["bank"].float(), topk=topk)
 
     # ------------------------------------------------------------------ fitting
     @classmethod
-    def config_for_budget(cls, adapter: Adapter, config: VbloraConfig, budget_bytes: int, float_bytes: int,
-                          ctx: FitContext) -> VbloraConfig:
+    def config_for_budget(
+        cls, adapter: Adapter, config: VbloraConfig, budget_bytes: int, float_bytes: int, ctx: FitContext
+    ) -> VbloraConfig:
         """The largest bank h (up to 2¹⁵ and to N·k, the top-k slots there are) whose payload fits,
         at the configured rank (lowered, down to 1, only when even a bank of max(2, k) vectors
         does not fit); b (as :func:`resolve_vector_len` gives it) and k stay as given. h is
@@ -381,23 +423,35 @@ class VbloraForm(Form):
             best = None
             for lo, hi in ((max(2, k), 256), (257, MAX_BANK)):
                 fixed = stored_bytes(n, lo, b, k, float_bytes) - lo * b * float_bytes
-                h = int(min(hi, n * k, (budget_bytes - fixed) // (b * float_bytes)))  # > N·k vectors could never all be used
+                h = int(
+                    min(hi, n * k, (budget_bytes - fixed) // (b * float_bytes))
+                )  # > N·k vectors could never all be used
                 if h >= lo:
                     best = h
             if best is not None:
                 step = _bank_step(best)
                 best = max(best // step * step, max(2, k))
                 ctx.cache[("vblora", "budget", id(adapter))] = {
-                    "bank": best, "rank": r, "vector_len": b, "topk": k,
-                    "payload_bytes": stored_bytes(n, best, b, k, float_bytes), "budget_payload_bytes": int(budget_bytes),
-                    "next_bank_payload_bytes": stored_bytes(n, best + step, b, k, float_bytes) if best + step <= MAX_BANK else None}
+                    "bank": best,
+                    "rank": r,
+                    "vector_len": b,
+                    "topk": k,
+                    "payload_bytes": stored_bytes(n, best, b, k, float_bytes),
+                    "budget_payload_bytes": int(budget_bytes),
+                    "next_bank_payload_bytes": stored_bytes(n, best + step, b, k, float_bytes)
+                    if best + step <= MAX_BANK
+                    else None,
+                }
                 return dataclasses.replace(config, bank=best, rank=r)
         need = stored_bytes(n_subvectors(adapter.modules, 1, b), max(2, k), b, k, float_bytes)
-        raise OptionError(adapter.path, f"vblora: a payload of {budget_bytes} bytes is too small: rank 1 with a bank of "
-                                        f"{max(2, k)} vectors of length {b} needs {need}; raise --budget or --vector-len")
+        raise OptionError(
+            adapter.path,
+            f"vblora: a payload of {budget_bytes} bytes is too small: rank 1 with a bank of "
+            f"{max(2, k)} vectors of length {b} needs {need}; raise --budget or --vector-len",
+        )
 
     @classmethod
-    def fit(cls, adapter: Adapter, config: VbloraConfig, ctx: FitContext) -> "VbloraForm":
+    def fit(cls, adapter: Adapter, config: VbloraConfig, ctx: FitContext) -> VbloraForm:
         """Balanced sub-vectors → k-means + convex-code alternation (``init='kmeans'``) or PEFT's
         random start → Adam on bank + logits (soft; skipped when N·h > ``SOFT_LIMIT``) → freeze
         the top-k → Adam on bank + weights → weights on their fp16 grid. Runs on one thread (see
@@ -406,7 +460,7 @@ class VbloraForm(Form):
             return cls._fit(adapter, config, ctx)
 
     @classmethod
-    def _fit(cls, adapter: Adapter, config: VbloraConfig, ctx: FitContext) -> "VbloraForm":
+    def _fit(cls, adapter: Adapter, config: VbloraConfig, ctx: FitContext) -> VbloraForm:
         t0 = time.perf_counter()
         modules = adapter.modules
         config = resolve_vector_len(modules, config, adapter.path)
@@ -450,17 +504,23 @@ class VbloraForm(Form):
         info["init_rel_error"] = rel()
         form.timings = {"init": time.perf_counter() - t0}
         if soft:
-            hist = fitter.optimise(form, adapter, ctx, lr=config.lr, max_steps=config.steps, label="vblora soft", loss_fn=batched)
+            hist = fitter.optimise(
+                form, adapter, ctx, lr=config.lr, max_steps=config.steps, label="vblora soft", loss_fn=batched
+            )
             info["soft_steps"] = len(hist)
             info["soft_rel_error"] = rel()
         else:
             info["soft_steps"] = 0
             info["soft_rel_error"] = None
             if config.steps > 0:
-                info["soft_skipped"] = f"N·h = {sum(sizes)}·{h} soft logits exceed {SOFT_LIMIT}; top-k fixed by the init"
+                info["soft_skipped"] = (
+                    f"N·h = {sum(sizes)}·{h} soft logits exceed {SOFT_LIMIT}; top-k fixed by the init"
+                )
         form.timings["soft"] = time.perf_counter() - t0 - form.timings["init"]
         form.freeze()
-        hist = fitter.optimise(form, adapter, ctx, lr=config.lr, max_steps=config.refit_steps, label="vblora hard", loss_fn=batched)
+        hist = fitter.optimise(
+            form, adapter, ctx, lr=config.lr, max_steps=config.refit_steps, label="vblora hard", loss_fn=batched
+        )
         info["hard_steps"] = len(hist)
         form.finalize()
         form._rescale(1.0)
@@ -480,7 +540,7 @@ class _Batched:
     Gram products are batched matmuls. Same value as ``fit.module_sq_errors`` (up to rounding),
     a few hundred small ops fewer per step."""
 
-    def __init__(self, form: "VbloraForm", tg: list):
+    def __init__(self, form: VbloraForm, tg: list):
         self.form = form
         by_shape: dict[tuple[int, int], list[int]] = {}
         for i, m in enumerate(form.modules_info):
@@ -492,8 +552,8 @@ class _Batched:
             Bt = torch.zeros(len(ids), n_out, rt)
             At = torch.zeros(len(ids), rt, n_in)
             for g, i in enumerate(ids):
-                Bt[g, :, :tg[i].B.shape[1]] = tg[i].B
-                At[g, :tg[i].A.shape[0]] = tg[i].A
+                Bt[g, :, : tg[i].B.shape[1]] = tg[i].B
+                At[g, : tg[i].A.shape[0]] = tg[i].A
             n2 += sum(tg[i].norm2 for i in ids)
             self.groups.append((ids, n_in, n_out, Bt.transpose(1, 2).contiguous(), At.transpose(1, 2).contiguous()))
             self.sizes += [len(ids) * r * (n_in // b), len(ids) * (n_out // b) * r]
@@ -587,8 +647,16 @@ def _gain_shape_kmeans(X: Tensor, w: Tensor, M: int, gen: torch.Generator, iters
     return D
 
 
-def _kmeans_start(X: Tensor, w: Tensor, h: int, k: int, gen: torch.Generator, tol: float = 1e-3,
-                  sample: int = 16384, work: int = 1 << 18) -> tuple[Tensor, Tensor, Tensor, dict]:
+def _kmeans_start(
+    X: Tensor,
+    w: Tensor,
+    h: int,
+    k: int,
+    gen: torch.Generator,
+    tol: float = 1e-3,
+    sample: int = 16384,
+    work: int = 1 << 18,
+) -> tuple[Tensor, Tensor, Tensor, dict]:
     """Bank (h×b) and convex codes (idx, wt: (N×k'), k' = min(k, 2)) of the balanced sub-vectors
     X (N×b) with weights w (N,).
 
@@ -614,7 +682,7 @@ def _kmeans_start(X: Tensor, w: Tensor, h: int, k: int, gen: torch.Generator, to
     g = torch.zeros(M).scatter_reduce_(0, a, t.abs(), reduce="amax", include_self=True)
     bank = torch.zeros(h, b)
     bank[:M] = g[:, None] * D
-    bank[M:2 * M] = -g[:, None] * D
+    bank[M : 2 * M] = -g[:, None] * D
     if k == 1:
         idx, wt = torch.where(t >= 0, a, a + M)[:, None], torch.ones(N, 1)
     else:
@@ -623,8 +691,8 @@ def _kmeans_start(X: Tensor, w: Tensor, h: int, k: int, gen: torch.Generator, to
     total = max(float((w * X.pow(2).sum(1)).double().sum()), 1e-30)
     err = _code_error(X, w, bank, idx, wt) / total
     info = {"kmeans_rel_error": math.sqrt(err)}
-    rounds = 0
-    for rounds in range(1, min(12, max(2, work // max(N, 1))) + 1):
+    rounds, max_rounds = 0, min(12, max(2, work // max(N, 1)))
+    for rounds in range(1, max_rounds + 1):  # noqa: B007  (the rounds run are reported after the loop)
         idx, wt = _convex_codes(X, bank, k, idx, wt)
         bank = _bank_lstsq(X, w, idx, wt, bank)
         new = _code_error(X, w, bank, idx, wt) / total
@@ -640,16 +708,23 @@ def _code_error(X: Tensor, w: Tensor, bank: Tensor, idx: Tensor, wt: Tensor) -> 
     """Σ_n w_n ‖x_n − Σ_s wt[n,s] bank[idx[n,s]]‖²."""
     err = 0.0
     for s in range(0, X.shape[0], _CHUNK):
-        R = X[s:s + _CHUNK] - (wt[s:s + _CHUNK, :, None] * bank[idx[s:s + _CHUNK]]).sum(1)
-        err += float((w[s:s + _CHUNK] * R.pow(2).sum(1)).double().sum())
+        R = X[s : s + _CHUNK] - (wt[s : s + _CHUNK, :, None] * bank[idx[s : s + _CHUNK]]).sum(1)
+        err += float((w[s : s + _CHUNK] * R.pow(2).sum(1)).double().sum())
     return err
 
 
 _CHUNK = 2048  # rows per block in the code search (memory: CHUNK × anchors × h floats per temporary)
 
 
-def _convex_codes(X: Tensor, bank: Tensor, k: int, idx: Tensor | None = None, wt: Tensor | None = None,
-                  anchors: int = 4, partners: int = 256) -> tuple[Tensor, Tensor]:
+def _convex_codes(
+    X: Tensor,
+    bank: Tensor,
+    k: int,
+    idx: Tensor | None = None,
+    wt: Tensor | None = None,
+    anchors: int = 4,
+    partners: int = 256,
+) -> tuple[Tensor, Tensor]:
     """The best convex code of every row of X (N×b) from the bank (h×b).
 
     k = 1: the nearest bank vector. k ≥ 2: the best point on a segment w·v_i + (1−w)·v_j, for
@@ -665,7 +740,7 @@ def _convex_codes(X: Tensor, bank: Tensor, k: int, idx: Tensor | None = None, wt
     d = G.diagonal()
     out_i, out_w = [], []
     for s in range(0, X.shape[0], _CHUNK):
-        Xc = X[s:s + _CHUNK]
+        Xc = X[s : s + _CHUNK]
         n = Xc.shape[0]
         P = Xc @ bank.T  # (n, h): ⟨x, v_j⟩
         xx = Xc.pow(2).sum(1)
@@ -678,7 +753,13 @@ def _convex_codes(X: Tensor, bank: Tensor, k: int, idx: Tensor | None = None, wt
             if h <= partners:
                 J = torch.arange(h).expand(n, h)  # (n, p): every bank vector
             else:
-                J = torch.cat([P.topk(partners // 2, dim=1).indices, P.topk(partners - partners // 2, dim=1, largest=False).indices], 1)
+                J = torch.cat(
+                    [
+                        P.topk(partners // 2, dim=1).indices,
+                        P.topk(partners - partners // 2, dim=1, largest=False).indices,
+                    ],
+                    1,
+                )
             Pj, dj = P.gather(1, J)[:, None, :], d[J][:, None, :]  # (n, 1, p)
             Gij = G[anc[:, :, None], J[:, None, :]]  # (n, c, p)
             num = P.gather(1, anc)[:, :, None] - Pj - Gij + dj  # ⟨x − v_j, v_i − v_j⟩
@@ -694,7 +775,7 @@ def _convex_codes(X: Tensor, bank: Tensor, k: int, idx: Tensor | None = None, wt
             cand_i, cand_w = torch.stack([ai, aj], 1), torch.stack([wb, 1 - wb], 1)
             cand_e = e.reshape(n, -1).gather(1, best[:, None]).squeeze(1)
         if idx is not None and wt is not None:
-            ic, wc = idx[s:s + _CHUNK], wt[s:s + _CHUNK]
+            ic, wc = idx[s : s + _CHUNK], wt[s : s + _CHUNK]
             keep = ((Xc - (wc[:, :, None] * bank[ic]).sum(1)).pow(2).sum(1) <= cand_e)[:, None]
             cand_i, cand_w = torch.where(keep, ic, cand_i), torch.where(keep, wc, cand_w)
         out_i.append(cand_i)
@@ -718,8 +799,9 @@ def _bank_lstsq(X: Tensor, w: Tensor, idx: Tensor, wt: Tensor, bank: Tensor, rid
     return torch.linalg.solve(H + lam * eye, R + lam * bank.double()).float()
 
 
-def _logits_from_codes(X: Tensor, bank: Tensor, idx: Tensor, wt: Tensor, k: int, full: bool,
-                       margin: float = 4.0, tau: float = 1.0) -> Tensor | tuple[Tensor, Tensor]:
+def _logits_from_codes(
+    X: Tensor, bank: Tensor, idx: Tensor, wt: Tensor, k: int, full: bool, margin: float = 4.0, tau: float = 1.0
+) -> Tensor | tuple[Tensor, Tensor]:
     """Logits whose top-k softmax reproduces the codes (idx, wt: (N×k')): the coded entries at
     log w (w ≥ 1e-6), every other bank vector j at (margin − tau·cos(x, bank_j)) below the row's
     smallest coded logit, so the next candidates (extra slots when k > 2, or a switch while
@@ -731,7 +813,7 @@ def _logits_from_codes(X: Tensor, bank: Tensor, idx: Tensor, wt: Tensor, k: int,
     bn = bank.norm(dim=1).clamp_min(1e-30)
     out, out_i, out_v = [], [], []
     for s in range(0, X.shape[0], _CHUNK):
-        Xc, ic, lc = X[s:s + _CHUNK], idx[s:s + _CHUNK], lw[s:s + _CHUNK]
+        Xc, ic, lc = X[s : s + _CHUNK], idx[s : s + _CHUNK], lw[s : s + _CHUNK]
         cos = (Xc @ bank.T) / (Xc.norm(dim=1, keepdim=True).clamp_min(1e-30) * bn)  # (n, h)
         L = (lc.min(1, keepdim=True).values - margin + tau * cos).scatter_(1, ic, lc)
         if full:
@@ -743,7 +825,9 @@ def _logits_from_codes(X: Tensor, bank: Tensor, idx: Tensor, wt: Tensor, k: int,
     return torch.cat(out) if full else (torch.cat(out_i), torch.cat(out_v))
 
 
-def _random_start(X: Tensor, h: int, k: int, gen: torch.Generator, full: bool) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
+def _random_start(
+    X: Tensor, h: int, k: int, gen: torch.Generator, full: bool
+) -> tuple[Tensor, Tensor | tuple[Tensor, Tensor]]:
     """PEFT's start, scaled to the data: bank uniform with the sub-vectors' RMS, logits N(0, 0.1²)
     (``full``: all N×h; else k random distinct indices per row with their k logits)."""
     N, b = X.shape
@@ -751,5 +835,7 @@ def _random_start(X: Tensor, h: int, k: int, gen: torch.Generator, full: bool) -
     bank = (torch.rand(h, b, generator=gen) * 2 - 1) * (rms * math.sqrt(3))
     if full:
         return bank, torch.randn(N, h, generator=gen) * 0.1
-    idx = torch.cat([torch.rand(min(_CHUNK, N - s), h, generator=gen).topk(k, dim=1).indices for s in range(0, N, _CHUNK)])
+    idx = torch.cat(
+        [torch.rand(min(_CHUNK, N - s), h, generator=gen).topk(k, dim=1).indices for s in range(0, N, _CHUNK)]
+    )
     return bank, (idx, torch.randn(N, k, generator=gen) * 0.1)

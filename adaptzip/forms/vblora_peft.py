@@ -16,6 +16,7 @@ Two layouts (formats/forms/vblora.md):
 * ``topk_only=False``: full ``vblora_logits_{A,B}`` (r, in/b, h) / (out/b, r, h), fp32: log w at
   the selected entries and 4 below the smallest elsewhere, so training can resume in PEFT.
 """
+
 from __future__ import annotations
 
 import json
@@ -34,7 +35,7 @@ if TYPE_CHECKING:  # the container hands itself to its form's exports; forms nev
     from ..container import Container
 
 
-def vblora_config(c: "Container", topk_only: bool) -> dict:
+def vblora_config(c: Container, topk_only: bool) -> dict:
     """The VBLoRAConfig dict (every field PEFT 0.21 writes) for a vblora container."""
     src = c.source_config
     cfg = c.manifest["config"]
@@ -63,20 +64,30 @@ def vblora_config(c: "Container", topk_only: bool) -> dict:
     }
 
 
-def _check(c: "Container") -> None:
+def _check(c: Container) -> None:
     emb = [m.name for m in c.modules if m.kind == "embedding"]
     if emb:
-        raise ExportError(c.path, f"PEFT's VB-LoRA adapts Linear/Conv1D layers only, not the embedding {emb[0]}; use --to peft")
+        raise ExportError(
+            c.path, f"PEFT's VB-LoRA adapts Linear/Conv1D layers only, not the embedding {emb[0]}; use --to peft"
+        )
     fifo = {m.fan_in_fan_out for m in c.modules}
     if len(fifo) > 1:
-        raise ExportError(c.path, "modules mix fan_in_fan_out True and False, which one VBLoRAConfig cannot express; use --to peft")
+        raise ExportError(
+            c.path, "modules mix fan_in_fan_out True and False, which one VBLoRAConfig cannot express; use --to peft"
+        )
     bad = [x for x in c.carried if x["role"] != "modules_to_save"]
     if bad:
-        what = {"lora_bias": "a LoRA bias", "dora_magnitude": "a DoRA magnitude", "embedding_base": "a resized embedding"}
-        raise ExportError(c.path, f"PEFT's VB-LoRA has no {what.get(bad[0]['role'], bad[0]['role'])} ({bad[0]['key']}); use --to peft")
+        what = {
+            "lora_bias": "a LoRA bias",
+            "dora_magnitude": "a DoRA magnitude",
+            "embedding_base": "a resized embedding",
+        }
+        raise ExportError(
+            c.path, f"PEFT's VB-LoRA has no {what.get(bad[0]['role'], bad[0]['role'])} ({bad[0]['key']}); use --to peft"
+        )
 
 
-def to_peft_vblora(c: "Container", out: Path, *, dtype: str | None = None, topk_only: bool = True) -> dict:
+def to_peft_vblora(c: Container, out: Path, *, dtype: str | None = None, topk_only: bool = True) -> dict:
     """Write ``out/adapter_config.json`` (VBLORA) + ``out/adapter_model.safetensors`` so that
     ``PeftModel.from_pretrained(base, out)`` gives every module the container's ΔŴ. ``dtype``:
     the bank's dtype (default: the container's; fp32 for an int8/int4-quantised bank, which is
@@ -96,8 +107,8 @@ def to_peft_vblora(c: "Container", out: Path, *, dtype: str | None = None, topk_
                 for part, shape in (("A", (r, m.in_features // b)), ("B", (m.out_features // b, r))):
                     n = shape[0] * shape[1]
                     key = f"{PREFIX}{m.name}.vblora_logits_{part}"
-                    tensors[f"{key}_topk_indices"] = idx[off:off + n].reshape(*shape, k).contiguous()
-                    tensors[f"{key}_topk_weights"] = w[off:off + n].reshape(*shape, k - 1).contiguous()
+                    tensors[f"{key}_topk_indices"] = idx[off : off + n].reshape(*shape, k).contiguous()
+                    tensors[f"{key}_topk_weights"] = w[off : off + n].reshape(*shape, k - 1).contiguous()
                     off += n
         else:
             form = c.form()
@@ -111,6 +122,14 @@ def to_peft_vblora(c: "Container", out: Path, *, dtype: str | None = None, topk_
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return {"output": str(out), "target": "peft-vblora", "r": r, "num_vectors": h, "vector_length": b, "topk": k,
-            "save_only_topk_weights": topk_only, "modules": len(c.modules),
-            "bytes": (out / "adapter_model.safetensors").stat().st_size}
+    return {
+        "output": str(out),
+        "target": "peft-vblora",
+        "r": r,
+        "num_vectors": h,
+        "vector_length": b,
+        "topk": k,
+        "save_only_topk_weights": topk_only,
+        "modules": len(c.modules),
+        "bytes": (out / "adapter_model.safetensors").stat().st_size,
+    }

@@ -25,6 +25,7 @@ OUT_DIR's layout, resume stamps), :mod:`~adaptzip.zoo.run` (jobs, the worker, ex
 lock), :mod:`~adaptzip.zoo.sharing` (the shared basis), :mod:`~adaptzip.zoo.summary` (batch.json
 and batch.md); the shared-basis maths is in :mod:`adaptzip.linalg`.
 """
+
 from __future__ import annotations
 
 import os
@@ -83,11 +84,23 @@ class _Run:
     interrupted: bool = False
 
 
-def batch(zoo: str | Path, output: str | Path, *, to: str = BASELINE, budget: str | float | None = None,
-          options: dict[str, Any] | None = None, fitting: FitOptions | None = None,
-          calibration: CalibrationOptions | None = None, quant: QuantOptions | None = None,
-          jobs: int | None = None, force: bool = False, shared_basis: bool = False, executor: str = "process",
-          progress: bool = False, command: str | None = None) -> dict:
+def batch(
+    zoo: str | Path,
+    output: str | Path,
+    *,
+    to: str = BASELINE,
+    budget: str | float | None = None,
+    options: dict[str, Any] | None = None,
+    fitting: FitOptions | None = None,
+    calibration: CalibrationOptions | None = None,
+    quant: QuantOptions | None = None,
+    jobs: int | None = None,
+    force: bool = False,
+    shared_basis: bool = False,
+    executor: str = "process",
+    progress: bool = False,
+    command: str | None = None,
+) -> dict:
     """Convert every PEFT LoRA adapter below ``zoo`` into ``output/<rel>.safetensors``.
 
     ``to``/``budget``/``options``/``fitting``/``calibration``/``quant``: as
@@ -122,8 +135,11 @@ def batch(zoo: str | Path, output: str | Path, *, to: str = BASELINE, budget: st
     if executor not in ("process", "ray"):
         raise OptionError(None, f"--executor {executor!r}: expected process or ray")
     if shared_basis:
-        for what, used in (("calibration (--base-model/--calib)", calibration is not None),
-                           (f"--quant {quant.scheme}", quant.scheme != "none"), ("Σ statistics (stats)", fitting.stats is not None)):
+        for what, used in (
+            ("calibration (--base-model/--calib)", calibration is not None),
+            (f"--quant {quant.scheme}", quant.scheme != "none"),
+            ("Σ statistics (stats)", fitting.stats is not None),
+        ):
             if used:
                 raise OptionError(None, f"--shared-basis fits in weight space; it cannot be combined with {what}")
     opts = batch_options(to, budget, config_to_json(config), fitting, calibration, quant)
@@ -135,13 +151,36 @@ def batch(zoo: str | Path, output: str | Path, *, to: str = BASELINE, budget: st
     with lock(out):
         swept = sweep_temporaries(out)
         with signals(), progress_bar(progress, "batch (scanning)", None) as bar:
+
             def job_of(f: Found, o: Path) -> Job:
-                return Job(rel=f.rel, src=str(f.path), out=str(o), out_rel=o.relative_to(out).as_posix(), to=to, budget=budget,
-                           options=dict(options or {}), fitting=fitting, calibration=calibration, quant=quant, force=force,
-                           digest=digest, command=command, shared_basis=shared_basis)
+                return Job(
+                    rel=f.rel,
+                    src=str(f.path),
+                    out=str(o),
+                    out_rel=o.relative_to(out).as_posix(),
+                    to=to,
+                    budget=budget,
+                    options=dict(options or {}),
+                    fitting=fitting,
+                    calibration=calibration,
+                    quant=quant,
+                    force=force,
+                    digest=digest,
+                    command=command,
+                    shared_basis=shared_basis,
+                )
 
             with open_executor(executor, jobs, threads) as ex:
-                _loop(ex, discover(zoo, exclude=out), job_of, out, zoo.name, jobs if executor == "ray" else 2 * jobs, run, bar)
+                _loop(
+                    ex,
+                    discover(zoo, exclude=out),
+                    job_of,
+                    out,
+                    zoo.name,
+                    jobs if executor == "ray" else 2 * jobs,
+                    run,
+                    bar,
+                )
             if shared_basis and not run.interrupted:
                 try:
                     with interruptible():
@@ -149,8 +188,9 @@ def batch(zoo: str | Path, output: str | Path, *, to: str = BASELINE, budget: st
                 except Interrupted:
                     run.interrupted = True
         swept += sweep_temporaries(out)  # a kill can land between a temp file's creation and its guard
-        summary = build_summary(run.rows, run.interrupted, zoo, out, opts, digest, jobs, executor, sharing,
-                                time.perf_counter() - t0, swept)
+        summary = build_summary(
+            run.rows, run.interrupted, zoo, out, opts, digest, jobs, executor, sharing, time.perf_counter() - t0, swept
+        )
         write_summary(out, summary)
     return summary
 
@@ -198,8 +238,19 @@ def _loop(ex, found: Iterator[Found], job_of, out: Path, zoo_name: str, max_infl
                 break
             n_found += 1
             bar.set_total(n_found, "batch (scanning)")
-            base = {"adapter": f.rel or ".", "source": str(f.path), "output": None, "status": f.status, "error": f.problem,
-                    "source_bytes": None, "bytes": None, "ratio": None, "rel_error": None, "svd_baseline_rel_error": None, "seconds": 0.0}
+            base = {
+                "adapter": f.rel or ".",
+                "source": str(f.path),
+                "output": None,
+                "status": f.status,
+                "error": f.problem,
+                "source_bytes": None,
+                "bytes": None,
+                "ratio": None,
+                "rel_error": None,
+                "svd_baseline_rel_error": None,
+                "seconds": 0.0,
+            }
             if f.problem is not None:
                 record(base)
                 continue

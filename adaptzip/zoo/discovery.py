@@ -2,6 +2,7 @@
 output path of each (``OUT_DIR/<rel>.safetensors``, refused when it could leave OUT_DIR or clash),
 the reserved names in OUT_DIR, the resume stamp (the hash of the conversion options at the end of
 a container's manifest ``command``) and the group key of adapters that can share a basis."""
+
 from __future__ import annotations
 
 import hashlib
@@ -84,9 +85,16 @@ def discover(zoo: str | Path, exclude: str | Path | None = None) -> Iterator[Fou
                     if not os.path.isdir(target) or not os.path.isfile(os.path.join(target, "adapter_config.json")):
                         continue  # a link to something that is not an adapter: nothing to convert
                     if inside(target, zoo_real):
-                        yield Found(sub_rel, Path(e.path), f"symlink to {os.path.relpath(target, zoo_real)} inside the zoo (converted at its real path)", "ignored")
+                        yield Found(
+                            sub_rel,
+                            Path(e.path),
+                            f"symlink to {os.path.relpath(target, zoo_real)} inside the zoo (converted at its real path)",
+                            "ignored",
+                        )
                     else:
-                        yield Found(sub_rel, Path(e.path), f"symlink to {target}, outside the zoo (not followed)", "failed")
+                        yield Found(
+                            sub_rel, Path(e.path), f"symlink to {target}, outside the zoo (not followed)", "failed"
+                        )
                     continue
                 if not e.is_dir(follow_symlinks=False):
                     continue
@@ -134,7 +142,10 @@ def canon(v: Any) -> Any:
     """A JSON-able canonical form of an option value (tensors by content hash)."""
     if isinstance(v, torch.Tensor):
         t = v.detach().contiguous().cpu()
-        return {"tensor_sha256": hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest() if t.numel() else "", "shape": list(t.shape)}
+        return {
+            "tensor_sha256": hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest() if t.numel() else "",
+            "shape": list(t.shape),
+        }
     if isinstance(v, dict):
         return {str(k): canon(x) for k, x in sorted(v.items(), key=lambda kv: str(kv[0])) if x is not None}
     if isinstance(v, (list, tuple)):
@@ -162,17 +173,32 @@ def stamped_options(command: str | None) -> str | None:
 
 def group_key(ad: Adapter, dtype: torch.dtype) -> str:
     """Adapters with equal keys can share a basis: same base model, container dtype and module table."""
-    sig = {"base_model": ad.base_model, "dtype": DTYPE_NAMES[dtype],
-           "modules": [[m.name, m.in_features, m.out_features, m.kind, m.fan_in_fan_out] for m in ad.modules]}
+    sig = {
+        "base_model": ad.base_model,
+        "dtype": DTYPE_NAMES[dtype],
+        "modules": [[m.name, m.in_features, m.out_features, m.kind, m.fan_in_fan_out] for m in ad.modules],
+    }
     return hashlib.sha256(json.dumps(sig, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def batch_options(to: str, budget: str | float | None, config_json: dict, fitting: FitOptions,
-                  calibration: CalibrationOptions | None, quant: QuantOptions) -> dict:
+def batch_options(
+    to: str,
+    budget: str | float | None,
+    config_json: dict,
+    fitting: FitOptions,
+    calibration: CalibrationOptions | None,
+    quant: QuantOptions,
+) -> dict:
     """Everything that shapes a batch's containers, as hashed into their resume stamp (Σ statistics
     given in ``fitting.stats`` are hashed by content)."""
     fit = fitting.to_json()
     if fitting.stats is not None:
         fit["stats"] = fitting.stats
-    return {"to": to, "budget": None if budget is None else str(budget), "options": config_json, "fitting": fit,
-            "calibration": None if calibration is None else calibration.to_json(), "quant": quant.to_json()}
+    return {
+        "to": to,
+        "budget": None if budget is None else str(budget),
+        "options": config_json,
+        "fitting": fit,
+        "calibration": None if calibration is None else calibration.to_json(),
+        "quant": quant.to_json(),
+    }

@@ -2,6 +2,7 @@
 so any executor runs it), the executors (inline for one job, a local process pool, Ray tasks),
 SIGINT/SIGTERM handling (stop starting work, abort the running conversions inside Python so
 their atomic writes clean up), the per-OUT_DIR lock and the sweep of stale temporary files."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,7 +15,6 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
 
 from .. import container as ct
 from .. import pipeline
@@ -76,20 +76,40 @@ class Job:
 
 def base_row(job: Job) -> dict:
     """A job's summary row before any result (status ``failed`` until one comes)."""
-    return {"adapter": job.rel or ".", "source": job.src, "output": job.out_rel, "status": "failed", "form": job.to,
-            "source_bytes": None, "bytes": None, "ratio": None, "rel_error": None, "svd_baseline_rel_error": None,
-            "seconds": 0.0, "error": None}
+    return {
+        "adapter": job.rel or ".",
+        "source": job.src,
+        "output": job.out_rel,
+        "status": "failed",
+        "form": job.to,
+        "source_bytes": None,
+        "bytes": None,
+        "ratio": None,
+        "rel_error": None,
+        "svd_baseline_rel_error": None,
+        "seconds": 0.0,
+        "error": None,
+    }
 
 
 def _row_from_container(c: ct.Container, row: dict) -> dict:
     m = c.manifest
     met = m.get("metrics") or {}
     zoo = met.get("zoo") or {}
-    row.update(form=m["form"], bytes=c.bytes, rel_error=met.get("rel_error"), svd_baseline_rel_error=met.get("svd_baseline_rel_error"))
+    row.update(
+        form=m["form"],
+        bytes=c.bytes,
+        rel_error=met.get("rel_error"),
+        svd_baseline_rel_error=met.get("svd_baseline_rel_error"),
+    )
     if c.shared_names:
-        row.update(shared_file=m["shared"]["file"], shared_sha256=m["shared"]["sha256"],
-                   shared_share_bytes=zoo.get("shared_share_bytes"),
-                   separate_bytes=zoo.get("separate_bytes"), separate_rel_error=zoo.get("separate_rel_error"))
+        row.update(
+            shared_file=m["shared"]["file"],
+            shared_sha256=m["shared"]["sha256"],
+            shared_share_bytes=zoo.get("shared_share_bytes"),
+            separate_bytes=zoo.get("separate_bytes"),
+            separate_rel_error=zoo.get("separate_rel_error"),
+        )
     return row
 
 
@@ -130,12 +150,25 @@ def convert(job: Job) -> dict:
             _row_from_container(c, row)
             row["status"] = "skipped"
         else:
-            res = pipeline.compress(job.src, job.out, to=job.to, budget=job.budget, form_options=job.options,
-                                    fitting=job.fitting, calibration=job.calibration, quant=job.quant,
-                                    run=RunOptions(force=True, progress=False, command=stamp(job.command, job.digest)))
+            res = pipeline.compress(
+                job.src,
+                job.out,
+                to=job.to,
+                budget=job.budget,
+                form_options=job.options,
+                fitting=job.fitting,
+                calibration=job.calibration,
+                quant=job.quant,
+                run=RunOptions(force=True, progress=False, command=stamp(job.command, job.digest)),
+            )
             _W["busy"] = False  # written: a stop request from here on lets this row finish
-            row.update(status="converted", form=res.form, bytes=res.bytes, rel_error=res.metrics.get("rel_error"),
-                       svd_baseline_rel_error=res.metrics.get("svd_baseline_rel_error"))
+            row.update(
+                status="converted",
+                form=res.form,
+                bytes=res.bytes,
+                rel_error=res.metrics.get("rel_error"),
+                svd_baseline_rel_error=res.metrics.get("svd_baseline_rel_error"),
+            )
         share = row.get("shared_share_bytes") or 0  # this container's part of a shared file
         row["ratio"] = (row["bytes"] + share) / row["source_bytes"] if row["source_bytes"] else None
     except AdaptzipError as e:
@@ -181,7 +214,9 @@ class Pool:
         ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
         if ctx.get_start_method() == "forkserver":
             ctx.set_forkserver_preload(["adaptzip.zoo"])
-        self.ex = ProcessPoolExecutor(max_workers=self.jobs, mp_context=ctx, initializer=_worker_init, initargs=(self.threads,))
+        self.ex = ProcessPoolExecutor(
+            max_workers=self.jobs, mp_context=ctx, initializer=_worker_init, initargs=(self.threads,)
+        )
 
     def submit(self, fn, *args) -> Future:
         return self.ex.submit(fn, *args)
@@ -208,7 +243,10 @@ class RayTasks:
         try:
             import ray
         except ImportError as e:
-            raise OptionError(None, "--executor ray needs the 'ray' package (pip install ray); the default --executor process needs nothing") from e
+            raise OptionError(
+                None,
+                "--executor ray needs the 'ray' package (pip install ray); the default --executor process needs nothing",
+            ) from e
         self.ray = ray
         if not ray.is_initialized():
             ray.init(ignore_reinit_error=True, log_to_driver=False)

@@ -7,6 +7,7 @@ file ``OUT_DIR/_shared/<sha256>.safetensors``. The ranks k are allocated greedil
 stored byte) as the smallest that match the group error of the separate containers; a candidate
 is shared only when that is fewer total bytes (shared file included) at equal or lower error.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,14 +30,25 @@ from .run import OK_STATUSES, convert
 SHARED_META_KEY = "adaptzip_shared"
 
 
-def _shared_blob(bases: list[linalg.ModuleBasis], ks: list[int], modules, dt: torch.dtype, n: int, gkey: str) -> tuple[dict, bytes, str]:
+def _shared_blob(
+    bases: list[linalg.ModuleBasis], ks: list[int], modules, dt: torch.dtype, n: int, gkey: str
+) -> tuple[dict, bytes, str]:
     """The shared file's tensors (``A.{i}``: the top-k_i rows of V_i in the container dtype), its
     exact bytes and their sha256 (its name)."""
     from safetensors.torch import save
+
     tensors = {f"A.{i}": b.V[:k].to(dt).contiguous() for i, (b, k) in enumerate(zip(bases, ks))}
-    meta = {"format": "adaptzip-shared", "format_version": 1, "kind": "row-basis", "dtype": DTYPE_NAMES[dt],
-            "group": gkey, "adapters": n,
-            "tensors": {f"A.{i}": {"module": m.name, "in": m.in_features, "rank": k} for i, (m, k) in enumerate(zip(modules, ks))}}
+    meta = {
+        "format": "adaptzip-shared",
+        "format_version": 1,
+        "kind": "row-basis",
+        "dtype": DTYPE_NAMES[dt],
+        "group": gkey,
+        "adapters": n,
+        "tensors": {
+            f"A.{i}": {"module": m.name, "in": m.in_features, "rank": k} for i, (m, k) in enumerate(zip(modules, ks))
+        },
+    }
     blob = save(tensors, metadata={SHARED_META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))})
     return tensors, blob, hashlib.sha256(blob).hexdigest()
 
@@ -45,15 +57,20 @@ def _ref(sha: str, n_modules: int) -> dict:
     return {"file": f"{SHARED_DIR}/{sha}.safetensors", "sha256": sha, "tensors": [f"A.{i}" for i in range(n_modules)]}
 
 
-def _shared_container(ad: Adapter, shared_tensors: dict, ks: list[int], dt: torch.dtype, sha: str,
-                      metrics: dict, command: str) -> tuple[dict, dict, fit.FitReport]:
+def _shared_container(
+    ad: Adapter, shared_tensors: dict, ks: list[int], dt: torch.dtype, sha: str, metrics: dict, command: str
+) -> tuple[dict, dict, fit.FitReport]:
     """One adapter's ``svd`` container whose ``A.{i}`` live in the shared file:
     B_i = argmin ‖ΔW_i − B V_i‖ (least squares against V_i as stored), rounded as stored."""
     svd_cls = baseline_form()
     facs = []
     for i, (m, B, A) in enumerate(ad.iter_factors()):
         V = shared_tensors[f"A.{i}"].float()  # k×in
-        Bn = B.new_zeros(m.out_features, 0) if V.shape[0] == 0 else linalg.lstsq_B(B.double(), A.double(), V.double()).float()
+        Bn = (
+            B.new_zeros(m.out_features, 0)
+            if V.shape[0] == 0
+            else linalg.lstsq_B(B.double(), A.double(), V.double()).float()
+        )
         facs.append((Bn.to(dt).float(), V))  # out×k
     form = svd_cls(ad.modules, svd_cls.Config(ranks=tuple(ks)), facs)
     rep = fit.evaluate(form, ad, FitContext())
@@ -80,7 +97,10 @@ def share_zoo(rows: list[dict], out: Path, *, command: str, log=print, job_of=No
         grp.sort(key=lambda r: r["adapter"])
         clusters = cluster_by_overlap([load_adapter(r["source"]) for r in grp])
         alone = [i for c in clusters if len(c) == 1 for i in c]
-        cands = [(f"{gkey}-{j}", [grp[i] for i in c], "overlapping A") for j, c in enumerate(x for x in clusters if len(x) > 1)]
+        cands = [
+            (f"{gkey}-{j}", [grp[i] for i in c], "overlapping A")
+            for j, c in enumerate(x for x in clusters if len(x) > 1)
+        ]
         if len(alone) >= 2:
             cands.append((f"{gkey}-x", [grp[i] for i in alone], "no overlapping partner"))
         for key, members, kind in cands:
@@ -89,8 +109,13 @@ def share_zoo(rows: list[dict], out: Path, *, command: str, log=print, job_of=No
             report.append(g)
     sep = sum(g["separate"]["bytes"] for g in report)
     zoo_b = sum(g["shared"]["bytes"] if g["decision"] == "shared" else g["separate"]["bytes"] for g in report)
-    return {"groups": report, "separate_bytes": sep, "zoo_bytes": zoo_b, "bytes_saved": sep - zoo_b,
-            "shared_groups": sum(1 for g in report if g["decision"] == "shared")}
+    return {
+        "groups": report,
+        "separate_bytes": sep,
+        "zoo_bytes": zoo_b,
+        "bytes_saved": sep - zoo_b,
+        "shared_groups": sum(1 for g in report if g["decision"] == "shared"),
+    }
 
 
 def cluster_by_overlap(ads: list[Adapter], probes: int = 3, threshold: float | None = None) -> list[list[int]]:
@@ -138,14 +163,22 @@ def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_o
             sep_bytes.append(r["bytes"])
             sep_err.append(min(x for x in (r.get("rel_error"), r.get("svd_baseline_rel_error")) if x is not None))
     T = sum(sep_bytes)
-    costs = [(m.in_features + n * m.out_features) * fb for m in modules]  # one shared direction: A row once, B column n times
-    bases = [linalg.module_basis((ad.factors(ad.modules[i]) for ad in ads), m.in_features, cap=max(0, int(T // costs[i])),
-                                 total_rank=sum(ad.modules[i].rank for ad in ads))
-             for i, m in enumerate(modules)]
+    costs = [
+        (m.in_features + n * m.out_features) * fb for m in modules
+    ]  # one shared direction: A row once, B column n times
+    bases = [
+        linalg.module_basis(
+            (ad.factors(ad.modules[i]) for ad in ads),
+            m.in_features,
+            cap=max(0, int(T // costs[i])),
+            total_rank=sum(ad.modules[i].rank for ad in ads),
+        )
+        for i, m in enumerate(modules)
+    ]
     norms = [sum(b.norms[a] for b in bases) for a in range(n)]
     total = sum(norms)
     e_sep = _group_err(sep_err, norms)
-    target = e_sep ** 2 * total
+    target = e_sep**2 * total
     by_type: dict[str, list[float]] = {}
     for m, b in zip(modules, bases):
         if not math.isnan(b.overlap):
@@ -153,31 +186,59 @@ def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_o
     ov = [x for v in by_type.values() for x in v]
 
     def metrics(a: int, blob_bytes: int) -> dict:
-        return {"svd_baseline_rel_error": grp[a].get("svd_baseline_rel_error"), "svd_baseline_bytes": sep_bytes[a],
-                "zoo": {"group": gkey, "adapters": n, "shared_file_bytes": blob_bytes, "shared_share_bytes": blob_bytes / n,
-                        "separate_bytes": sep_bytes[a], "separate_rel_error": sep_err[a]}}
+        return {
+            "svd_baseline_rel_error": grp[a].get("svd_baseline_rel_error"),
+            "svd_baseline_bytes": sep_bytes[a],
+            "zoo": {
+                "group": gkey,
+                "adapters": n,
+                "shared_file_bytes": blob_bytes,
+                "shared_share_bytes": blob_bytes / n,
+                "separate_bytes": sep_bytes[a],
+                "separate_rel_error": sep_err[a],
+            },
+        }
 
     # fixed bytes of sharing (headers, carried tensors): the containers and shared file at rank 0
     zero = [0] * len(modules)
     _, blob0, sha0 = _shared_blob(bases, zero, modules, dt, n, gkey)
-    fixed = len(blob0) + sum(ct.serialized_size(*_shared_container(ad, {f"A.{i}": b.V[:0] for i, b in enumerate(bases)}, zero, dt, sha0, metrics(a, len(blob0)), command)[:2])
-                             for a, ad in enumerate(ads))
-    ks_eq = linalg.allocate([b.lam[:b.V.shape[0]] for b in bases], costs, T - fixed)
-    eq_err = math.sqrt(max(0.0, total - sum(float(b.lam[:k].sum()) for b, k in zip(bases, ks_eq))) / total) if total > 0 else 0.0
+    fixed = len(blob0) + sum(
+        ct.serialized_size(
+            *_shared_container(
+                ad, {f"A.{i}": b.V[:0] for i, b in enumerate(bases)}, zero, dt, sha0, metrics(a, len(blob0)), command
+            )[:2]
+        )
+        for a, ad in enumerate(ads)
+    )
+    ks_eq = linalg.allocate([b.lam[: b.V.shape[0]] for b in bases], costs, T - fixed)
+    eq_err = (
+        math.sqrt(max(0.0, total - sum(float(b.lam[:k].sum()) for b, k in zip(bases, ks_eq))) / total)
+        if total > 0
+        else 0.0
+    )
     ks_need = linalg.allocate([b.lam for b in bases], costs, target_gain=total - target)
     res: dict[str, Any] = {
-        "group": gkey, "adapters": n, "modules": len(modules), "dtype": DTYPE_NAMES[dt],
+        "group": gkey,
+        "adapters": n,
+        "modules": len(modules),
+        "dtype": DTYPE_NAMES[dt],
         "overlap": sum(ov) / len(ov) if ov else None,
         "overlap_by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
         "overlap_random": sum(m.rank / m.in_features for m in modules) / len(modules),
         "separate": {"bytes": T, "rel_error": e_sep},
-        "estimate": {"shared_rel_error_at_equal_bytes": eq_err,
-                     "shared_bytes_at_equal_error": None if ks_need is None else fixed + sum(k * c for k, c in zip(ks_need, costs))},
-        "shared": None, "decision": "separate", "reason": "",
+        "estimate": {
+            "shared_rel_error_at_equal_bytes": eq_err,
+            "shared_bytes_at_equal_error": None
+            if ks_need is None
+            else fixed + sum(k * c for k, c in zip(ks_need, costs)),
+        },
+        "shared": None,
+        "decision": "separate",
+        "reason": "",
     }
     best, ks = None, None
     for attempt in range(6):  # rounding to the container dtype costs a little: tighten the target and retry
-        ks = linalg.allocate([b.lam[:b.V.shape[0]] for b in bases], costs, target_gain=total - target * 0.97 ** attempt)
+        ks = linalg.allocate([b.lam[: b.V.shape[0]] for b in bases], costs, target_gain=total - target * 0.97**attempt)
         if ks is None or fixed + sum(k * c for k, c in zip(ks, costs)) >= T:
             break
         tensors, blob, sha = _shared_blob(bases, ks, modules, dt, n, gkey)
@@ -186,8 +247,14 @@ def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_o
             t, man, rep = _shared_container(ad, tensors, ks, dt, sha, metrics(a, len(blob)), command)
             sizes.append(ct.serialized_size(t, man))
             errs.append(rep.rel_error)
-        best = {"bytes": len(blob) + sum(sizes), "shared_file_bytes": len(blob), "containers_bytes": sum(sizes),
-                "rel_error": _group_err(errs, norms), "ranks": {"total": sum(ks), "min": min(ks), "max": max(ks)}, "sha256": sha}
+        best = {
+            "bytes": len(blob) + sum(sizes),
+            "shared_file_bytes": len(blob),
+            "containers_bytes": sum(sizes),
+            "rel_error": _group_err(errs, norms),
+            "ranks": {"total": sum(ks), "min": min(ks), "max": max(ks)},
+            "sha256": sha,
+        }
         if best["rel_error"] <= e_sep * (1 + 1e-9):
             break
     res["shared"] = best
@@ -198,10 +265,16 @@ def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_o
     elif best["bytes"] >= T:
         res["reason"] = f"shared needs {best['bytes']} bytes ≥ {T} separate"
     else:
-        res.update(decision="shared", bytes_saved=T - best["bytes"], error_change=best["rel_error"] - e_sep,
-                   reason=f"{T - best['bytes']} bytes saved ({1 - best['bytes'] / T:.1%}) at group error {best['rel_error']:.4g} ≤ {e_sep:.4g}")
-    log(f"zoo sharing, group {gkey} ({n} adapters, A-overlap {res['overlap'] or 0:.3f}, random {res['overlap_random']:.3f}): "
-        f"{res['decision']}: {res['reason']}")
+        res.update(
+            decision="shared",
+            bytes_saved=T - best["bytes"],
+            error_change=best["rel_error"] - e_sep,
+            reason=f"{T - best['bytes']} bytes saved ({1 - best['bytes'] / T:.1%}) at group error {best['rel_error']:.4g} ≤ {e_sep:.4g}",
+        )
+    log(
+        f"zoo sharing, group {gkey} ({n} adapters, A-overlap {res['overlap'] or 0:.3f}, random {res['overlap_random']:.3f}): "
+        f"{res['decision']}: {res['reason']}"
+    )
     if res["decision"] == "shared":
         tensors, blob, sha = _shared_blob(bases, ks, modules, dt, n, gkey)
         path = out / SHARED_DIR / f"{sha}.safetensors"
@@ -213,9 +286,18 @@ def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_o
                 continue  # verified up to date by this run
             t, man, rep = _shared_container(ad, tensors, ks, dt, sha, metrics(a, len(blob)), command)
             written = ct.write(out / r["output"], t, man)
-            r.update(status="shared", form=baseline_form().name, bytes=written, ratio=(written + len(blob) / n) / r["source_bytes"],
-                     rel_error=rep.rel_error, shared_file=f"{SHARED_DIR}/{sha}.safetensors", shared_sha256=sha,
-                     shared_share_bytes=len(blob) / n, separate_bytes=sep_bytes[a], separate_rel_error=sep_err[a])
+            r.update(
+                status="shared",
+                form=baseline_form().name,
+                bytes=written,
+                ratio=(written + len(blob) / n) / r["source_bytes"],
+                rel_error=rep.rel_error,
+                shared_file=f"{SHARED_DIR}/{sha}.safetensors",
+                shared_sha256=sha,
+                shared_share_bytes=len(blob) / n,
+                separate_bytes=sep_bytes[a],
+                separate_rel_error=sep_err[a],
+            )
     elif job_of is not None:
         for r in grp:  # containers an earlier run shared, where sharing no longer pays: convert them one by one
             if r.get("shared_file"):
