@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from clihelp import run_cli
 from fixtures import one_torch_thread, train_lora
 
-from adaptzip import api, cli, fit, linalg, zoo
+from adaptzip import api, fit, linalg, zoo
 from adaptzip import container as ct
 from adaptzip.adapter import load_adapter
 from adaptzip.errors import AdaptzipError, ContainerError, OptionError
@@ -24,16 +25,6 @@ from adaptzip.forms import FitContext
 from adaptzip.options import CalibrationOptions, FitOptions, QuantOptions
 
 one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)  # tiny matrices: one thread (training too)
-
-
-def _cli(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
-    """Run the real entry point (``adaptzip.cli.main``) in-process; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["adaptzip", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        cli.main()
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return int(e.value.code or 0), out.out, out.err
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -65,10 +56,10 @@ def messy_zoo(tmp_path_factory, make_lora) -> Path:
     return z
 
 
-def test_batch_converts_good_reports_bad_and_resumes(messy_zoo, tmp_path, monkeypatch, capsys, one_thread):
+def test_batch_converts_good_reports_bad_and_resumes(messy_zoo, tmp_path, one_thread):
     out = tmp_path / "out"
-    code, stdout, stderr = _cli(
-        ["batch", messy_zoo, "-o", out, "--to", "svd", "--budget", "0.3", "--jobs", "2", "--json"], monkeypatch, capsys
+    code, stdout, stderr = run_cli(
+        "batch", messy_zoo, "-o", out, "--to", "svd", "--budget", "0.3", "--jobs", "2", "--json"
     )
     assert code == 1, stderr
     s = json.loads(stdout)
@@ -103,9 +94,7 @@ def test_batch_converts_good_reports_bad_and_resumes(messy_zoo, tmp_path, monkey
 
     # rerun: every good container is up to date and left untouched
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")}
-    code, stdout, _ = _cli(
-        ["batch", messy_zoo, "-o", out, "--to", "svd", "--budget", "0.3", "--jobs", "1", "--json"], monkeypatch, capsys
-    )
+    code, stdout, _ = run_cli("batch", messy_zoo, "-o", out, "--to", "svd", "--budget", "0.3", "--jobs", "1", "--json")
     s2 = json.loads(stdout)
     assert code == 1 and s2["counts"] == {"skipped": 4, "failed": 3}
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors")} == mtimes
@@ -115,31 +104,25 @@ def test_batch_converts_good_reports_bad_and_resumes(messy_zoo, tmp_path, monkey
     saved = src_b.read_bytes()
     try:
         shutil.copy(messy_zoo / "c" / "adapter_model.safetensors", src_b)
-        code, stdout, _ = _cli(
-            ["batch", messy_zoo, "-o", out, "--budget", "0.3", "--jobs", "1", "--json"], monkeypatch, capsys
-        )
+        code, stdout, _ = run_cli("batch", messy_zoo, "-o", out, "--budget", "0.3", "--jobs", "1", "--json")
         r3 = {r["adapter"]: r["status"] for r in json.loads(stdout)["adapters"]}
         assert r3["team/b"] == "converted" and r3["a"] == r3["c"] == r3["team/a"] == "skipped"
     finally:
         src_b.write_bytes(saved)
-    code, stdout, _ = _cli(
-        ["batch", messy_zoo, "-o", out, "--budget", "0.2", "--jobs", "1", "--json"], monkeypatch, capsys
-    )
+    code, stdout, _ = run_cli("batch", messy_zoo, "-o", out, "--budget", "0.2", "--jobs", "1", "--json")
     assert json.loads(stdout)["counts"] == {"converted": 4, "failed": 3}
-    code, stdout, _ = _cli(
-        ["batch", messy_zoo, "-o", out, "--budget", "0.2", "--jobs", "1", "--json", "--force"], monkeypatch, capsys
-    )
+    code, stdout, _ = run_cli("batch", messy_zoo, "-o", out, "--budget", "0.2", "--jobs", "1", "--json", "--force")
     assert json.loads(stdout)["counts"] == {"converted": 4, "failed": 3}
 
 
-def test_batch_usage_errors_exit_2(messy_zoo, tmp_path, monkeypatch, capsys):
-    code, _, err = _cli(["batch", tmp_path / "nope", "-o", tmp_path / "o"], monkeypatch, capsys)
+def test_batch_usage_errors_exit_2(messy_zoo, tmp_path):
+    code, _, err = run_cli("batch", tmp_path / "nope", "-o", tmp_path / "o")
     assert code == 2 and "no such folder" in err and len(err.strip().splitlines()) == 1
-    code, _, err = _cli(["batch", messy_zoo, "-o", tmp_path / "o", "--opt", "bogus=1"], monkeypatch, capsys)
+    code, _, err = run_cli("batch", messy_zoo, "-o", tmp_path / "o", "--opt", "bogus=1")
     assert code == 2 and "has no option 'bogus'" in err
-    code, _, err = _cli(["batch", messy_zoo, "-o", messy_zoo.parent, "--jobs", "1"], monkeypatch, capsys)
+    code, _, err = run_cli("batch", messy_zoo, "-o", messy_zoo.parent, "--jobs", "1")
     assert code == 2 and "must not contain the zoo" in err
-    code, _, err = _cli(["batch", messy_zoo, "-o", tmp_path / "o", "--jobs", "0"], monkeypatch, capsys)
+    code, _, err = run_cli("batch", messy_zoo, "-o", tmp_path / "o", "--jobs", "0")
     assert code == 2 and "--jobs 0" in err
 
 

@@ -1,7 +1,7 @@
 """Zoo conversion: every PEFT LoRA adapter below a folder, converted in parallel, resumable, and
 optionally compressed together with a zoo-level shared basis.
 
-Layout (see README "Adapter zoos" and formats/shared.md)::
+Layout (see docs/zoo.md and formats/shared.md)::
 
     ZOO_DIR/<rel>/adapter_config.json   →   OUT_DIR/<rel>.safetensors      one container per adapter
                                             OUT_DIR/_shared/<sha256>.safetensors   shared parts (--shared-basis)
