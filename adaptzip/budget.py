@@ -8,10 +8,12 @@ search (a form's configuration, a quantisation plan, a bit allocation) runs thro
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
@@ -110,65 +112,86 @@ def header_estimate(adapter: Adapter) -> int:
     return carried + len(table) + 1024 + 96 * 2 * len(adapter.modules)
 
 
+@dataclass(frozen=True)
+class FitRequest:
+    """One fit to make: the source adapter, the form class and its configuration, the bytes the
+    whole container may take (``budget``; None: the configuration as given), the container float
+    dtype and the fit context (Σ, seed, per-run caches)."""
+
+    adapter: Adapter
+    form_cls: type[Form]
+    config: Any
+    budget: int | None
+    dtype: torch.dtype
+    ctx: FitContext
+
+    def but(self, **changes: Any) -> FitRequest:
+        """The same request with some fields changed (e.g. another form, another budget)."""
+        return dataclasses.replace(self, **changes)
+
+
+class Built(NamedTuple):
+    """A fitted form and its container, built but not yet written: tensors, manifest, file size."""
+
+    form: Form
+    tensors: dict[str, torch.Tensor]
+    manifest: dict
+    size: int
+
+
 def fit_to_budget(
-    adapter: Adapter,
-    form_cls: type[Form],
-    config: Any,
-    budget_bytes: int | None,
-    dtype: torch.dtype,
-    ctx: FitContext,
+    req: FitRequest,
     *,
-    metrics_fn=None,
+    metrics_fn: Callable[[Form, int], dict] | None = None,
     command: str | None = None,
     quant: str = "none",
     group_size: int = qz.DEFAULT_GROUP,
-):
+) -> Built:
     """Fit a form (choosing its configuration for the budget when one is given) so that the whole
     container file, header and manifest (with the metrics ``metrics_fn(form, size)`` returns)
     included, fits the budget. ``quant``: a fixed storage scheme (none, int8, int4, int4-asym)
     for the form's float tensors; the configuration is then chosen at its bytes per value, and
-    ``metrics_fn`` sees the form as stored (dequantised). Returns (form, tensors, manifest, size)."""
+    ``metrics_fn`` sees the form as stored (dequantised)."""
+    adapter, dtype, ctx = req.adapter, req.dtype, req.ctx
     fb = qz.bytes_per_value(quant, group_size, dtype)
 
-    def build(form: Form):
+    def build(form: Form) -> Built:
         storage = ct.storage_plan(form, quant, group_size, dtype)
         tensors, manifest = ct.build(form, adapter, dtype, command=command, storage=storage)
         size = ct.serialized_size(tensors, manifest)
         if metrics_fn is not None:
             stored = ct.decoded_form(form, tensors, manifest)  # measure what is stored (dtype cast, quantised)
-            tensors, manifest = ct.build(
-                form, adapter, dtype, metrics=metrics_fn(stored, size), command=command, storage=storage
-            )
+            metrics = metrics_fn(stored, size)
+            tensors, manifest = ct.build(form, adapter, dtype, metrics=metrics, command=command, storage=storage)
             size = ct.serialized_size(tensors, manifest)
-        return form, tensors, manifest, size
+        return Built(form, tensors, manifest, size)
 
-    if budget_bytes is None:
-        return build(form_cls.fit(adapter, config, ctx))
+    if req.budget is None:
+        return build(req.form_cls.fit(adapter, req.config, ctx))
     overhead = header_estimate(adapter)
-    if budget_bytes - overhead <= 0:
+    if req.budget - overhead <= 0:
         raise OptionError(
-            adapter.path,
-            f"--budget of {budget_bytes} bytes is below the container's fixed overhead (~{overhead} bytes)",
+            adapter.path, f"--budget of {req.budget} bytes is below the container's fixed overhead (~{overhead} bytes)"
         )
     tried: list[Any] = []
 
     def attempt(allowance: int):
-        cfg = form_cls.config_for_budget(adapter, config, allowance, fb, ctx)
+        cfg = req.form_cls.config_for_budget(adapter, req.config, allowance, fb, ctx)
         if cfg in tried:
             return None  # the reserve given back buys this form nothing: keep the fit we have
         tried.append(cfg)
-        built = build(form_cls.fit(adapter, cfg, ctx))
-        payload = sum(t.numel() * t.element_size() for n, t in built[1].items() if not n.startswith("carry."))
-        return built, built[3], payload
+        built = build(req.form_cls.fit(adapter, cfg, ctx))
+        payload = sum(t.numel() * t.element_size() for n, t in built.tensors.items() if not n.startswith("carry."))
+        return built, built.size, payload
 
-    best = fit_within(budget_bytes, overhead, attempt, margin=256)
+    best = fit_within(req.budget, overhead, attempt, margin=256)
     if best is None:
-        raise OptionError(adapter.path, f"could not fit form {form_cls.name} into {budget_bytes} bytes")
+        raise OptionError(adapter.path, f"could not fit form {req.form_cls.name} into {req.budget} bytes")
     return best
 
 
 def svd_baseline(adapter: Adapter, budget_bytes: int, dtype: torch.dtype, ctx: FitContext) -> tuple[Form, int]:
     """The per-module SVD with global rank allocation whose container has the same bytes."""
     cls = baseline_form()
-    form, _, _, size = fit_to_budget(adapter, cls, cls.Config(), budget_bytes, dtype, ctx)
-    return form, size
+    built = fit_to_budget(FitRequest(adapter, cls, cls.Config(), budget_bytes, dtype, ctx))
+    return built.form, built.size

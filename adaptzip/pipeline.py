@@ -15,8 +15,11 @@ promising few and keeps the lowest eval KL.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ import torch
 from . import container as ct
 from . import fit, qsearch
 from .adapter import DTYPE_NAMES, Adapter, load_adapter
-from .budget import fit_to_budget, parse_budget, resolve_dtype, svd_baseline
+from .budget import Built, FitRequest, fit_to_budget, parse_budget, resolve_dtype, svd_baseline
 from .errors import AdaptzipError, OptionError
 from .fileio import check_output, json_clean
 from .forms import BASELINE, REGISTRY, FitContext, Form, get_form, is_baseline, make_config
@@ -125,6 +128,7 @@ def compress(
     cal, stats = calibration_session(adapter, output, calibration, fitting, run)
     torch.manual_seed(fitting.seed)
     ctx = FitContext(stats=stats, seed=fitting.seed, progress=run.progress, max_steps=fitting.steps)
+    req = FitRequest(adapter, form_cls, config, budget_bytes, dt, ctx)
     fitb = (
         fit_to_budget
         if quant.scheme == "none"
@@ -133,54 +137,22 @@ def compress(
     auto_report: dict | None = None
     qauto: dict = {}
     if form_cls is None:
-        form, tensors, manifest, _, auto_report = auto_select(
-            adapter,
-            budget_bytes,
-            dt,
-            ctx,
-            cal,
-            fit_to_budget=fitb,
-            steps=calibration.steps,
-            lr=calibration.lr,
-            n_distil=calibration.auto_distil,
-            command=run.command,
-        )
+        distil = Distillation(cal, fitb, calibration.steps, calibration.lr, run.command)
+        built, auto_report = auto_select(req, distil, n_distil=calibration.auto_distil)
     elif cal is not None:
         if quant.scheme == "auto":
             fitb = functools.partial(fitb, auto_report=qauto)
-        form, tensors, manifest, _ = fit_and_distil(
-            adapter,
-            form_cls,
-            config,
-            budget_bytes,
-            dt,
-            ctx,
-            cal,
-            fit_to_budget=fitb,
-            baseline=fitting.baseline,
-            steps=calibration.steps,
-            lr=calibration.lr,
-            command=run.command,
-        )
+        distil = Distillation(cal, fitb, calibration.steps, calibration.lr, run.command)
+        built = fit_and_distil(req, distil, baseline=fitting.baseline)
     else:
-        metrics_fn = weight_metrics(adapter, ctx, dt, budget_bytes, quant, fitting.baseline, stats is not None)
+        metrics_fn = weight_metrics(req, quant, fitting.baseline, stats is not None)
         if quant.scheme == "auto":
-            form, tensors, manifest, _, qauto = qsearch.quant_auto(
-                adapter, form_cls, config, budget_bytes, dt, ctx, quant.group_size, metrics_fn, run.command
-            )
+            built, qauto = qsearch.quant_auto(req, quant.group_size, metrics_fn, run.command)
         else:
-            form, tensors, manifest, _ = fit_to_budget(
-                adapter,
-                form_cls,
-                config,
-                budget_bytes,
-                dt,
-                ctx,
-                metrics_fn=metrics_fn,
-                command=run.command,
-                quant=quant.scheme,
-                group_size=quant.group_size,
+            built = fit_to_budget(
+                req, metrics_fn=metrics_fn, command=run.command, quant=quant.scheme, group_size=quant.group_size
             )
+    form, tensors, manifest = built.form, built.tensors, built.manifest
     written = ct.write(output, tensors, manifest)
     qinfo = qsearch.storage_summary(manifest) if "storage" in manifest else None
     if qinfo is not None and quant.scheme == "auto" and form_cls is not None:
@@ -203,17 +175,10 @@ def compress(
     )
 
 
-def weight_metrics(
-    adapter: Adapter,
-    ctx: FitContext,
-    dt: torch.dtype,
-    budget_bytes: int | None,
-    quant: QuantOptions,
-    baseline: bool,
-    weighted: bool,
-):
+def weight_metrics(req: FitRequest, quant: QuantOptions, baseline: bool, weighted: bool):
     """``metrics_fn(form, size)`` of a fit without a teacher: the (Σ-weighted) weight errors and
     those of the same-bytes svd baseline."""
+    adapter, ctx = req.adapter, req.ctx
 
     def metrics_fn(form: Form, size: int) -> dict:
         m: dict[str, Any] = {**fit.evaluate(form, adapter, ctx).to_json(), "weighted": weighted}
@@ -221,11 +186,11 @@ def weight_metrics(
             return m
         if form.lossless:  # no same-bytes approximation to compare with
             m["svd_baseline_rel_error"], m["svd_baseline_bytes"] = None, None
-        elif is_baseline(form) and budget_bytes is not None and quant.scheme == "none":
+        elif is_baseline(form) and req.budget is not None and quant.scheme == "none":
             # the budgeted baseline form is the baseline itself (same allocation at the same bytes)
             m["svd_baseline_rel_error"], m["svd_baseline_bytes"] = m["rel_error"], size
         else:
-            base_form, base_size = svd_baseline(adapter, size, dt, ctx)
+            base_form, base_size = svd_baseline(adapter, size, req.dtype, ctx)
             m["svd_baseline_rel_error"] = fit.evaluate(base_form, adapter, ctx).rel_error
             m["svd_baseline_bytes"] = base_size
         return m
@@ -325,30 +290,27 @@ def metrics_template(adapter: Adapter, baseline: bool, auto: bool = False) -> di
     return t
 
 
-def fit_and_distil(
-    adapter: Adapter,
-    form_cls: type[Form],
-    config: Any,
-    budget_bytes: int | None,
-    dtype: torch.dtype,
-    ctx: FitContext,
-    cal,
-    *,
-    fit_to_budget,
-    baseline: bool = True,
-    steps: int,
-    lr: float | None = None,
-    command: str | None = None,
-    auto: bool = False,
-) -> tuple[Form, dict, dict, int]:
+@dataclass(frozen=True)
+class Distillation:
+    """How forms are distilled in this run: the calibration session, the fit to use (plain or
+    quantisation-aware), steps and learning rate (None: by the start's quality), the recorded
+    command line."""
+
+    cal: Any  # distill.Calibration (imported lazily: torch-heavy)
+    fit: Callable[..., Built]
+    steps: int
+    lr: float | None
+    command: str | None
+
+
+def fit_and_distil(req: FitRequest, distil: Distillation, *, baseline: bool = True, auto: bool = False) -> Built:
     """Fit to the budget with header room reserved for the metrics, then measure + distil the
-    form (and the same-bytes svd baseline) and build the container. Returns (form, tensors,
-    manifest, size)."""
+    form (and the same-bytes svd baseline) and build the container."""
+    cal, adapter, ctx, dtype = distil.cal, req.adapter, req.ctx, req.dtype
     template = metrics_template(adapter, baseline and not auto, auto)
-    form, _, _, size = fit_to_budget(
-        adapter, form_cls, config, budget_bytes, dtype, ctx, metrics_fn=lambda f, s: template, command=command
-    )
-    m: dict[str, Any] = {**cal.reference_metrics(), **cal.measure(form, ctx, dtype, steps=steps, lr=lr)}
+    built = distil.fit(req, metrics_fn=lambda f, s: template, command=distil.command)
+    form, size = built.form, built.size
+    m: dict[str, Any] = {**cal.reference_metrics(), **cal.measure(form, ctx, dtype, steps=distil.steps, lr=distil.lr)}
     m["rel_error"] = m["output_rel_error"] if cal.stats is not None else fit.evaluate(form, adapter, ctx).rel_error
     m["worst_module_rel_error"] = m["worst_module_output_rel_error"]
     if baseline and not auto:
@@ -357,49 +319,37 @@ def fit_and_distil(
             m["svd_baseline_bytes"] = size
         else:
             b, bsize = svd_baseline(adapter, size, dtype, ctx)
-            m.update(cal.measure(b, ctx, dtype, steps=steps, lr=lr, prefix="svd_baseline_"))
+            m.update(cal.measure(b, ctx, dtype, steps=distil.steps, lr=distil.lr, prefix="svd_baseline_"))
             m["svd_baseline_bytes"] = bsize
         m["svd_baseline_rel_error"] = m["svd_baseline_output_rel_error"]
-    return (form, *build_within(form, adapter, dtype, m, budget_bytes, command))
+    return build_within(req, form, m, distil.command)
 
 
-def build_within(
-    form: Form, adapter: Adapter, dtype: torch.dtype, metrics: dict, budget_bytes: int | None, command: str | None
-) -> tuple[dict, dict, int]:
+def build_within(req: FitRequest, form: Form, metrics: dict, command: str | None) -> Built:
     """Build the container; if (unexpectedly) over the budget, drop the least essential metrics."""
     metrics = dict(metrics)
     while True:
-        tensors, manifest = ct.build(form, adapter, dtype, metrics=metrics, command=command)
+        tensors, manifest = ct.build(form, req.adapter, req.dtype, metrics=metrics, command=command)
         size = ct.serialized_size(tensors, manifest)
         droppable = [k for k in metrics if k not in _ESSENTIAL]
-        if budget_bytes is None or size <= budget_bytes or not droppable:
-            return tensors, manifest, size
+        if req.budget is None or size <= req.budget or not droppable:
+            return Built(form, tensors, manifest, size)
         metrics.pop(droppable[-1])
 
 
 def auto_select(
-    adapter: Adapter,
-    budget_bytes: int,
-    dtype: torch.dtype,
-    ctx: FitContext,
-    cal,
-    *,
-    fit_to_budget,
-    steps: int,
-    lr: float | None = None,
-    n_distil: int = 3,
-    command: str | None = None,
-    forms: list[str] | None = None,
-) -> tuple[Form, dict, dict, int, dict]:
+    req: FitRequest, distil: Distillation, *, n_distil: int = 3, forms: list[str] | None = None
+) -> tuple[Built, dict]:
     """``--to auto``: every registered form (or ``forms``) is fitted to the budget (Σ-weighted) and
     measured on the eval split — weight-space output error and eval divergence, cheap; the
     ``n_distil`` most promising (the svd baseline always among them, then the lowest eval KL) are
     distilled; the form with the lowest final eval KL (objective, for encoders) wins: distilled
     candidates count with their after-distillation value, the others with their start value, so
-    the choice is never worse than another tried form on its own eval KL. Returns (form, tensors,
-    manifest, size, report) with report = {chosen, reason, candidates: [...]}."""
+    the choice is never worse than another tried form on its own eval KL. Returns (built, report)
+    with report = {chosen, reason, candidates: [...]}."""
     from .distill import round_to
 
+    adapter, ctx, dtype, cal = req.adapter, req.ctx, req.dtype, distil.cal
     names = sorted(REGISTRY) if forms is None else list(forms)
     rows: list[dict] = []
     template = metrics_template(adapter, False, auto=True)  # the same header reservation as the final container
@@ -407,110 +357,77 @@ def auto_select(
         cls = REGISTRY[name]
         row: dict[str, Any] = {"form": name}
         try:
-            form, _, _, size = fit_to_budget(
-                adapter, cls, cls.Config(), budget_bytes, dtype, ctx, metrics_fn=lambda f, s: template, command=command
+            built = distil.fit(
+                req.but(form_cls=cls, config=cls.Config()), metrics_fn=lambda f, s: template, command=distil.command
             )
         except AdaptzipError as e:
             row["skipped"] = e.cause
             rows.append(row)
             continue
+        form = built.form
         round_to(form, dtype)
         rep = fit.evaluate(form, adapter, ctx)
         form.to(cal.base.device)
         ev = cal.evaluate(form)
         form.cpu()
         row.update(
-            {
-                "bytes": size,
-                "output_rel_error": rep.rel_error,
-                "kl_before": ev.get("kl"),
-                "top1_before": ev.get("top1"),
-                "score_before": ev["objective"],
-                "distilled": False,
-            }
+            bytes=built.size,
+            output_rel_error=rep.rel_error,
+            kl_before=ev.get("kl"),
+            top1_before=ev.get("top1"),
+            score_before=ev["objective"],
+            distilled=False,
         )
         rows.append(row)
     fitted = [r for r in rows if "skipped" not in r]
     if not fitted:
-        raise OptionError(
-            adapter.path,
-            f"--to auto: no form fits {budget_bytes} bytes ("
-            + "; ".join(f"{r['form']}: {r['skipped']}" for r in rows)
-            + ")",
-        )
+        why = "; ".join(f"{r['form']}: {r['skipped']}" for r in rows)
+        raise OptionError(adapter.path, f"--to auto: no form fits {req.budget} bytes ({why})")
     order = sorted(fitted, key=lambda r: (r["form"] != BASELINE, r["score_before"]))
     shortlist = order[: max(1, n_distil)]
-    best: tuple | None = None
+    best: tuple[dict, Built] | None = None
     for r in shortlist:
         cls = REGISTRY[r["form"]]
-        form, tensors, manifest, size = fit_and_distil(
-            adapter,
-            cls,
-            cls.Config(),
-            budget_bytes,
-            dtype,
-            ctx,
-            cal,
-            fit_to_budget=fit_to_budget,
-            steps=steps,
-            lr=lr,
-            command=command,
-            auto=True,
-        )
-        mt = manifest["metrics"]
+        built = fit_and_distil(req.but(form_cls=cls, config=cls.Config()), distil, auto=True)
+        mt = built.manifest["metrics"]
         r.update(
-            {
-                "distilled": True,
-                "bytes": size,
-                "kl_after": mt.get("kl_after"),
-                "top1_after": mt.get("top1_agreement"),
-                "improvement_kept": mt.get("improvement_kept"),
-                "score_after": mt["objective_after"],
-            }
+            distilled=True,
+            bytes=built.size,
+            kl_after=mt.get("kl_after"),
+            top1_after=mt.get("top1_agreement"),
+            improvement_kept=mt.get("improvement_kept"),
+            score_after=mt["objective_after"],
         )
         if best is None or r["score_after"] < best[0]["score_after"]:
-            best = (r, form, manifest)
+            best = (r, built)
     for r in fitted:
         r["score"] = r["score_after"] if r["distilled"] else r["score_before"]
     win = min(fitted, key=lambda r: r["score"])
     if not win["distilled"]:  # a start beat every distilled candidate: take it as fitted
         cls = REGISTRY[win["form"]]
-        form, _, manifest, _ = fit_and_distil(
-            adapter,
-            cls,
-            cls.Config(),
-            budget_bytes,
-            dtype,
-            ctx,
-            cal,
-            fit_to_budget=fit_to_budget,
-            steps=0,
-            command=command,
-            auto=True,
+        chosen = fit_and_distil(
+            req.but(form_cls=cls, config=cls.Config()), dataclasses.replace(distil, steps=0), auto=True
         )
     else:
-        _, form, manifest = best
+        chosen = best[1]
     base_row = next((r for r in fitted if r["form"] == BASELINE), None)
     metric = "KL" if cal.task in ("lm", "cls") else "divergence"
     reason = (
-        f"lowest eval {metric} ({win['score']:.4g}) among {len(fitted)} forms that fit {budget_bytes} bytes; "
+        f"lowest eval {metric} ({win['score']:.4g}) among {len(fitted)} forms that fit {req.budget} bytes; "
         f"{len(shortlist)} distilled ({', '.join(r['form'] for r in shortlist)})"
     )
     if base_row is not None and win["form"] != BASELINE:
         reason += f"; {BASELINE} at the same budget: {base_row['score']:.4g}"
     report = {"chosen": win["form"], "reason": reason, "candidates": rows}
-    metrics = dict(manifest["metrics"])
+    metrics = dict(chosen.manifest["metrics"])
     if base_row is not None and base_row.get("distilled"):
         metrics.update(
-            {
-                "svd_baseline_kl_after": base_row.get("kl_after"),
-                "svd_baseline_kl_before": base_row.get("kl_before"),
-                "svd_baseline_top1_agreement": base_row.get("top1_after"),
-                "svd_baseline_improvement_kept": base_row.get("improvement_kept"),
-                "svd_baseline_bytes": base_row["bytes"],
-            }
+            svd_baseline_kl_after=base_row.get("kl_after"),
+            svd_baseline_kl_before=base_row.get("kl_before"),
+            svd_baseline_top1_agreement=base_row.get("top1_after"),
+            svd_baseline_improvement_kept=base_row.get("improvement_kept"),
+            svd_baseline_bytes=base_row["bytes"],
         )
     metrics["auto_candidates"] = json_clean({r["form"]: r["score"] for r in fitted})
     metrics["auto_reason"] = reason[:_AUTO_REASON_LEN]
-    tensors, manifest, size = build_within(form, adapter, dtype, metrics, budget_bytes, command)
-    return form, tensors, manifest, size, report
+    return build_within(req.but(form_cls=type(chosen.form)), chosen.form, metrics, distil.command), report

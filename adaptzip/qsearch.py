@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -29,16 +28,15 @@ from torch import nn
 from . import container as ct
 from . import fit, linalg
 from . import quant as qz
-from .adapter import Adapter, ModuleInfo
-from .budget import fit_to_budget, fit_within
+from .adapter import ModuleInfo
+from .budget import Built, FitRequest, fit_to_budget, fit_within
 from .errors import OptionError
-from .forms import REGISTRY, FitContext, Form
+from .forms import REGISTRY, Form
 from .forms.base import config_from_json
 from .runtime import single_thread
 
 Tensor = torch.Tensor
 _FLOAT_BITS = {"fp16": 16, "bf16": 16, "fp32": 32}
-Candidate = tuple[str, Form, qz.Storage, dict, dict, int]  # (label, form, storage, tensors, manifest, size)
 
 
 # ----------------------------------------------------------------------------- allocation
@@ -285,19 +283,14 @@ def tensor_options(
 
 # ----------------------------------------------------------------------------- the search
 def fit_quantised(
-    adapter: Adapter,
-    form_cls: type[Form],
-    config: Any,
-    budget_bytes: int | None,
-    dtype: torch.dtype,
-    ctx: FitContext,
+    req: FitRequest,
     *,
     quant: str,
     group_size: int,
-    metrics_fn=None,
+    metrics_fn: Callable[[Form, int], dict] | None = None,
     command: str | None = None,
     auto_report: dict | None = None,
-):
+) -> Built:
     """``fit_to_budget`` under ``--quant`` for distillation: the form carries its storage
     (``form.quant_storage``, so every later ``container.build`` stores it quantised) and is seen
     through the straight-through fake quantiser (:func:`adaptzip.quant.attach_fake_quant`), so
@@ -308,36 +301,21 @@ def fit_quantised(
     if quant == "auto":  # compress has checked that a budget is given
 
         def weighed(f: Form, size: int) -> dict:  # the header reservation of metrics_fn, with the real error
-            return {
-                **(metrics_fn(f, size) if metrics_fn is not None else {}),
-                "rel_error": fit.evaluate(f, adapter, ctx).rel_error,
-            }
+            rel = fit.evaluate(f, req.adapter, req.ctx).rel_error
+            return {**(metrics_fn(f, size) if metrics_fn is not None else {}), "rel_error": rel}
 
-        form, tensors, manifest, size, rep = quant_auto(
-            adapter, form_cls, config, budget_bytes, dtype, ctx, group_size, weighed, command
-        )
+        built, rep = quant_auto(req, group_size, weighed, command)
         if auto_report is not None:
             auto_report.clear()
             auto_report.update(rep)
     else:
-        form, tensors, manifest, size = fit_to_budget(
-            adapter,
-            form_cls,
-            config,
-            budget_bytes,
-            dtype,
-            ctx,
-            quant=quant,
-            group_size=group_size,
-            metrics_fn=metrics_fn,
-            command=command,
-        )
-    storage = qz.Storage.from_json(manifest.get("storage"))
+        built = fit_to_budget(req, quant=quant, group_size=group_size, metrics_fn=metrics_fn, command=command)
+    storage = qz.Storage.from_json(built.manifest.get("storage"))
     if storage is not None:
-        form.quant_storage = storage
-        qz.attach_fake_quant(form, storage, dtype)
-        form.eval()
-    return form, tensors, manifest, size
+        built.form.quant_storage = storage
+        qz.attach_fake_quant(built.form, storage, req.dtype)
+        built.form.eval()
+    return built
 
 
 def storage_summary(manifest: dict) -> dict:
@@ -357,32 +335,30 @@ def storage_summary(manifest: dict) -> dict:
     }
 
 
+def _build(req: FitRequest, form: Form, storage: qz.Storage, command: str | None, metrics: dict | None = None) -> Built:
+    tensors, manifest = ct.build(form, req.adapter, req.dtype, metrics=metrics, command=command, storage=storage)
+    return Built(form, tensors, manifest, ct.serialized_size(tensors, manifest))
+
+
 def direction_candidates(
-    adapter: Adapter,
-    form_cls: type[Form],
-    config: Any,
-    target: int,
-    dt: torch.dtype,
-    ctx: FitContext,
-    group_size: int,
-    command: str | None,
-    only: str | None = None,
-) -> list[Candidate]:
+    req: FitRequest, target: int, group_size: int, command: str | None, only: str | None = None
+) -> list[tuple[str, qz.Storage, Built]]:
     """A ``per_direction_quant`` form under ``--quant auto``: every direction of its
     :meth:`~adaptzip.forms.base.Form.direction_table` is dropped or stored at 2/3/4/8 bits or the
     container float width (``mixed``), or all kept directions at 2 or 3 bits; each fitted so that
-    its real file fits ``target``."""
+    its real file fits ``target``. Returns (label, storage, built) per candidate that fits."""
+    adapter, cls, config, ctx, dt = req.adapter, req.form_cls, req.config, req.ctx, req.dtype
     fbits = qz.float_bits(dt)
     levels = list(qz.AUTO_LEVELS) + [fbits]
-    key = ("quant-auto-options", form_cls.name, id(adapter), repr(config), group_size, fbits)
+    key = ("quant-auto-options", cls.name, id(adapter), repr(config), group_size, fbits)
     if key not in ctx.cache:
+        table = cls.direction_table(adapter, config, ctx)
         ctx.cache[key] = [
-            direction_options(B, A, ctx.sigma(m), levels, group_size, dt)
-            for (B, A), m in zip(form_cls.direction_table(adapter, config, ctx), adapter.modules)
+            direction_options(B, A, ctx.sigma(m), levels, group_size, dt) for (B, A), m in zip(table, adapter.modules)
         ]
     tabs = ctx.cache[key]
-    empty = form_cls.fit(adapter, form_cls.config_with_ranks(config, [0] * len(adapter.modules)), ctx)
-    overhead = ct.serialized_size(*ct.build(empty, adapter, dt, command=command)) + 220 * len(adapter.modules)
+    empty = cls.fit(adapter, cls.config_with_ranks(config, [0] * len(adapter.modules)), ctx)
+    overhead = _build(req, empty, None, command).size + 220 * len(adapter.modules)
     out = []
     for label, allowed in (("mixed", levels), ("2-bit", [2]), ("3-bit", [3])):
         if only is not None and only != label:
@@ -393,7 +369,7 @@ def direction_candidates(
         def attempt(payload: int, cols=cols, opts=opts, label=label):
             lv, spent = allocate_levels(opts, payload, prefix=True)
             bits = [[levels[cols[j] - 1] for j in row if j > 0] for row in lv]
-            form = form_cls.fit(adapter, form_cls.config_with_ranks(config, [len(b) for b in bits]), ctx)
+            form = cls.fit(adapter, cls.config_with_ranks(config, [len(b) for b in bits]), ctx)
             plan = {}
             for i, b in enumerate(bits):
                 if not b or all(x == fbits for x in b):
@@ -402,9 +378,8 @@ def direction_candidates(
                 plan[f"A.{i}"] = qz.TensorQuant(bb, 1, group_size)
                 plan[f"B.{i}"] = qz.TensorQuant(bb, 0, group_size)
             storage = qz.Storage("auto", group_size, plan)
-            tensors, manifest = ct.build(form, adapter, dt, command=command, storage=storage)
-            size = ct.serialized_size(tensors, manifest)
-            return (label, form, storage, tensors, manifest, size), size, int(spent)
+            built = _build(req, form, storage, command)
+            return (label, storage, built), built.size, int(spent)
 
         best = fit_within(target, overhead, attempt)
         if best is not None:
@@ -413,16 +388,17 @@ def direction_candidates(
 
 
 def tensor_candidate(
-    adapter: Adapter, form: Form, target: int, dt: torch.dtype, ctx: FitContext, group_size: int, command: str | None
-) -> Candidate | None:
+    req: FitRequest, form: Form, target: int, group_size: int, command: str | None
+) -> tuple[str, qz.Storage, Built] | None:
     """Any form under ``--quant auto``: bits per stored float tensor (2/3/4/8 or the container
     width) by measured sensitivity (error increase when that tensor alone is quantised), greedy
     by error reduction per byte from the all-2-bit start, within ``target``."""
+    dt = req.dtype
     fbits = qz.float_bits(dt)
     levels = list(qz.AUTO_LEVELS) + [fbits]
     specs = form.tensor_specs(form.modules_info, form.config, form.state_info)
     names = sorted(n for n, (shape, d) in specs.items() if d is None and math.prod(shape) > 0)
-    tg = fit.targets(adapter, ctx)
+    tg = fit.targets(req.adapter, req.ctx)
 
     def module_errors(f: Form, idx: list[int]) -> torch.Tensor:
         errs = [linalg.sq_error(tg[i].B, tg[i].A, *f.factors(i), tg[i].Sigma) for i in idx]
@@ -456,109 +432,81 @@ def tensor_candidate(
                 plan[n] = qz.TensorQuant(b, axis_of[n], group_size)
         return qz.Storage("auto", group_size, plan)
 
-    tensors, manifest = ct.build(form, adapter, dt, command=command, storage=plan_for([0] * len(order)))
-    overhead = ct.serialized_size(tensors, manifest) - base  # header and carried bytes beyond the estimates
+    overhead = _build(req, form, plan_for([0] * len(order)), command).size - base  # beyond the estimates
 
     def attempt(extra: int):
         lv, spent = allocate_levels(opts, extra, prefix=False)
         storage = plan_for(lv[0])
-        tensors, manifest = ct.build(form, adapter, dt, command=command, storage=storage)
-        size = ct.serialized_size(tensors, manifest)
-        return ("per-tensor", form, storage, tensors, manifest, size), size, int(base + spent)
+        built = _build(req, form, storage, command)
+        return ("per-tensor", storage, built), built.size, int(base + spent)
 
     # the allowance is what lies beyond the all-2-bit start: fit_within sees that start as overhead
     return fit_within(target, overhead + base, attempt, tries=6)
 
 
 def quant_auto(
-    adapter: Adapter,
-    form_cls: type[Form],
-    config: Any,
-    budget_bytes: int,
-    dt: torch.dtype,
-    ctx: FitContext,
-    group_size: int,
-    metrics_fn,
-    command: str | None,
-):
+    req: FitRequest, group_size: int, metrics_fn: Callable[[Form, int], dict], command: str | None
+) -> tuple[Built, dict]:
     """``--quant auto``: every candidate of the module docstring is measured as stored
     (dequantised); the lowest error wins. The manifest records the chosen bits as its
-    ``storage`` entries (scheme ``auto``); the candidates go in the report. Returns (form,
-    tensors, manifest, size, report)."""
+    ``storage`` entries (scheme ``auto``); the candidates go in the report. Returns (built,
+    report)."""
+    budget = req.budget
 
-    def relabel(f: Form, man: dict) -> tuple[dict, dict, int]:
-        st = qz.Storage.from_json(man.get("storage"))
+    def relabel(b: Built) -> Built:  # int8/int4 → auto: the same length, the same bytes
+        st = qz.Storage.from_json(b.manifest.get("storage"))
         storage = qz.Storage("auto", group_size, dict(st.tensors) if st is not None else {})
-        t, m = ct.build(f, adapter, dt, metrics=man["metrics"], command=command, storage=storage)
-        return t, m, ct.serialized_size(t, m)
+        return _build(req, b.form, storage, command, metrics=b.manifest["metrics"])
 
-    cands: list[tuple[float, int, str, Form, dict, dict]] = []  # (rel_error, bytes, label, form, tensors, manifest)
+    cands: list[tuple[float, str, Built]] = []  # (rel_error, label, built)
     fixed: list[tuple[str, Form]] = []
     metrics_len = 0
     for scheme in ("none", "int8", "int4"):
         # "none" has no storage section of its own: leave room for the one auto adds
-        b = budget_bytes - (96 if scheme == "none" else 0)
+        sub = req.but(budget=budget - (96 if scheme == "none" else 0))
         try:
-            f, _, man, _ = fit_to_budget(
-                adapter,
-                form_cls,
-                config,
-                b,
-                dt,
-                ctx,
-                metrics_fn=metrics_fn,
-                command=command,
-                quant=scheme,
-                group_size=group_size,
-            )
+            b = relabel(fit_to_budget(sub, metrics_fn=metrics_fn, command=command, quant=scheme, group_size=group_size))
         except OptionError:
             continue
-        t, m, sz = relabel(f, man)  # int8/int4 → auto: the same length, the same bytes
-        fixed.append((scheme, f))
-        metrics_len = max(metrics_len, len(json.dumps(m["metrics"], separators=(",", ":"))))
-        if sz <= budget_bytes:
-            cands.append((float(m["metrics"]["rel_error"]), sz, scheme, f, t, m))
+        fixed.append((scheme, b.form))
+        metrics_len = max(metrics_len, len(json.dumps(b.manifest["metrics"], separators=(",", ":"))))
+        if b.size <= budget:
+            cands.append((float(b.manifest["metrics"]["rel_error"]), scheme, b))
 
-    if not fixed and not form_cls.per_direction_quant:
+    if not fixed and not req.form_cls.per_direction_quant:
         # a form that cannot choose its configuration for a size (e.g. a lossless repack): fit it
         # as configured; its bits per tensor are then what makes it fit
-        fixed.append(("configured", form_cls.fit(adapter, config, ctx)))
+        fixed.append(("configured", req.form_cls.fit(req.adapter, req.config, req.ctx)))
 
-    def finish(f: Form, storage: qz.Storage) -> tuple[dict, dict, int]:
-        t, m = ct.build(f, adapter, dt, command=command, storage=storage)
-        size = ct.serialized_size(t, m)
-        t, m = ct.build(
-            f, adapter, dt, metrics=metrics_fn(ct.decoded_form(f, t, m), size), command=command, storage=storage
+    def finish(f: Form, storage: qz.Storage) -> Built:
+        first = _build(req, f, storage, command)
+        return _build(
+            req, f, storage, command, metrics=metrics_fn(ct.decoded_form(f, first.tensors, first.manifest), first.size)
         )
-        return t, m, ct.serialized_size(t, m)
 
-    labels = ["mixed", "2-bit", "3-bit"] if form_cls.per_direction_quant else [f"per-tensor({s})" for s, _ in fixed]
+    per_direction = req.form_cls.per_direction_quant
+    labels = ["mixed", "2-bit", "3-bit"] if per_direction else [f"per-tensor({s})" for s, _ in fixed]
     for label in labels:
 
         def attempt(target: int, label=label):
-            if form_cls.per_direction_quant:
-                got = direction_candidates(adapter, form_cls, config, target, dt, ctx, group_size, command, label)
+            if per_direction:
+                got = direction_candidates(req, target, group_size, command, label)
                 c = got[0] if got else None
             else:
-                c = tensor_candidate(
-                    adapter, dict(fixed)[label[len("per-tensor(") : -1]], target, dt, ctx, group_size, command
-                )
+                c = tensor_candidate(req, dict(fixed)[label[len("per-tensor(") : -1]], target, group_size, command)
             if c is None:
                 return None
-            _, f, storage, _, _, _ = c
-            t, m, sz = finish(f, storage)
-            return (f, t, m, sz), sz, target
+            b = finish(c[2].form, c[1])
+            return b, b.size, target
 
-        got = fit_within(budget_bytes, metrics_len + 64, attempt, tries=4, margin=32, give_back=False)
+        got = fit_within(budget, metrics_len + 64, attempt, tries=4, margin=32, give_back=False)
         if got is not None:
-            f, t, m, sz = got
-            cands.append((float(m["metrics"]["rel_error"]), sz, label, f, t, m))
+            cands.append((float(got.manifest["metrics"]["rel_error"]), label, got))
     if not cands:
-        raise OptionError(adapter.path, f"--quant auto: form {form_cls.name} does not fit {budget_bytes} bytes")
-    order = sorted(range(len(cands)), key=lambda j: (cands[j][0], cands[j][1], j))
-    _, size, label, form, tensors, manifest = cands[order[0]]
+        raise OptionError(req.adapter.path, f"--quant auto: form {req.form_cls.name} does not fit {budget} bytes")
+    order = sorted(range(len(cands)), key=lambda j: (cands[j][0], cands[j][2].size, j))
     report = {
-        "chosen": label,
-        "considered": [{"candidate": cands[j][2], "bytes": cands[j][1], "rel_error": cands[j][0]} for j in order],
+        "chosen": cands[order[0]][1],
+        "considered": [{"candidate": cands[j][1], "bytes": cands[j][2].size, "rel_error": cands[j][0]} for j in order],
     }
-    return form, tensors, manifest, size, report
+    return cands[order[0]][2], report

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from adaptzip import api, load_adapter  # noqa: E402
 from adaptzip import quant as qz  # noqa: E402
-from adaptzip.budget import fit_to_budget, parse_budget  # noqa: E402
+from adaptzip.budget import FitRequest, fit_to_budget, parse_budget  # noqa: E402
 from adaptzip.forms import FitContext, get_form  # noqa: E402
 from adaptzip.options import FitOptions, QuantOptions, RunOptions  # noqa: E402
 from bench.llama7b_adapter import build_llama7b_adapter  # noqa: E402
@@ -209,8 +209,9 @@ def distil_experiment(
         )
         print(f"  {label:<34} {size:>7} B  KL {ev['kl']:.5f}  top-1 {ev['top1']:.4f}  ({seconds:.1f}s)", flush=True)
 
-    f16, _, _, _ = fit_to_budget(ad, svd, svd.Config(), budget_bytes, dt, ctx)
-    fq, _, man, _ = fit_to_budget(ad, svd, svd.Config(), budget_bytes, dt, ctx, quant=scheme)
+    req = FitRequest(ad, svd, svd.Config(), budget_bytes, dt, ctx)
+    f16 = fit_to_budget(req).form
+    fq, _, man, _ = fit_to_budget(req, quant=scheme)
     storage = qz.Storage.from_json(man["storage"])
     lr = distill.default_lr(0.0)  # a strong start (svd): 1e-4
     record("fp16 svd, fitted", f16, None, 0.0, rank=sum(f16.state_info["ranks"]))

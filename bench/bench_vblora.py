@@ -64,7 +64,7 @@ def run_case(case: str, work: Path, layers: int) -> dict:
     import adaptzip
     from adaptzip import api, fit
     from adaptzip import container as ct
-    from adaptzip.budget import fit_to_budget, parse_budget, resolve_dtype, svd_baseline
+    from adaptzip.budget import FitRequest, fit_to_budget, parse_budget, resolve_dtype, svd_baseline
     from adaptzip.forms import FitContext, get_form, make_config
 
     src = work / "adapter"
@@ -83,7 +83,7 @@ def run_case(case: str, work: Path, layers: int) -> dict:
     cls.fit = classmethod(lambda c, *args, **kw: fits.append(1) or fit_once(c, *args, **kw))
     rss_before = _peak_rss_mb()
     t0, c0 = time.perf_counter(), time.process_time()
-    form, tensors, manifest, size = fit_to_budget(ad, cls, cfg, budget_bytes, dtype, ctx)
+    form, tensors, manifest, size = fit_to_budget(FitRequest(ad, cls, cfg, budget_bytes, dtype, ctx))
     fit_s, fit_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     peak_fit = _peak_rss_mb()
     rep = fit.evaluate(form, ad, ctx)

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from common import OUT, ROOT, WORK  # noqa: E402,F401  (sets the offline env first)
 
 from adaptzip import distill, load_adapter  # noqa: E402
-from adaptzip.budget import fit_to_budget  # noqa: E402
+from adaptzip.budget import FitRequest, fit_to_budget  # noqa: E402
 from adaptzip.errors import AdaptzipError  # noqa: E402
 from adaptzip.forms import REGISTRY, FitContext  # noqa: E402
 from adaptzip.pipeline import metrics_template  # noqa: E402
@@ -162,9 +162,8 @@ def main() -> None:
             cls = REGISTRY[name]
             tpl = metrics_template(ad, False)
             try:
-                form, _, _, size = fit_to_budget(
-                    ad, cls, cls.Config(), budget, torch.float32, ctx, metrics_fn=lambda f, s, tpl=tpl: tpl
-                )
+                req = FitRequest(ad, cls, cls.Config(), budget, torch.float32, ctx)
+                form, _, _, size = fit_to_budget(req, metrics_fn=lambda f, s, tpl=tpl: tpl)
             except AdaptzipError as e:
                 rows.append({"form": name, "budget": frac, "skipped": e.cause})
                 continue

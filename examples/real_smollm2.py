@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from common import OUT, ROOT, WORK  # noqa: E402,F401  (sets the offline env first)
 
 from adaptzip import distill, load_adapter  # noqa: E402
-from adaptzip.budget import fit_to_budget  # noqa: E402
+from adaptzip.budget import FitRequest, fit_to_budget  # noqa: E402
 from adaptzip.errors import AdaptzipError  # noqa: E402
 from adaptzip.forms import REGISTRY, FitContext  # noqa: E402
 from adaptzip.pipeline import metrics_template  # noqa: E402
@@ -180,9 +180,8 @@ def main() -> None:
             tpl = metrics_template(ad, False)
             t1 = time.perf_counter()
             try:
-                form, _, _, size = fit_to_budget(
-                    ad, cls, cls.Config(), budget, torch.float32, ctx, metrics_fn=lambda f, s, tpl=tpl: tpl
-                )
+                req = FitRequest(ad, cls, cls.Config(), budget, torch.float32, ctx)
+                form, _, _, size = fit_to_budget(req, metrics_fn=lambda f, s, tpl=tpl: tpl)
             except AdaptzipError as e:
                 rows.append({"form": name, "budget": frac, "skipped": e.cause})
                 print(f"{name} @ {frac}: skipped ({e.cause})", file=sys.stderr)

@@ -13,7 +13,7 @@ from fixtures import make_base, one_torch_thread, train_lora
 
 from adaptzip import api, distill, fit, load_adapter
 from adaptzip import calibrate as cb
-from adaptzip.budget import fit_to_budget
+from adaptzip.budget import FitRequest, fit_to_budget
 from adaptzip.container import open_container
 from adaptzip.errors import AdaptzipError, BaseModelError, CalibrationError
 from adaptzip.forms import REGISTRY, FitContext, get_form
@@ -223,7 +223,7 @@ def _budget_fit(ad, name, ctx):
     last = None
     for frac in (0.2, 0.3, 0.5):
         try:
-            return fit_to_budget(ad, cls, cfg, int(frac * ad.bytes), torch.float32, ctx)[0]
+            return fit_to_budget(FitRequest(ad, cls, cfg, int(frac * ad.bytes), torch.float32, ctx)).form
         except AdaptzipError as e:
             last = e
     pytest.fail(f"form {name} cannot fit the tiny adapter at 20%, 30% or 50% of its bytes: {last}")
