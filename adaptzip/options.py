@@ -146,7 +146,10 @@ class RunOptions:
 class CompressResult:
     """What :func:`adaptzip.api.compress` returns. ``metrics`` are the manifest's metrics (weight
     errors, svd baseline, calibration figures); ``quant`` the storage summary (when quantised);
-    ``auto`` the ``--to auto`` report; ``extras`` result-only facts of a calibrated run
+    ``auto`` the ``--to auto`` report; ``sharing`` whether a shared form shares anything
+    (``{"sharing_used": bool, "why": str}``, None for forms without sharing); ``warnings`` what
+    the user must know (e.g. a container larger than the lossless repack); ``extras`` result-only
+    facts of a calibrated run
     (per-module output errors, Σ file, timings). ``to_json()``: the flat object that
     ``adaptzip compress --json`` prints."""
 
@@ -163,6 +166,8 @@ class CompressResult:
     seconds: float
     quant: dict | None = None
     auto: dict | None = None
+    sharing: dict | None = None
+    warnings: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -193,6 +198,11 @@ class CompressResult:
             out["quant"] = self.quant
         if self.auto is not None:
             out["auto"] = self.auto
+        if self.sharing is not None:
+            out["sharing_used"] = self.sharing["sharing_used"]
+            out["sharing"] = self.sharing["why"]
+        if self.warnings:
+            out["warnings"] = self.warnings
         out.update(self.extras)
         out["seconds"] = self.seconds
         return out

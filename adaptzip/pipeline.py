@@ -31,7 +31,7 @@ from .adapter import DTYPE_NAMES, Adapter, load_adapter
 from .budget import Built, FitRequest, fit_to_budget, parse_budget, resolve_dtype, svd_baseline
 from .errors import AdaptzipError, OptionError
 from .fileio import check_output, json_clean
-from .forms import BASELINE, REGISTRY, FitContext, Form, get_form, is_baseline, make_config
+from .forms import BASELINE, REGISTRY, FitContext, Form, get_form, is_baseline, lossless_form, make_config
 from .forms.base import config_to_json
 from .options import CalibrationOptions, CompressResult, FitOptions, QuantOptions, RunOptions
 
@@ -153,6 +153,7 @@ def compress(
                 req, metrics_fn=metrics_fn, command=run.command, quant=quant.scheme, group_size=quant.group_size
             )
     form, tensors, manifest = built.form, built.tensors, built.manifest
+    warnings = [] if budget_bytes is not None or form.lossless else size_warnings(req, built, form_options)
     written = ct.write(output, tensors, manifest)
     qinfo = qsearch.storage_summary(manifest) if "storage" in manifest else None
     if qinfo is not None and quant.scheme == "auto" and form_cls is not None:
@@ -170,9 +171,37 @@ def compress(
         metrics=dict(manifest["metrics"]),
         quant=qinfo,
         auto=auto_report,
+        sharing=form.sharing(form.modules_info, form.config, form.state_info, manifest["metrics"]),
+        warnings=warnings,
         extras=calibration_extras(cal, form, adapter, ctx),
         seconds=time.perf_counter() - t0,
     )
+
+
+def size_warnings(req: FitRequest, built: Built, form_options: dict) -> list[str]:
+    """Without a budget no form may silently store more than the lossless repack of the same
+    source in the same dtype (tensor bytes compared: headers differ by a few hundred bytes of
+    metrics): with the form's defaults that is refused (the defaults did not suit this
+    adapter); with options the user chose, it is said loudly."""
+    lossless = lossless_form()
+    ref = ct.build(lossless.fit(req.adapter, lossless.Config(), req.ctx), req.adapter, req.dtype)[0]
+    limit, stored = payload_bytes(ref), payload_bytes(built.tensors)
+    if stored <= limit:
+        return []
+    what = (
+        f"the {built.form.name} container would store {stored} bytes of tensors, more than the lossless "
+        f"{lossless.name} repack ({limit} bytes)"
+    )
+    if not any(v is not None for v in form_options.values()):
+        raise OptionError(
+            req.adapter.path, f"{what} with the form's default options; give --budget (e.g. --budget 0.25)"
+        )
+    return [f"{what}: give --budget to bound the size"]
+
+
+def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes of a container's tensors (what a form stores; the header aside)."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def weight_metrics(req: FitRequest, quant: QuantOptions, baseline: bool, weighted: bool):

@@ -15,6 +15,11 @@ def baseline_form() -> type[Form]:
     return REGISTRY[BASELINE]
 
 
+def lossless_form() -> type[Form]:
+    """The form that repacks the source exactly (the size no form should exceed unasked)."""
+    return next(cls for _, cls in sorted(REGISTRY.items()) if cls.lossless)
+
+
 def is_baseline(form: Form) -> bool:
     """True when ``form`` is the baseline fitted with default user options: then, fitted to a
     budget, it IS the same-bytes baseline (no second fit is needed)."""
@@ -30,7 +35,7 @@ __all__ = [
     "baseline_form",
     "get_form",
     "is_baseline",
+    "lossless_form",
     "make_config",
     "user_options",
-    "Any",
 ]

@@ -24,7 +24,8 @@ Optional hooks (class attributes and methods with working defaults):
 * ``per_direction_quant`` / :meth:`direction_table` / :meth:`config_with_ranks` — ``--quant auto``
   may drop or store each singular direction at its own width (:mod:`adaptzip.qsearch`);
 * :meth:`quant_axis` — the group axis of a stored tensor (None: chosen by error);
-* :meth:`native_exports` — extra ``expand --to`` targets of this form (e.g. PEFT's own VB-LoRA).
+* :meth:`native_exports` — extra ``expand --to`` targets of this form (e.g. PEFT's own VB-LoRA);
+* :meth:`sharing` — whether a fitted shared form really shares anything, and why not.
 """
 
 from __future__ import annotations
@@ -142,6 +143,13 @@ class Form(nn.Module, metaclass=abc.ABCMeta):
     def native_exports(cls) -> dict[str, Callable[..., dict]]:
         """Extra ``expand --to`` targets: name → ``fn(container, out_dir, *, dtype) -> dict``."""
         return {}
+
+    @classmethod
+    def sharing(cls, modules: Sequence[ModuleInfo], config: Any, state: dict, metrics: dict | None) -> dict | None:
+        """For forms that share parameters across modules: ``{"sharing_used": bool, "why": str}``
+        read off a fitted or stored configuration (``metrics``: the manifest's, for the budget
+        search's notes); None for forms without sharing (lora, svd)."""
+        return None
 
     def quant_axis(self, name: str, shape: tuple[int, ...]) -> int | None:
         """The group axis of stored tensor ``name`` under quantisation (None: chosen by error)."""

@@ -125,17 +125,17 @@ class SSConfig:
 @dataclass
 class GTConfig:
     ranks: tuple[int, int, int] = field(default=(2, 8, 16), metadata={"help": _RANKS_HELP})
-    shared_size: int = field(
-        default=1024,
+    shared_size: int | None = field(
+        default=None,
         metadata={
-            "help": "d_s: width of the shared pair (d_s×r)(r×d_s) and of the gates; any d_s ≥ 1 works (each level adds rank ≤ 1 per module)"
+            "help": "d_s: width of the shared pair (d_s×r)(r×d_s) and of the gates; any d_s ≥ 1 works (each level adds rank ≤ 1 per module). Default: the model width / 4 (the paper's 1024 at width 4096); a larger d_s only costs bytes"
         },
     )
     local_ranks: tuple[int, ...] | None = field(default=None, metadata={"help": _LOCAL_HELP, "internal": True})
 
     def __post_init__(self):
         self.ranks = _check_ranks(self.ranks)
-        self.shared_size = _int("shared_size", self.shared_size, 1)
+        self.shared_size = None if self.shared_size is None else _int("shared_size", self.shared_size, 1)
         self.local_ranks = _check_local(self.local_ranks)
 
 
@@ -145,7 +145,7 @@ class KEConfig:
     shared_size: int = field(
         default=256,
         metadata={
-            "help": "s: the shared pair is (s×r)(r×s), tiled ⌈out/s⌉×⌈in/s⌉ times by per-module kernels and cropped; clamped to the largest module dim"
+            "help": "s: the shared pair is (s×r)(r×s), tiled ⌈out/s⌉×⌈in/s⌉ times by per-module kernels and cropped; clamped to the largest module dim (so it scales down with small adapters)"
         },
     )
     steps: int | None = field(default=None, metadata={"help": _STEPS_HELP})
@@ -156,6 +156,12 @@ class KEConfig:
         self.shared_size = _int("shared_size", self.shared_size, 1)
         self.steps = None if self.steps is None else _int("steps", self.steps, 0)
         self.local_ranks = _check_local(self.local_ranks)
+
+
+def default_shared_size(modules: Sequence[ModuleInfo], fraction: float) -> int:
+    """``fraction`` × the model width (the narrowest in-features of an adapted module: the hidden
+    size of a transformer), at least 1 — the paper's sizes for Llama-7B (width 4096), scaled."""
+    return max(1, round(fraction * min(m.in_features for m in modules)))
 
 
 # ----------------------------------------------------------------------------- layout
@@ -355,9 +361,29 @@ class _BSLoRA(Form):
             state["shared_size"] = cls.effective_shared_size(modules, config.shared_size)
         return state
 
+    #: Default shared size as a fraction of the model width (the narrowest input of an adapted
+    #: module: the hidden size of a transformer), so that defaults scale with the adapter.
+    WIDTH_FRACTION: ClassVar[float] = 1.0
+
     @classmethod
-    def effective_shared_size(cls, modules: Sequence[ModuleInfo], size: int) -> int:
-        return size
+    def effective_shared_size(cls, modules: Sequence[ModuleInfo], size: int | None) -> int:
+        """The stored shared size: ``size``, or by default the model width × ``WIDTH_FRACTION``."""
+        return default_shared_size(modules, cls.WIDTH_FRACTION) if size is None else size
+
+    @classmethod
+    def sharing(cls, modules, config, state, metrics):
+        I, G = int(state["r_intra"]), int(state["r_inter"])
+        if I or G:
+            return {"sharing_used": True, "why": f"intra-layer rank {I}, inter-layer rank {G}"}
+        asked = (metrics or {}).get("budget_choice", {}).get("requested_ranks", list(config.ranks))[1:]
+        if any(asked):
+            why = (
+                f"the budget left no room for the shared parts (intra/inter ranks {asked[0]}/{asked[1]} asked, "
+                "halved to 0): a local-only container, i.e. the svd solution; raise --budget or lower --ranks"
+            )
+        else:
+            why = "--ranks asks for intra and inter rank 0: a local-only container"
+        return {"sharing_used": False, "why": why}
 
     # -- storage ------------------------------------------------------------------
     @classmethod
@@ -640,7 +666,7 @@ class _Fitted(_BSLoRA):
             "refine_rel_error": math.sqrt(max(min(history), 0.0)),
             "weighted": ctx.stats is not None,
         }
-        if cls.uses_shared_size and state["shared_size"] != config.shared_size:
+        if cls.uses_shared_size and config.shared_size is not None and state["shared_size"] != config.shared_size:
             form.fit_info["shared_size_clamped_from"] = config.shared_size
         note = cls._budget_note(adapter, config, ctx)
         if note is not None:
@@ -817,8 +843,9 @@ class KroneckerExtension(_Fitted):
 @register
 class GateTransformation(_BSLoRA):
     name = "bslora-gt"
-    summary = "BSLoRA gate transformation: shared (d_s×r)(r×d_s) pairs behind rank-1 gates, rank ≤ 1 per module and level (L,I,G = 2,8,16, d_s = 1024)"
+    summary = "BSLoRA gate transformation: shared (d_s×r)(r×d_s) pairs behind rank-1 gates, rank ≤ 1 per module and level (L,I,G = 2,8,16, d_s = width/4)"
     Config = GTConfig
+    WIDTH_FRACTION = 1 / 4
     module_params = ("iu", "id", "ou", "od")
     module_prefix = "gate"
 

@@ -286,6 +286,14 @@ class MasaForm(Form):
         return form
 
     @classmethod
+    def sharing(cls, modules, config, state, metrics):
+        groups = state["groups"]
+        shared = [g for g in groups if len(g) > 1]
+        if shared:
+            return {"sharing_used": True, "why": f"{len(shared)} of {len(groups)} groups share their A across layers"}
+        return {"sharing_used": False, "why": "every group holds one layer (S = 1): each layer keeps its own A"}
+
+    @classmethod
     def config_for_budget(
         cls, adapter: Adapter, config: MasaConfig, budget_bytes: int, float_bytes: int, ctx: FitContext
     ) -> MasaConfig:

@@ -198,6 +198,13 @@ class VbloraForm(Form):
     Config = VbloraConfig
 
     @classmethod
+    def sharing(cls, modules, config, state, metrics):
+        return {
+            "sharing_used": True,
+            "why": f"every sub-vector mixes {config.topk} of one bank of {config.bank} vectors",
+        }
+
+    @classmethod
     def native_exports(cls):
         from .vblora_peft import to_peft_vblora  # PEFT's own VB-LoRA layout: loaded only when asked for
 
