@@ -12,6 +12,7 @@ Everything in the weights file that is not a LoRA factor (``modules_to_save`` co
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 from collections.abc import Iterator
@@ -23,7 +24,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import AdapterError, UnsupportedAdapter
-from .fileio import ST_TORCH, check_not_truncated, file_sha256, tensor_index
+from .fileio import ST_DTYPE, ST_TORCH, check_not_truncated, file_sha256, tensor_index
+from .runtime import single_thread
 
 PREFIX = "base_model.model."
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -53,6 +55,18 @@ def split_layer(name: str) -> tuple[str | None, int | None, str]:
     return m["stack"], int(m["idx"]), m["rest"]
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is finite (True for integer tensors). A sum propagates any NaN
+    or Inf and is several times faster than ``isfinite().all()``; only a non-finite sum (which a
+    sum of huge finite values can also give) is confirmed element by element. On one torch thread:
+    the tensors checked are small, and waking a second thread costs more than it saves (runtime.py)."""
+    if not t.is_floating_point() or not t.numel():
+        return True
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    with single_thread():
+        return bool(torch.isfinite(torch.sum(t, dtype=acc))) or bool(torch.isfinite(t).all())
+
+
 def pattern_key(pattern_keys, name: str) -> str | None:
     """PEFT's own rule (``peft.utils.other.get_pattern_key``): the first key that matches the end
     of the module name, as a regex, on a ``.`` boundary."""
@@ -60,6 +74,50 @@ def pattern_key(pattern_keys, name: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", name):
             return key
     return None
+
+
+def peft_targets(config: dict, name: str, kind: str = "linear") -> bool:
+    """Whether PEFT, given this LoRA config, adapts the module ``name`` (its path in the base
+    model): PEFT's own rule (``peft.tuners.tuners_utils.check_target_module_exists``) —
+    ``exclude_modules`` and ``modules_to_save`` win; ``target_modules`` as a string is a regex
+    that must match the whole name (``all-linear``: every linear layer), as a list an entry
+    equal to the name or to a ``.``-separated suffix of it; with ``layers_to_transform`` the
+    module's layer index must be listed."""
+    ex = config.get("exclude_modules")
+    if ex:
+        if isinstance(ex, str):
+            if re.fullmatch(ex, name):
+                return False
+        elif name in ex or any(name.endswith(f".{e}") for e in ex):
+            return False
+    for m in config.get("modules_to_save") or ():
+        if re.match(rf"(^|.*\.){m}($|\..*)", name):
+            return False
+    tm = config.get("target_modules")
+    if isinstance(tm, str):
+        return kind == "linear" if tm == "all-linear" else re.fullmatch(tm, name) is not None
+    if tm is None:
+        return False
+    if name in tm:
+        return True
+    if not any(name.endswith(f".{t}") for t in tm):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or (isinstance(layers, list) and not layers):
+        return True
+    pattern = config.get("layers_pattern")
+    if not pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = None
+        for pat in [pattern] if isinstance(pattern, str) else pattern:
+            match = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    idx = int(match["idx"])
+    return idx == layers if isinstance(layers, int) else idx in layers
 
 
 @dataclass(frozen=True)
@@ -153,6 +211,7 @@ class Adapter:
         self.modules: list[ModuleInfo] = []
         self.carried: list[Carried] = []
         self._keys: dict[str, tuple[str, str]] = {}  # module name -> (key A, key B)
+        self._finite: set[str] = set()  # keys whose values were checked finite
         self._parse()
 
     # ----------------------------------------------------------------- parsing
@@ -186,10 +245,23 @@ class Adapter:
                 raise UnsupportedAdapter(
                     self.weights_file, f"module {name}: {len(sa)}-D LoRA factors (convolution LoRA) are not supported"
                 )
+            for key in (p["A"], p["B"]):
+                dt = self._shapes[key][1]
+                if not dt.is_floating_point:
+                    raise AdapterError(
+                        self.weights_file,
+                        f"tensor {key} has dtype {ST_DTYPE.get(dt, str(dt))}: LoRA factors must be floating point (F32, F16, BF16)",
+                    )
             r, n_in = sa
             n_out, r_b = sb
             if r != r_b:
                 raise AdapterError(self.weights_file, f"module {name}: lora_A has rank {r} but lora_B has rank {r_b}")
+            if r == 0:
+                raise AdapterError(
+                    self.weights_file,
+                    f"module {name} has rank 0 ({p['A']} is {list(sa)}): a rank-0 module carries no update; "
+                    "remove it from the adapter",
+                )
             rk = pattern_key(rank_pattern, name)
             r_cfg = int(rank_pattern[rk]) if rk is not None else r_default
             if r != r_cfg:
@@ -282,13 +354,21 @@ class Adapter:
 
     # ----------------------------------------------------------------- tensors
     def _get(self, key: str) -> torch.Tensor:
+        """A tensor of the weights file; a float one is checked finite the first time it is read
+        (a NaN or Inf would otherwise surface as a failed SVD deep inside a fit)."""
         if self._bin_state is not None:
-            return self._bin_state[key]
-        try:
-            with safe_open(self.weights_file, framework="pt") as f:
-                return f.get_tensor(key)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise AdapterError(self.weights_file, f"cannot read tensor {key}: {e}") from e
+            t = self._bin_state[key]
+        else:
+            try:
+                with safe_open(self.weights_file, framework="pt") as f:
+                    t = f.get_tensor(key)
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise AdapterError(self.weights_file, f"cannot read tensor {key}: {e}") from e
+        if key not in self._finite:
+            if not all_finite(t):
+                raise AdapterError(self.weights_file, f"tensor {key} holds non-finite values (NaN or Inf)")
+            self._finite.add(key)
+        return t
 
     def lora_A(self, name: str) -> torch.Tensor:
         """The stored A (r×in) of a module, in its file dtype."""
@@ -313,6 +393,49 @@ class Adapter:
     def carried_tensor(self, key: str) -> torch.Tensor:
         return self._get(key)
 
+    @cached_property
+    def config_mismatch(self) -> dict | None:
+        """Where ``adapter_config.json`` and the tensors disagree about which modules are adapted,
+        by PEFT's own matching rule (``target_modules`` as a regex or a list of names/suffixes,
+        ``layers_to_transform``/``layers_pattern``, ``exclude_modules``, ``modules_to_save``):
+        ``in_tensors_not_in_config`` are modules with factors that PEFT, loading this adapter,
+        would not adapt (their update is silently dropped); ``in_config_not_in_tensors`` are
+        ``target_modules`` entries that name none of the modules with factors (PEFT gives the
+        modules they match fresh factors); ``message`` says it in one line. None when they agree
+        (or when the config has no ``target_modules`` to compare)."""
+        tm = self.config.get("target_modules")
+        if tm is None or not isinstance(tm, (str, list)):
+            return None
+        names = [m.name for m in self.modules]
+        try:
+            dropped = [m.name for m in self.modules if not peft_targets(self.config, m.name, m.kind)]
+            if isinstance(tm, str):
+                unused = [] if tm == "all-linear" or any(re.fullmatch(tm, n) for n in names) else [tm]
+            else:
+                unused = [t for t in tm if not any(n == t or n.endswith(f".{t}") for n in names)]
+        except (re.error, TypeError) as e:
+            return {
+                "in_config_not_in_tensors": [],
+                "in_tensors_not_in_config": [],
+                "message": f"adapter_config.json target_modules cannot be matched against the tensors: {e}",
+            }
+        if not dropped and not unused:
+            return None
+        parts = []
+        if dropped:
+            types = sorted({m.type for m in self.modules if m.name in set(dropped)})
+            parts.append(
+                f"{len(dropped)} of {len(names)} modules with LoRA tensors ({', '.join(types)}) are not in its "
+                "target_modules: PEFT loading this adapter drops their update"
+            )
+        if unused:
+            parts.append(f"target_modules {', '.join(map(str, unused))} match no module with LoRA tensors")
+        return {
+            "in_config_not_in_tensors": unused,
+            "in_tensors_not_in_config": dropped,
+            "message": "adapter_config.json disagrees with the weights: " + "; ".join(parts),
+        }
+
     def summary(self) -> dict:
         return {
             "path": str(self.path),
@@ -327,11 +450,31 @@ class Adapter:
             "use_dora": self.uses_dora,
             "fan_in_fan_out": bool(self.config.get("fan_in_fan_out")),
             "carried": [{"key": c.key, "role": c.role} for c in self.carried],
+            "config_mismatch": self.config_mismatch,
         }
+
+
+def _broken_link(p: Path) -> str | None:
+    """Why ``p`` is a symbolic link that leads nowhere (a loop, or a missing target), else None."""
+    if not p.is_symlink():
+        return None
+    try:
+        p.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop this way
+        return "is a symbolic link that loops back on itself"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symbolic link that loops back on itself"
+        return "is a symbolic link to a missing target"
+    return None
 
 
 def _read_config(path: Path) -> dict:
     cfg_file = path / "adapter_config.json"
+    for p in (path, cfg_file):
+        why = _broken_link(p)
+        if why is not None:
+            raise AdapterError(p, why)
     if not path.exists():
         raise AdapterError(path, "no such directory")
     if not path.is_dir():
@@ -352,8 +495,21 @@ def _read_config(path: Path) -> dict:
             cfg_file, "target_parameters (LoRA on nn.Parameter, e.g. MoE experts) is not supported"
         )
     for key in ("r", "lora_alpha"):
-        if key in cfg and not isinstance(cfg[key], (int, float)):
+        if key in cfg and (not isinstance(cfg[key], (int, float)) or isinstance(cfg[key], bool)):
             raise AdapterError(cfg_file, f"{key} must be a number, got {cfg[key]!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        pat = cfg.get(key)
+        if pat is None:
+            continue
+        if not isinstance(pat, dict):
+            raise AdapterError(cfg_file, f"{key} must be an object, got {pat!r}")
+        for k, v in pat.items():
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise AdapterError(cfg_file, f"{key} key {k!r} is not a valid regular expression: {e}") from e
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise AdapterError(cfg_file, f"{key}[{k!r}] must be a number, got {v!r}")
     return cfg
 
 
@@ -363,6 +519,10 @@ def load_adapter(path: str | Path) -> Adapter:
     path = Path(path)
     cfg = _read_config(path)
     st, binf = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    for p in (st, binf):
+        why = _broken_link(p)
+        if why is not None:
+            raise AdapterError(p, why)
     if st.is_file():
         check_not_truncated(st, AdapterError)
         try:

@@ -112,12 +112,17 @@ def expand(
 
 
 def verify(container: str | Path) -> dict:
-    """Check a container's schema, shapes and payload hash; raises ContainerError on the first problem."""
+    """Check every invariant of formats/container.md §6 — the manifest (schema, version, module
+    table, form), the tensors against the form's specs, the payload hash, finite values,
+    quantised parts, the shared file, the form rebuilt from its tensors; raises ContainerError
+    naming the file and the first problem. ``expand`` and ``report`` run the same checks."""
     return ct.open_container(container).verify()
 
 
 def inspect(lora_dir: str | Path, *, top_k: tuple[int, ...] = (1, 2, 4, 8)) -> dict:
-    """Facts about a PEFT LoRA adapter and a per-module spectrum summary (from the factors)."""
+    """Facts about a PEFT LoRA adapter and a per-module spectrum summary (from the factors).
+    ``config_mismatch`` (None when they agree) says where adapter_config.json's target_modules and
+    the tensors disagree (:attr:`adaptzip.adapter.Adapter.config_mismatch`), with a ``message``."""
     ad = load_adapter(lora_dir)
     by_type = Counter(m.type_key for m in ad.modules)
     by_layer = Counter("none" if m.layer is None else f"{m.stack}.{m.layer}" for m in ad.modules)

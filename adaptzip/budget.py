@@ -193,5 +193,9 @@ def fit_to_budget(
 def svd_baseline(adapter: Adapter, budget_bytes: int, dtype: torch.dtype, ctx: FitContext) -> tuple[Form, int]:
     """The per-module SVD with global rank allocation whose container has the same bytes."""
     cls = baseline_form()
-    built = fit_to_budget(FitRequest(adapter, cls, cls.Config(), budget_bytes, dtype, ctx))
+    try:
+        built = fit_to_budget(FitRequest(adapter, cls, cls.Config(), budget_bytes, dtype, ctx))
+    except OptionError:  # smaller than any container with one direction (a tiny shared form): store none
+        empty = cls.config_with_ranks(cls.Config(), [0] * len(adapter.modules))
+        built = fit_to_budget(FitRequest(adapter, cls, empty, None, dtype, ctx))
     return built.form, built.size

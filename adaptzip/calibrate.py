@@ -33,6 +33,7 @@ from torch import nn
 from .adapter import Adapter, ModuleInfo
 from .errors import BaseModelError, CalibrationError
 from .fileio import atomic_file
+from .progress import quiet_third_party
 
 Tensor = torch.Tensor
 STATS_FORMAT = "adaptzip-stats"
@@ -49,9 +50,14 @@ def read_texts(path: str | Path) -> list[str]:
     lines; lines are stripped and empty lines skipped. Raises CalibrationError (with the line or
     byte offset) for a missing file, invalid UTF-8, bad JSON or no text at all."""
     path = Path(path)
+    if path.is_dir():
+        raise CalibrationError(path, "is a folder (expected a UTF-8 text file or JSONL with a 'text' field)")
     if not path.is_file():
         raise CalibrationError(path, "no such file (expected a UTF-8 text file or JSONL with a 'text' field)")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise CalibrationError(path, f"cannot read: {(e.strerror or str(e)).lower()}") from e
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -226,7 +232,8 @@ def load_base(base: str | Path, adapter: Adapter, device: str | torch.device | N
     """Load the base model (fp32), check it against the adapter, attach the source LoRA.
 
     Raises BaseModelError (the base path and a one-line cause) when the model cannot be loaded,
-    has no tokenizer, or does not match the adapter (see :func:`check_base`)."""
+    has no tokenizer, or does not match the adapter (see :func:`check_base`). transformers'
+    loading bars and warnings are kept quiet (:func:`adaptzip.progress.quiet_third_party`)."""
     from transformers import (
         AutoConfig,
         AutoModel,
@@ -244,40 +251,48 @@ def load_base(base: str | Path, adapter: Adapter, device: str | torch.device | N
             "W+ΔŴ of every module; compress without --base-model",
         )
     where, kw = _model_location(base)
-    try:
-        config = AutoConfig.from_pretrained(where, **kw)
-    except Exception as e:  # transformers raises many types: all mean "not loadable"
-        raise BaseModelError(base, f"cannot read the model config: {_first_line(e)}") from e
-    task_type = (adapter.config.get("task_type") or "").upper()
-    archs = " ".join(getattr(config, "architectures", None) or [])
-    causal = task_type == "CAUSAL_LM" or (not task_type and ("CausalLM" in archs or "LMHead" in archs))
-    try:
-        if task_type == "SEQ_CLS":
-            n = _num_labels(adapter)
-            if n is None:
-                raise CalibrationError(
-                    adapter.path, "a SEQ_CLS adapter without a saved classifier head (modules_to_save)"
+    with quiet_third_party():  # no loading bars or deprecation warnings before a one-line error
+        try:
+            config = AutoConfig.from_pretrained(where, **kw)
+        except Exception as e:  # transformers raises many types: all mean "not loadable"
+            raise BaseModelError(base, f"cannot read the model config: {_first_line(e)}") from e
+        task_type = (adapter.config.get("task_type") or "").upper()
+        archs = " ".join(getattr(config, "architectures", None) or [])
+        causal = task_type == "CAUSAL_LM" or (not task_type and ("CausalLM" in archs or "LMHead" in archs))
+        try:
+            if task_type == "SEQ_CLS":
+                n = _num_labels(adapter)
+                if n is None:
+                    raise CalibrationError(
+                        adapter.path, "a SEQ_CLS adapter without a saved classifier head (modules_to_save)"
+                    )
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    where, num_labels=n, dtype=torch.float32, **kw
                 )
-            model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=n, dtype=torch.float32, **kw)
-            task = "cls"
-        elif causal:
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw)
-            task = "lm"
-        else:
-            model = AutoModel.from_pretrained(where, dtype=torch.float32, **kw)
-            task = "hidden"
-    except CalibrationError:
-        raise
-    except Exception as e:
-        raise BaseModelError(base, f"cannot load the model: {_first_line(e)}") from e
-    check_base(model, adapter, base)
-    try:
-        tok = AutoTokenizer.from_pretrained(where, **kw)
-    except Exception as e:
-        raise BaseModelError(
-            base, f"no usable tokenizer (calibration needs the base model's tokenizer): {_first_line(e)}"
-        ) from e
-    model = teacher_model(model, adapter, base)
+                task = "cls"
+            elif causal:
+                model = AutoModelForCausalLM.from_pretrained(where, dtype=torch.float32, **kw)
+                task = "lm"
+            else:
+                model = AutoModel.from_pretrained(where, dtype=torch.float32, **kw)
+                task = "hidden"
+        except CalibrationError:
+            raise
+        except Exception as e:
+            raise BaseModelError(base, f"cannot load the model: {_first_line(e)}") from e
+        check_base(model, adapter, base)
+        try:
+            tok = AutoTokenizer.from_pretrained(where, **kw)
+        except Exception as e:
+            files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+            if "gguf_file" not in kw and not any((where / f).is_file() for f in files):
+                why = f"the folder has no tokenizer files ({', '.join(files[:3])}, ...)"
+            else:
+                why = _first_line(e)
+            raise BaseModelError(
+                base, f"no usable tokenizer (calibration needs the base model's tokenizer): {why}"
+            ) from e
+        model = teacher_model(model, adapter, base)
     model.to(dev).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -288,9 +303,13 @@ def load_base(base: str | Path, adapter: Adapter, device: str | torch.device | N
     return Base(base, model, tok, task, dev, layers)
 
 
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {s[0] if s else ''}"[:300]
+def _first_line(e: BaseException, limit: int = 400) -> str:
+    """``Type: message`` on one line: every line of the message joined (transformers often puts
+    the cause on a later line), cut at a word near ``limit`` characters."""
+    msg = " ".join(str(e).split())
+    if len(msg) > limit:
+        msg = msg[:limit].rsplit(" ", 1)[0] + " …"
+    return f"{type(e).__name__}: {msg}"
 
 
 def check_base(model: nn.Module, adapter: Adapter, base: Path | str) -> None:

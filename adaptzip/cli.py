@@ -14,6 +14,7 @@ import functools
 import inspect as pyinspect
 import json
 import shlex
+import signal
 import sys
 import typing
 from enum import Enum
@@ -24,7 +25,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import api
+from . import api, fileio, progress, runtime
 from .errors import AdaptzipError, OptionError
 from .forms import BASELINE, REGISTRY
 from .options import CalibrationOptions, FitOptions, QuantOptions, RunOptions
@@ -78,6 +79,13 @@ def _emit(result: Any, as_json: bool, human) -> None:
         sys.stdout.write(json.dumps(result, default=str, allow_nan=True) + "\n")
     else:
         human(result)
+
+
+def _warn(lines: list[str]) -> None:
+    """What the user must know although the command succeeded: one plain stderr line each (also
+    with --json, whose object carries the same facts)."""
+    for line in lines:
+        sys.stderr.write(f"adaptzip: warning: {' '.join(line.split())}\n")
 
 
 def _fmt_bytes(n: float) -> str:
@@ -192,8 +200,13 @@ def with_form_options(fn):
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+def _main(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
     _STATE["debug"] = debug
+    progress.set_debug(debug)
+    ctx.with_resource(progress.quiet_third_party())  # for the whole command (restored when it ends)
 
 
 @app.command()
@@ -203,6 +216,8 @@ def inspect(
     """Show an adapter: base model, PEFT version, modules per type and layer, ranks, alphas/scales,
     dtype, parameters, bytes, and a per-module spectrum (effective rank, energy in top-k)."""
     res = api.inspect(lora_dir)
+    if res.get("config_mismatch"):
+        _warn([f"{Path(res['path']) / 'adapter_config.json'}: {res['config_mismatch']['message']}"])
 
     def human(r):
         _kv_table(
@@ -376,6 +391,8 @@ def compress(
         quant=QuantOptions(scheme=quant.value, group_size=group_size),
         run=RunOptions(force=force, progress=not as_json, command=_command()),
     ).to_json()
+    unused = [] if res.get("sharing_used", True) else [f"sharing not used by {res['form']}: {res['sharing']}"]
+    _warn(res.get("warnings", []) + unused)
 
     def human(r):
         rows = {
@@ -390,6 +407,8 @@ def compress(
         }
         if "svd_baseline_rel_error" in r:
             rows["svd baseline (same bytes)"] = r["svd_baseline_rel_error"]
+        if "sharing_used" in r:
+            rows["sharing"] = ("used: " if r["sharing_used"] else "NOT used: ") + r["sharing"]
         if "quant" in r:
             q = r["quant"]
             rows["storage"] = (
@@ -595,32 +614,7 @@ def batch(
     def human(r):
         from rich.markup import escape
 
-        t = Table(title=f"batch → {escape(r['output'])}")
-        for col in (
-            "adapter",
-            "source bytes",
-            "container bytes",
-            "ratio",
-            "error",
-            "svd-baseline error",
-            "time",
-            "status",
-        ):
-            t.add_column(col, overflow="fold", no_wrap=col not in ("adapter", "status"))
-        f = lambda x: "–" if x is None else f"{x:.4g}"  # noqa: E731
-        for a in r["adapters"]:
-            st = a["status"] + (f": {a['error']}" if a.get("error") else "")
-            t.add_row(
-                escape(a["adapter"]),
-                "–" if a.get("source_bytes") is None else _fmt_bytes(a["source_bytes"]),
-                "–" if a.get("bytes") is None else _fmt_bytes(a["bytes"]),
-                f(a.get("ratio")),
-                f(a.get("rel_error")),
-                f(a.get("svd_baseline_rel_error")),
-                f"{a.get('seconds', 0):.1f}s",
-                escape(st),
-            )
-        err.print(t)
+        err.print(batch_table(r, err.width))
         tot = r["totals"]
         err.print(
             f"{', '.join(f'{k} {v}' for k, v in sorted(r['counts'].items()))}; zoo {_fmt_bytes(tot['zoo_bytes'])} of "
@@ -636,10 +630,71 @@ def batch(
 
     _emit(res, as_json, human)
     if res["interrupted"]:
-        err.print("[yellow]interrupted[/]: finished containers are kept; rerun the same command to convert the rest")
+        sys.stderr.write(
+            "adaptzip: interrupted (finished containers are kept; rerun the same command to convert the rest)\n"
+        )
         raise typer.Exit(130)
     if res["failed"]:
         raise typer.Exit(1)
+
+
+# The batch table's columns, most useful first after the two that always stay (adapter, status):
+# on a narrow terminal the last ones are dropped, and adapter names and statuses fold.
+_BATCH_COLUMNS = (
+    "adapter",
+    "status",
+    "ratio",
+    "error",
+    "container bytes",
+    "svd-baseline error",
+    "source bytes",
+    "time",
+)
+_BATCH_ORDER = ("adapter", "source bytes", "container bytes", "ratio", "error", "svd-baseline error", "time", "status")
+
+
+def batch_table(r: dict, width: int) -> Table:
+    """The batch result table for a terminal ``width`` columns wide. It always keeps the adapter
+    names and the statuses (folded when long); the other columns are kept in order of use
+    (ratio, error, container bytes, svd-baseline error, source bytes, time) while they fit."""
+    from rich.markup import escape
+
+    f = lambda x: "–" if x is None else f"{x:.4g}"  # noqa: E731
+    cells: dict[str, list[str]] = {c: [] for c in _BATCH_ORDER}
+    for a in r["adapters"]:
+        cells["adapter"].append(a["adapter"])
+        cells["source bytes"].append("–" if a.get("source_bytes") is None else _fmt_bytes(a["source_bytes"]))
+        cells["container bytes"].append("–" if a.get("bytes") is None else _fmt_bytes(a["bytes"]))
+        cells["ratio"].append(f(a.get("ratio")))
+        cells["error"].append(f(a.get("rel_error")))
+        cells["svd-baseline error"].append(f(a.get("svd_baseline_rel_error")))
+        cells["time"].append(f"{a.get('seconds', 0):.1f}s")
+        cells["status"].append(a["status"] + (f": {a['error']}" if a.get("error") else ""))
+
+    def natural(c: str) -> int:  # the widest cell, or the header's longest word (headers wrap)
+        return max([len(x) for x in cells[c]] + [max(len(w) for w in c.split())])
+
+    # Widths are set here, not measured by rich (which lets a long unbreakable name push the
+    # table past the terminal, where it is cut). Each column costs 3 more (padding and rule).
+    nat = {c: natural(c) for c in _BATCH_ORDER}
+    used = 1 + 6 + min(nat["adapter"], 20) + min(nat["status"], 16)  # room kept for the two that stay
+    keep = {"adapter", "status"}
+    for c in _BATCH_COLUMNS[2:]:
+        if used + nat[c] + 3 > width:
+            break  # this one and the less useful ones are left out
+        keep.add(c)
+        used += nat[c] + 3
+    cols = [c for c in _BATCH_ORDER if c in keep]
+    rem = width - 1 - 3 * len(cols) - sum(nat[c] for c in cols if c not in ("adapter", "status"))
+    w_adapter = max(1, min(nat["adapter"], max(rem - nat["status"], rem // 2)))
+    w_status = max(1, min(nat["status"], rem - w_adapter))
+    widths = {**nat, "adapter": w_adapter, "status": w_status}
+    t = Table(title=f"batch → {escape(r['output'])}")
+    for c in cols:
+        t.add_column(c, width=widths[c], overflow="fold", justify="left" if c in ("adapter", "status") else "right")
+    for i in range(len(r["adapters"])):
+        t.add_row(*(escape(cells[c][i]) for c in cols))
+    return t
 
 
 @app.command()
@@ -700,30 +755,66 @@ def report(
     _emit(res, as_json, human)
 
 
-def main() -> None:
-    """Entry point: one-line errors (``adaptzip: error: <path>: <cause>``), exit 2; tracebacks with --debug."""
+def main(*, process_entry: bool | None = None) -> None:
+    """Entry point: one-line errors (``adaptzip: error: <path>: <cause>``), exit 2; tracebacks with --debug.
+
+    SIGINT and SIGTERM unwind the command (its temporary files and the folders it made are
+    removed; :func:`adaptzip.runtime.on_signals`), then ``adaptzip: interrupted``, exit 130. A
+    command that fails also removes the (empty) folders it made for its output. Once the command
+    is over (done, or failed), a signal changes nothing: the exit code is the command's. As the
+    process entry (``process_entry``; default: called from ``__main__``, as the console script
+    and ``python -m adaptzip.cli`` do) signals stay ignored until the process has exited
+    (interpreter shutdown takes a while after a torch run); called in-process (tests), the
+    previous handlers come back."""
+    if process_entry is None:
+        process_entry = sys._getframe(1).f_globals.get("__name__") == "__main__"
+    if process_entry:
+        runtime.set_signal_handler()
+        code = _run()
+    else:
+        with runtime.on_signals():
+            code = _run()
+    if code:
+        sys.exit(code)
+
+
+def _run() -> int:
+    """Run the command; print its one error line, if any; return the exit code."""
     try:
-        rc = app(standalone_mode=False)  # with standalone_mode=False click returns typer.Exit's code
-        if isinstance(rc, int) and rc:
-            sys.exit(rc)
-    except AdaptzipError as e:
-        if _STATE["debug"]:
-            raise
-        sys.stderr.write(f"adaptzip: error: {e.line()}\n")
-        sys.exit(e.exit_code)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
+        try:
+            with fileio.undo_folders_on_failure():
+                rc = app(standalone_mode=False)  # with standalone_mode=False click returns typer.Exit's code
+        finally:
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers were set
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # the command is over
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return rc if isinstance(rc, int) else 0
+    except (typer.Abort, KeyboardInterrupt, runtime.Interrupted):
         sys.stderr.write("adaptzip: interrupted\n")
-        sys.exit(130)
-    except Exception as e:  # usage errors (Typer's click) and unexpected failures: still one line
-        if hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int):
-            sys.stderr.write(f"adaptzip: error: {' '.join(e.format_message().split())}\n")
-            sys.exit(e.exit_code)  # 2 for usage errors
+        return 130
+    except Exception as e:
+        if runtime.was_interrupted() and not _STATE["debug"]:  # the interrupt, turned into another error
+            sys.stderr.write("adaptzip: interrupted\n")
+            return 130
+        return _error_line(e)
+
+
+def _error_line(e: Exception) -> int:
+    """Print the one error line of ``e`` and return the exit code (with --debug: raise it)."""
+    if isinstance(e, typer.Exit):
+        return e.exit_code
+    if isinstance(e, AdaptzipError):
         if _STATE["debug"]:
-            raise
-        sys.stderr.write(f"adaptzip: error: {type(e).__name__}: {' '.join(str(e).split())}\n")
-        sys.exit(1)
+            raise e
+        sys.stderr.write(f"adaptzip: error: {e.line()}\n")
+        return e.exit_code
+    if hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int):
+        sys.stderr.write(f"adaptzip: error: {' '.join(e.format_message().split())}\n")
+        return e.exit_code  # usage errors (Typer's click): 2
+    if _STATE["debug"]:
+        raise e
+    sys.stderr.write(f"adaptzip: error: {type(e).__name__}: {' '.join(str(e).split())}\n")  # unexpected: still one line
+    return 1
 
 
 if __name__ == "__main__":

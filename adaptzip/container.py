@@ -7,6 +7,10 @@ dtype; integer tensors (indices) keep their integer dtype.
 
 The writer (:func:`build`, :func:`write`) and the reader (:class:`Container`, :func:`open_container`)
 of the spec live together — longer than ~500 lines — so that both enforce one definition of it.
+The reader checks every invariant of formats/container.md §6 before any byte is used:
+:func:`open_container` the header and the manifest (:func:`check_manifest`), and
+:meth:`Container.load` — the one method that reads tensor bytes, behind every other accessor —
+the tensors (specs, the payload hash taken while reading, finite values, quantised parts).
 """
 
 from __future__ import annotations
@@ -14,19 +18,25 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
+import re
+import struct
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 
 from . import __version__, quant
-from .adapter import DTYPE_NAMES, TORCH_DTYPES, Adapter, ModuleInfo
-from .errors import ContainerError
+from .adapter import DTYPE_NAMES, TORCH_DTYPES, Adapter, ModuleInfo, all_finite, natural_key, pattern_key
+from .errors import AdaptzipError, ContainerError, OptionError
 from .fileio import (
     ST_DTYPE,
+    ST_TORCH,
     atomic_file,
     check_not_truncated,
     file_sha256,
@@ -34,7 +44,8 @@ from .fileio import (
     safetensors_size,
     tensor_index,
 )
-from .forms.base import Form, config_from_json, config_to_json, get_form
+from .forms.base import REGISTRY, Form, TensorSpecs, config_from_json, config_to_json, get_form
+from .runtime import single_thread
 
 FORMAT = "adaptzip"
 FORMAT_VERSION = 1
@@ -47,7 +58,7 @@ def payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(t.shape)}\0".encode())
+        h.update(_hash_line(name, t.dtype, t.shape))
         if t.numel():
             h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # no bytes copy
     return h.hexdigest()
@@ -67,39 +78,8 @@ def _validator():
     return jsonschema.validators.validator_for(schema)(schema)
 
 
-_MODULE_TYPES = {
-    "name": str,
-    "stack": (str, type(None)),
-    "layer": (int, type(None)),
-    "type": str,
-    "in": int,
-    "out": int,
-    "rank": int,
-    "alpha": (int, float),
-    "scale": (int, float),
-    "kind": str,
-    "fan_in_fan_out": bool,
-}
-
-
-def _quick_validate(manifest: dict, path: Path | str | None) -> None:
-    """Opening a container: the JSON Schema on everything but the module table (one entry of it),
-    the other entries by keys and types — the full check costs ~0.1 s on a 7B adapter's 224-entry
-    table and is what ``verify`` runs."""
-    mods = manifest.get("modules")
-    validate_manifest({**manifest, "modules": mods[:1] if isinstance(mods, list) else mods}, path)
-    for i, m in enumerate(mods):
-        if (
-            not isinstance(m, dict)
-            or set(m) != set(_MODULE_TYPES)
-            or not all(
-                isinstance(m[k], t) and not (t is int and isinstance(m[k], bool)) for k, t in _MODULE_TYPES.items()
-            )
-        ):
-            raise ContainerError(path, f"manifest does not match the schema at modules/{i}")
-
-
 def validate_manifest(manifest: dict, path: Path | str | None = None) -> None:
+    """The JSON Schema (formats/manifest.schema.json), all of it: ContainerError at the best match."""
     e = jsonschema.exceptions.best_match(_validator().iter_errors(manifest))
     if e is not None:
         where = "/".join(str(p) for p in e.absolute_path) or "(root)"
@@ -202,7 +182,7 @@ def build(
         manifest["shared"] = shared
     if storage is not None:
         manifest["storage"] = storage.to_json()
-    validate_manifest(manifest)
+    check_manifest(manifest)
     return tensors, manifest
 
 
@@ -262,18 +242,143 @@ def serialized_size(tensors: dict[str, torch.Tensor], manifest: dict) -> int:
     return safetensors_size(safetensors_plan(tensors), _header_metadata(manifest, allow_nan=True))
 
 
+# ----------------------------------------------------------------------------- reading
+def check_manifest(manifest: dict, path: Path | str | None = None) -> None:
+    """The checks of a manifest on its own (formats/container.md §6, invariants 4–8):
+    ``format_version`` (first: a newer version may follow another schema), the JSON Schema (the
+    one cached validator), then the module table against the source config and the carried list.
+    Raises :class:`ContainerError` naming ``path`` and the first problem."""
+    fv = manifest.get("format_version")
+    if isinstance(fv, int) and not isinstance(fv, bool) and fv > FORMAT_VERSION:
+        raise ContainerError(
+            path, f"format_version {fv} is newer than this adaptzip reads ({FORMAT_VERSION}); upgrade adaptzip"
+        )
+    validate_manifest(manifest, path)
+    _check_module_table(manifest, path)
+
+
+def _check_module_table(manifest: dict, path: Path | str | None) -> None:
+    """Module names unique and in natural order; each module's rank and alpha those the source's
+    ``adapter_config.json`` gives it (PEFT's rule, as the adapter reader applies it), its scale
+    α/r (α/√r with rsLoRA) and its ``fan_in_fan_out`` the config's (linear layers only): an edited
+    rank, alpha, scale or orientation is refused. Each carried tensor is
+    ``carry.{j}``, and a bias or DoRA magnitude names a module of the table."""
+    cfg = manifest["source"]["peft_config"]
+    rp, ap = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    try:
+        if not isinstance(rp, dict) or not isinstance(ap, dict):
+            raise TypeError("rank_pattern and alpha_pattern must be objects")
+        r_default, a_default = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+    except (TypeError, ValueError) as e:
+        raise ContainerError(path, f"source.peft_config cannot give the modules their ranks: {e}") from e
+    rslora, fifo = bool(cfg.get("use_rslora", False)), bool(cfg.get("fan_in_fan_out", False))
+    prev: str | None = None
+    names: set[str] = set()
+    for i, m in enumerate(manifest["modules"]):
+        name = m["name"]
+        if name in names or (prev is not None and natural_key(name) < natural_key(prev)):
+            raise ContainerError(
+                path, f"modules/{i} {name} comes after {prev}: module names must be unique and in natural order"
+            )
+        prev = name
+        names.add(name)
+        try:
+            rk, ak = pattern_key(rp, name), pattern_key(ap, name)
+            r_cfg = int(rp[rk]) if rk is not None else r_default
+            a_cfg = float(ap[ak]) if ak is not None else a_default
+        except (re.error, TypeError, ValueError) as e:
+            raise ContainerError(path, f"source.peft_config rank_pattern/alpha_pattern fail on {name}: {e}") from e
+        r, alpha = m["rank"], m["alpha"]
+        if r != r_cfg:
+            raise ContainerError(
+                path, f"modules/{i} ({name}) has rank {r} but the source's adapter_config.json gives it r={r_cfg}"
+            )
+        if not math.isclose(alpha, a_cfg, rel_tol=1e-9, abs_tol=1e-12):
+            raise ContainerError(
+                path,
+                f"modules/{i} ({name}) has alpha {alpha} but the source's adapter_config.json gives it lora_alpha={a_cfg}",
+            )
+        want = alpha / math.sqrt(r) if rslora else alpha / r
+        if not math.isclose(m["scale"], want, rel_tol=1e-9, abs_tol=1e-12):
+            rule = "alpha/sqrt(rank) (use_rslora)" if rslora else "alpha/rank"
+            raise ContainerError(path, f"modules/{i} ({name}) has scale {m['scale']} but {rule} is {want}")
+        if m["fan_in_fan_out"] != (fifo and m["kind"] == "linear"):
+            raise ContainerError(
+                path,
+                f"modules/{i} ({name}) has fan_in_fan_out {str(m['fan_in_fan_out']).lower()} but the source's "
+                f"adapter_config.json gives its {m['kind']} layer {str(fifo and m['kind'] == 'linear').lower()}",
+            )
+    for j, c in enumerate(manifest["carried"]):
+        if c["tensor"] != f"carry.{j}":
+            raise ContainerError(path, f"carried/{j} names tensor {c['tensor']}, expected carry.{j}")
+        if c["role"] in ("lora_bias", "dora_magnitude") and c["module"] not in names:
+            raise ContainerError(
+                path,
+                f"carried/{j} ({c['role']} {c['key']}) belongs to module {c['module']}, which is not in the module table",
+            )
+
+
+def _hash_line(name: str, dtype: torch.dtype, shape) -> bytes:
+    """The name line a tensor contributes to the payload hash (formats/container.md §5)."""
+    return f"{name}\0{str(dtype).removeprefix('torch.')}\0{list(shape)}\0".encode()
+
+
 class Container:
-    """A container on disk, read lazily. Use :func:`open_container`."""
+    """A container on disk. Use :func:`open_container`, which checks the header and the manifest.
+
+    Every tensor comes through :meth:`load`, the one reader of tensor bytes: it checks the tensor
+    names, shapes and dtypes against the form's ``tensor_specs``, reads every stored tensor once
+    while hashing it (the payload hash, and the shared file's sha256), checks that every float is
+    finite, that quantised parts are consistent and that the form accepts the values (e.g. VB-LoRA's
+    index range), and caches the result. :meth:`tensors`,
+    :meth:`tensor`, :meth:`carried_tensor`, :meth:`lora_factors`, :meth:`form` and :meth:`verify`
+    all read from it, so no exporter can use a byte that was not checked."""
 
     def __init__(self, path: Path, manifest: dict, shapes: dict[str, tuple[tuple[int, ...], str]]):
         self.path = path
         self.manifest = manifest
         self._shapes = shapes
+        self._loaded: dict[str, torch.Tensor] | None = None
+        self._shared_checked: Path | None = None
 
     # ------------------------------------------------------------- facts
     @property
     def form_name(self) -> str:
         return self.manifest["form"]
+
+    @cached_property
+    def form_class(self) -> type[Form]:
+        """The registered form of this container (ContainerError naming the file when unknown)."""
+        try:
+            return get_form(self.form_name)
+        except OptionError as e:
+            raise ContainerError(
+                self.path,
+                f"unknown form {self.form_name!r} (this adaptzip reads {', '.join(sorted(REGISTRY))}; "
+                "a newer adaptzip may read it)",
+            ) from e
+
+    @cached_property
+    def config(self) -> Any:
+        """The form's Config decoded from the manifest's ``config``."""
+        cls = self.form_class
+        try:
+            return config_from_json(cls, self.manifest["config"])
+        except AdaptzipError as e:
+            raise ContainerError(self.path, f"config does not fit form {self.form_name}: {e.cause}") from e
+        except (TypeError, ValueError) as e:
+            raise ContainerError(self.path, f"config does not fit form {self.form_name}: {e}") from e
+
+    @cached_property
+    def specs(self) -> TensorSpecs:
+        """Names, shapes and dtypes of the form's logical tensors (``tensor_specs``)."""
+        cls, config = self.form_class, self.config
+        try:
+            return cls.tensor_specs(self.modules, config, self.manifest["state"])
+        except AdaptzipError as e:
+            raise ContainerError(self.path, f"state does not fit form {self.form_name}: {e.cause}") from e
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise ContainerError(self.path, f"state does not fit form {self.form_name}: {e!r}") from e
 
     @cached_property
     def modules(self) -> list[ModuleInfo]:
@@ -297,7 +402,16 @@ class Container:
 
     @property
     def tensor_names(self) -> list[str]:
+        """Names of the tensors stored in this file (quantised ones as their parts)."""
         return sorted(self._shapes)
+
+    def stored_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of a tensor stored in this file or in its shared file, from the headers."""
+        if name in self._shapes:
+            return tuple(self._shapes[name][0])
+        if name in self.shared_names:
+            return tuple(self.shared_shapes[name][0])
+        raise ContainerError(self.path, f"no tensor {name} in this container")
 
     @cached_property
     def storage(self) -> quant.Storage | None:
@@ -306,10 +420,11 @@ class Container:
 
     def _quant_parts(self, name: str) -> tuple[quant.TensorQuant, tuple[int, ...], list[str]]:
         """(scheme, logical shape, stored part names) of quantised logical tensor ``name``."""
-        cls = get_form(self.form_name)
-        specs = cls.tensor_specs(self.modules, config_from_json(cls, self.manifest["config"]), self.manifest["state"])
-        if name not in specs:
-            raise ContainerError(self.path, f"storage lists tensor {name}, which form {self.form_name} does not store")
+        specs = self.specs
+        if name not in specs or specs[name][1] is not None:
+            raise ContainerError(
+                self.path, f"storage lists tensor {name}, which is not a float tensor of form {self.form_name}"
+            )
         tq = self.storage.tensors[name]  # type: ignore[union-attr]
         shape = tuple(specs[name][0])
         try:
@@ -318,48 +433,197 @@ class Container:
             raise ContainerError(self.path, f"storage entry of tensor {name}: {e}") from e
         return tq, shape, parts
 
-    # ------------------------------------------------------------- tensors
-    def tensor(self, name: str) -> torch.Tensor:
-        """One tensor: a stored one as stored, or a quantised logical one dequantised (fp32)."""
-        if self.storage is not None and name in self.storage.tensors:
-            return self.tensors([name])[name]
-        try:
-            with safe_open(self.path, framework="pt") as f:
-                return f.get_tensor(name)
-        except (SafetensorError, OSError) as e:
-            raise ContainerError(self.path, f"cannot read tensor {name}: {e}") from e
-
-    def tensors(self, names=None) -> dict[str, torch.Tensor]:
-        """Tensors by name (default: every tensor stored in this file); names listed in the
-        manifest's ``shared`` section are read from the (hash-checked) shared file. A quantised
-        logical tensor (listed in the manifest's ``storage``) comes back dequantised, fp32."""
-        names = self.tensor_names if names is None else names
-        st = self.storage
-        if st is not None and any(n in st.tensors for n in names):
-            logical = {n: self._quant_parts(n) for n in names if n in st.tensors}
-            out = self.tensors([n for n in names if n not in st.tensors])
-            parts = self.tensors([p for _, _, ps in logical.values() for p in ps])
-            for n, (tq, shape, _) in logical.items():
+    # ------------------------------------------------------------- the one reader
+    def load(self) -> dict[str, torch.Tensor]:
+        """Every stored tensor by its stored name (this file's, and the shared file's for names
+        in ``shared.tensors``), checked (see the class docstring) and cached. Raises
+        ContainerError naming the file and the first broken invariant. The tensors are shared
+        with later calls: do not modify them in place."""
+        if self._loaded is None:
+            self._check_layout()
+            out, bad = self._read_own()
+            if bad is not None:
+                raise ContainerError(self.path, f"tensor {bad} holds non-finite values (NaN or Inf)")
+            shared = self._read_shared()
+            bad = next((n for n in sorted(shared) if not all_finite(shared[n])), None)
+            if bad is not None:
+                raise ContainerError(self._find_shared(), f"tensor {bad} holds non-finite values (NaN or Inf)")
+            out.update(shared)
+            st = self.storage
+            for n in sorted(st.tensors if st is not None else ()):
                 try:
-                    out[n] = quant.decode(n, parts, tq, shape, self.dtype)
+                    quant.check_parts(n, out, st.tensors[n], tuple(self.specs[n][0]), self.dtype)
+                except quant.QuantError as e:
+                    raise ContainerError(self.path, str(e)) from e
+            self._loaded = out
+            try:
+                self._check_form()
+            except BaseException:
+                self._loaded = None
+                raise
+        return self._loaded
+
+    def _check_form(self) -> None:
+        """The form's own rules for its values (formats/forms/, e.g. VB-LoRA's top-k indices
+        within the bank): the form is rebuilt from the checked tensors once, and discarded. A
+        form whose stored tensors are its LoRA factors (``stored_lora_factors``) has no rule
+        beyond the names, shapes, dtypes and finite values already checked, and is not rebuilt."""
+        tensors = self.tensors(sorted(self.specs))
+        cls = self.form_class
+        if cls.stored_lora_factors(self.modules, self.config, self.manifest["state"], tensors) is not None:
+            return
+        with single_thread(), torch.no_grad():  # many small casts: one thread is fastest (runtime.py)
+            self._build({k: v.clone() for k, v in tensors.items()})
+
+    def release(self) -> None:
+        """Forget the loaded tensors (a later read loads and checks them again)."""
+        self._loaded = None
+
+    def _expected(self) -> dict[str, tuple[tuple[int, ...], torch.dtype | None] | None]:
+        """Every stored name the manifest implies → (shape, fixed dtype or None for the container
+        dtype), or None for a carried tensor (any shape and dtype)."""
+        specs = self.specs
+        expected: dict = {n: (tuple(s), dt) for n, (s, dt) in specs.items()}
+        for c in self.carried:
+            expected[c["tensor"]] = None
+        st = self.storage
+        for n in sorted(st.tensors if st is not None else ()):
+            tq, shape, _ = self._quant_parts(n)
+            del expected[n]  # stored as its parts: names, shapes and dtypes from the scheme
+            expected.update({k: (tuple(s), dt) for k, (s, dt) in quant.stored_specs(n, shape, tq, self.dtype).items()})
+        return expected
+
+    def _check_layout(self) -> None:
+        """Invariants 10–17 of formats/container.md §6, from the headers alone (no tensor read)."""
+        expected = self._expected()
+        shared = self.shared_names
+        if shared:
+            both = sorted(shared & set(self._shapes))
+            if both:
+                raise ContainerError(
+                    self.path, f"tensor {both[0]} is stored in the container and also referenced in the shared file"
+                )
+            gone = sorted(shared - set(self.shared_shapes))
+            if gone:
+                raise ContainerError(
+                    self._find_shared(),
+                    f"tensor {gone[0]} referenced by {self.path.name} is missing from the shared file",
+                )
+            if shared & set(self.storage.tensors if self.storage is not None else ()):
+                n = sorted(shared & set(self.storage.tensors))[0]  # type: ignore[union-attr]
+                raise ContainerError(self.path, f"storage lists tensor {n}, which lives in the shared file")
+        names = set(self._shapes) | shared
+        missing = sorted(set(expected) - names)
+        if missing:
+            raise ContainerError(self.path, f"tensor {missing[0]} listed by the manifest is missing")
+        extra = sorted(names - set(expected))
+        if extra:
+            raise ContainerError(self.path, f"tensor {extra[0]} is not described by the manifest")
+        want_float = ST_DTYPE[self.dtype]
+        for n, spec in sorted(expected.items()):
+            where = self.path if n in self._shapes else self._find_shared()
+            got_shape, got_dt = self._shapes[n] if n in self._shapes else self.shared_shapes[n]
+            if got_dt not in ST_TORCH:
+                raise ContainerError(where, f"tensor {n} has dtype {got_dt}, which adaptzip does not read")
+            if spec is None:
+                continue
+            shape, dt = spec
+            if tuple(got_shape) != shape:
+                raise ContainerError(
+                    where, f"tensor {n} has shape {list(got_shape)} but the manifest implies {list(shape)}"
+                )
+            if dt is None and got_dt != want_float:
+                raise ContainerError(where, f"tensor {n} has dtype {got_dt} but the container dtype is {want_float}")
+            if dt is not None and got_dt != ST_DTYPE[dt]:
+                raise ContainerError(where, f"tensor {n} has dtype {got_dt}, expected {ST_DTYPE[dt]}")
+
+    def _read_own(self) -> tuple[dict[str, torch.Tensor], str | None]:
+        """Every tensor of this file, each read once into memory of its own and hashed as it is
+        read, in name order (formats/container.md §5). Returns the tensors and the first one that
+        is not finite (None if all are), once the hash matched: a corrupted file is named as such."""
+        h = hashlib.sha256()
+        out: dict[str, torch.Tensor] = {}
+        try:
+            with open(self.path, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+                names = sorted(k for k in header if k != "__metadata__")
+                if set(names) != set(self._shapes):
+                    raise ContainerError(self.path, "the file changed while it was being read")
+                for name in names:
+                    info = header[name]
+                    dt, shape = ST_TORCH[info["dtype"]], tuple(info["shape"])
+                    if (shape, info["dtype"]) != (tuple(self._shapes[name][0]), self._shapes[name][1]):
+                        raise ContainerError(self.path, "the file changed while it was being read")
+                    begin, end = info["data_offsets"]
+                    h.update(_hash_line(name, dt, shape))
+                    buf = torch.empty(end - begin, dtype=torch.uint8)
+                    if end > begin:
+                        f.seek(8 + n + begin)
+                        view = memoryview(buf.numpy())
+                        if f.readinto(view) != end - begin:
+                            raise ContainerError(self.path, f"truncated safetensors file: tensor {name} is cut short")
+                        h.update(view)
+                    out[name] = buf.view(dt).reshape(shape)
+        except OSError as e:
+            raise ContainerError(self.path, f"cannot read tensors: {e}") from e
+        actual, want = h.hexdigest(), self.manifest["payload_sha256"]
+        if actual != want:
+            raise ContainerError(
+                self.path,
+                f"payload sha256 {actual[:12]}… does not match the manifest's {want[:12]}… (corrupted or edited)",
+            )
+        with single_thread():  # hundreds of small reductions: one thread is fastest (runtime.py)
+            return out, next((k for k in names if not all_finite(out[k])), None)
+
+    def _read_shared(self) -> dict[str, torch.Tensor]:
+        """The tensors this container takes from its shared file, read in one pass that also
+        checks the file's sha256 (formats/shared.md)."""
+        want = sorted(self.shared_names)
+        if not want:
+            return {}
+        path = self._find_shared()
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ContainerError(path, f"cannot read: {e}") from e
+        self._check_shared_sha(path, hashlib.sha256(data).hexdigest())
+        try:
+            ts = load_safetensors_bytes(data)
+        except (SafetensorError, ValueError) as e:
+            raise ContainerError(path, f"not a readable safetensors file: {e}") from e
+        self._shared_checked = path
+        return {n: ts[n] for n in want}
+
+    # ------------------------------------------------------------- tensors
+    def tensors(self, names=None) -> dict[str, torch.Tensor]:
+        """Checked tensors by name (default: every tensor stored in this file); names listed in
+        the manifest's ``shared`` section come from the (hash-checked) shared file. A quantised
+        logical tensor (listed in the manifest's ``storage``) comes back dequantised, fp32.
+        Do not modify the returned tensors in place (they are cached)."""
+        loaded = self.load()
+        names = self.tensor_names if names is None else list(names)
+        st = self.storage
+        out = {}
+        for n in names:
+            if st is not None and n in st.tensors:
+                tq, shape, _ = self._quant_parts(n)
+                try:
+                    out[n] = quant.decode(n, loaded, tq, shape, self.dtype)
                 except (quant.QuantError, RuntimeError) as e:
                     raise ContainerError(self.path, f"cannot dequantise tensor {n}: {e}") from e
-            return out
-        shared = self.shared_names
-        try:
-            with safe_open(self.path, framework="pt") as f:
-                out = {n: f.get_tensor(n) for n in names if n not in shared}
-        except (SafetensorError, OSError) as e:
-            raise ContainerError(self.path, f"cannot read tensors: {e}") from e
-        want = [n for n in names if n in shared]
-        if want:
-            path = self.shared_path
-            try:
-                with safe_open(path, framework="pt") as f:
-                    out.update({n: f.get_tensor(n) for n in want})
-            except (SafetensorError, OSError) as e:
-                raise ContainerError(path, f"cannot read shared tensors: {e}") from e
+            elif n in loaded:
+                out[n] = loaded[n]
+            else:
+                raise ContainerError(self.path, f"no tensor {n} in this container")
         return out
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One checked tensor: a stored one as stored, or a quantised logical one dequantised (fp32)."""
+        return self.tensors([name])[name]
+
+    def carried_tensor(self, j: int) -> torch.Tensor:
+        return self.tensor(self.carried[j]["tensor"])
 
     # ------------------------------------------------------------- zoo-level shared file
     @property
@@ -367,11 +631,9 @@ class Container:
         """Names of the form tensors that live in the referenced shared file (empty if none)."""
         return frozenset((self.manifest.get("shared") or {}).get("tensors", ()))
 
-    @cached_property
-    def shared_path(self) -> Path | None:
-        """The shared file this container references (``manifest.shared``), looked up beside the
-        container and in each parent directory, and checked against its sha256; None if the
-        container references none. Raises ContainerError when it is missing or altered."""
+    def _find_shared(self) -> Path | None:
+        """The shared file this container references, looked up beside the container and in each
+        parent directory (its hash not checked here); None if the container references none."""
         s = self.manifest.get("shared")
         if s is None:
             return None
@@ -386,44 +648,49 @@ class Container:
                 f"shared file {s['file']} referenced by the manifest is missing "
                 "(looked beside the container and in every parent directory; keep the zoo's _shared/ folder with its containers)",
             )
-        got = file_sha256(path)
-        if got != s["sha256"]:
+        return path
+
+    def _check_shared_sha(self, path: Path, got: str) -> None:
+        want = self.manifest["shared"]["sha256"]
+        if got != want:
             raise ContainerError(
                 path,
-                f"sha256 {got[:12]}… does not match {s['sha256'][:12]}… that {self.path.name} references: the shared file was modified or corrupted",
+                f"sha256 {got[:12]}… does not match {want[:12]}… that {self.path.name} references: the shared file was modified or corrupted",
             )
+
+    @cached_property
+    def shared_path(self) -> Path | None:
+        """The shared file this container references (``manifest.shared``), checked against its
+        sha256; None if the container references none. Raises ContainerError when it is missing
+        or altered."""
+        path = self._find_shared()
+        if path is not None and path != self._shared_checked:
+            self._check_shared_sha(path, file_sha256(path))
         return path
 
     @cached_property
     def shared_shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
-        """Shapes and dtypes of the tensors in the referenced shared file ({} if none)."""
-        path = self.shared_path
+        """Shapes and dtypes of the tensors in the referenced shared file ({} if none), from its header."""
+        path = self._find_shared()
         if path is None:
             return {}
+        check_not_truncated(path, ContainerError)
         try:
             with safe_open(path, framework="pt") as f:
                 return tensor_index(f)
         except (SafetensorError, OSError) as e:
             raise ContainerError(path, f"not a readable safetensors file: {e}") from e
 
-    def carried_tensor(self, j: int) -> torch.Tensor:
-        return self.tensor(self.carried[j]["tensor"])
-
-    def _form_parts(self):
-        cls = get_form(self.form_name)
-        config = config_from_json(cls, self.manifest["config"])
-        specs = cls.tensor_specs(self.modules, config, self.manifest["state"])
-        return cls, config, self.tensors(sorted(specs))
-
+    # ------------------------------------------------------------- the form
     def lora_factors(self) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
         """(B, A, scale) per module with ΔŴ = scale · B @ A, as a PEFT LoRA stores them: the
         stored tensors themselves when the form's tensors are LoRA factors, else the rebuilt
         form's :meth:`~adaptzip.forms.base.Form.lora_factors` (fp32)."""
-        cls, config, tensors = self._form_parts()
-        fast = cls.stored_lora_factors(self.modules, config, self.manifest["state"], tensors)
+        tensors = self.tensors(sorted(self.specs))
+        fast = self.form_class.stored_lora_factors(self.modules, self.config, self.manifest["state"], tensors)
         if fast is not None:
             return fast
-        form = self._build(cls, config, tensors)
+        form = self._build(tensors)
         out = []
         with torch.no_grad():
             for i in range(len(self.modules)):
@@ -432,107 +699,39 @@ class Container:
         return out
 
     def form(self) -> Form:
-        """Rebuild the stored form (its factors then give ΔŴ exactly as stored)."""
-        return self._build(*self._form_parts())
+        """Rebuild the stored form (its factors then give ΔŴ exactly as stored); its parameters
+        are copies, free to change."""
+        return self._build({k: v.clone() for k, v in self.tensors(sorted(self.specs)).items()})
 
-    def _build(self, cls, config, tensors) -> Form:
-        form = cls.from_tensors(self.modules, config, self.manifest["state"], tensors)
+    def _build(self, tensors: dict[str, torch.Tensor]) -> Form:
+        try:
+            form = self.form_class.from_tensors(self.modules, self.config, self.manifest["state"], tensors)
+        except AdaptzipError as e:
+            raise ContainerError(self.path, e.cause) from e
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            raise ContainerError(self.path, f"cannot rebuild form {self.form_name} from its tensors: {e}") from e
         form.fit_info = dict(self.manifest.get("metrics") or {})
         form.eval()
         return form
 
     # ------------------------------------------------------------- checks
     def verify(self) -> dict:
-        """Schema, tensor names/shapes/dtypes against the form's spec, payload hash. Raises
-        ContainerError naming the first problem; returns a summary when all is well."""
-        validate_manifest(self.manifest, self.path)
+        """Every invariant of formats/container.md §6: the manifest (checked on opening), the
+        tensors (:meth:`load`: names, shapes, dtypes, payload hash, finite values, quantised
+        parts, the shared file, the form's own value rules). Raises ContainerError naming the
+        first problem; returns a summary when all is well."""
+        self.load()
         m = self.manifest
-        if m["format_version"] > FORMAT_VERSION:
-            raise ContainerError(
-                self.path,
-                f"format_version {m['format_version']} is newer than this adaptzip reads ({FORMAT_VERSION}); upgrade adaptzip",
-            )
-        try:
-            cls = get_form(m["form"])
-        except Exception as e:
-            raise ContainerError(self.path, f"unknown form {m['form']!r}") from e
-        config = config_from_json(cls, m["config"])
-        specs = cls.tensor_specs(self.modules, config, m["state"])
-        expected = {n: (tuple(s), dt) for n, (s, dt) in specs.items()}
-        for c in m["carried"]:
-            expected[c["tensor"]] = None  # any shape: carried verbatim
-        st = self.storage
-        for n in sorted(st.tensors if st is not None else ()):
-            if n not in specs or specs[n][1] is not None:
-                raise ContainerError(
-                    self.path, f"storage lists tensor {n}, which is not a float tensor of form {m['form']}"
-                )
-            self._quant_parts(n)  # checks the entry against the form's specs
-            del expected[n]  # stored as its parts: names, shapes and dtypes from the scheme
-            expected.update(
-                {
-                    k: (tuple(s), dt)
-                    for k, (s, dt) in quant.stored_specs(n, specs[n][0], st.tensors[n], self.dtype).items()
-                }
-            )
-        shared = self.shared_names
-        if shared:  # resolves and hash-checks the shared file
-            both = sorted(shared & set(self._shapes))
-            if both:
-                raise ContainerError(
-                    self.path, f"tensor {both[0]} is stored in the container and also referenced in the shared file"
-                )
-            gone = sorted(shared - set(self.shared_shapes))
-            if gone:
-                raise ContainerError(
-                    self.shared_path, f"tensor {gone[0]} referenced by {self.path.name} is missing from the shared file"
-                )
-        names = set(self._shapes) | shared
-        missing = sorted(set(expected) - names)
-        if missing:
-            raise ContainerError(self.path, f"tensor {missing[0]} listed by the manifest is missing")
-        extra = sorted(names - set(expected))
-        if extra:
-            raise ContainerError(self.path, f"tensor {extra[0]} is not described by the manifest")
-        float_st = {"F16", "BF16", "F32"}
-        want_float = ST_DTYPE[self.dtype]
-        for n, spec in sorted(expected.items()):
-            if spec is None:
-                continue
-            shape, dt = spec
-            got_shape, got_dt = self._shapes[n] if n in self._shapes else self.shared_shapes[n]
-            if tuple(got_shape) != shape:
-                raise ContainerError(
-                    self.path, f"tensor {n} has shape {list(got_shape)} but the manifest implies {list(shape)}"
-                )
-            if dt is None and (got_dt not in float_st or got_dt != want_float):
-                raise ContainerError(
-                    self.path, f"tensor {n} has dtype {got_dt} but the container dtype is {want_float}"
-                )
-            if dt is not None and got_dt != ST_DTYPE[dt]:
-                raise ContainerError(self.path, f"tensor {n} has dtype {got_dt}, expected {ST_DTYPE[dt]}")
-        stored = self.tensors()
-        for n in sorted(st.tensors if st is not None else ()):
-            try:
-                quant.check_parts(n, stored, st.tensors[n], tuple(specs[n][0]), self.dtype)
-            except quant.QuantError as e:
-                raise ContainerError(self.path, str(e)) from e
-        actual = payload_sha256(stored)
-        if actual != m["payload_sha256"]:
-            raise ContainerError(
-                self.path,
-                f"payload sha256 {actual[:12]}… does not match the manifest's {m['payload_sha256'][:12]}… (corrupted or edited)",
-            )
         res = {
             "path": str(self.path),
             "ok": True,
             "form": m["form"],
             "format_version": m["format_version"],
-            "tensors": len(names),
+            "tensors": len(set(self._shapes) | self.shared_names),
             "bytes": self.bytes,
-            "payload_sha256": actual,
+            "payload_sha256": m["payload_sha256"],
         }
-        if shared:
+        if self.shared_names:
             res["shared"] = str(self.shared_path)
         return res
 
@@ -548,7 +747,9 @@ def find_shared(container: Path, rel: str) -> Path | None:
 
 
 def open_container(path: str | Path) -> Container:
-    """Open a container, checking that it is one (not truncated; its header and manifest parse)."""
+    """Open a container, checking its header and manifest: a complete safetensors file, the
+    manifest (format, version, schema, module table) and a form this adaptzip knows whose config
+    and state it can decode. Tensors are checked when first read (:meth:`Container.load`)."""
     path = Path(path)
     if not path.exists():
         raise ContainerError(path, "no such file")
@@ -569,5 +770,7 @@ def open_container(path: str | Path) -> Container:
         raise ContainerError(path, f"manifest is not valid JSON: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ContainerError(path, "manifest format is not 'adaptzip'")
-    _quick_validate(manifest, path)
-    return Container(path, manifest, shapes)
+    check_manifest(manifest, path)
+    c = Container(path, manifest, shapes)
+    c.specs  # noqa: B018  (the form is known and its config and state decode)
+    return c

@@ -36,6 +36,12 @@ class OutputExists(AdaptzipError):
     """The output path exists and --force was not given."""
 
 
+class OutputError(AdaptzipError):
+    """The output cannot be written: no space left on the device, permission denied, a read-only
+    file system, a parent that is not a folder. ``path`` is the output (the file or folder the
+    user named, or the file inside it that failed); nothing is left behind."""
+
+
 class OptionError(AdaptzipError):
     """Bad or contradictory options (form hyperparameters, budgets, targets)."""
 

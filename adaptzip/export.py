@@ -14,9 +14,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import linalg
-from .adapter import PREFIX, TORCH_DTYPES, ModuleInfo, pattern_key
+from .adapter import PREFIX, TORCH_DTYPES, ModuleInfo, pattern_key, peft_targets
 from .container import Container
-from .errors import BaseModelError, ExportError
+from .errors import BaseModelError, ContainerError, ExportError
 from .fileio import (
     ST_TORCH,
     StreamingWriter,
@@ -51,29 +51,52 @@ def _config_reproduces(cfg: dict, want: dict[str, tuple[int, float]]) -> bool:
     return True
 
 
+def _name_targets(cfg: dict, names: list[str]) -> dict:
+    """``cfg`` targeting exactly the modules ``names`` (their full paths in the base model): PEFT
+    adapts a module listed in ``target_modules`` by its full name whatever the source config
+    said (suffixes, a regex, ``layers_to_transform``, ``exclude_modules``), so every module
+    written is loaded and no other one is added. A source whose ``target_modules`` disagree
+    with its tensors (``Adapter.config_mismatch``) then loses no update."""
+    cfg = dict(cfg)
+    cfg.update(target_modules=list(names), layers_to_transform=None, layers_pattern=None, exclude_modules=None)
+    return cfg
+
+
 def _lora_config(
     source: dict, modules: list[ModuleInfo], ranks: dict[str, int], alphas: dict[str, float], rslora: bool
 ) -> dict:
-    """A LoraConfig dict that gives each module its rank and alpha: the source's own config when it
-    does, else a uniform r/alpha (the most common) plus rank_pattern/alpha_pattern entries."""
-    cfg = dict(source)
+    """A LoraConfig dict that targets exactly the modules in ``ranks`` (by full name) and gives
+    each its rank and alpha: the source's own r/alpha/patterns when they do, else a uniform
+    r/alpha (the most common) plus rank_pattern/alpha_pattern entries keyed by full module names
+    (PEFT matches a pattern key against the end of a module's name, so a full name matches that
+    module only; :func:`_config_reproduces` checks it by PEFT's rule)."""
+    present = [m for m in modules if m.name in ranks]
+    cfg = _name_targets(source, [m.name for m in present])
     cfg["use_rslora"] = rslora
     cfg["inference_mode"] = True
-    present = [m for m in modules if m.name in ranks]
-    if len(present) != len(modules):
-        cfg["target_modules"] = [m.name for m in present]
     want = {m.name: (ranks[m.name], alphas[m.name]) for m in present}
-    if _config_reproduces(cfg, want):
-        return cfg
-    r0 = Counter(ranks[m.name] for m in present).most_common(1)[0][0] if present else 1
-    a0 = Counter(alphas[m.name] for m in present).most_common(1)[0][0] if present else 1
-    cfg.update(
-        r=r0,
-        lora_alpha=a0,
-        rank_pattern={m.name: ranks[m.name] for m in present if ranks[m.name] != r0},
-        alpha_pattern={m.name: alphas[m.name] for m in present if alphas[m.name] != a0},
-    )
+    if not _config_reproduces(cfg, want):
+        r0 = Counter(ranks[m.name] for m in present).most_common(1)[0][0] if present else 1
+        a0 = Counter(alphas[m.name] for m in present).most_common(1)[0][0] if present else 1
+        cfg.update(
+            r=r0,
+            lora_alpha=a0,
+            rank_pattern={m.name: ranks[m.name] for m in present if ranks[m.name] != r0},
+            alpha_pattern={m.name: alphas[m.name] for m in present if alphas[m.name] != a0},
+        )
     return cfg
+
+
+def _check_targets(c: Container, cfg: dict) -> None:
+    """Every module written is one PEFT adapts under ``cfg`` (e.g. not excluded by the source's
+    ``modules_to_save``): otherwise PEFT would load the directory and drop that update."""
+    for m in c.modules:
+        if m.name in cfg["target_modules"] and not peft_targets(cfg, m.name, m.kind):
+            raise ExportError(
+                c.path,
+                f"module {m.name} would not be adapted by PEFT under the source config "
+                f"(modules_to_save {cfg.get('modules_to_save')}); its update would be lost",
+            )
 
 
 def _factor_keys(m: ModuleInfo) -> tuple[str, str]:
@@ -130,7 +153,7 @@ def to_peft(
                     A = torch.cat([A, A.new_zeros(r - k, A.shape[1])], 0)
                 ka, kb = _factor_keys(m)
                 tensors[ka], tensors[kb] = A.to(out_dtype).contiguous(), B.to(out_dtype).contiguous()
-            cfg = dict(src_cfg)
+            cfg = _name_targets(src_cfg, [m.name for m in c.modules])
             cfg.update(
                 r=r,
                 lora_alpha=r,
@@ -155,8 +178,13 @@ def to_peft(
                 tensors[ka], tensors[kb] = A.to(out_dtype).contiguous(), B.to(out_dtype).contiguous()
                 ranks[m.name], alphas[m.name] = k, _alpha_for(scale, k, rslora)
                 scales[m.name] = scale
+            if not ranks:
+                raise ExportError(
+                    c.path, "every module has rank 0 in this container: there is no update to write as a LoRA"
+                )
             cfg = _lora_config(src_cfg, c.modules, ranks, alphas, rslora)
             info.update(r=cfg["r"], ranks=ranks)
+        _check_targets(c, cfg)
         for j, x in enumerate(c.carried):
             if target == "vllm":
                 continue
@@ -222,7 +250,10 @@ def _base_shards(base: Path) -> tuple[list[Path], Path | None]:
         )
     idx = base / "model.safetensors.index.json"
     if idx.is_file():
-        files = sorted(set(json.loads(idx.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(idx.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise BaseModelError(idx, f"not a safetensors index with a weight_map: {e!r}") from e
         return [base / f for f in files], idx
     single = base / "model.safetensors"
     if single.is_file():
@@ -249,14 +280,18 @@ def to_merged(c: Container, base: Path, out: Path) -> dict:
     form = c.form()
     shards, _ = _base_shards(base)
     keys: dict[str, Path] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for s in shards:
         try:
             with safe_open(s, framework="pt") as f:
-                keys.update(dict.fromkeys(tensor_index(f), s))
+                index = tensor_index(f)
+            keys.update(dict.fromkeys(index, s))
+            shapes.update({k: tuple(v[0]) for k, v in index.items()})
         except (SafetensorError, OSError) as e:
             raise BaseModelError(s, f"cannot read: {e}") from e
     kset = set(keys)
     edits: dict[str, tuple] = {}  # base key -> ("delta", i) | ("bias", j, i) | ("replace", j)
+    want: dict[str, tuple[tuple[int, ...], str]] = {}  # base key -> (the shape the edit needs, what needs it)
     magnitude = {x["module"]: j for j, x in enumerate(c.carried) if x["role"] == "dora_magnitude"}
     for i, m in enumerate(c.modules):
         k = _match_key(m.name, kset, "weight")
@@ -267,6 +302,17 @@ def to_merged(c: Container, base: Path, out: Path) -> dict:
                 c.path, f"merging DoRA on an embedding ({m.name}) is not supported; expand with --to peft"
             )
         edits[k] = ("delta", i)
+        if m.name in magnitude:
+            mag = c.stored_shape(c.carried[magnitude[m.name]]["tensor"])
+            if math.prod(mag) != m.out_features:
+                raise ContainerError(
+                    c.path,
+                    f"module {m.name}: its DoRA magnitude has shape {list(mag)}, expected {m.out_features} values",
+                )
+        want[k] = (
+            (m.in_features, m.out_features) if m.dense_transposed else (m.out_features, m.in_features),
+            f"module {m.name}: its update",
+        )
     for j, x in enumerate(c.carried):
         if x["role"] == "lora_bias":
             k = _match_key(x["module"], kset, "bias")
@@ -276,6 +322,7 @@ def to_merged(c: Container, base: Path, out: Path) -> dict:
                 )
             i = next(i for i, m in enumerate(c.modules) if m.name == x["module"])
             edits[k] = ("bias", j, i)
+            want[k] = ((c.modules[i].out_features,), f"module {x['module']}: its LoRA bias")
         elif x["role"] in ("modules_to_save", "embedding_base"):
             name = x["key"].removeprefix(PREFIX)
             name = (
@@ -287,6 +334,14 @@ def to_merged(c: Container, base: Path, out: Path) -> dict:
             if k is None:
                 raise BaseModelError(base, f"tensor {x['key']} of the adapter has no counterpart in the base model")
             edits[k] = ("replace", j)
+            want[k] = (c.stored_shape(x["tensor"]), f"tensor {x['key']} of the adapter")
+    for k, (shape, what) in want.items():
+        if shapes[k] != tuple(shape):
+            raise BaseModelError(
+                keys[k],
+                f"{what} is {list(shape)} but the base weight {k} is {list(shapes[k])} "
+                "(a base model of another size than the adapter's?)",
+            )
     with torch.no_grad(), atomic_dir(out) as tmp:
         for f in sorted(base.iterdir()):
             if f.is_file() and f not in shards:
@@ -300,12 +355,12 @@ def to_merged(c: Container, base: Path, out: Path) -> dict:
                         t = fh.get_tensor(n)
                         e = edits.get(n)
                         if e is not None:
-                            t = _apply(c, form, e, t, magnitude)
+                            t = _apply(c, form, e, t, magnitude, s)
                         w.write(n, t.to(dt).contiguous())
     return {"output": str(out), "base_model": str(base), "shards": len(shards), "edited_tensors": len(edits)}
 
 
-def _apply(c: Container, form: Form, e: tuple, t: torch.Tensor, magnitude: dict[str, int]) -> torch.Tensor:
+def _apply(c: Container, form: Form, e: tuple, t: torch.Tensor, magnitude: dict[str, int], shard: Path) -> torch.Tensor:
     if e[0] == "replace":
         return c.carried_tensor(e[1])
     if e[0] == "bias":
@@ -317,7 +372,7 @@ def _apply(c: Container, form: Form, e: tuple, t: torch.Tensor, magnitude: dict[
     d = _delta(form, i, m, torch.float32)
     if W.shape != d.shape:
         raise BaseModelError(
-            None, f"module {m.name}: base weight has shape {list(W.shape)} but the adapter's update is {list(d.shape)}"
+            shard, f"module {m.name}: base weight has shape {list(W.shape)} but the adapter's update is {list(d.shape)}"
         )
     W = W + d
     if m.name in magnitude:

@@ -2,7 +2,10 @@
 
 Every output is written to a temporary name in the target's own directory, fsynced, then
 renamed into place: a crash or a kill leaves either the old state or the new one, never a
-partial file. Source files are never opened for writing.
+partial file. A failed or interrupted write removes its temporary file and the folders it made,
+and turns a write error (disk full, permission denied) into :class:`~adaptzip.errors.OutputError`
+naming the output. Outputs get the usual mode (0666/0777 less the umask). Source files are never
+opened for writing.
 
 The safetensors layout rule lives here once (:func:`safetensors_plan`, :func:`safetensors_header`):
 the streaming writer uses it to write, the container uses it to predict a file's size exactly.
@@ -11,21 +14,25 @@ the streaming writer uses it to write, the container uses it to predict a file's
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
 import math
 import os
+import re
+import secrets
 import shutil
 import struct
-import tempfile
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import AdaptzipError, OutputExists
+from .errors import AdaptzipError, OutputError, OutputExists
+from .runtime import shielded
 
 ST_DTYPE = {
     torch.float32: "F32",
@@ -76,19 +83,170 @@ def _sha256_of(path: str, size: int, mtime_ns: int, ino: int) -> str:
     return h.hexdigest()
 
 
+# ------------------------------------------------------------------ writing outputs
+# Errors that only writing produces: an OSError without a file name (a write to an open file)
+# with one of these is the output's; any other is left as it is (an input read inside a write).
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+_MADE: list[Path] = []  # folders this process's writers created, oldest first (see undo_folders_on_failure)
+
+
+def _reason(code: int | None, e: BaseException) -> str:
+    """``No space left on device`` -> ``no space left on device``; the message when no errno."""
+    if code:
+        s = os.strerror(code)
+        return s[:1].lower() + s[1:]
+    return " ".join(str(e).split())
+
+
+def _errno(e: BaseException) -> int | None:
+    if isinstance(e, OSError):
+        return e.errno
+    m = re.search(r"os error (\d+)", str(e))  # safetensors (Rust): "... No space left on device (os error 28)"
+    return int(m.group(1)) if m else None
+
+
+def _within(p: Path, root: Path) -> bool:
+    return p == root or root in p.parents
+
+
+def output_error(dest: Path, e: BaseException, tmp: Path | None = None) -> OutputError | None:
+    """The :class:`OutputError` for ``e``, raised while writing ``dest`` through the temporary file
+    or folder ``tmp``, naming ``dest`` (or the file inside a folder output) and the cause
+    (``no space left on device``, ``permission denied``); None when ``e`` is not about the output
+    (e.g. an input that is read inside the write block fails as itself)."""
+    dest = Path(dest)
+    if isinstance(e, OSError):
+        where = None
+        d = Path(os.path.abspath(dest))
+        for name in (e.filename2, e.filename):  # a copy names its source first, its destination second
+            if name is None or where is not None:
+                continue
+            p = Path(os.path.abspath(os.fsdecode(name)))
+            if tmp is not None and _within(p, Path(os.path.abspath(tmp))):
+                rel = p.relative_to(os.path.abspath(tmp))
+                where = dest / rel if rel.parts else dest
+            elif _within(p, d) or _within(d, p) or (p.parent == d.parent and p.name.startswith(f".{d.name}.")):
+                where = dest  # the output, a folder on its way, or its temporary name
+        if where is None:
+            if e.errno not in _WRITE_ERRNOS:
+                return None  # e.g. an input read inside the write block
+            where = dest
+        return OutputError(where, _reason(e.errno, e))
+    if type(e).__name__ == "SafetensorError" and "while serializing" in str(e):
+        return OutputError(dest, _reason(_errno(e), e))
+    return None
+
+
+def _not_a_folder(p: Path, dest: Path) -> OutputError:
+    """A file stands where the output needs a folder: the error names that file."""
+    return OutputError(
+        p, "is not a folder" + ("" if Path(p) == Path(dest) else f" (the output {dest} needs one there)")
+    )
+
+
+def make_dirs(d: Path, dest: Path | None = None) -> list[Path]:
+    """``mkdir -p d``: creates the missing folders, outermost first, and records each (see
+    :func:`undo_folders_on_failure`); returns the ones it created. An error becomes
+    :class:`OutputError` naming ``dest`` (default ``d``)."""
+    d, dest = Path(d), Path(dest if dest is not None else d)
+    missing: list[Path] = []
+    p = d
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    if not os.path.isdir(p):
+        raise _not_a_folder(p, dest)
+    made = []
+    for q in reversed(missing):
+        try:
+            os.mkdir(q)
+        except FileExistsError:
+            if not q.is_dir():
+                raise _not_a_folder(q, dest) from None
+            continue
+        except OSError as e:
+            raise OutputError(dest, f"{_reason(e.errno, e)} (cannot create folder {q})") from e
+        _MADE.append(Path(os.path.abspath(q)))
+        made.append(q)
+    return made
+
+
+def _remove_made(since: int) -> None:
+    """Remove the folders recorded from index ``since`` on, newest first, where they are empty."""
+    for q in reversed(_MADE[since:]):
+        with contextlib.suppress(OSError):
+            os.rmdir(q)
+    del _MADE[since:]
+
+
+@contextlib.contextmanager
+def undo_folders_on_failure() -> Iterator[None]:
+    """Around a whole command: when it fails or is interrupted, the folders that its writers
+    created (and that are still empty) are removed again, so a failed ``-o new/sub/out`` leaves
+    no ``new/``."""
+    since = len(_MADE)
+    try:
+        yield
+    except BaseException:
+        with shielded():
+            _remove_made(since)
+        raise
+    del _MADE[since:]
+
+
+def check_writable(path: Path, folder: bool = False) -> None:
+    """Refuse (before any work) an output that cannot be created: the nearest existing folder
+    above ``path`` (or ``path`` itself when ``folder`` and it exists) must be a folder that this
+    process may write into, on a file system that is not read-only."""
+    path = Path(path)
+    try:
+        p = path if folder else path.parent
+        while not os.path.lexists(p) and p != p.parent:
+            p = p.parent
+        if not p.is_dir():
+            raise _not_a_folder(p, path)
+        ok = (
+            os.access(p, os.W_OK | os.X_OK, effective_ids=True)
+            if os.access in os.supports_effective_ids
+            else os.access(p, os.W_OK | os.X_OK)
+        )
+        ro = bool(os.statvfs(p).f_flag & os.ST_RDONLY) if hasattr(os, "statvfs") else False
+    except OSError as e:
+        raise OutputError(path, _reason(e.errno, e)) from e
+    if ro:
+        raise OutputError(path, f"read-only file system (folder {p})")
+    if not ok:
+        raise OutputError(path, f"permission denied (cannot write into folder {p})")
+
+
 def check_output(path: Path, force: bool, sources: tuple[Path, ...] = ()) -> None:
-    """Refuse an existing output without --force, and an output that is one of the inputs."""
-    rp = path.resolve()
-    for s in sources:
-        sr = Path(s).resolve()
-        if rp == sr or sr.is_relative_to(rp):  # replacing the output would destroy an input
-            raise OutputExists(path, "is an input of this command; choose another output")
-    if path.exists() and not force:
+    """Refuse an existing output without --force, an output that is one of the inputs, and an
+    output that cannot be written (:func:`check_writable`)."""
+    path = Path(path)
+    try:
+        rp = path.resolve()
+        for s in sources:
+            sr = Path(s).resolve()
+            if rp == sr or sr.is_relative_to(rp):  # replacing the output would destroy an input
+                raise OutputExists(path, "is an input of this command; choose another output")
+        exists = os.path.lexists(path)
+    except OSError as e:
+        raise OutputError(path, _reason(e.errno, e)) from e
+    except RuntimeError as e:  # Python < 3.13: a symlink loop on the way
+        raise OutputError(path, "symbolic link loop") from e
+    if exists and not force:
         raise OutputExists(path, "exists (use --force to replace it)")
+    check_writable(path)
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask (read from /proc where possible: setting it to read it races other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
@@ -102,50 +260,108 @@ def _fsync_dir(d: Path) -> None:
             os.close(fd)
 
 
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """Yields a temporary path beside ``path``; on success it is fsynced and renamed to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_p = Path(tmp)
-    os.chmod(tmp_p, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
-    try:
-        yield tmp_p
-        with open(tmp_p, "rb+") as f:
-            os.fsync(f.fileno())
-        if path.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp_p, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp_p.exists():
-            tmp_p.unlink()
+def _new_temp(path: Path, folder: bool) -> Path:
+    """Create ``.<name>.<random>.tmp`` beside ``path`` (a file, or a folder), with the umask's mode."""
+    for _ in range(100):
+        t = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            if folder:
+                os.mkdir(t, 0o777)
+            else:
+                os.close(os.open(t, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+        except FileExistsError:
+            continue
+        return t
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
-@contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yields a temporary directory beside ``path``; on success it replaces ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+def _finish_modes(tmp: Path) -> None:
+    """The usual modes (0666/0777 less the umask, as any tool's new files) on ``tmp`` and, for a
+    folder, everything in it (some writers, safetensors' among them, create files 0600), and every
+    file fsynced."""
+    mask = _umask()
+    if tmp.is_dir():
+        os.chmod(tmp, 0o777 & ~mask)
+        for root, dirs, files in os.walk(tmp):
+            for d in dirs:
+                if not os.path.islink(os.path.join(root, d)):
+                    os.chmod(os.path.join(root, d), 0o777 & ~mask)
+            for f in files:
+                if not os.path.islink(os.path.join(root, f)):
+                    _finish_file(Path(root) / f, mask)
+    else:
+        _finish_file(tmp, mask)
+
+
+def _finish_file(f: Path, mask: int) -> None:
+    os.chmod(f, 0o666 & ~mask)
+    with open(f, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """Put ``tmp`` in ``path``'s place (a replaced output is moved aside first and removed after;
+    it comes back if the rename fails). Called shielded: a signal cannot split it."""
+    old = None
+    if os.path.lexists(path) and (path.is_dir() or tmp.is_dir()):
+        old = path.parent / f".{path.name}.old-{os.getpid()}.tmp"
+        os.replace(path, old)
     try:
-        yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+    except BaseException:
         if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+            os.replace(old, path)
+        raise
+    _fsync_dir(path.parent)
+    if old is not None:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+
+
+def _remove(p: Path) -> None:
+    with contextlib.suppress(OSError):  # cleanup never hides the error that caused it
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+@contextlib.contextmanager
+def _atomic(path: Path, folder: bool) -> Iterator[Path]:
+    path = Path(path)
+    since = len(_MADE)
+    tmp: Path | None = None
+    try:
+        with shielded():  # a signal cannot land between creating a temporary and guarding it
+            make_dirs(path.parent, path)
+            tmp = _new_temp(path, folder)
+        yield tmp
+        _finish_modes(tmp)
+        with shielded():
+            _commit(tmp, path)
+            tmp = None
+    except BaseException as e:
+        with shielded():
+            if tmp is not None:
+                _remove(tmp)
+            _remove_made(since)
+        oe = None if isinstance(e, AdaptzipError) else output_error(path, e, tmp)
+        if oe is not None:
+            raise oe from e
+        raise
+    del _MADE[since:]
+
+
+def atomic_file(path: Path) -> contextlib.AbstractContextManager[Path]:
+    """Yields a temporary path beside ``path`` (an empty file, mode from the umask). When the block
+    ends, the file gets the umask's mode, is fsynced and renamed to ``path``. When it fails or is
+    interrupted, the temporary file and the folders made for it are removed, and an OSError or
+    safetensors write error about the output becomes :class:`OutputError` (``no space left on
+    device``, ``permission denied``) naming ``path``."""
+    return _atomic(path, folder=False)
+
+
+def atomic_dir(path: Path) -> contextlib.AbstractContextManager[Path]:
+    """:func:`atomic_file` for a folder output: yields a temporary folder beside ``path``, which
+    replaces ``path`` when the block ends (every file in it fsynced, modes from the umask)."""
+    return _atomic(path, folder=True)
 
 
 def safetensors_plan(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -231,15 +447,33 @@ def check_not_truncated(path: Path, error: type[AdaptzipError]) -> None:
 class StreamingWriter:
     """Writes a safetensors file tensor by tensor: the header is planned from (name, dtype,
     shape) first (:func:`safetensors_header`), then each tensor is written at its offset, so only
-    one tensor is in memory. Tensors must be written in the order they were planned."""
+    one tensor is in memory. Tensors must be written in the order they were planned.
+
+    An OSError (disk full) carries the file's path as ``filename``, so that :func:`atomic_file`
+    and :func:`atomic_dir` name the output file in their :class:`OutputError`."""
 
     def __init__(self, path: Path, plan: Plan, metadata: dict[str, str] | None = None):
+        self.path = Path(path)
         self._order = [(name, dtype, tuple(shape), _nbytes(dtype, shape)) for name, dtype, shape in plan]
         hb = safetensors_header(plan, metadata)
         self._f = open(path, "wb")  # noqa: SIM115 (the writer owns the file: close() or __exit__)
-        self._f.write(struct.pack("<Q", len(hb)))
-        self._f.write(hb)
         self._next = 0
+        try:
+            with self._naming():
+                self._f.write(struct.pack("<Q", len(hb)))
+                self._f.write(hb)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+
+    @contextlib.contextmanager
+    def _naming(self) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            if e.filename is None:
+                e.filename = str(self.path)
+            raise
 
     def write(self, name: str, t: torch.Tensor) -> None:
         exp_name, dtype, shape, n = self._order[self._next]
@@ -248,15 +482,19 @@ class StreamingWriter:
                 f"streaming writer: expected {exp_name} {dtype} {shape}, got {name} {t.dtype} {tuple(t.shape)}"
             )
         if n:  # the tensor's own buffer, no bytes copy (peak memory: one tensor)
-            self._f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
+            with self._naming():
+                self._f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
         self._next += 1
 
     def close(self) -> None:
         if self._next != len(self._order):
             raise ValueError(f"streaming writer: {len(self._order) - self._next} tensors not written")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        with self._naming():
+            try:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+            finally:
+                self._f.close()
 
     def __enter__(self):
         return self
@@ -265,7 +503,8 @@ class StreamingWriter:
         if exc[0] is None:
             self.close()
         else:
-            self._f.close()
+            with contextlib.suppress(OSError):  # the error in flight says what went wrong
+                self._f.close()
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

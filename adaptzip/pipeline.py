@@ -120,7 +120,8 @@ def compress(
         )
     adapter = load_adapter(lora_dir)
     output = Path(output)
-    check_output(output, run.force, sources=(adapter.path, adapter.weights_file))
+    inputs = [] if calibration is None else [calibration.base_model, calibration.calib, calibration.eval_text]
+    check_output(output, run.force, sources=(adapter.path, adapter.weights_file, *(Path(p) for p in inputs if p)))
     form_cls = None if to == "auto" else get_form(to)
     config = None if form_cls is None else make_config(form_cls, form_options)
     dt = resolve_dtype(fitting.dtype, adapter)
@@ -154,6 +155,8 @@ def compress(
             )
     form, tensors, manifest = built.form, built.tensors, built.manifest
     warnings = [] if budget_bytes is not None or form.lossless else size_warnings(req, built, form_options)
+    if adapter.config_mismatch is not None:  # every tensor is converted; the source config misdescribes them
+        warnings.insert(0, f"{adapter.path / 'adapter_config.json'}: {adapter.config_mismatch['message']}")
     written = ct.write(output, tensors, manifest)
     qinfo = qsearch.storage_summary(manifest) if "storage" in manifest else None
     if qinfo is not None and quant.scheme == "auto" and form_cls is not None:

@@ -28,7 +28,7 @@ from . import budget, fit, linalg
 from . import container as ct
 from .adapter import Adapter, load_adapter
 from .errors import OptionError
-from .fileio import atomic_file, check_output, json_clean
+from .fileio import atomic_dir, atomic_file, check_output, json_clean
 from .forms import FitContext, get_form
 from .forms.base import config_from_json
 
@@ -135,7 +135,17 @@ def _stored_ranks(c: ct.Container) -> list[int | None]:
 
 
 def container_report(c: ct.Container, adapter: Adapter | None = None, ctx: FitContext | None = None) -> dict:
-    """Facts and errors of one container (recomputed from ``adapter`` when given)."""
+    """Facts and errors of one container (recomputed from ``adapter`` when given). The container
+    is verified first (every invariant of formats/container.md, tensors included): a corrupted
+    or edited container is refused, never reported on."""
+    c.verify()
+    try:
+        return _container_report(c, adapter, ctx)
+    finally:
+        c.release()  # a report of many containers holds one container's tensors at a time
+
+
+def _container_report(c: ct.Container, adapter: Adapter | None, ctx: FitContext | None) -> dict:
     man = c.manifest
     met = man.get("metrics") or {}
     src_bytes = man["source"]["bytes"]
@@ -235,13 +245,20 @@ def report(
     max_spectra: int = 4,
     curve_points: int = 8,
 ) -> dict:
-    """Report on containers; with ``out`` also write ``report.md``, ``report.json`` and PNG charts.
+    """Report on containers; with ``out`` also write the folder ``out`` (``report.md``,
+    ``report.json``, PNG charts), atomically: it must not exist unless ``force`` (then it is
+    replaced whole). Every container is verified first (tensors included): a corrupted one is
+    refused before anything is written.
 
     ``against``: the source LoRA folder of every container: errors, the same-bytes svd baseline,
     an svd error-vs-bytes curve and spectra are recomputed from it."""
     if not containers:
         raise OptionError(None, "report: give at least one container")
     cs = [ct.open_container(p) for p in containers]
+    out_p = Path(out) if out is not None else None
+    if out_p is not None:
+        # the output is a folder, replaced whole: it must not exist (without --force) nor hold an input
+        check_output(out_p, force, sources=tuple(c.path for c in cs) + ((Path(against),) if against else ()))
     ad = None
     ctx = FitContext()
     if against is not None:
@@ -252,9 +269,6 @@ def report(
                     against,
                     f"is not the source of {c.path} (its weights sha256 {ad.sha256[:12]}… ≠ the container's source {c.manifest['source']['sha256'][:12]}…)",
                 )
-    out_p = Path(out) if out is not None else None
-    if out_p is not None:
-        check_output(out_p / "report.json", force)
     reps = [container_report(c, ad, ctx) for c in cs]
     sources: dict[str, dict] = {}
     for r in reps:
@@ -434,7 +448,14 @@ def _fmt(x: Any) -> str:
 
 
 def _write(out: Path, result: dict) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
+    """``report.md``, ``report.json`` and the charts, written into a new folder that replaces
+    ``out`` whole once complete (never a partial report, never old charts left beside new ones).
+    Returns the paths written."""
+    with atomic_dir(out) as tmp:
+        return _write_into(tmp, out, result)
+
+
+def _write_into(out: Path, final: Path, result: dict) -> dict:
     reps = result["containers"]
     images: dict[str, list[str]] = {}
     for j, r in enumerate(reps):
@@ -513,8 +534,8 @@ def _write(out: Path, result: dict) -> dict:
         for img in images[r["path"]]:
             lines += [f"![{img}]({img})", ""]
     files = {
-        "report_md": str(out / "report.md"),
-        "report_json": str(out / "report.json"),
+        "report_md": str(final / "report.md"),
+        "report_json": str(final / "report.json"),
         "images": [i for v in images.values() for i in v] + pareto,
     }
     with atomic_file(out / "report.md") as tmp:

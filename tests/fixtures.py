@@ -144,3 +144,117 @@ def one_torch_thread():
     ``pytest.fixture(autouse=True)(one_torch_thread)`` (add ``scope="module"`` to set it once per module)."""
     with single_thread():
         yield
+
+
+# (in, out) of every LoRA target of :func:`tiny_llama_config`'s defaults (hidden 64, MLP 96, 2 of 4
+# heads for k/v: 32), and where each sits in a layer.
+TINY_LLAMA_MODULES = {
+    "q_proj": ("self_attn", 64, 64),
+    "k_proj": ("self_attn", 64, 32),
+    "v_proj": ("self_attn", 64, 32),
+    "o_proj": ("self_attn", 64, 64),
+    "gate_proj": ("mlp", 64, 96),
+    "up_proj": ("mlp", 64, 96),
+    "down_proj": ("mlp", 96, 64),
+}
+
+
+def tiny_llama_adapter(
+    path: Path,
+    *,
+    r: int = 8,
+    alpha: float = 16,
+    layers: int = 3,
+    targets: tuple[str, ...] | list[str] = tuple(LLAMA_TARGETS),
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    dora: bool = False,
+    config: dict | None = None,
+) -> Path:
+    """A synthetic PEFT LoRA for the tiny Llama of :func:`make_base` (same module names and shapes,
+    so it also merges into and calibrates on that base): seeded random A and B ≠ 0, no training.
+    ``dora`` adds DoRA magnitude vectors (``use_dora``). Written by :func:`write_adapter`."""
+    g = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for i in range(layers):
+        for t in targets:
+            block, n_in, n_out = TINY_LLAMA_MODULES[t]
+            name = f"model.layers.{i}.{block}.{t}"
+            tensors[lora_key(name, "A")] = (torch.randn(r, n_in, generator=g) * 0.2).to(dtype)
+            tensors[lora_key(name, "B")] = (torch.randn(n_out, r, generator=g) * 0.05).to(dtype)
+            if dora:
+                tensors[f"base_model.model.{name}.lora_magnitude_vector"] = (
+                    1 + 0.1 * torch.rand(n_out, generator=g)
+                ).to(dtype)
+    cfg = {"r": r, "lora_alpha": alpha, "target_modules": list(targets), "use_dora": dora, **(config or {})}
+    return write_adapter(path, tensors, cfg)
+
+
+def tree_state(root: Path) -> dict[str, str]:
+    """Every entry below ``root`` (symlinks not followed) by relative path: ``dir``,
+    ``link -> <target>`` or ``file <sha256>``: two states compare equal exactly when nothing was
+    added, removed or changed (inputs byte-identical, no output or temporary file left)."""
+    import hashlib
+    import os
+
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            rel = os.path.relpath(p, root)
+            if os.path.islink(p):
+                out[rel] = "link -> " + os.readlink(p)
+            elif os.path.isdir(p):
+                out[rel] = "dir"
+            else:
+                with open(p, "rb") as f:
+                    out[rel] = "file " + hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+# ---------------------------------------------------------------- safetensors bytes (formats/container.md)
+def read_safetensors_raw(path: Path) -> tuple[dict, bytes]:
+    """(header object, payload bytes) of a safetensors file, parsed by hand (no library checks)."""
+    import struct
+
+    b = Path(path).read_bytes()
+    n = struct.unpack("<Q", b[:8])[0]
+    return json.loads(b[8 : 8 + n]), b[8 + n :]
+
+
+def write_safetensors_raw(path: Path, header: dict, payload: bytes) -> None:
+    """Write a header object and payload as safetensors bytes (compact JSON, space-padded to 8)."""
+    import struct
+
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    Path(path).write_bytes(struct.pack("<Q", len(hb)) + hb + payload)
+
+
+SPEC_HASH_DTYPE = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+def spec_payload_sha256(header: dict, payload: bytes) -> str:
+    """``payload_sha256`` as formats/container.md §5 defines it, from the bytes alone (independent
+    of adaptzip's own code): per tensor in name order, name, dtype and shape, then its raw bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(k for k in header if k != "__metadata__"):
+        info = header[name]
+        shape = "[" + ", ".join(str(d) for d in info["shape"]) + "]"
+        h.update(f"{name}\0{SPEC_HASH_DTYPE[info['dtype']]}\0{shape}\0".encode())
+        b, e = info["data_offsets"]
+        h.update(payload[b:e])
+    return h.hexdigest()

@@ -173,3 +173,135 @@ def test_spectrum_without_dense(lora_fp32):
     m0 = info["modules"][0]
     assert 1.0 <= m0["effective_rank"] <= 8.0
     assert 0 < m0["energy_top"]["1"] <= m0["energy_top"]["4"] <= m0["energy_top"]["8"] == pytest.approx(1.0)
+
+
+def _hand_adapter(path, a, b, **config):
+    """One module (``model.layers.0.self_attn.q_proj``) with factors ``a``, ``b`` written by hand."""
+    from fixtures import lora_key, write_adapter
+
+    name = "model.layers.0.self_attn.q_proj"
+    return write_adapter(
+        path,
+        {lora_key(name, "A"): a, lora_key(name, "B"): b},
+        {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], **config},
+    )
+
+
+def test_refuses_integer_factors(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    d = _hand_adapter(
+        tmp_path / "i32", torch.randint(-3, 3, (2, 16), dtype=torch.int32, generator=g), torch.randn(8, 2)
+    )
+    with pytest.raises(
+        AdapterError,
+        match=r"adapter_model\.safetensors: tensor base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A\.weight "
+        r"has dtype I32: LoRA factors must be floating point \(F32, F16, BF16\)$",
+    ):
+        adaptzip.load_adapter(d)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_refuses_non_finite_factors(tmp_path, bad):
+    """A NaN/Inf in a factor is named when read (it used to surface as a LinAlgError in the fit)."""
+    from clihelp import run_cli
+
+    b = torch.randn(8, 2)
+    b[3, 1] = bad
+    d = _hand_adapter(tmp_path / "nan", torch.randn(2, 16), b)
+    ad = adaptzip.load_adapter(d)  # the header is fine: values are checked when first read
+    cause = (
+        r"tensor base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_B\.weight holds non-finite values "
+        r"\(NaN or Inf\)"
+    )
+    with pytest.raises(AdapterError, match=cause):
+        ad.factors(ad.modules[0])
+    with pytest.raises(AdapterError, match=cause):
+        adaptzip.compress(d, tmp_path / "c.safetensors", to="svd", rank=1)
+    with pytest.raises(AdapterError, match=cause):
+        adaptzip.inspect(d)
+    code, out, err = run_cli("compress", d, "--to", "svd", "--rank", "1", "-o", tmp_path / "cli.safetensors")
+    assert (code, out) == (2, "")
+    assert err == f"adaptzip: error: {d / 'adapter_model.safetensors'}: " + cause.replace("\\", "") + "\n"
+    assert not (tmp_path / "c.safetensors").exists() and not (tmp_path / "cli.safetensors").exists()
+
+
+def test_refuses_rank_zero(tmp_path):
+    """A rank-0 module carries no update; it is refused with its name (it used to divide by zero)."""
+    d = _hand_adapter(tmp_path / "r0", torch.zeros(0, 16), torch.zeros(8, 0), r=0)
+    cause = r"module model\.layers\.0\.self_attn\.q_proj has rank 0 \(.*lora_A\.weight is \[0, 16\]\): a rank-0 module carries no update"
+    for call in (adaptzip.load_adapter, adaptzip.inspect):
+        with pytest.raises(AdapterError, match=cause):
+            call(d)
+
+
+def test_refuses_bad_patterns(lora_fp32, tmp_path):
+    d = tmp_path / "pat"
+    shutil.copytree(lora_fp32, d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "rank_pattern": {"q_proj(": 4}}))
+    with pytest.raises(
+        AdapterError, match=r"adapter_config\.json: rank_pattern key 'q_proj\(' is not a valid regular expression"
+    ):
+        adaptzip.load_adapter(d)
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "alpha_pattern": {"q_proj": "8"}}))
+    with pytest.raises(AdapterError, match=r"alpha_pattern\['q_proj'\] must be a number, got '8'"):
+        adaptzip.load_adapter(d)
+
+
+def test_config_mismatch_reported(make_lora, tmp_path):
+    """Tensors of q/v/gate under a config that says k_proj/o_proj: PEFT would drop those updates.
+    ``inspect`` (and the adapter's summary) say which modules and which config entries disagree."""
+    src = make_lora("mism_src", steps=3, target_modules=["q_proj", "v_proj", "gate_proj"])
+    d = tmp_path / "mism"
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["k_proj", "o_proj", "v_proj"]}))
+    ad = adaptzip.load_adapter(d)
+    mm = ad.config_mismatch
+    assert mm["in_config_not_in_tensors"] == ["k_proj", "o_proj"]
+    assert mm["in_tensors_not_in_config"] == [
+        f"model.layers.{i}.{t}" for i in range(3) for t in ("mlp.gate_proj", "self_attn.q_proj")
+    ]
+    assert mm["message"] == (
+        "adapter_config.json disagrees with the weights: 6 of 9 modules with LoRA tensors (mlp.gate_proj, "
+        "self_attn.q_proj) are not in its target_modules: PEFT loading this adapter drops their update; "
+        "target_modules k_proj, o_proj match no module with LoRA tensors"
+    )
+    info = adaptzip.inspect(d)
+    assert info["config_mismatch"] == mm
+    assert adaptzip.load_adapter(src).config_mismatch is None and adaptzip.inspect(src)["config_mismatch"] is None
+    # PEFT's other selectors count too: a regex, layers_to_transform, exclude_modules
+    for extra, dropped in (
+        ({"target_modules": r".*\.(q_proj|v_proj)"}, 3),
+        ({"target_modules": ["q_proj", "v_proj", "gate_proj"], "layers_to_transform": [0, 2]}, 3),
+        (
+            {
+                "target_modules": ["q_proj", "v_proj", "gate_proj"],
+                "exclude_modules": ["model.layers.1.self_attn.q_proj"],
+            },
+            1,
+        ),
+    ):
+        (d / "adapter_config.json").write_text(json.dumps({**cfg, **extra}))
+        got = adaptzip.load_adapter(d).config_mismatch
+        assert len(got["in_tensors_not_in_config"]) == dropped and got["in_config_not_in_tensors"] == [], extra
+
+
+def test_symlink_loops_are_named(lora_fp32, tmp_path):
+    import os
+
+    os.symlink("loop", tmp_path / "loop")
+    with pytest.raises(AdapterError, match=r"/loop: is a symbolic link that loops back on itself$"):
+        adaptzip.load_adapter(tmp_path / "loop")
+    d = tmp_path / "ad"
+    shutil.copytree(lora_fp32, d)
+    (d / "adapter_model.safetensors").unlink()
+    os.symlink("adapter_model.safetensors", d / "adapter_model.safetensors")
+    with pytest.raises(
+        AdapterError, match=r"ad/adapter_model\.safetensors: is a symbolic link that loops back on itself$"
+    ):
+        adaptzip.inspect(d)
+    (d / "adapter_model.safetensors").unlink()
+    os.symlink("gone.safetensors", d / "adapter_model.safetensors")
+    with pytest.raises(AdapterError, match=r"ad/adapter_model\.safetensors: is a symbolic link to a missing target$"):
+        adaptzip.load_adapter(d)

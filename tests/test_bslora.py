@@ -222,8 +222,10 @@ def test_shapes_on_llama_and_qwen_sized_dims(name):
         assert specs["inter.B"][0] == (14336, 3) and specs["inter.A"][0] == (3, 11008)
         assert specs["intra.0.B"][0] == (11008, 2) and specs["intra.0.A"][0] == (2, 11008)
     if name == "bslora-gt":
-        assert specs["inter.B"][0] == (1024, 3) and specs["gate.inter.3.id"][0] == (11008,)
-        assert specs["gate.intra.3.ou"][0] == (5120,) and specs["gate.inter.3.od"][0] == (1024,)
+        d = min(m.in_features for m in infos) // 4  # default d_s: the model width / 4 (896 / 4)
+        assert d == 224 and form.layout.shared_size == d
+        assert specs["inter.B"][0] == (d, 3) and specs["gate.inter.3.id"][0] == (11008,)
+        assert specs["gate.intra.3.ou"][0] == (5120,) and specs["gate.inter.3.od"][0] == (d,)
 
 
 def test_ke_crop_and_tiling_formula():

@@ -1,6 +1,7 @@
 """Round trips: lora repack, svd, PEFT loads, vLLM layout, dense ΔW, merged model."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -71,11 +72,12 @@ def test_lora_repack_is_exact(make_lora, llama_base, tmp_path, variant):
         "alpha_pattern",
         "use_rslora",
         "use_dora",
-        "target_modules",
         "modules_to_save",
         "lora_bias",
     ):
         assert ca.get(k) == cb.get(k), k
+    # the expanded config names exactly the modules it carries (PEFT then adapts those and no other)
+    assert cb["target_modules"] == [m.name for m in adaptzip.load_adapter(src).modules]
     ids = random_ids()
     assert torch.equal(peft_logits(llama_base, src, ids), peft_logits(llama_base, out, ids))
 
@@ -84,7 +86,7 @@ def test_lora_repack_is_exact(make_lora, llama_base, tmp_path, variant):
 def test_svd_full_rank_same_delta_and_outputs(make_lora, llama_base, tmp_path, variant):
     src = _adapter(make_lora, variant)
     c = tmp_path / "c.safetensors"
-    res = adaptzip.compress(src, c, to="svd", fitting=FitOptions(dtype="fp32"))
+    res = adaptzip.compress(src, c, to="svd", rank=8, fitting=FitOptions(dtype="fp32"))  # the source's rank
     assert res.rel_error < 1e-5
     out = tmp_path / "out"
     adaptzip.expand(c, out)
@@ -266,3 +268,102 @@ def test_factored_svd_weighted_is_optimal(lora_fp32):
         assert e_w < e_p
         dense = torch.linalg.svdvals((B @ A @ L).double())
         assert e_w == pytest.approx(float((dense[k:] ** 2).sum()), rel=1e-3)
+
+
+# ----------------------------------------------------------------------------- every update reaches PEFT
+def peft_updates(pm) -> dict[str, torch.Tensor]:
+    """scaling · B @ A (float64) of every LoRA layer PEFT built, by module name."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, mod in pm.base_model.model.named_modules():
+        if isinstance(mod, LoraLayer) and "default" in mod.scaling:
+            if "default" in mod.lora_A:
+                B, A = mod.lora_B["default"].weight, mod.lora_A["default"].weight
+            else:
+                B, A = mod.lora_embedding_B["default"], mod.lora_embedding_A["default"]
+            out[name] = (B.detach().double() @ A.detach().double()) * mod.scaling["default"]
+    return out
+
+
+def load_checked(base_dir, lora_dir):
+    """PeftModel.from_pretrained, plus PEFT's own load result of the same directory (a second
+    adapter): its missing and unexpected keys, and the warnings the load gave."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = PeftModel.from_pretrained(load_base(base_dir), lora_dir)
+        res = pm.load_adapter(lora_dir, adapter_name="again")
+    said = [str(w.message) for w in caught if "adapter keys" in str(w.message)]
+    return pm, res, said
+
+
+@pytest.fixture(scope="module")
+def peft_sources(make_lora, llama_base, gpt2_base, tmp_path_factory):
+    """Real PEFT adapters of several kinds, with the base each belongs to."""
+    mism_src = make_lora("pl_mism_src", steps=3, target_modules=["q_proj", "v_proj", "gate_proj"])
+    mism = tmp_path_factory.mktemp("mism") / "mismatched"
+    shutil.copytree(mism_src, mism)
+    cfg = json.loads((mism / "adapter_config.json").read_text())
+    (mism / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": ["k_proj", "o_proj"]}))
+    return {
+        "all_linear": (llama_base, make_lora("pl_all", steps=3)),
+        "q_v": (llama_base, make_lora("pl_qv", steps=3, target_modules=["q_proj", "v_proj"])),
+        "gpt2_conv1d": (gpt2_base, make_lora("pl_gpt2", base=gpt2_base, steps=3, fan_in_fan_out=True)),
+        "embedding": (llama_base, make_lora("pl_emb", steps=3, target_modules=["q_proj", "embed_tokens"])),
+        "mismatched_config": (llama_base, mism),
+        "patterns": (llama_base, _adapter(make_lora, "patterns")),
+    }
+
+
+MODULES = {"all_linear": 21, "q_v": 6, "gpt2_conv1d": 8, "embedding": 4, "mismatched_config": 9, "patterns": 21}
+
+
+@pytest.mark.parametrize("case", list(MODULES))
+def test_every_update_reaches_peft(peft_sources, tmp_path, case):
+    """svd at the source's rank (lossless), expanded, loaded by PEFT: no missing or unexpected key,
+    and every module's scaling · B @ A equals the source's update, including an adapter whose
+    adapter_config.json names other modules than its tensors (PEFT loading the source itself drops
+    those updates)."""
+    base, src = peft_sources[case]
+    ad = adaptzip.load_adapter(src)
+    want = {m.name: (B.double() @ A.double()) for m, B, A in ad.iter_factors()}
+    assert len(want) == MODULES[case]
+    c = tmp_path / "c.safetensors"
+    res = adaptzip.compress(src, c, to="svd", rank=max(m.rank for m in ad.modules), fitting=FitOptions(dtype="fp32"))
+    assert res.rel_error < 1e-6
+    out = tmp_path / "peft"
+    adaptzip.expand(c, out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == list(want) and cfg["layers_to_transform"] is None
+    pm, load, said = load_checked(base, out)
+    assert load.unexpected_keys == [] and load.missing_keys == [] and said == [], (load, said)
+    got = peft_updates(pm)
+    assert sorted(got) == sorted(want)
+    errs = {n: float((got[n] - want[n]).norm() / want[n].norm()) for n in want}
+    assert max(errs.values()) < 1e-6, errs
+    if case == "mismatched_config":  # the source itself: PEFT adapts k/o, and q/v/gate are dropped unsaid
+        assert adaptzip.load_adapter(src).config_mismatch["in_config_not_in_tensors"] == ["k_proj", "o_proj"]
+        pm_src, load_src, _ = load_checked(base, src)
+        assert len(load_src.unexpected_keys) == 2 * 9  # lora_A and lora_B of every module with tensors
+        assert not set(peft_updates(pm_src)) & set(want)
+
+
+def test_merged_onto_another_width_names_the_base_file(lora_fp32, tmp_path):
+    from clihelp import run_cli
+    from fixtures import make_base
+
+    wide = make_base(tmp_path / "wide", hidden=128)
+    c = tmp_path / "c.safetensors"
+    adaptzip.compress(lora_fp32, c, to="lora")
+    cause = (
+        "module model.layers.0.mlp.down_proj: its update is [64, 96] but the base weight "
+        "model.layers.0.mlp.down_proj.weight is [128, 96] (a base model of another size than the adapter's?)"
+    )
+    with pytest.raises(BaseModelError) as e:
+        adaptzip.expand(c, tmp_path / "merged", to="merged", base_model=wide)
+    assert (e.value.path, e.value.cause) == (str(wide / "model.safetensors"), cause)
+    code, out, err = run_cli("expand", c, "--to", "merged", "--base-model", wide, "-o", tmp_path / "m2")
+    assert (code, out, err) == (2, "", f"adaptzip: error: {wide / 'model.safetensors'}: {cause}\n")
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "m2").exists()

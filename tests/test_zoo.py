@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from adaptzip.adapter import load_adapter
 from adaptzip.errors import AdaptzipError, ContainerError, OptionError
 from adaptzip.forms import FitContext
 from adaptzip.options import CalibrationOptions, FitOptions, QuantOptions
+from adaptzip.zoo.run import settle
 
 one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)  # tiny matrices: one thread (training too)
 
@@ -65,6 +67,15 @@ def test_batch_converts_good_reports_bad_and_resumes(messy_zoo, tmp_path, one_th
     s = json.loads(stdout)
     rows = {r["adapter"]: r for r in s["adapters"]}
     assert s["counts"] == {"converted": 4, "failed": 3}
+    # with --json, stderr holds one house error line per failed adapter, naming the file at fault
+    assert sorted(stderr.splitlines()) == sorted(
+        f"adaptzip: error: {where}: {rows[a]['error']}"
+        for a, where in (
+            ("corrupt", messy_zoo / "corrupt" / "adapter_model.safetensors"),
+            ("outside", messy_zoo / "outside"),
+            ("prefix", messy_zoo / "prefix" / "adapter_config.json"),
+        )
+    )
     assert {k for k, r in rows.items() if r["status"] == "converted"} == {"a", "team/a", "team/b", "c"}
     assert "corrupt" in rows["corrupt"]["error"] or "truncated" in rows["corrupt"]["error"]
     assert "PREFIX_TUNING" in rows["prefix"]["error"] and "not supported" in rows["prefix"]["error"]
@@ -162,6 +173,21 @@ def _containers(out: Path) -> list[Path]:
     return [p for p in out.rglob("*.safetensors") if zoo.SHARED_DIR not in p.parts]
 
 
+def _summary_is_the_disk(s: dict, z: Path, out: Path) -> None:
+    """Every adapter of the zoo once, and its status what is on disk: converted/skipped exactly
+    when its container is there, verifies and carries this run's stamp; interrupted when not."""
+    rows = {r["adapter"]: r for r in s["adapters"]}
+    assert len(rows) == len(s["adapters"]) == len(list(z.rglob("adapter_config.json")))
+    for rel, r in rows.items():
+        c = out / f"{rel}.safetensors"
+        if r["status"] in ("converted", "skipped"):
+            ct.open_container(c).verify()
+            assert zoo.stamped_options(ct.open_container(c).manifest["command"]) == s["options_sha256"]
+            assert r["bytes"] == c.stat().st_size and r["ratio"] == pytest.approx(r["bytes"] / r["source_bytes"])
+        else:
+            assert r["status"] == "interrupted" and not c.exists(), rel
+
+
 def test_batch_killed_midway_then_finished(tmp_path, make_lora):
     """SIGINT to the CLI (a subprocess), then SIGTERM to an in-process batch with a worker pool:
     each stops with exit 130 / interrupted, leaves only whole containers, and a rerun finishes."""
@@ -192,15 +218,20 @@ def test_batch_killed_midway_then_finished(tmp_path, make_lora):
         assert time.monotonic() < deadline, "no container appeared"
         time.sleep(0.01)
     p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=120)
+    stdout, err = p.communicate(timeout=120)
     assert p.returncode == 130, err
+    assert err.endswith(
+        "adaptzip: interrupted (finished containers are kept; rerun the same command to convert the rest)\n"
+    )
     first = {q: q.stat().st_mtime_ns for q in _containers(out)}
     assert 1 <= len(first) < 16
     assert not list(out.rglob("*.tmp"))
     for q in first:
         ct.open_container(q).verify()
     s = json.loads((out / "batch.json").read_text())
-    assert s["interrupted"] is True and s["counts"].get("converted", 0) <= len(first)
+    assert s == {**json.loads(stdout), "seconds": s["seconds"]}
+    assert s["interrupted"] is True and s["counts"] == {"converted": len(first), "interrupted": 16 - len(first)}
+    _summary_is_the_disk(s, z, out)
 
     # SIGTERM to this process while its pool converts: the batch's own handler takes it
     sent = []
@@ -225,7 +256,12 @@ def test_batch_killed_midway_then_finished(tmp_path, make_lora):
         signal.signal(signal.SIGTERM, old)
     second = set(_containers(out))
     assert s["interrupted"] is True and len(first) < len(second) < 16
-    assert s["counts"]["skipped"] == len(first)
+    assert s["counts"] == {
+        "skipped": len(first),
+        "converted": len(second) - len(first),
+        "interrupted": 16 - len(second),
+    }
+    _summary_is_the_disk(s, z, out)
     assert not list(out.rglob("*.tmp"))
 
     s = zoo.batch(z, out, budget=0.25, jobs=1)
@@ -414,3 +450,74 @@ def test_clusters_split_a_mixed_zoo(zoos):
     order = [0, 6, 1, 7, 2, 8, 3, 9, 4, 10, 5, 11]  # interleaved: the result must not depend on order
     cl = zoo.cluster_by_overlap([ads[i] for i in order])
     assert sorted(map(sorted, cl)) == [[0, 2, 4, 6, 8, 10], [1], [3], [5], [7], [9], [11]]
+
+
+def test_settle_reads_the_disk(make_lora, tmp_path):
+    """The row of a job that gave none (interrupted, cancelled, its worker gone, not reached) is
+    what is on disk: converted when this run wrote an up-to-date container, skipped when it was
+    up to date before (not with --force), interrupted otherwise."""
+    z = tmp_path / "z"
+    _copy(make_lora("zoo_a1", seed=1), z / "a")
+    _copy(make_lora("zoo_a2", seed=2), z / "b")
+    out = tmp_path / "o"
+    s = zoo.batch(z, out, budget=0.25, jobs=1)
+    (out / "b.safetensors").unlink()
+    rows = {r["adapter"]: r for r in s["adapters"]}
+
+    def job(rel: str, force: bool = False) -> zoo.Job:
+        return zoo.Job(
+            rel=rel,
+            src=str(z / rel),
+            out=str(out / f"{rel}.safetensors"),
+            out_rel=f"{rel}.safetensors",
+            to="svd",
+            budget=0.25,
+            options={},
+            fitting=FitOptions(),
+            calibration=None,
+            quant=QuantOptions(),
+            force=force,
+            digest=s["options_sha256"],
+            command=None,
+            shared_basis=False,
+        )
+
+    mtime = (out / "a.safetensors").stat().st_mtime_ns
+    now = settle(job("a"), since_ns=mtime)
+    assert now["status"] == "converted" and now["bytes"] == rows["a"]["bytes"] == (out / "a.safetensors").stat().st_size
+    assert now["ratio"] == pytest.approx(rows["a"]["ratio"]) and now["rel_error"] == pytest.approx(
+        rows["a"]["rel_error"]
+    )
+    assert settle(job("a"), since_ns=mtime + 1)["status"] == "skipped"
+    assert settle(job("a", force=True), since_ns=mtime + 1)["status"] == "interrupted"
+    assert settle(job("b"), since_ns=0)["status"] == "interrupted"  # no container
+    assert settle(replace(job("a"), digest="0" * 64), since_ns=0)["status"] == "interrupted"  # other options
+
+
+def test_batch_table_keeps_the_names(messy_zoo, tmp_path):
+    """At 80 columns (a pipe, a small terminal) and 60, the table keeps the adapter names and the
+    statuses (folded when long) and leaves out the least useful columns."""
+    import io
+
+    from rich.console import Console
+
+    from adaptzip.cli import batch_table
+
+    s = zoo.batch(messy_zoo, tmp_path / "o", budget=0.3, jobs=1)
+    every = ["adapter", "source bytes", "container bytes", "ratio", "error", "svd-baseline error", "time", "status"]
+    for width, dropped in (
+        (200, []),
+        (80, ["source bytes", "time"]),
+        (60, ["source bytes", "svd-baseline error", "time"]),
+    ):
+        con = Console(width=width, file=io.StringIO(), force_terminal=False)
+        t = batch_table(s, width)
+        assert [str(c.header) for c in t.columns] == [c for c in every if c not in dropped]
+        con.print(t)
+        lines = con.file.getvalue().splitlines()
+        assert max(len(x) for x in lines) <= width
+        first_cells = [x.split("│")[1].strip() for x in lines if x.startswith("│")]
+        names = [r["adapter"] for r in s["adapters"]]
+        assert [c for c in first_cells if c] == names  # every name, whole, in the first column
+        text = " ".join(x.split("│")[-2].strip() for x in lines if x.startswith("│"))
+        assert "failed: peft_type 'PREFIX_TUNING' is not supported" in " ".join(text.split())

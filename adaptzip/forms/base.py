@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import types
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -235,10 +237,39 @@ def make_config(form: type[Form], options: dict[str, Any]) -> Any:
         raise OptionError(
             None, f"form {form.name} has no option {unknown[0]!r} (its options: {', '.join(sorted(known)) or 'none'})"
         )
+    hints = typing.get_type_hints(form.Config)
+    for k, v in options.items():
+        want = None if v is None else _type_problem(v, hints[k])
+        if want is not None:
+            raise OptionError(None, f"form {form.name}: option {k} expects {want}, got {v!r}")
     try:
         return form.Config(**{k: v for k, v in options.items() if v is not None})
     except (TypeError, ValueError) as e:
         raise OptionError(None, f"form {form.name}: {e}") from e
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """What ``value`` should have been for a Config field typed ``hint`` (int, float, bool, str,
+    tuples of those, optional), or None when it fits."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        wants = [_type_problem(value, a) for a in args if a is not type(None)]
+        return None if any(w is None for w in wants) else " or ".join(wants)
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            value = (value,)  # a single value given for a tuple: checked as one element
+        elem = args[0] if args else Any
+        bad = next((w for w in (_type_problem(x, elem) for x in value) if w is not None), None)
+        return None if bad is None else f"a comma-separated list of {bad.removeprefix('an ').removeprefix('a ')}s"
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    return None
 
 
 def config_to_json(config: Any) -> dict:

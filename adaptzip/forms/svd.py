@@ -35,8 +35,8 @@ class SvdConfig:
     )
 
     def __post_init__(self):
-        if self.rank is not None and self.rank < 0:
-            raise ValueError(f"rank must be ≥ 0, got {self.rank}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be ≥ 1, got {self.rank}")
         if self.ranks is not None:
             self.ranks = tuple(int(r) for r in self.ranks)
 

@@ -28,6 +28,7 @@ and batch.md); the shared-basis maths is in :mod:`adaptzip.linalg`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -39,10 +40,12 @@ from typing import Any
 
 from ..budget import parse_budget
 from ..errors import OptionError
+from ..fileio import check_writable, make_dirs
 from ..forms import BASELINE, get_form, make_config
 from ..forms.base import config_to_json
 from ..options import CalibrationOptions, FitOptions, QuantOptions
 from ..progress import Bar, progress_bar
+from ..runtime import Interrupted
 from .discovery import (
     LOCK_FILE,
     RESERVED,
@@ -61,7 +64,6 @@ from .discovery import (
 )
 from .run import (
     OK_STATUSES,
-    Interrupted,
     Job,
     Pool,
     base_row,
@@ -69,6 +71,7 @@ from .run import (
     interruptible,
     lock,
     open_executor,
+    settle,
     signals,
     stop_requested,
     sweep_temporaries,
@@ -82,6 +85,7 @@ from .summary import build_summary, write_summary
 class _Run:
     rows: list[dict] = field(default_factory=list)
     interrupted: bool = False
+    since_ns: int = 0  # when this run took the lock (file system clock): containers modified since are its own
 
 
 def batch(
@@ -115,7 +119,9 @@ def batch(
     adapter, output, status converted/skipped/shared/failed/ignored/interrupted, source_bytes,
     bytes, ratio, rel_error, svd_baseline_rel_error, seconds, error), ``counts``, ``totals``,
     ``sharing`` (per group: overlap, bytes and error with and without sharing, decision) and
-    ``interrupted``."""
+    ``interrupted``. Every adapter of the zoo has exactly one row, also after an interrupt (the
+    ones not reached are listed too), and its status is what is on disk: ``converted`` or
+    ``skipped`` only with an up-to-date container, ``interrupted`` when a rerun converts it."""
     t0 = time.perf_counter()
     fitting, quant = fitting or FitOptions(), quant or QuantOptions()
     zoo, out = Path(zoo), Path(output)
@@ -144,54 +150,76 @@ def batch(
                 raise OptionError(None, f"--shared-basis fits in weight space; it cannot be combined with {what}")
     opts = batch_options(to, budget, config_to_json(config), fitting, calibration, quant)
     digest = options_sha256(opts)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, folder=True)
+    made = make_dirs(out)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     run = _Run()
     sharing: dict | None = None
-    with lock(out):
-        swept = sweep_temporaries(out)
-        with signals(), progress_bar(progress, "batch (scanning)", None) as bar:
+    try:
+        with lock(out) as since_ns:
+            run.since_ns = since_ns
+            swept = sweep_temporaries(out)
+            with signals(), progress_bar(progress, "batch (scanning)", None) as bar:
 
-            def job_of(f: Found, o: Path) -> Job:
-                return Job(
-                    rel=f.rel,
-                    src=str(f.path),
-                    out=str(o),
-                    out_rel=o.relative_to(out).as_posix(),
-                    to=to,
-                    budget=budget,
-                    options=dict(options or {}),
-                    fitting=fitting,
-                    calibration=calibration,
-                    quant=quant,
-                    force=force,
-                    digest=digest,
-                    command=command,
-                    shared_basis=shared_basis,
-                )
+                def job_of(f: Found, o: Path) -> Job:
+                    return Job(
+                        rel=f.rel,
+                        src=str(f.path),
+                        out=str(o),
+                        out_rel=o.relative_to(out).as_posix(),
+                        to=to,
+                        budget=budget,
+                        options=dict(options or {}),
+                        fitting=fitting,
+                        calibration=calibration,
+                        quant=quant,
+                        force=force,
+                        digest=digest,
+                        command=command,
+                        shared_basis=shared_basis,
+                    )
 
-            with open_executor(executor, jobs, threads) as ex:
-                _loop(
-                    ex,
-                    discover(zoo, exclude=out),
-                    job_of,
-                    out,
-                    zoo.name,
-                    jobs if executor == "ray" else 2 * jobs,
-                    run,
-                    bar,
-                )
-            if shared_basis and not run.interrupted:
-                try:
-                    with interruptible():
-                        sharing = share_zoo(run.rows, out, command=stamp(command, digest), log=bar.log, job_of=job_of)
-                except Interrupted:
-                    run.interrupted = True
-        swept += sweep_temporaries(out)  # a kill can land between a temp file's creation and its guard
-        summary = build_summary(
-            run.rows, run.interrupted, zoo, out, opts, digest, jobs, executor, sharing, time.perf_counter() - t0, swept
-        )
-        write_summary(out, summary)
+                with open_executor(executor, jobs, threads) as ex:
+                    _loop(
+                        ex,
+                        discover(zoo, exclude=out),
+                        job_of,
+                        out,
+                        zoo.name,
+                        jobs if executor == "ray" else 2 * jobs,
+                        run,
+                        bar,
+                    )
+                if shared_basis and not run.interrupted:
+                    try:
+                        with interruptible():
+                            sharing = share_zoo(
+                                run.rows, out, command=stamp(command, digest), log=bar.log, job_of=job_of
+                            )
+                    except (KeyboardInterrupt, Interrupted):
+                        run.interrupted = True
+            swept += sweep_temporaries(out)  # a kill can land between a temp file's creation and its guard
+            summary = build_summary(
+                run.rows,
+                run.interrupted,
+                zoo,
+                out,
+                opts,
+                digest,
+                jobs,
+                executor,
+                sharing,
+                time.perf_counter() - t0,
+                swept,
+            )
+            write_summary(out, summary)
+    except BaseException:
+        if made and sorted(os.listdir(out)) == [LOCK_FILE]:  # a failed batch leaves no folder of its own
+            with contextlib.suppress(OSError):
+                os.unlink(out / LOCK_FILE)
+                for d in reversed(made):
+                    os.rmdir(d)
+        raise
     return summary
 
 
@@ -206,28 +234,56 @@ def _loop(ex, found: Iterator[Found], job_of, out: Path, zoo_name: str, max_infl
     def record(row: dict) -> None:
         run.rows.append(row)
         bar.end(row["adapter"])
-        if row["status"] == "failed":
-            bar.log(f"failed: {row['adapter']}: {row['error']}")
+        if row["status"] == "failed":  # the house error line, naming the file at fault (the batch goes on)
+            bar.log(f"adaptzip: error: {row.get('error_path') or row.get('source')}: {row['error']}")
 
     def resolve(fut: Future, redo: list[tuple[Job, int]]) -> None:
         job, tries = pending.pop(fut)
         try:
             row = fut.result()
-        except KeyboardInterrupt:  # Interrupted, in a worker or inline
-            row = {**base_row(job), "status": "interrupted"}
+        except (KeyboardInterrupt, Interrupted):  # in a worker or inline: the disk says how far it got
+            row = settle(job, run.since_ns)
             run.interrupted = True
         except BrokenProcessPool:
-            if tries < 2 and not stop_requested():
+            if stop_requested():  # workers told to stop can die before their handler is set
+                row = settle(job, run.since_ns)
+            elif tries < 2:
                 redo.append((job, tries + 1))  # on a fresh pool: the culprit may be another adapter
                 return
-            row = {**base_row(job), "error": "the worker process died (killed, or out of memory)"}
+            else:
+                row = {**base_row(job), "error": "the worker process died (killed, or out of memory)"}
         except Exception as e:  # noqa: BLE001  (e.g. a Ray task error): isolated to this adapter
             if stop_requested():  # e.g. a cancelled Ray task: redone by the next run
-                row = {**base_row(job), "status": "interrupted"}
+                row = settle(job, run.since_ns)
                 run.interrupted = True
             else:
                 row = {**base_row(job), "error": f"{type(e).__name__}: {' '.join(str(e).split())}"}
         record(row)
+
+    def job_for(f: Found) -> Job | dict:
+        """The job of a discovered adapter, or its row when it is refused (discovery or output path)."""
+        base = {
+            "adapter": f.rel or ".",
+            "source": str(f.path),
+            "output": None,
+            "status": f.status,
+            "error": f.problem,
+            "source_bytes": None,
+            "bytes": None,
+            "ratio": None,
+            "rel_error": None,
+            "svd_baseline_rel_error": None,
+            "seconds": 0.0,
+        }
+        if f.problem is not None:
+            return base
+        o, why = output_for(out, f.rel, zoo_name)
+        if o is not None and str(o) in seen:
+            o, why = None, f"output {o.relative_to(out).as_posix()} is already used by another adapter"
+        if o is None:
+            return {**base, "status": "failed", "error": why}
+        seen.add(str(o))
+        return job_of(f, o)
 
     while True:
         while not exhausted and not stop_requested() and len(pending) < max_inflight:
@@ -238,30 +294,10 @@ def _loop(ex, found: Iterator[Found], job_of, out: Path, zoo_name: str, max_infl
                 break
             n_found += 1
             bar.set_total(n_found, "batch (scanning)")
-            base = {
-                "adapter": f.rel or ".",
-                "source": str(f.path),
-                "output": None,
-                "status": f.status,
-                "error": f.problem,
-                "source_bytes": None,
-                "bytes": None,
-                "ratio": None,
-                "rel_error": None,
-                "svd_baseline_rel_error": None,
-                "seconds": 0.0,
-            }
-            if f.problem is not None:
-                record(base)
+            job = job_for(f)
+            if isinstance(job, dict):
+                record(job)
                 continue
-            o, why = output_for(out, f.rel, zoo_name)
-            if o is not None and str(o) in seen:
-                o, why = None, f"output {o.relative_to(out).as_posix()} is already used by another adapter"
-            if o is None:
-                record({**base, "status": "failed", "error": why})
-                continue
-            seen.add(str(o))
-            job = job_of(f, o)
             bar.begin(job.rel or ".")
             pending[ex.submit(convert, job)] = (job, 0)
         if not pending:
@@ -282,7 +318,13 @@ def _loop(ex, found: Iterator[Found], job_of, out: Path, zoo_name: str, max_infl
             for fut in list(pending):
                 if fut is not None and fut.cancel():
                     job, _ = pending.pop(fut)
-                    record({**base_row(job), "status": "interrupted"})
+                    record(settle(job, run.since_ns))
+    if run.interrupted:  # the adapters not reached get their rows too (no conversion)
+        for f in found:
+            job = job_for(f)
+            n_found += 1
+            record(job if isinstance(job, dict) else settle(job, run.since_ns))
+        bar.set_total(n_found, "batch")
 
 
 __all__ = [

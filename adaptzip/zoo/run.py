@@ -20,16 +20,13 @@ from .. import container as ct
 from .. import pipeline
 from ..adapter import DTYPE_NAMES, Adapter, load_adapter
 from ..budget import resolve_dtype
-from ..errors import AdaptzipError, OptionError
+from ..errors import AdaptzipError, OptionError, OutputError
+from ..fileio import output_error
 from ..options import CalibrationOptions, FitOptions, QuantOptions, RunOptions
-from ..runtime import set_threads
+from ..runtime import Interrupted, interrupt, on_signals, set_signal_handler, set_threads
 from .discovery import LOCK_FILE, group_key, stamp, stamped_options
 
 OK_STATUSES = ("converted", "skipped", "shared")  # the row statuses of an adapter with an up-to-date container
-
-
-class Interrupted(KeyboardInterrupt):
-    """Raised inside a conversion when the batch is asked to stop (SIGINT/SIGTERM)."""
 
 
 _W = {"busy": False, "raised": False, "stop": False}  # per process: worker role, or the main one inline
@@ -39,7 +36,7 @@ def _raise_if_busy() -> None:
     _W["stop"] = True
     if _W["busy"] and not _W["raised"]:
         _W["raised"] = True
-        raise Interrupted()
+        interrupt()  # Interrupted, now or at the end of a commit/cleanup (runtime.shielded)
 
 
 def _worker_signal(signum, frame) -> None:
@@ -50,8 +47,7 @@ def _worker_init(threads: int) -> None:
     """Pool worker start: bounded torch threads, and SIGINT/SIGTERM abort the current conversion
     (its atomic write removes its temporary file) instead of killing the process mid-write."""
     set_threads(threads)
-    signal.signal(signal.SIGTERM, _worker_signal)
-    signal.signal(signal.SIGINT, _worker_signal)
+    set_signal_handler(_worker_signal)
 
 
 @dataclass
@@ -131,10 +127,50 @@ def up_to_date(job: Job, ad: Adapter) -> ct.Container | None:
     return c
 
 
+def _finish_row(row: dict) -> dict:
+    share = row.get("shared_share_bytes") or 0  # this container's part of a shared file
+    row["ratio"] = (row["bytes"] + share) / row["source_bytes"] if row["source_bytes"] else None
+    return row
+
+
+def settle(job: Job, since_ns: int) -> dict:
+    """The row of a job that gave none (interrupted, cancelled before it started, its worker
+    gone, or never started), from what is on disk: ``converted`` when its container is up to
+    date and was written by this run (modified at or after ``since_ns``, on the file system's
+    clock), ``skipped`` when it is up to date from before (and the run has no ``force``),
+    otherwise ``interrupted`` (a rerun converts it)."""
+    row = {**base_row(job), "status": "interrupted"}
+    out = Path(job.out)
+    try:
+        if not out.is_file():
+            return row
+        c = ct.open_container(out)
+        if stamped_options(c.manifest.get("command")) != job.digest:
+            return row  # cheap: another run's options, no hashing
+        ad = load_adapter(job.src)
+        c = up_to_date(job, ad)
+        if c is None:
+            return row
+        mtime = out.stat().st_mtime_ns
+    except (AdaptzipError, OSError):
+        return row
+    if mtime < since_ns and job.force:
+        return row  # an old container that --force was to redo
+    dt = resolve_dtype(job.fitting.dtype, ad)
+    row.update(
+        status="converted" if mtime >= since_ns else "skipped",
+        source_bytes=ad.bytes,
+        group=group_key(ad, dt),
+        dtype=DTYPE_NAMES[dt],
+    )
+    return _finish_row(_row_from_container(c, row))
+
+
 def convert(job: Job) -> dict:
     """Convert one adapter (or skip it when its container is up to date); never raises for a bad
     adapter: the row's ``status`` is ``converted``, ``skipped`` or ``failed`` with a one-line
-    ``error``. Raises :class:`Interrupted` when the batch is stopped."""
+    ``error``. Raises :class:`~adaptzip.runtime.Interrupted` when the batch is stopped (the
+    caller settles the row from the disk: :func:`settle`)."""
     if _W["stop"]:
         raise Interrupted()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -169,12 +205,14 @@ def convert(job: Job) -> dict:
                 rel_error=res.metrics.get("rel_error"),
                 svd_baseline_rel_error=res.metrics.get("svd_baseline_rel_error"),
             )
-        share = row.get("shared_share_bytes") or 0  # this container's part of a shared file
-        row["ratio"] = (row["bytes"] + share) / row["source_bytes"] if row["source_bytes"] else None
-    except AdaptzipError as e:
-        row.update(status="failed", error=e.cause, error_path=e.path)
+        _finish_row(row)
     except Exception as e:  # noqa: BLE001  (an unexpected failure is still isolated to its adapter)
-        row.update(status="failed", error=f"{type(e).__name__}: {' '.join(str(e).split())}")
+        if _W["stop"]:  # a stop request turned into another error (torch: "could not determine the shape")
+            raise Interrupted() from e
+        if isinstance(e, AdaptzipError):
+            row.update(status="failed", error=e.cause, error_path=e.path)
+        else:
+            row.update(status="failed", error=f"{type(e).__name__}: {' '.join(str(e).split())}")
     finally:
         _W["busy"] = outer
         row["seconds"] = time.perf_counter() - t0
@@ -313,35 +351,42 @@ def interruptible() -> Iterator[None]:
 @contextlib.contextmanager
 def signals() -> Iterator[None]:
     """While a batch runs in this (main) thread, SIGINT/SIGTERM stop it instead of killing it:
-    no new adapter starts, the executor interrupts its conversions; the old handlers come back."""
+    no new adapter starts, the executor interrupts its conversions; the old handlers (the CLI's)
+    come back after (:func:`adaptzip.runtime.on_signals`)."""
     _MAIN.update(stop=False, executor=None)
     _W.update(busy=False, raised=False, stop=False)
-    old = {}
     try:
-        for s in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: no handlers
-                old[s] = signal.signal(s, _main_signal)
-        yield
+        with on_signals(_main_signal):
+            yield
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
         _MAIN["executor"] = None
 
 
 @contextlib.contextmanager
-def lock(out: Path) -> Iterator[None]:
-    """One batch at a time per output folder (so temporary files found there are stale)."""
+def lock(out: Path) -> Iterator[int]:
+    """One batch at a time per output folder (so temporary files found there are stale). Yields
+    the time the lock was taken on the output file system's clock (ns; the lock file's mtime):
+    a container modified since was written by this run."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
-        yield
+        yield time.time_ns()
         return
-    with open(out / LOCK_FILE, "a+") as fh:  # closing it releases the lock
+    try:
+        fh = open(out / LOCK_FILE, "a+")  # noqa: SIM115 (closed below; closing releases the lock)
+    except OSError as e:
+        raise output_error(out / LOCK_FILE, e) or OutputError(out, str(e)) from e
+    with fh:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             raise OptionError(out, "another adaptzip batch is writing into this folder") from e
-        yield
+        try:
+            os.utime(fh.fileno())
+            since = os.fstat(fh.fileno()).st_mtime_ns
+        except OSError:
+            since = time.time_ns()
+        yield since
 
 
 def sweep_temporaries(out: Path) -> int:
