@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from adaptzip.container import payload_sha256
 from adaptzip.runtime import single_thread
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -258,3 +260,20 @@ def spec_payload_sha256(header: dict, payload: bytes) -> str:
         b, e = info["data_offsets"]
         h.update(payload[b:e])
     return h.hexdigest()
+
+
+def rewrite_container(src, dst, edit_tensors=None, edit_manifest=None, rehash=False):
+    """Copy a container, changing tensors and/or the manifest; ``rehash``: recompute the payload hash
+    (an edit made by someone who knows the format)."""
+    with safe_open(src, "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
+    manifest = json.loads(meta["adaptzip"])
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_manifest:
+        edit_manifest(manifest)
+    if rehash:
+        manifest["payload_sha256"] = payload_sha256(tensors)
+    save_file(tensors, dst, metadata={"adaptzip": json.dumps(manifest)})
+    return dst

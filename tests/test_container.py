@@ -6,8 +6,8 @@ import struct
 import jsonschema
 import pytest
 import torch
+from fixtures import rewrite_container
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import adaptzip
 from adaptzip import container as ct
@@ -23,20 +23,6 @@ def svd_container(lora_fp32, tmp_path_factory):
         lora_fp32, p, to="svd", budget=0.3, run=RunOptions(command="adaptzip compress x --to svd --budget 0.3")
     )
     return p
-
-
-def _rewrite(src, dst, edit_tensors=None, edit_manifest=None):
-    """Copy a container, changing tensors and/or the manifest (to simulate tampering)."""
-    with safe_open(src, "pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
-    manifest = json.loads(meta["adaptzip"])
-    if edit_tensors:
-        edit_tensors(tensors)
-    if edit_manifest:
-        edit_manifest(manifest)
-    save_file(tensors, dst, metadata={"adaptzip": json.dumps(manifest)})
-    return dst
 
 
 def test_manifest_content_and_schema(svd_container, lora_fp32):
@@ -67,36 +53,36 @@ def test_verify_ok_and_tampering(svd_container, tmp_path):
         t["A.0"][0, 0] += 1.0
 
     with pytest.raises(ContainerError, match="payload sha256"):
-        adaptzip.verify(_rewrite(svd_container, tmp_path / "t1.safetensors", edit_tensors=flip))
+        adaptzip.verify(rewrite_container(svd_container, tmp_path / "t1.safetensors", edit_tensors=flip))
 
     def reshape(t):
         t["A.3"] = torch.zeros(t["A.3"].shape[0] + 1, t["A.3"].shape[1])
 
     with pytest.raises(ContainerError, match="tensor A.3 has shape"):
-        adaptzip.verify(_rewrite(svd_container, tmp_path / "t2.safetensors", edit_tensors=reshape))
+        adaptzip.verify(rewrite_container(svd_container, tmp_path / "t2.safetensors", edit_tensors=reshape))
 
     def drop(t):
         del t["B.5"]
 
     with pytest.raises(ContainerError, match="tensor B.5 .* missing"):
-        adaptzip.verify(_rewrite(svd_container, tmp_path / "t3.safetensors", edit_tensors=drop))
+        adaptzip.verify(rewrite_container(svd_container, tmp_path / "t3.safetensors", edit_tensors=drop))
 
     def extra(t):
         t["Z"] = torch.zeros(2)
 
     with pytest.raises(ContainerError, match="tensor Z is not described"):
-        adaptzip.verify(_rewrite(svd_container, tmp_path / "t4.safetensors", edit_tensors=extra))
+        adaptzip.verify(rewrite_container(svd_container, tmp_path / "t4.safetensors", edit_tensors=extra))
 
     with pytest.raises(ContainerError, match="schema at modules/0/in"):
         adaptzip.verify(
-            _rewrite(
+            rewrite_container(
                 svd_container, tmp_path / "t5.safetensors", edit_manifest=lambda m: m["modules"][0].update({"in": "64"})
             )
         )
 
     with pytest.raises(ContainerError, match="schema at modules/5"):  # opening checks every entry, cheaply
         adaptzip.open_container(
-            _rewrite(
+            rewrite_container(
                 svd_container,
                 tmp_path / "t5b.safetensors",
                 edit_manifest=lambda m: m["modules"][5].update({"rank": "8"}),
@@ -107,7 +93,7 @@ def test_verify_ok_and_tampering(svd_container, tmp_path):
         m["format_version"] = 99
 
     with pytest.raises(ContainerError, match="format_version 99 is newer"):
-        adaptzip.verify(_rewrite(svd_container, tmp_path / "t6.safetensors", edit_manifest=newer))
+        adaptzip.verify(rewrite_container(svd_container, tmp_path / "t6.safetensors", edit_manifest=newer))
 
 
 def test_not_a_container(tmp_path, lora_fp32):

@@ -10,8 +10,8 @@ import struct
 import pytest
 import torch
 from clihelp import run_cli
+from fixtures import rewrite_container
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import adaptzip
 from adaptzip import container as ct
@@ -27,23 +27,6 @@ def good(lora_fp32, tmp_path_factory):
     p = tmp_path_factory.mktemp("integrity") / "svd.safetensors"
     adaptzip.compress(lora_fp32, p, to="svd", budget=0.3)
     return p
-
-
-def _rewrite(src, dst, edit_tensors=None, edit_manifest=None, rehash=False):
-    """Copy a container, changing tensors and/or the manifest; ``rehash``: recompute the payload hash
-    (an edit made by someone who knows the format)."""
-    with safe_open(src, "pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
-    manifest = json.loads(meta["adaptzip"])
-    if edit_tensors:
-        edit_tensors(tensors)
-    if edit_manifest:
-        edit_manifest(manifest)
-    if rehash:
-        manifest["payload_sha256"] = ct.payload_sha256(tensors)
-    save_file(tensors, dst, metadata={"adaptzip": json.dumps(manifest)})
-    return dst
 
 
 def _flip_payload_byte(src, dst, tensor="A.0"):
@@ -68,39 +51,39 @@ def _set(name, value):
 CASES = {
     "flipped_byte": (lambda g, d: _flip_payload_byte(g, d), HASH_MISMATCH),
     "edited_hash": (
-        lambda g, d: _rewrite(g, d, edit_manifest=lambda m: m.update(payload_sha256="0" * 64)),
+        lambda g, d: rewrite_container(g, d, edit_manifest=lambda m: m.update(payload_sha256="0" * 64)),
         r"payload sha256 [0-9a-f]{12}… does not match the manifest's 000000000000… \(corrupted or edited\)",
     ),
     "edited_rank": (
-        lambda g, d: _rewrite(g, d, edit_manifest=lambda m: m["modules"][0].update(rank=4)),
+        lambda g, d: rewrite_container(g, d, edit_manifest=lambda m: m["modules"][0].update(rank=4)),
         r"modules/0 \(model\.layers\.0\.mlp\.down_proj\) has rank 4 but the source's adapter_config\.json gives it r=8",
     ),
     "edited_scale": (
-        lambda g, d: _rewrite(g, d, edit_manifest=lambda m: m["modules"][5].update(scale=4.0)),
+        lambda g, d: rewrite_container(g, d, edit_manifest=lambda m: m["modules"][5].update(scale=4.0)),
         r"modules/5 \(model\.layers\.0\.self_attn\.q_proj\) has scale 4\.0 but alpha/rank is 2\.0",
     ),
     "newer_version": (
-        lambda g, d: _rewrite(g, d, edit_manifest=lambda m: m.update(format_version=2, future_field={"x": 1})),
+        lambda g, d: rewrite_container(g, d, edit_manifest=lambda m: m.update(format_version=2, future_field={"x": 1})),
         r"format_version 2 is newer than this adaptzip reads \(1\); upgrade adaptzip",
     ),
     "nan_rehashed": (
-        lambda g, d: _rewrite(g, d, edit_tensors=_set("A.0", float("nan")), rehash=True),
+        lambda g, d: rewrite_container(g, d, edit_tensors=_set("A.0", float("nan")), rehash=True),
         r"tensor A\.0 holds non-finite values \(NaN or Inf\)",
     ),
     "inf_rehashed": (
-        lambda g, d: _rewrite(g, d, edit_tensors=_set("B.7", float("-inf")), rehash=True),
+        lambda g, d: rewrite_container(g, d, edit_tensors=_set("B.7", float("-inf")), rehash=True),
         r"tensor B\.7 holds non-finite values \(NaN or Inf\)",
     ),
     "unknown_form": (
-        lambda g, d: _rewrite(g, d, edit_manifest=lambda m: m.update(form="svd9")),
+        lambda g, d: rewrite_container(g, d, edit_manifest=lambda m: m.update(form="svd9")),
         r"unknown form 'svd9' \(this adaptzip reads [a-z0-9, -]+; a newer adaptzip may read it\)",
     ),
     "schema": (
-        lambda g, d: _rewrite(g, d, edit_manifest=lambda m: m["modules"][3].update(out=0)),
+        lambda g, d: rewrite_container(g, d, edit_manifest=lambda m: m["modules"][3].update(out=0)),
         r"manifest does not match the schema at modules/3/out: 0 is less than the minimum of 1",
     ),
     "wrong_dtype": (
-        lambda g, d: _rewrite(g, d, edit_tensors=lambda t: t.update({"B.2": t["B.2"].double()}), rehash=True),
+        lambda g, d: rewrite_container(g, d, edit_tensors=lambda t: t.update({"B.2": t["B.2"].double()}), rehash=True),
         r"tensor B\.2 has dtype F64 but the container dtype is F32",
     ),
 }
@@ -194,7 +177,7 @@ def test_quantised_scales_are_checked(lora_fp32, tmp_path):
     c = adaptzip.open_container(p)
     assert c.storage is not None and adaptzip.verify(p)["ok"]
     scale = sorted(n for n in c.tensor_names if n.endswith(".scale"))[0]
-    bad = _rewrite(p, tmp_path / "nan.safetensors", edit_tensors=_set(scale, float("nan")), rehash=True)
+    bad = rewrite_container(p, tmp_path / "nan.safetensors", edit_tensors=_set(scale, float("nan")), rehash=True)
     with pytest.raises(
         ContainerError, match=rf"^{re.escape(str(bad))}: tensor {scale} holds non-finite values \(NaN or Inf\)$"
     ):
@@ -203,7 +186,7 @@ def test_quantised_scales_are_checked(lora_fp32, tmp_path):
 
 
 def test_unknown_form_names_the_file(good, tmp_path):
-    bad = _rewrite(good, tmp_path / "u.safetensors", edit_manifest=lambda m: m.update(form="notaform"))
+    bad = rewrite_container(good, tmp_path / "u.safetensors", edit_manifest=lambda m: m.update(form="notaform"))
     with pytest.raises(ContainerError) as e:
         adaptzip.open_container(bad)
     assert e.value.path == str(bad) and e.value.cause.startswith("unknown form 'notaform'")
@@ -232,7 +215,7 @@ def test_module_table_and_carried_invariants(good, tmp_path):
         ),
     }
     for name, (edit, cause) in cases.items():
-        bad = _rewrite(good, tmp_path / f"{name}.safetensors", edit_manifest=edit)
+        bad = rewrite_container(good, tmp_path / f"{name}.safetensors", edit_manifest=edit)
         with pytest.raises(ContainerError, match=rf"^{re.escape(str(bad))}: {cause}$"):
             adaptzip.expand(bad, tmp_path / f"o_{name}")
         assert not (tmp_path / f"o_{name}").exists()
@@ -247,7 +230,7 @@ def test_form_value_rules_on_every_read(lora_fp32, tmp_path):
     h = int(c.manifest["config"]["bank"])
     idx = c.tensor("topk_indices")
     assert h <= torch.iinfo(idx.dtype).max
-    bad = _rewrite(p, tmp_path / "bad.safetensors", edit_tensors=_set("topk_indices", h), rehash=True)
+    bad = rewrite_container(p, tmp_path / "bad.safetensors", edit_tensors=_set("topk_indices", h), rehash=True)
     line = rf"^{re.escape(str(bad))}: vblora: top-k index out of range \[0, {h}\) \(max {h}\)$"
     with pytest.raises(ContainerError, match=line):
         adaptzip.verify(bad)

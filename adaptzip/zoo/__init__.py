@@ -68,6 +68,7 @@ from .run import (
     Pool,
     base_row,
     convert,
+    empty_row,
     interruptible,
     lock,
     open_executor,
@@ -262,19 +263,7 @@ def _loop(ex, found: Iterator[Found], job_of, out: Path, zoo_name: str, max_infl
 
     def job_for(f: Found) -> Job | dict:
         """The job of a discovered adapter, or its row when it is refused (discovery or output path)."""
-        base = {
-            "adapter": f.rel or ".",
-            "source": str(f.path),
-            "output": None,
-            "status": f.status,
-            "error": f.problem,
-            "source_bytes": None,
-            "bytes": None,
-            "ratio": None,
-            "rel_error": None,
-            "svd_baseline_rel_error": None,
-            "seconds": 0.0,
-        }
+        base = empty_row(f.rel, str(f.path), None, f.status, f.problem)
         if f.problem is not None:
             return base
         o, why = output_for(out, f.rel, zoo_name)

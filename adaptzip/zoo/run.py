@@ -70,22 +70,24 @@ class Job:
     shared_basis: bool
 
 
+def empty_row(rel: str, src: str, output: str | None, status: str, error: str | None, **more: Any) -> dict:
+    """A summary row with every measured field still empty (the one row layout of batch.json)."""
+    measured = dict.fromkeys(("source_bytes", "bytes", "ratio", "rel_error", "svd_baseline_rel_error"))
+    return {
+        "adapter": rel or ".",
+        "source": src,
+        "output": output,
+        "status": status,
+        "error": error,
+        **more,
+        **measured,
+        "seconds": 0.0,
+    }
+
+
 def base_row(job: Job) -> dict:
     """A job's summary row before any result (status ``failed`` until one comes)."""
-    return {
-        "adapter": job.rel or ".",
-        "source": job.src,
-        "output": job.out_rel,
-        "status": "failed",
-        "form": job.to,
-        "source_bytes": None,
-        "bytes": None,
-        "ratio": None,
-        "rel_error": None,
-        "svd_baseline_rel_error": None,
-        "seconds": 0.0,
-        "error": None,
-    }
+    return empty_row(job.rel, job.src, job.out_rel, "failed", None, form=job.to)
 
 
 def _row_from_container(c: ct.Container, row: dict) -> dict:
