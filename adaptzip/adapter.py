@@ -8,6 +8,9 @@ memory-mapped safetensors file until asked for; nothing is held twice.
 Everything in the weights file that is not a LoRA factor (``modules_to_save`` copies,
 ``lora_B.bias``, DoRA's ``lora_magnitude_vector``, embedding base layers saved by PEFT) is a
 *carried* tensor: kept verbatim and restored on expand, with a role that says what it is.
+
+Slightly over ~500 lines because it is the one reader of PEFT's format and enforces it whole
+(dtypes, finite values, ranks, patterns, and PEFT's own target-module matching rule).
 """
 
 from __future__ import annotations
