@@ -4,7 +4,9 @@ Public API::
 
     import adaptzip
     ad = adaptzip.load_adapter("lora_dir")
-    adaptzip.compress("lora_dir", "small.safetensors", to="svd", budget=0.25)
+    adaptzip.compress("lora_dir", "small.safetensors", to="svd", budget=0.25)  # -> CompressResult
+    adaptzip.compress("lora_dir", "small.safetensors", to="bslora-ke", budget=0.06,
+                      calibration=adaptzip.CalibrationOptions(base_model="base/", calib="text.txt"))
     adaptzip.expand("small.safetensors", "lora_out/")
     c = adaptzip.open_container("small.safetensors"); c.verify()
     adaptzip.batch("zoo_dir", "out_dir", to="svd", budget=0.25, shared_basis=True)   # every adapter below zoo_dir
@@ -25,6 +27,7 @@ from .adapter import Adapter, ModuleInfo, load_adapter  # noqa: E402
 from .api import compress, expand, inspect, list_forms, verify  # noqa: E402
 from .container import Container, open_container  # noqa: E402
 from .errors import AdaptzipError  # noqa: E402
+from .options import CalibrationOptions, CompressResult, FitOptions, QuantOptions, RunOptions  # noqa: E402
 from .report import report as report_containers  # noqa: E402  (the module adaptzip.report keeps its name)
 from .zoo import batch  # noqa: E402
 
@@ -40,6 +43,11 @@ __all__ = [
     "list_forms",
     "verify",
     "AdaptzipError",
+    "FitOptions",
+    "CalibrationOptions",
+    "QuantOptions",
+    "RunOptions",
+    "CompressResult",
     "batch",
     "report_containers",
     "__version__",
