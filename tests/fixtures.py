@@ -18,19 +18,25 @@ from adaptzip.runtime import single_thread
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def tiny_llama_config(layers: int = 3, hidden: int = 64, inter: int = 96, vocab: int = 128) -> LlamaConfig:
+def tiny_llama_config(
+    layers: int = 3, hidden: int = 64, inter: int = 96, vocab: int = 128, heads: int = 4, kv_heads: int = 2, **more
+) -> LlamaConfig:
+    """A tiny Llama (GQA when kv_heads < heads); ``more``: any other LlamaConfig field."""
     return LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+        **{
+            "hidden_size": hidden,
+            "intermediate_size": inter,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "vocab_size": vocab,
+            "max_position_embeddings": 128,
+            "tie_word_embeddings": False,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+            **more,
+        }
     )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import LLAMA_TARGETS, train_lora
+from fixtures import LLAMA_TARGETS, tiny_llama_config, train_lora
 from safetensors import safe_open
 
 import adaptzip
@@ -154,7 +154,7 @@ def make_tiny_llama_with_tokenizer(path: Path, seed: int = 0) -> Path:
     """A 2-layer Llama (hidden 128, head_dim 64, GQA 2:1) in fp32 with a byte-level BPE tokenizer
     trained offline, saved so that both transformers and vLLM load the directory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -170,18 +170,14 @@ def make_tiny_llama_with_tokenizer(path: Path, seed: int = 0) -> Path:
     assert fast.convert_tokens_to_ids(["<pad>", "<s>", "</s>"]) == [0, 1, 2]
     assert len(fast) <= VOCAB
 
-    cfg = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=VOCAB,
+    cfg = tiny_llama_config(
+        layers=2,
+        hidden=128,
+        inter=256,
+        vocab=VOCAB,
+        heads=2,
+        kv_heads=1,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
         initializer_range=0.08,
     )
     torch.manual_seed(seed)
