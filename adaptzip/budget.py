@@ -196,6 +196,6 @@ def svd_baseline(adapter: Adapter, budget_bytes: int, dtype: torch.dtype, ctx: F
     try:
         built = fit_to_budget(FitRequest(adapter, cls, cls.Config(), budget_bytes, dtype, ctx))
     except OptionError:  # smaller than any container with one direction (a tiny shared form): store none
-        empty = cls.config_with_ranks(cls.Config(), [0] * len(adapter.modules))
+        empty = cls.directions(adapter, cls.Config(), ctx).with_ranks([0] * len(adapter.modules))
         built = fit_to_budget(FitRequest(adapter, cls, empty, None, dtype, ctx))
     return built.form, built.size

@@ -103,6 +103,16 @@ def _kv_table(title: str, rows: dict) -> None:
     err.print(t)
 
 
+def _fit_args(to: Any, form_options: dict | None, opt: list[str] | None, dtype: Any, seed: int) -> dict[str, Any]:
+    """``to``, ``options`` (generated form options, then ``--opt`` pairs) and ``fitting``, as
+    compress and batch take them."""
+    return {
+        "to": str(to.value if isinstance(to, Enum) else to),
+        "options": {**(form_options or {}), **_parse_opts(opt)},
+        "fitting": FitOptions(dtype=None if dtype is None else dtype.value, seed=seed),
+    }
+
+
 def _parse_opts(opts: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for o in opts or []:
@@ -383,10 +393,8 @@ def compress(
     res = api.compress(
         lora_dir,
         output,
-        to=str(to.value if isinstance(to, Enum) else to),
         budget=budget,
-        options={**(form_options or {}), **_parse_opts(opt)},
-        fitting=FitOptions(dtype=None if dtype is None else dtype.value, seed=seed),
+        **_fit_args(to, form_options, opt, dtype, seed),
         calibration=calibration,
         quant=QuantOptions(scheme=quant.value, group_size=group_size),
         run=RunOptions(force=force, progress=not as_json, command=_command()),
@@ -595,10 +603,8 @@ def batch(
     res = zoo.batch(
         zoo_dir,
         output,
-        to=str(to.value if isinstance(to, Enum) else to),
         budget=budget,
-        options={**(form_options or {}), **_parse_opts(opt)},
-        fitting=FitOptions(dtype=None if dtype is None else dtype.value, seed=seed),
+        **_fit_args(to, form_options, opt, dtype, seed),
         calibration=calibration,
         quant=QuantOptions(
             "none" if quant is None else quant.value, DEFAULT_GROUP if group_size is None else group_size

@@ -120,7 +120,11 @@ def compress(
         )
     adapter = load_adapter(lora_dir)
     output = Path(output)
-    inputs = [] if calibration is None else [calibration.base_model, calibration.calib, calibration.eval_text]
+    inputs = (
+        []
+        if calibration is None
+        else [calibration.base_model, calibration.calib, calibration.eval_text, calibration.stats_file]
+    )
     check_output(output, run.force, sources=(adapter.path, adapter.weights_file, *(Path(p) for p in inputs if p)))
     form_cls = None if to == "auto" else get_form(to)
     config = None if form_cls is None else make_config(form_cls, form_options)
@@ -137,13 +141,13 @@ def compress(
     )
     auto_report: dict | None = None
     qauto: dict = {}
-    if form_cls is None:
-        distil = Distillation(cal, fitb, calibration.steps, calibration.lr, run.command)
-        built, auto_report = auto_select(req, distil, n_distil=calibration.auto_distil)
-    elif cal is not None:
-        if quant.scheme == "auto":
+    if cal is not None:
+        if quant.scheme == "auto" and form_cls is not None:
             fitb = functools.partial(fitb, auto_report=qauto)
         distil = Distillation(cal, fitb, calibration.steps, calibration.lr, run.command)
+    if form_cls is None:
+        built, auto_report = auto_select(req, distil, n_distil=calibration.auto_distil)
+    elif cal is not None:
         built = fit_and_distil(req, distil, baseline=fitting.baseline)
     else:
         metrics_fn = weight_metrics(req, quant, fitting.baseline, stats is not None)

@@ -4,7 +4,7 @@ The codec (formats/quantization.md) is :mod:`adaptzip.quant`; this module decide
 with it. Candidates, each fitted so that its real file fits the budget (:func:`adaptzip.budget.fit_within`):
 
 * the fixed schemes none / int8 / int4, exactly as those options fit the budget;
-* per-direction allocation (forms with ``per_direction_quant``, e.g. the svd baseline): every
+* per-direction allocation (forms with :meth:`~adaptzip.forms.base.Form.directions`, e.g. the svd baseline): every
   singular direction, σ balanced into both factors, is dropped or stored at 2/3/4/8 bits or the
   container float width, greedily by marginal (Σ-weighted) error reduction per byte
   (:func:`allocate_levels` over :func:`direction_options`), plus the uniform 2- and 3-bit ones;
@@ -32,7 +32,7 @@ from .adapter import ModuleInfo
 from .budget import Built, FitRequest, fit_to_budget, fit_within
 from .errors import OptionError
 from .forms import REGISTRY, Form
-from .forms.base import config_from_json
+from .forms.base import Directions, config_from_json
 from .runtime import single_thread
 
 Tensor = torch.Tensor
@@ -341,10 +341,9 @@ def _build(req: FitRequest, form: Form, storage: qz.Storage, command: str | None
 
 
 def direction_candidates(
-    req: FitRequest, target: int, group_size: int, command: str | None, only: str | None = None
+    req: FitRequest, dirs: Directions, target: int, group_size: int, command: str | None, only: str | None = None
 ) -> list[tuple[str, qz.Storage, Built]]:
-    """A ``per_direction_quant`` form under ``--quant auto``: every direction of its
-    :meth:`~adaptzip.forms.base.Form.direction_table` is dropped or stored at 2/3/4/8 bits or the
+    """A form with rank directions (``dirs``) under ``--quant auto``: every direction is dropped or stored at 2/3/4/8 bits or the
     container float width (``mixed``), or all kept directions at 2 or 3 bits; each fitted so that
     its real file fits ``target``. Returns (label, storage, built) per candidate that fits."""
     adapter, cls, config, ctx, dt = req.adapter, req.form_cls, req.config, req.ctx, req.dtype
@@ -352,12 +351,12 @@ def direction_candidates(
     levels = list(qz.AUTO_LEVELS) + [fbits]
     key = ("quant-auto-options", cls.name, id(adapter), repr(config), group_size, fbits)
     if key not in ctx.cache:
-        table = cls.direction_table(adapter, config, ctx)
         ctx.cache[key] = [
-            direction_options(B, A, ctx.sigma(m), levels, group_size, dt) for (B, A), m in zip(table, adapter.modules)
+            direction_options(B, A, ctx.sigma(m), levels, group_size, dt)
+            for (B, A), m in zip(dirs.table, adapter.modules)
         ]
     tabs = ctx.cache[key]
-    empty = cls.fit(adapter, cls.config_with_ranks(config, [0] * len(adapter.modules)), ctx)
+    empty = cls.fit(adapter, dirs.with_ranks([0] * len(adapter.modules)), ctx)
     overhead = _build(req, empty, None, command).size + 220 * len(adapter.modules)
     out = []
     for label, allowed in (("mixed", levels), ("2-bit", [2]), ("3-bit", [3])):
@@ -369,7 +368,7 @@ def direction_candidates(
         def attempt(payload: int, cols=cols, opts=opts, label=label):
             lv, spent = allocate_levels(opts, payload, prefix=True)
             bits = [[levels[cols[j] - 1] for j in row if j > 0] for row in lv]
-            form = cls.fit(adapter, cls.config_with_ranks(config, [len(b) for b in bits]), ctx)
+            form = cls.fit(adapter, dirs.with_ranks([len(b) for b in bits]), ctx)
             plan = {}
             for i, b in enumerate(bits):
                 if not b or all(x == fbits for x in b):
@@ -473,7 +472,8 @@ def quant_auto(
         if b.size <= budget:
             cands.append((float(b.manifest["metrics"]["rel_error"]), scheme, b))
 
-    if not fixed and not req.form_cls.per_direction_quant:
+    dirs = req.form_cls.directions(req.adapter, req.config, req.ctx)
+    if not fixed and dirs is None:
         # a form that cannot choose its configuration for a size (e.g. a lossless repack): fit it
         # as configured; its bits per tensor are then what makes it fit
         fixed.append(("configured", req.form_cls.fit(req.adapter, req.config, req.ctx)))
@@ -484,13 +484,12 @@ def quant_auto(
             req, f, storage, command, metrics=metrics_fn(ct.decoded_form(f, first.tensors, first.manifest), first.size)
         )
 
-    per_direction = req.form_cls.per_direction_quant
-    labels = ["mixed", "2-bit", "3-bit"] if per_direction else [f"per-tensor({s})" for s, _ in fixed]
+    labels = ["mixed", "2-bit", "3-bit"] if dirs is not None else [f"per-tensor({s})" for s, _ in fixed]
     for label in labels:
 
         def attempt(target: int, label=label):
-            if per_direction:
-                got = direction_candidates(req, target, group_size, command, label)
+            if dirs is not None:
+                got = direction_candidates(req, dirs, target, group_size, command, label)
                 c = got[0] if got else None
             else:
                 c = tensor_candidate(req, dict(fixed)[label[len("per-tensor(") : -1]], target, group_size, command)

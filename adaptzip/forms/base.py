@@ -21,8 +21,8 @@ Optional hooks (class attributes and methods with working defaults):
 * ``lossless`` — the form restores the source exactly (no same-bytes baseline to compare with);
 * ``direction_rows`` / :meth:`stored_ranks` — stored ``A.{i}``/``B.{i}`` are module i's factors,
   one rank direction per row of A (reports then show bits per rank position);
-* ``per_direction_quant`` / :meth:`direction_table` / :meth:`config_with_ranks` — ``--quant auto``
-  may drop or store each singular direction at its own width (:mod:`adaptzip.qsearch`);
+* :meth:`directions` — ``--quant auto`` may drop or store each singular direction at its own
+  width (:mod:`adaptzip.qsearch`);
 * :meth:`quant_axis` — the group axis of a stored tensor (None: chosen by error);
 * :meth:`native_exports` — extra ``expand --to`` targets of this form (e.g. PEFT's own VB-LoRA);
 * :meth:`sharing` — whether a fitted shared form really shares anything, and why not.
@@ -50,6 +50,16 @@ Tensor = torch.Tensor
 TensorSpecs = dict[str, tuple[tuple[int, ...], torch.dtype | None]]
 
 
+@dataclass(frozen=True)
+class Directions:
+    """A form's rank directions: per module, balanced factors (B out×k, A k×in) of every direction
+    it may store, strongest first, and ``with_ranks(ranks)``: the configuration keeping the first
+    ``ranks[i]`` directions of module i."""
+
+    table: list[tuple[Tensor, Tensor]]
+    with_ranks: Callable[[Sequence[int]], Any]
+
+
 @dataclass
 class FitContext:
     """What a fit may use beyond the adapter: Σ statistics per module name (in×in, fp32) or None,
@@ -74,8 +84,6 @@ class Form(nn.Module, metaclass=abc.ABCMeta):
     #: Stored ``A.{i}`` (k_i×in) and ``B.{i}`` (out×k_i) are module i's factors, one rank direction
     #: per row of A / column of B (see :meth:`stored_ranks`).
     direction_rows: ClassVar[bool] = False
-    #: ``--quant auto`` may give every rank direction its own width (see :meth:`direction_table`).
-    per_direction_quant: ClassVar[bool] = False
 
     def __init__(self, modules: Sequence[ModuleInfo], config: Any):
         super().__init__()
@@ -131,15 +139,10 @@ class Form(nn.Module, metaclass=abc.ABCMeta):
         return [int(specs[f"A.{i}"][0][0]) for i in range(len(modules))]
 
     @classmethod
-    def direction_table(cls, adapter: Adapter, config: Any, ctx: FitContext) -> list[tuple[Tensor, Tensor]]:
-        """Per module, balanced factors (B out×k, A k×in) of every rank direction this form may
-        store under ``config``, strongest first (``per_direction_quant`` forms only)."""
-        raise NotImplementedError(f"form {cls.name} has no per-direction storage")
-
-    @classmethod
-    def config_with_ranks(cls, config: Any, ranks: Sequence[int]) -> Any:
-        """``config`` keeping the first ``ranks[i]`` directions of :meth:`direction_table` in module i."""
-        raise NotImplementedError(f"form {cls.name} has no per-direction storage")
+    def directions(cls, adapter: Adapter, config: Any, ctx: FitContext) -> Directions | None:
+        """The rank directions ``--quant auto`` may store each at its own width (None: this form
+        stores no such directions; its tensors get one width each)."""
+        return None
 
     @classmethod
     def native_exports(cls) -> dict[str, Callable[..., dict]]:

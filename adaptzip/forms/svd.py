@@ -19,7 +19,7 @@ from torch import nn
 from .. import linalg
 from ..adapter import Adapter, ModuleInfo
 from ..errors import OptionError
-from .base import FitContext, Form, TensorSpecs, register
+from .base import Directions, FitContext, Form, TensorSpecs, register
 
 
 @dataclass
@@ -63,7 +63,6 @@ class SvdForm(Form):
     summary = "per-module truncated SVD; --budget allocates ranks globally by energy per byte (the baseline)"
     Config = SvdConfig
     direction_rows = True
-    per_direction_quant = True
 
     def __init__(
         self, modules: Sequence[ModuleInfo], config: SvdConfig, factors: list[tuple[torch.Tensor, torch.Tensor]]
@@ -96,13 +95,10 @@ class SvdForm(Form):
         return SvdConfig(rank=config.rank, ranks=tuple(ranks))
 
     @classmethod
-    def direction_table(cls, adapter, config, ctx):
+    def directions(cls, adapter, config, ctx):
         cap = config.rank
-        return [s.truncate(len(s.S) if cap is None else min(cap, len(s.S))) for s in spectra(adapter, ctx)]
-
-    @classmethod
-    def config_with_ranks(cls, config, ranks):
-        return SvdConfig(rank=config.rank, ranks=tuple(int(r) for r in ranks))
+        table = [s.truncate(len(s.S) if cap is None else min(cap, len(s.S))) for s in spectra(adapter, ctx)]
+        return Directions(table, lambda ranks: SvdConfig(rank=config.rank, ranks=tuple(int(r) for r in ranks)))
 
     @classmethod
     def tensor_specs(cls, modules, config, state) -> TensorSpecs:
