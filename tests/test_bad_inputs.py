@@ -807,9 +807,13 @@ def hook(marker, watch):
                 if hit:
                     fired.append(hit)
                     with open(marker + ".part", "w") as f:
-                        f.write(name + " " + hit)
+                        f.write(f"{name} {hit} threads={len(os.listdir('/proc/self/task'))}")
                     orig_rename(marker + ".part", marker)
-                    time.sleep(120)
+                    # short sleeps: a signal that the kernel hands to another thread than the
+                    # main one does not interrupt a sleep, its handler runs at the next bytecode
+                    end = time.monotonic() + 120
+                    while time.monotonic() < end:
+                        time.sleep(0.05)
             return orig(*a, **k)
         setattr(os, name, hooked)
     for n in ("fsync", "fdatasync", "replace", "rename"):
@@ -936,7 +940,7 @@ def subprocess_results(src, tmp_path_factory) -> dict[str, tuple[Ctx, Result] | 
                 c.signalled = now
             elif c.signalled is not None and now - c.signalled > 30 and c.case.id not in notes:
                 os.kill(c.pid, signal.SIGKILL)
-                notes[c.case.id] = f"still running 30 s after {c.case.run} (killed)"
+                notes[c.case.id] = f"still running 30 s after {c.case.run} (killed; blocked in {Path(c.marker).read_text()})"
         time.sleep(0.02)
     for c in children.values():
         if c.code is None and c.pid is not None:
