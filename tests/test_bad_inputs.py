@@ -940,7 +940,9 @@ def subprocess_results(src, tmp_path_factory) -> dict[str, tuple[Ctx, Result] | 
                 c.signalled = now
             elif c.signalled is not None and now - c.signalled > 30 and c.case.id not in notes:
                 os.kill(c.pid, signal.SIGKILL)
-                notes[c.case.id] = f"still running 30 s after {c.case.run} (killed; blocked in {Path(c.marker).read_text()})"
+                notes[c.case.id] = (
+                    f"still running 30 s after {c.case.run} (killed; blocked in {Path(c.marker).read_text()})"
+                )
         time.sleep(0.02)
     for c in children.values():
         if c.code is None and c.pid is not None:
