@@ -202,6 +202,61 @@ def to_peft(
     return info
 
 
+def to_peft_native(c: Container, out: Path, *, dtype: str | None = None) -> dict:
+    """Write a PEFT directory in the form's own adaptzip tuner type (:mod:`adaptzip.peft`):
+    ``adapter_config.json`` (the config with the module table and the manifest's state) and
+    ``adapter_model.safetensors`` holding the container's tensors once, under the names of the
+    live form's parameters (``base_model.adaptzip_forms.<param>``), in the container's float
+    dtype (fp32 for quantised tensors, which are written dequantised; ``dtype`` overrides).
+    ``modules_to_save`` tensors are carried verbatim; LoRA biases, DoRA and embeddings are
+    refused (the tuners adapt Linear and Conv1D layers)."""
+    from . import peft as live_peft  # imports PEFT: only for this target
+
+    emb = [m.name for m in c.modules if m.kind == "embedding"]
+    if emb:
+        raise ExportError(c.path, f"adaptzip's PEFT tuners adapt Linear/Conv1D layers, not the embedding {emb[0]}; use --to peft")
+    bad = [x for x in c.carried if x["role"] != "modules_to_save"]
+    if bad:
+        raise ExportError(c.path, f"adaptzip's PEFT tuners carry no {bad[0]['role'].replace('_', ' ')} ({bad[0]['key']}); use --to peft")
+    form_cls = c.form_class
+    quantised = c.storage is not None and bool(c.storage.tensors)
+    out_dtype = _resolve_dtype(dtype, torch.float32 if quantised else c.dtype)
+    live = form_cls.live(c.modules, c.config, c.manifest["state"], c.tensors(sorted(c.specs)))
+    tensors = {
+        f"base_model.{live_peft.tuner.FORMS}.{k}": (v.to(out_dtype) if v.is_floating_point() else v).contiguous()
+        for k, v in live.state_dict().items()
+    }
+    for j, x in enumerate(c.carried):
+        tensors[x["key"]] = c.carried_tensor(j).contiguous()
+    src = c.source_config
+    config = live_peft.NATIVE[form_cls.native_tuner].from_container(
+        c.form_name,
+        c.config,
+        task_type=src.get("task_type"),
+        base_model_name_or_path=src.get("base_model_name_or_path"),
+        revision=src.get("revision"),
+        modules_to_save=src.get("modules_to_save") if c.carried else None,
+        target_modules=[m.name for m in c.modules],
+        modules=[m.to_json() for m in c.modules],
+        form_state=c.manifest["state"],
+        storage_dtype=live_peft.config.dtype_name(out_dtype),
+        inference_mode=True,
+    )
+    with atomic_dir(out) as tmp:
+        save_tensors(tmp / "adapter_model.safetensors", tensors, {"format": "pt"})
+        config.save_pretrained(str(tmp))
+    floats = sum(v.numel() for v in live.state_dict().values() if v.is_floating_point())
+    return {
+        "output": str(out),
+        "target": "peft-native",
+        "peft_type": str(config.peft_type.value),
+        "modules": len(c.modules),
+        "float_values": floats,
+        "dtype": live_peft.config.dtype_name(out_dtype),
+        "bytes": (out / "adapter_model.safetensors").stat().st_size,
+    }
+
+
 def _delta(form: Form, i: int, m: ModuleInfo, dtype: torch.dtype) -> torch.Tensor:
     """Dense ΔŴ of module i as the base weight stores it (transposed for Conv1D / embeddings)."""
     B, A = form.factors(i)

@@ -25,7 +25,9 @@ Optional hooks (class attributes and methods with working defaults):
   width (:mod:`adaptzip.qsearch`);
 * :meth:`quant_axis` — the group axis of a stored tensor (None: chosen by error);
 * :meth:`native_exports` — extra ``expand --to`` targets of this form (e.g. PEFT's own VB-LoRA);
-* :meth:`sharing` — whether a fitted shared form really shares anything, and why not.
+* :meth:`sharing` — whether a fitted shared form really shares anything, and why not;
+* ``native_tuner`` / :meth:`live` / :meth:`fresh` — the form runs live in PEFT
+  (:mod:`adaptzip.peft`): the module its tuner holds, and a new trainable adapter with ΔW = 0.
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ class Form(nn.Module, metaclass=abc.ABCMeta):
     #: Stored ``A.{i}`` (k_i×in) and ``B.{i}`` (out×k_i) are module i's factors, one rank direction
     #: per row of A / column of B (see :meth:`stored_ranks`).
     direction_rows: ClassVar[bool] = False
+    #: The :mod:`adaptzip.peft` tuner that runs this form live inside a model ("bslora", "masa",
+    #: "vblora"), or None: the form is a plain LoRA (``expand --to peft``) or has no tuner.
+    native_tuner: ClassVar[str | None] = None
 
     def __init__(self, modules: Sequence[ModuleInfo], config: Any):
         super().__init__()
@@ -146,8 +151,13 @@ class Form(nn.Module, metaclass=abc.ABCMeta):
 
     @classmethod
     def native_exports(cls) -> dict[str, Callable[..., dict]]:
-        """Extra ``expand --to`` targets: name → ``fn(container, out_dir, *, dtype) -> dict``."""
-        return {}
+        """Extra ``expand --to`` targets: name → ``fn(container, out_dir, *, dtype) -> dict``
+        (by default ``peft-native`` when the form has a :attr:`native_tuner`)."""
+        if cls.native_tuner is None:
+            return {}
+        from ..export import to_peft_native  # the export module imports forms: import it when asked
+
+        return {"peft-native": to_peft_native}
 
     @classmethod
     def sharing(cls, modules: Sequence[ModuleInfo], config: Any, state: dict, metrics: dict | None) -> dict | None:
@@ -155,6 +165,19 @@ class Form(nn.Module, metaclass=abc.ABCMeta):
         read off a fitted or stored configuration (``metrics``: the manifest's, for the budget
         search's notes); None for forms without sharing (lora, svd)."""
         return None
+
+    @classmethod
+    def live(cls, modules: Sequence[ModuleInfo], config: Any, state: dict, tensors: dict[str, Tensor]) -> nn.Module:
+        """The module a PEFT-native tuner holds for this form (:mod:`adaptzip.peft`): the stored
+        tensors as its parameters and buffers, once, and ``factors(i)`` for module i's (B, A).
+        Default: the form itself (:meth:`from_tensors`)."""
+        return cls.from_tensors(modules, config, state, tensors)
+
+    @classmethod
+    def fresh(cls, modules: Sequence[ModuleInfo], config: Any, gen: torch.Generator) -> tuple[dict, dict[str, Tensor]]:
+        """(state, tensors) of a new trainable adapter in this form with ΔW = 0 (as PEFT starts a
+        LoRA: every product has a zero factor, the other random), for ``get_peft_model``."""
+        raise OptionError(None, f"form {cls.name} cannot start a new adapter; convert one with adaptzip compress")
 
     def quant_axis(self, name: str, shape: tuple[int, ...]) -> int | None:
         """The group axis of stored tensor ``name`` under quantisation (None: chosen by error)."""
@@ -186,6 +209,13 @@ class Form(nn.Module, metaclass=abc.ABCMeta):
 
     def finalize(self) -> None:
         """Called after distillation (e.g. VB-LoRA re-freezes its top-k selection)."""
+
+
+def a_side(shape: Sequence[int], gen: torch.Generator) -> Tensor:
+    """PEFT's LoRA A initialisation (kaiming-uniform with a = √5): U(−1/√fan_in, 1/√fan_in),
+    fan_in the last dimension; seeded."""
+    bound = 1.0 / max(int(shape[-1]), 1) ** 0.5
+    return (torch.rand(tuple(shape), generator=gen) * 2 - 1) * bound
 
 
 def _numel(shape) -> int:

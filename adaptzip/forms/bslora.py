@@ -65,7 +65,7 @@ from ..adapter import Adapter, ModuleInfo
 from ..errors import ContainerError, OptionError
 from ..progress import progress_bar
 from . import svd as svd_form
-from .base import FitContext, Form, TensorSpecs, register
+from .base import FitContext, Form, TensorSpecs, a_side, register
 
 Tensor = torch.Tensor
 LEVELS = ("intra", "inter")  # order of the shared parts in factors(i), after the local part
@@ -290,6 +290,7 @@ def _orthonormal(n: int, r: int, gen: torch.Generator) -> Tensor:
 class _BSLoRA(Form):
     """What the three transforms share: parameters, layout, storage, factors, local solve, budget."""
 
+    native_tuner = "bslora"
     uses_shared_size: ClassVar[bool] = True
     module_params: ClassVar[tuple[str, ...]] = ()  # per-module tensors of a level (gates, kernels)
     module_prefix: ClassVar[str] = ""
@@ -406,6 +407,26 @@ class _BSLoRA(Form):
     @classmethod
     def from_tensors(cls, modules, config, state, tensors) -> _BSLoRA:
         return cls(modules, config, state, tensors)
+
+    @classmethod
+    def fresh_module_param(cls, p: str, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
+        """A new adapter's per-module tensor ``p`` of a level (gate, kernel); see :meth:`fresh`."""
+        raise NotImplementedError(cls.name)
+
+    @classmethod
+    def fresh(cls, modules, config, gen):
+        """The layout of ``config``; every B side (local and shared) zero, every A side random
+        (LoRA's init), per-module gates or kernels from :meth:`fresh_module_param`, so ΔW = 0 and
+        every factor gets a gradient."""
+        state = cls.make_state(modules, config)
+        pm = {cls.pm_name(lv, i, p) for lv in LEVELS for i in range(len(modules)) for p in cls.module_params}
+        tensors = {}
+        for name, (shape, _) in cls.tensor_specs(modules, config, state).items():
+            if name in pm:
+                tensors[name] = cls.fresh_module_param(name.rsplit(".", 1)[1], shape, gen)
+            else:
+                tensors[name] = torch.zeros(shape) if name.endswith(".B") else a_side(shape, gen)
+        return state, tensors
 
     def tensors(self) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
@@ -744,6 +765,10 @@ class KroneckerExtension(_Fitted):
         return {"A": (1, _blocks(m.in_features, s)), "B": (_blocks(m.out_features, s), 1)}
 
     @classmethod
+    def fresh_module_param(cls, p, shape, gen):
+        return torch.ones(shape)  # every block tiles the shared pair once
+
+    @classmethod
     def effective_shared_size(cls, modules, size):
         return min(size, max(max(m.in_features, m.out_features) for m in modules))
 
@@ -858,6 +883,10 @@ class GateTransformation(_BSLoRA):
     def module_param_shapes(cls, m, lay):
         d = lay.shared_size
         return {"iu": (d,), "id": (m.in_features,), "ou": (m.out_features,), "od": (d,)}
+
+    @classmethod
+    def fresh_module_param(cls, p, shape, gen):
+        return torch.randn(shape, generator=gen) / shape[0] ** 0.5  # gates of norm ≈ 1
 
     @classmethod
     def fit(cls, adapter: Adapter, config: GTConfig, ctx: FitContext) -> GateTransformation:

@@ -62,7 +62,7 @@ from .. import linalg
 from ..adapter import Adapter, ModuleInfo
 from ..errors import ContainerError, OptionError
 from ..progress import progress_bar
-from .base import FitContext, Form, TensorSpecs, register
+from .base import FitContext, Form, TensorSpecs, a_side, register
 
 Tensor = torch.Tensor
 
@@ -223,6 +223,7 @@ class MasaForm(Form):
     name = "masa"
     summary = "MASA: S consecutive layers of a type share N summed A-experts, each layer its own B (closed-form fit)"
     Config = MasaConfig
+    native_tuner = "masa"
 
     def __init__(
         self,
@@ -284,6 +285,17 @@ class MasaForm(Form):
         if note is not None and note.get("rank") == config.rank and note.get("group") == config.group:
             form.fit_info["budget_choice"] = note
         return form
+
+    @classmethod
+    def fresh(cls, modules, config, gen):
+        """Groups and ranks as a fit would lay them out; experts random (LoRA's A init), B = 0."""
+        groups = make_groups(modules, config.group)
+        state = {"groups": groups, "ranks": [group_rank(modules, g, config.rank) for g in groups]}
+        tensors = {
+            name: torch.zeros(shape) if name.startswith("B.") else a_side(shape, gen)
+            for name, (shape, _) in cls.tensor_specs(modules, config, state).items()
+        }
+        return state, tensors
 
     @classmethod
     def sharing(cls, modules, config, state, metrics):

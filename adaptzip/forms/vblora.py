@@ -191,11 +191,58 @@ def _pow2_scale(x: Tensor) -> float:
     return 2.0 ** round(math.log2(rms)) if rms > 0 and math.isfinite(rms) else 1.0
 
 
+def mixed_factors(bank: Tensor, ia: Tensor, wa: Tensor, ib: Tensor, wb: Tensor, m: ModuleInfo) -> tuple[Tensor, Tensor]:
+    """(B out×r, A r×in) of module m from the bank (h×b), its A indices and weights (r, n_in, k)
+    and B ones (n_out, r, k): each sub-vector is Σ_s w_s · bank[idx_s]; A's mixes (r, n_in, b) are
+    reshaped to (r, in), B's (n_out, r, b) transposed to (n_out, b, r) and reshaped to (out, r)."""
+    A = (wa.unsqueeze(-1) * bank[ia]).sum(-2).reshape(ia.shape[0], m.in_features)
+    B = (wb.unsqueeze(-1) * bank[ib]).sum(-2).transpose(1, 2).reshape(m.out_features, ib.shape[1])
+    return B, A
+
+
+class CompactVblora(nn.Module):
+    """A vblora container's tensors as they are stored, for serving (:mod:`adaptzip.peft`): the
+    bank (h×b), ``topk_indices`` (N×k, uint8/int16 buffer) and ``topk_weights`` (N×(k−1), the
+    k−1 smallest; the largest is 1 − their sum) — nothing per module is expanded. ``factors(i)``
+    mixes module i's sub-vectors by :func:`mixed_factors`, the form's own code. Bank and weights
+    are trainable with the top-k selection fixed (PEFT's own VB-LoRA, ``expand --to
+    peft-vblora``, trains the dense logits)."""
+
+    def __init__(self, modules: Sequence[ModuleInfo], config: VbloraConfig, state: dict, tensors: dict[str, Tensor]):
+        super().__init__()
+        self.modules_info = list(modules)
+        self.rank, self.b, self.k = int(state["rank"]), config.vector_len, config.topk
+        self.vector_bank = nn.Parameter(tensors["bank"].detach().float().clone().contiguous())
+        self.register_buffer("topk_indices", tensors["topk_indices"].detach().clone().contiguous())
+        w = tensors["topk_weights"] if self.k > 1 else torch.zeros(self.topk_indices.shape[0], 0)
+        self.topk_weights = nn.Parameter(w.detach().float().clone().contiguous())
+        self._offsets = []
+        off = 0
+        for m in self.modules_info:
+            na, nb = self.rank * (m.in_features // self.b), (m.out_features // self.b) * self.rank
+            self._offsets.append((off, na, nb))
+            off += na + nb
+
+    def _weights(self, lo: int, n: int) -> Tensor:
+        head = self.topk_weights[lo : lo + n]
+        return torch.cat([head, 1 - head.sum(-1, keepdim=True)], -1)
+
+    def factors(self, i: int) -> tuple[Tensor, Tensor]:
+        m, (off, na, nb) = self.modules_info[i], self._offsets[i]
+        r, k = self.rank, self.k
+        idx = self.topk_indices.long()
+        ia, ib = idx[off : off + na].reshape(r, -1, k), idx[off + na : off + na + nb].reshape(-1, r, k)
+        wa = self._weights(off, na).reshape(r, -1, k)
+        wb = self._weights(off + na, nb).reshape(-1, r, k)
+        return mixed_factors(self.vector_bank, ia, wa, ib, wb, m)
+
+
 @register
 class VbloraForm(Form):
     name = "vblora"
     summary = "VB-LoRA: A/B sub-vectors are top-k convex mixes of one shared vector bank (PEFT VBLORA export)"
     Config = VbloraConfig
+    native_tuner = "vblora"
 
     @classmethod
     def sharing(cls, modules, config, state, metrics):
@@ -208,7 +255,7 @@ class VbloraForm(Form):
     def native_exports(cls):
         from .vblora_peft import to_peft_vblora  # PEFT's own VB-LoRA layout: loaded only when asked for
 
-        return {"peft-vblora": to_peft_vblora}
+        return {**super().native_exports(), "peft-vblora": to_peft_vblora}
 
     def __init__(
         self,
@@ -328,23 +375,17 @@ class VbloraForm(Form):
         self.vector_bank.mul_(self.bank_scale / scale)
         self.bank_scale = scale
 
-    def _mix(self, bank: Tensor, idx: Tensor, wlog: Tensor) -> Tensor:
-        """Σ_s softmax(wlog)_s · bank[idx_s]: idx, wlog (..., k) → (..., b)."""
-        return (torch.softmax(wlog, -1).unsqueeze(-1) * bank[idx]).sum(-2)
-
     def factors(self, i: int) -> tuple[Tensor, Tensor]:
-        m = self.modules_info[i]
-        bank = self.bank()
         if self.soft:
             va, ia = self.logits_A[i].topk(self.k, dim=-1)
             vb, ib = self.logits_B[i].topk(self.k, dim=-1)
         else:
             (ia, ib), va, vb = self.idx(i), self.wlog_A[i], self.wlog_B[i]
-        A = self._mix(bank, ia, va).reshape(self.rank, m.in_features)  # (r, n_in, b) → (r, in)
-        B = (
-            self._mix(bank, ib, vb).transpose(1, 2).reshape(m.out_features, self.rank)
-        )  # (n_out, r, b) → (n_out, b, r) → (out, r)
-        return B, A
+        return mixed_factors(self.bank(), ia, torch.softmax(va, -1), ib, torch.softmax(vb, -1), self.modules_info[i])
+
+    @classmethod
+    def live(cls, modules, config, state, tensors) -> CompactVblora:
+        return CompactVblora(modules, config, state, tensors)
 
     def trainable_groups(self) -> list[dict]:
         """Two groups: the bank, with ``lr_scale`` = its RMS (Adam steps are absolute, the bank's
