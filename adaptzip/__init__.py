@@ -28,9 +28,9 @@ from .api import compress, expand, inspect, list_forms, verify  # noqa: E402
 from .container import Container, open_container  # noqa: E402
 from .errors import AdaptzipError  # noqa: E402
 from .options import CalibrationOptions, CompressResult, FitOptions, QuantOptions, RunOptions  # noqa: E402
+from .peft_hook import install as _install_peft_methods  # noqa: E402
 from .report import report as report_containers  # noqa: E402  (the module adaptzip.report keeps its name)
 from .zoo import batch  # noqa: E402
-from .peft_hook import install as _install_peft_methods  # noqa: E402
 
 _install_peft_methods()  # adaptzip's PEFT tuners, registered once PEFT is imported (adaptzip.peft)
 

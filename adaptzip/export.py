@@ -214,10 +214,15 @@ def to_peft_native(c: Container, out: Path, *, dtype: str | None = None) -> dict
 
     emb = [m.name for m in c.modules if m.kind == "embedding"]
     if emb:
-        raise ExportError(c.path, f"adaptzip's PEFT tuners adapt Linear/Conv1D layers, not the embedding {emb[0]}; use --to peft")
+        raise ExportError(
+            c.path, f"adaptzip's PEFT tuners adapt Linear/Conv1D layers, not the embedding {emb[0]}; use --to peft"
+        )
     bad = [x for x in c.carried if x["role"] != "modules_to_save"]
     if bad:
-        raise ExportError(c.path, f"adaptzip's PEFT tuners carry no {bad[0]['role'].replace('_', ' ')} ({bad[0]['key']}); use --to peft")
+        raise ExportError(
+            c.path,
+            f"adaptzip's PEFT tuners carry no {bad[0]['role'].replace('_', ' ')} ({bad[0]['key']}); use --to peft",
+        )
     form_cls = c.form_class
     quantised = c.storage is not None and bool(c.storage.tensors)
     out_dtype = _resolve_dtype(dtype, torch.float32 if quantised else c.dtype)

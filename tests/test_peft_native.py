@@ -123,7 +123,10 @@ def test_save_and_reload_identical(build, form, tmp_path):
     a, b = forms_of(pm)["default"].state_dict(), forms_of(again)["default"].state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     saved = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
-    assert saved["peft_type"].startswith("ADAPTZIP_") and saved["form_state"] == open_container(build(form)[0]).manifest["state"]
+    assert (
+        saved["peft_type"].startswith("ADAPTZIP_")
+        and saved["form_state"] == open_container(build(form)[0]).manifest["state"]
+    )
     ids = random_ids()
     assert torch.equal(logits(pm, ids), logits(again, ids))
 
@@ -205,7 +208,9 @@ def test_two_adapters_switch_and_mix_per_row(build):
     with pytest.raises(ValueError, match="non-existing adapter"):
         logits(pm, ids, adapter_names=["one", "three", "one"])
     with torch.no_grad():  # generate with one adapter per row
-        out = pm.generate(input_ids=ids[:, :4], adapter_names=["one", "two", "__base__"], max_new_tokens=3, do_sample=False)
+        out = pm.generate(
+            input_ids=ids[:, :4], adapter_names=["one", "two", "__base__"], max_new_tokens=3, do_sample=False
+        )
     assert out.shape == (3, 7)
 
 

@@ -30,7 +30,11 @@ from .config import AdaptzipFormConfig, BSLoRAConfig, MASAConfig, VBLoRACompactC
 from .tuner import METHODS, BSLoRAModel, FormLayer, FormTuner, MASAModel, VBLoRACompactModel
 
 #: ``Form.native_tuner`` → the config class of that tuner.
-NATIVE: dict[str, type[AdaptzipFormConfig]] = {"bslora": BSLoRAConfig, "masa": MASAConfig, "vblora": VBLoRACompactConfig}
+NATIVE: dict[str, type[AdaptzipFormConfig]] = {
+    "bslora": BSLoRAConfig,
+    "masa": MASAConfig,
+    "vblora": VBLoRACompactConfig,
+}
 
 
 def peft_type(name: str) -> PeftType:

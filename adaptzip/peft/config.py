@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar
 
 import torch
 from peft import PeftConfig
@@ -41,25 +41,25 @@ class AdaptzipFormConfig(PeftConfig):
     """What every adaptzip tuner config holds (see the module docstring); subclasses add the
     form's own options and name the form (:meth:`form_name`)."""
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "modules to adapt: a list of names or name suffixes, or a regex, as for LoRA (Linear and Conv1D layers; default: LoRA's defaults for the model type)"
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "modules not to adapt: names, suffixes or a regex, as for LoRA"}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "modules besides the adapted ones that are trained and saved (e.g. a head)"}
     )
-    modules: Optional[list[dict]] = field(
+    modules: list[dict] | None = field(
         default=None,
         metadata={
             "help": "the module table in the form's order (adaptzip ModuleInfo JSON: name, in, out, stack, layer, type, ...); written by `adaptzip expand --to peft-native`, filled in when a new adapter is created"
         },
     )
-    form_state: Optional[dict] = field(
+    form_state: dict | None = field(
         default=None,
         metadata={
             "help": "the form's layout (the container manifest's `state`: ranks, groups, ...); None for a new adapter, derived from the options"
@@ -136,11 +136,12 @@ class BSLoRAConfig(AdaptzipFormConfig):
         default="ss",
         metadata={"help": "shape transform of the shared pairs: ss (slice sharing), gt (gates), ke (Kronecker)"},
     )
-    ranks: Optional[list[int]] = field(
+    ranks: list[int] | None = field(
         default=None, metadata={"help": _help("bslora-ss", "ranks") + " (default: the transform's paper ranks)"}
     )
-    shared_size: Optional[int] = field(
-        default=None, metadata={"help": "gt: " + _help("bslora-gt", "shared_size") + "; ke: " + _help("bslora-ke", "shared_size")}
+    shared_size: int | None = field(
+        default=None,
+        metadata={"help": "gt: " + _help("bslora-gt", "shared_size") + "; ke: " + _help("bslora-ke", "shared_size")},
     )
 
     PEFT_TYPE: ClassVar[str] = "ADAPTZIP_BSLORA"

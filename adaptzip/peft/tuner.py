@@ -217,7 +217,9 @@ class FormTuner(BaseTuner):
                 full = min(n_in, n_out)  # a new adapter has no source rank: the module's own
                 table.append(ModuleInfo(key, stack, layer, typ, n_in, n_out, full, float(full), 1.0, "linear", fifo))
             if not table:
-                raise ValueError(f"no Linear or Conv1D module of the model matches target_modules {config.target_modules}")
+                raise ValueError(
+                    f"no Linear or Conv1D module of the model matches target_modules {config.target_modules}"
+                )
         return table, found[table[0].name][3]
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key, **kwargs):
