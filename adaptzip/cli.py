@@ -478,7 +478,7 @@ def expand(
         ExpandTo,
         typer.Option(
             "--to",
-            help="peft: a PEFT LoRA dir; dense: ΔW per module; merged: base model + ΔW; peft-vblora: a native PEFT VB-LoRA dir (vblora containers only).",
+            help="peft: a PEFT LoRA dir; dense: ΔW per module; merged: base model + ΔW; peft-native: a PEFT dir in the form's own live adaptzip tuner, shared parts held once (bslora-*, masa, vblora); peft-vblora: PEFT's own VB-LoRA dir (vblora containers only).",
         ),
     ] = ExpandTo.peft,
     target: Annotated[

@@ -187,6 +187,26 @@ def test_train_a_new_adapter_in_the_form(llama_base, cls, options, tmp_path):
     assert torch.equal(logits(pm, ids), logits(again, ids))
 
 
+@pytest.mark.parametrize("form", ["bslora-ke", "vblora"])
+def test_go_on_training_a_converted_adapter(build, form):
+    _, native, _, base = build(form)
+    pm = PeftModel.from_pretrained(load_base(base), native, is_trainable=True)
+    live = forms_of(pm)["default"]
+    trainable = [p for p in pm.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == sum(p.numel() for p in live.parameters())
+    ids = random_ids(n=4, length=24, seed=7)
+    ids[:, 1::2] = (ids[:, ::2] * 7 + 3) % 128
+    opt = torch.optim.Adam(trainable, lr=3e-3)
+    losses = []
+    for _ in range(5):
+        loss = pm(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0], losses
+
+
 def test_two_adapters_switch_and_mix_per_row(build):
     _, a_dir, _, base = build("bslora-ke")
     _, b_dir, _, _ = build("bslora-ke", source="b")
