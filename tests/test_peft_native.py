@@ -105,6 +105,8 @@ def test_native_equals_expanded_lora(build, form, model):
     stored = sum(t.numel() for t in ct.tensors().values() if t.is_floating_point())
     held = sum(p.numel() for p in forms_of(pm).parameters())
     assert held == stored
+    if form.startswith("bslora"):  # the shared pairs are there, and held once
+        assert any(k.startswith("shared_") for k in forms_of(pm)["default"].state_dict())
     # in the stored dtype (autocast_adapter_dtype=False) the resident bytes are the container's tensor bytes
     pm16 = load_quiet(base, native, autocast_adapter_dtype=False)
     live = forms_of(pm16)["default"]

@@ -230,8 +230,8 @@ class CompactVblora(nn.Module):
     def factors(self, i: int) -> tuple[Tensor, Tensor]:
         m, (off, na, nb) = self.modules_info[i], self._offsets[i]
         r, k = self.rank, self.k
-        idx = self.topk_indices.long()
-        ia, ib = idx[off : off + na].reshape(r, -1, k), idx[off + na : off + na + nb].reshape(-1, r, k)
+        idx = self.topk_indices[off : off + na + nb].long()  # this module's rows only
+        ia, ib = idx[:na].reshape(r, -1, k), idx[na:].reshape(-1, r, k)
         wa = self._weights(off, na).reshape(r, -1, k)
         wb = self._weights(off + na, nb).reshape(-1, r, k)
         return mixed_factors(self.vector_bank, ia, wa, ib, wb, m)
