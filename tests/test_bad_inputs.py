@@ -593,6 +593,9 @@ CASES: list[Case] = [
     bad("expand-vllm-max-lora-rank-3", container(), (*EXPAND, "--target", "vllm", "--max-lora-rank", "3"), None, r"max.lora.rank"),
     bad("expand-merged-without-base-model", container(), ("expand", "{in}/c.safetensors", "-o", "{out}/m", "--to", "merged"), None, r"base-model"),
     bad("expand-peft-vblora-of-svd", container(), (*EXPAND, "--to", "peft-vblora"), C, r"vblora"),
+    bad("expand-peft-native-of-svd", container(), (*EXPAND, "--to", "peft-native"), C, r"peft-native.*svd"),
+    bad("expand-peft-native-flipped-payload-byte", container(flip_payload, src="vblora.safetensors"), (*EXPAND, "--to", "peft-native"), C, SHA),
+    bad("expand-peft-native-index-past-the-bank", container(first_byte("topk_indices", 200), src="vblora.safetensors"), (*EXPAND, "--to", "peft-native"), C, r"(?i)index|indices|bank|range"),
     bad("batch-missing-zoo", nothing, ("batch", "{in}/nope", "-o", "{out}/b"), r"{in}/nope", r"(?i)no such"),
     bad("batch-output-contains-zoo", zoo(), ("batch", "{in}/zoo", "-o", "{in}"), r"{in}", r"contain"),
     bad("batch-jobs-zero", zoo(), (*BATCH[:-2], "--jobs", "0"), None, r"jobs"),
@@ -723,7 +726,7 @@ def test_the_table_is_a_spec():
     commands = {c.argv[0] for c in CASES}
     assert {"inspect", "forms", "compress", "expand", "verify", "batch", "report"} <= commands
     tos = {c.argv[c.argv.index("--to") + 1] for c in CASES if c.argv[0] == "expand" and "--to" in c.argv}
-    assert {"dense", "merged", "peft-vblora"} <= tos
+    assert {"dense", "merged", "peft-vblora", "peft-native"} <= tos
 
 
 # ============================================================================ running a case

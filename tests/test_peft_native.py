@@ -223,6 +223,8 @@ def test_two_adapters_switch_and_mix_per_row(build):
     assert rel(only_b, logits(pm, ids), ref) <= 1e-6
     pm.set_adapter("one")
     assert rel(only_a, logits(pm, ids), ref) <= 1e-6
+    with pm.disable_adapter():
+        assert torch.allclose(logits(pm, ids), ref, atol=1e-6)
     mixed = logits(pm, ids, adapter_names=["two", "__base__", "one"])
     assert rel(only_b[0], mixed[0], ref[0]) <= 1e-5
     assert torch.allclose(mixed[1], ref[1], atol=1e-6)
