@@ -267,3 +267,86 @@ def _finish_basis(lam: Tensor, V: Tensor, f2: float, rk: list[int], norms: list[
     overlap = (f2 - sum(rk)) / pairs if pairs > 0 else float("nan")
     k = V.shape[0] if cap is None else min(cap, V.shape[0])
     return ModuleBasis(lam.clamp_min(0), V[:k].contiguous(), overlap, norms)
+
+
+# ----------------------------------------------------------------------------- joint (zoo) bases
+@dataclass
+class JointBasis:
+    """One module's joint basis across n adapters (Compress-then-Serve): U (out×K) and V (K×in)
+    with orthonormal columns/rows, and each adapter's core C_a = Uᵀ ΔW_a Vᵀ (K×K), so that
+    ΔW_a ≈ U C_a V. Directions are ordered so that the leading k×k blocks are the strongest
+    (see :func:`joint_basis`); ``norms``: each adapter's ‖ΔW_a‖²."""
+
+    U: Tensor
+    V: Tensor
+    cores: list[Tensor]
+    norms: list[float]
+
+    def gains(self, diagonal: bool) -> Tensor:
+        """Energy Σ_a ‖core‖² each added direction captures: E(k) − E(k−1), with E(k) that of the
+        leading k×k blocks (``diagonal``: of their diagonals only)."""
+        K = self.U.shape[1]
+        E = torch.zeros(K + 1, dtype=torch.float64)
+        for C in self.cores:
+            if diagonal:
+                E[1:] += C.diagonal().pow(2).cumsum(0)
+            else:
+                c2 = C.pow(2)
+                E[1:] += torch.stack([c2[:k, :k].sum() for k in range(1, K + 1)]) if K else E[1:]
+        return (E[1:] - E[:-1]).clamp_min(0)
+
+
+def _orth_cols(X: Tensor) -> Tensor:
+    return torch.linalg.qr(X)[0]
+
+
+def joint_basis(factors: Sequence[tuple[Tensor, Tensor]], K: int, iters: int = 8) -> JointBasis:
+    """U (out×K), V (K×in) maximising Σ_a ‖Uᵀ ΔW_a Vᵀ‖² (a Tucker-2 / HOSVD-style alternating fit)
+    from the factors (B_a out×r_a, A_a r_a×in, scale folded in) of one module of n adapters, never
+    forming a dense ΔW_a. Initialised from the stacked SVDs (U: top-K left singular vectors of
+    [ΔW_1 … ΔW_n], V: top-K right singular vectors of [ΔW_1; …; ΔW_n], :func:`module_basis`);
+    then ``iters`` alternations, each a subspace-iteration step of the exact ALS update (U ←
+    orth(Σ_a M_a M_aᵀ U) with M_a = ΔW_a Vᵀ; V likewise), O(n·(in + out)·K·r) each, so the
+    captured energy never falls. Finally the directions are rotated to the eigenbases of
+    Σ_a C_a C_aᵀ (U side) and Σ_a C_aᵀ C_a (V side), strongest first."""
+    fs = [(B.double(), A.double()) for B, A in factors]
+    n_out, n_in = fs[0][0].shape[0], fs[0][1].shape[1]
+    K = max(0, min(K, n_out, n_in, sum(A.shape[0] for _, A in fs)))
+    norms = [float(((B.T @ B) * (A @ A.T)).sum()) for B, A in fs]
+    if K == 0:
+        return JointBasis(
+            torch.zeros(n_out, 0, dtype=torch.float64),
+            torch.zeros(0, n_in, dtype=torch.float64),
+            [torch.zeros(0, 0, dtype=torch.float64) for _ in fs],
+            norms,
+        )
+    V = module_basis(fs, n_in, cap=K).V  # K×in
+    U = module_basis(((A.T, B.T) for B, A in fs), n_out, cap=K).V.T  # out×K
+    for _ in range(iters):
+        U = _orth_cols(sum(B @ ((A @ V.T) @ ((V @ A.T) @ (B.T @ U))) for B, A in fs))
+        V = _orth_cols(sum(A.T @ ((B.T @ U) @ ((U.T @ B) @ (A @ V.T))) for B, A in fs)).T
+    cores = [(U.T @ B) @ (A @ V.T) for B, A in fs]
+    _, Wu = torch.linalg.eigh(sum(C @ C.T for C in cores))
+    _, Wv = torch.linalg.eigh(sum(C.T @ C for C in cores))
+    U, V = U @ Wu.flip(1), (V.T @ Wv.flip(1)).T
+    return JointBasis(U, V, [(U.T @ B) @ (A @ V.T) for B, A in fs], norms)
+
+
+def joint_cores(U: Tensor, V: Tensor, B: Tensor, A: Tensor, diagonal: bool, ridge: float = 1e-10) -> Tensor:
+    """The best core of ΔW = B A on a fixed basis (U out×k, V k×in, e.g. as rounded to the
+    storage dtype, so not exactly orthonormal): argmin_C ‖B A − U C V‖_F, C = (UᵀU)⁻¹ Uᵀ B A Vᵀ
+    (VVᵀ)⁻¹ (k×k); ``diagonal``: argmin_d ‖B A − U diag(d) V‖_F, solving (UᵀU ∘ VVᵀ) d =
+    diag(Uᵀ B A Vᵀ) (∘: elementwise)."""
+    U, V, B, A = U.double(), V.double(), B.double(), A.double()
+    k = U.shape[1]
+    if k == 0:
+        return torch.zeros(0 if diagonal else (0, 0), dtype=torch.float64)
+    eye = torch.eye(k, dtype=torch.float64)
+    Gu, Gv = U.T @ U, V @ V.T
+    P = (U.T @ B) @ (A @ V.T)  # k×k
+    if diagonal:
+        M = Gu * Gv
+        return torch.linalg.solve(M + ridge * M.diagonal().mean().clamp_min(1e-30) * eye, P.diagonal())
+    Gu = Gu + ridge * Gu.diagonal().mean().clamp_min(1e-30) * eye
+    Gv = Gv + ridge * Gv.diagonal().mean().clamp_min(1e-30) * eye
+    return torch.linalg.solve(Gu, torch.linalg.solve(Gv, P.T).T)

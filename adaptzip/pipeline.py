@@ -321,7 +321,7 @@ def metrics_template(adapter: Adapter, baseline: bool, auto: bool = False) -> di
     t.update({"worst_module": longest, "task": "hidden", "eval_text": "calib", "weighted": False})
     if auto:
         t.update(dict.fromkeys(_AUTO_BASELINE_KEYS, _PLACEHOLDER))
-        t["auto_candidates"] = dict.fromkeys(REGISTRY, _PLACEHOLDER)
+        t["auto_candidates"] = dict.fromkeys((n for n, c in REGISTRY.items() if c.auto_candidate), _PLACEHOLDER)
         t["auto_reason"] = "x" * _AUTO_REASON_LEN
     return t
 
@@ -386,7 +386,7 @@ def auto_select(
     from .distill import round_to
 
     adapter, ctx, dtype, cal = req.adapter, req.ctx, req.dtype, distil.cal
-    names = sorted(REGISTRY) if forms is None else list(forms)
+    names = sorted(n for n, c in REGISTRY.items() if c.auto_candidate) if forms is None else list(forms)
     rows: list[dict] = []
     template = metrics_template(adapter, False, auto=True)  # the same header reservation as the final container
     for name in names:

@@ -32,6 +32,7 @@ SMALL: dict[str, dict] = {
     "bslora-gt": {"ranks": (1, 2, 4), "shared_size": 8},
     "bslora-ke": {"ranks": (1, 2, 4), "shared_size": 8, "steps": 3},
     "masa": {"rank": 4, "group": 2},
+    "joint": {"core": "diag"},
     "vblora": {"vector_len": 16, "bank": 32, "topk": 2, "steps": 3, "refit_steps": 3},
 }
 FORMS = sorted(REGISTRY)

@@ -4,7 +4,7 @@
 with global rank allocation): :func:`baseline_form` and :func:`is_baseline` are how code outside
 this package refers to it, so that no form name appears anywhere else."""
 
-from . import bslora, lora, masa, svd, vblora  # noqa: F401
+from . import bslora, joint, lora, masa, svd, vblora  # noqa: F401
 from .base import REGISTRY, FitContext, Form, get_form, make_config, user_options
 
 BASELINE = "svd"

@@ -19,6 +19,7 @@ export work through the hooks below; nothing outside ``forms/`` tests a form's n
 Optional hooks (class attributes and methods with working defaults):
 
 * ``lossless`` — the form restores the source exactly (no same-bytes baseline to compare with);
+* ``auto_candidate`` — ``--to auto`` tries the form (default True);
 * ``direction_rows`` / :meth:`stored_ranks` — stored ``A.{i}``/``B.{i}`` are module i's factors,
   one rank direction per row of A (reports then show bits per rank position);
 * :meth:`directions` — ``--quant auto`` may drop or store each singular direction at its own
@@ -86,6 +87,8 @@ class Form(nn.Module, metaclass=abc.ABCMeta):
     #: Stored ``A.{i}`` (k_i×in) and ``B.{i}`` (out×k_i) are module i's factors, one rank direction
     #: per row of A / column of B (see :meth:`stored_ranks`).
     direction_rows: ClassVar[bool] = False
+    #: ``compress --to auto`` tries this form (False: a form that never beats another alone).
+    auto_candidate: ClassVar[bool] = True
     #: The :mod:`adaptzip.peft` tuner that runs this form live inside a model ("bslora", "masa",
     #: "vblora"), or None: the form is a plain LoRA (``expand --to peft``) or has no tuner.
     native_tuner: ClassVar[str | None] = None

@@ -23,60 +23,196 @@ from .. import fit, linalg
 from ..adapter import DTYPE_NAMES, Adapter, load_adapter
 from ..budget import resolve_dtype
 from ..fileio import atomic_file, file_sha256
-from ..forms import FitContext, baseline_form
+from ..forms import REGISTRY, FitContext, baseline_form
+from ..forms.joint import CORES, core_cost
 from .discovery import SHARED_DIR, Found
 from .run import OK_STATUSES, convert
 
 SHARED_META_KEY = "adaptzip_shared"
 
 
-def _shared_blob(
-    bases: list[linalg.ModuleBasis], ks: list[int], modules, dt: torch.dtype, n: int, gkey: str
-) -> tuple[dict, bytes, str]:
-    """The shared file's tensors (``A.{i}``: the top-k_i rows of V_i in the container dtype), its
-    exact bytes and their sha256 (its name)."""
-    from safetensors.torch import save
+class _Kind:
+    """One way to share a cluster (see the module docstring): the stored tensors of a rank
+    allocation ``ks``, the gain and the byte cost of each direction, and each adapter's container."""
 
-    tensors = {f"A.{i}": b.V[:k].to(dt).contiguous() for i, (b, k) in enumerate(zip(bases, ks))}
-    meta = {
-        "format": "adaptzip-shared",
-        "format_version": 1,
-        "kind": "row-basis",
-        "dtype": DTYPE_NAMES[dt],
-        "group": gkey,
-        "adapters": n,
-        "tensors": {
-            f"A.{i}": {"module": m.name, "in": m.in_features, "rank": k} for i, (m, k) in enumerate(zip(modules, ks))
-        },
-    }
-    blob = save(tensors, metadata={SHARED_META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))})
-    return tensors, blob, hashlib.sha256(blob).hexdigest()
+    name: str
+    form: str
+
+    def __init__(self, ads: list[Adapter], dt: torch.dtype, gkey: str):
+        self.ads, self.dt, self.gkey, self.n = ads, dt, gkey, len(ads)
+        self.modules = ads[0].modules
+        self.fb = torch.empty(0, dtype=dt).element_size()
+
+    def gains(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def costs(self) -> list[list[float]]:
+        raise NotImplementedError
+
+    def shared_tensors(self, ks: list[int]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def shared_meta(self, ks: list[int]) -> dict:
+        raise NotImplementedError
+
+    def container(self, a: int, shared: dict[str, torch.Tensor], ks: list[int], sha: str, metrics: dict, command: str):
+        raise NotImplementedError
+
+    def blob(self, ks: list[int]) -> tuple[dict, bytes, str]:
+        """The shared file's tensors (in the container dtype), its exact bytes and their sha256 (its name)."""
+        from safetensors.torch import save
+
+        tensors = {k: v.to(self.dt).contiguous() for k, v in self.shared_tensors(ks).items()}
+        meta = {
+            "format": "adaptzip-shared",
+            "format_version": 1,
+            "kind": self.name,
+            "dtype": DTYPE_NAMES[self.dt],
+            "group": self.gkey,
+            "adapters": self.n,
+            "tensors": self.shared_meta(ks),
+        }
+        blob = save(tensors, metadata={SHARED_META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))})
+        return tensors, blob, hashlib.sha256(blob).hexdigest()
+
+    def _write_container(self, form, a: int, sha: str, metrics: dict, command: str, names: list[str]):
+        ad = self.ads[a]
+        rep = fit.evaluate(form, ad, FitContext())
+        met = {**rep.to_json(), "module_rel_errors": rep.module_rel_errors, "weighted": False, **metrics}
+        ref = {"file": f"{SHARED_DIR}/{sha}.safetensors", "sha256": sha, "tensors": names}
+        tensors, manifest = ct.build(form, ad, self.dt, metrics=met, command=command, shared=ref)
+        return tensors, manifest, rep
 
 
-def _ref(sha: str, n_modules: int) -> dict:
-    return {"file": f"{SHARED_DIR}/{sha}.safetensors", "sha256": sha, "tensors": [f"A.{i}" for i in range(n_modules)]}
+class _RowBasis(_Kind):
+    """``row-basis``: one shared A = V_i (the top-k right singular subspace of the stacked
+    updates) per module, each adapter keeping B_i = argmin ‖ΔW_i − B V_i‖ (an ``svd`` container)."""
+
+    name = "row-basis"
+    form = "svd"
+
+    def __init__(self, ads, dt, gkey, cap_bytes: float):
+        super().__init__(ads, dt, gkey)
+        self.bases = [
+            linalg.module_basis(
+                (ad.factors(ad.modules[i]) for ad in ads),
+                m.in_features,
+                cap=max(0, int(cap_bytes // self._cost(m))),
+                total_rank=sum(ad.modules[i].rank for ad in ads),
+            )
+            for i, m in enumerate(self.modules)
+        ]
+
+    def _cost(self, m) -> float:
+        return (m.in_features + self.n * m.out_features) * self.fb  # a direction: A row once, B column n times
+
+    def gains(self):
+        return [b.lam[: b.V.shape[0]] for b in self.bases]
+
+    def costs(self):
+        return [[self._cost(m)] * b.V.shape[0] for m, b in zip(self.modules, self.bases)]
+
+    def shared_tensors(self, ks):
+        return {f"A.{i}": b.V[:k] for i, (b, k) in enumerate(zip(self.bases, ks))}
+
+    def shared_meta(self, ks):
+        return {
+            f"A.{i}": {"module": m.name, "in": m.in_features, "rank": k}
+            for i, (m, k) in enumerate(zip(self.modules, ks))
+        }
+
+    def container(self, a, shared, ks, sha, metrics, command):
+        svd_cls = baseline_form()
+        facs = []
+        for i, (m, B, A) in enumerate(self.ads[a].iter_factors()):
+            V = shared[f"A.{i}"].float()  # k×in, as stored
+            Bn = (
+                B.new_zeros(m.out_features, 0)
+                if V.shape[0] == 0
+                else linalg.lstsq_B(B.double(), A.double(), V.double()).float()
+            )
+            facs.append((Bn.to(self.dt).float(), V))
+        form = svd_cls(self.modules, svd_cls.Config(ranks=tuple(ks)), facs)
+        return self._write_container(form, a, sha, metrics, command, [f"A.{i}" for i in range(len(ks))])
 
 
-def _shared_container(
-    ad: Adapter, shared_tensors: dict, ks: list[int], dt: torch.dtype, sha: str, metrics: dict, command: str
-) -> tuple[dict, dict, fit.FitReport]:
-    """One adapter's ``svd`` container whose ``A.{i}`` live in the shared file:
-    B_i = argmin ‖ΔW_i − B V_i‖ (least squares against V_i as stored), rounded as stored."""
-    svd_cls = baseline_form()
-    facs = []
-    for i, (m, B, A) in enumerate(ad.iter_factors()):
-        V = shared_tensors[f"A.{i}"].float()  # k×in
-        Bn = (
-            B.new_zeros(m.out_features, 0)
-            if V.shape[0] == 0
-            else linalg.lstsq_B(B.double(), A.double(), V.double()).float()
-        )
-        facs.append((Bn.to(dt).float(), V))  # out×k
-    form = svd_cls(ad.modules, svd_cls.Config(ranks=tuple(ks)), facs)
-    rep = fit.evaluate(form, ad, FitContext())
-    met = {**rep.to_json(), "module_rel_errors": rep.module_rel_errors, "weighted": False, **metrics}
-    tensors, manifest = ct.build(form, ad, dt, metrics=met, command=command, shared=_ref(sha, len(ks)))
-    return tensors, manifest, rep
+class _JointBasis(_Kind):
+    """``joint-basis`` (Compress-then-Serve): per module U_i and V_i shared, each adapter a
+    ``joint`` container holding only its core (full k×k or diagonal), fitted by least squares on
+    U_i, V_i as stored (:func:`adaptzip.linalg.joint_cores`)."""
+
+    name = "joint-basis"
+    form = "joint"
+
+    def __init__(self, ads, dt, gkey, core: str, cap_bytes: float):
+        super().__init__(ads, dt, gkey)
+        self.core = core
+        self.bases = []
+        for i, m in enumerate(self.modules):
+            cap = max(0, int(cap_bytes // ((m.in_features + m.out_features + self.n) * self.fb)))
+            self.bases.append(
+                linalg.joint_basis([ad.factors(ad.modules[i]) for ad in ads], min(cap, m.in_features, m.out_features))
+            )
+
+    def costs(self):
+        return [
+            [(m.in_features + m.out_features + self.n * core_cost(self.core, j)) * self.fb for j in range(b.V.shape[0])]
+            for m, b in zip(self.modules, self.bases)
+        ]
+
+    def gains(self):
+        return [_concave(b.gains(self.core == "diag"), c) for b, c in zip(self.bases, self.costs())]
+
+    def shared_tensors(self, ks):
+        out = {}
+        for i, (b, k) in enumerate(zip(self.bases, ks)):
+            out[f"U.{i}"], out[f"V.{i}"] = b.U[:, :k], b.V[:k]
+        return out
+
+    def shared_meta(self, ks):
+        meta = {}
+        for i, (m, k) in enumerate(zip(self.modules, ks)):
+            meta[f"U.{i}"] = {"module": m.name, "out": m.out_features, "rank": k}
+            meta[f"V.{i}"] = {"module": m.name, "in": m.in_features, "rank": k}
+        return meta
+
+    def container(self, a, shared, ks, sha, metrics, command):
+        cls = REGISTRY["joint"]
+        Us = [shared[f"U.{i}"].float() for i in range(len(ks))]
+        Vs = [shared[f"V.{i}"].float() for i in range(len(ks))]
+        cores = [
+            linalg.joint_cores(U, V, B, A, self.core == "diag").to(self.dt).float()
+            for (_, B, A), U, V in zip(self.ads[a].iter_factors(), Us, Vs)
+        ]
+        form = cls(self.modules, cls.Config(core=self.core, ranks=tuple(ks)), Us, Vs, cores)
+        names = sorted(n for i in range(len(ks)) for n in (f"U.{i}", f"V.{i}"))
+        return self._write_container(form, a, sha, metrics, command, names)
+
+
+def _concave(gains: torch.Tensor, costs: list[float]) -> torch.Tensor:
+    """Gains whose ratio to the costs is non-increasing along the chain (the slopes of the upper
+    concave envelope of cumulative gain over cumulative cost), so that the greedy allocation by
+    gain per byte sees a direction worth taking even when its first step gains little (a full
+    core's k-th direction adds 2k − 1 core values, each carrying energy). Sums over the envelope's
+    segments are unchanged."""
+    g = [float(x) for x in gains]
+    pts = [(0.0, 0.0)]
+    for x, c in zip(g, costs):
+        pts.append((pts[-1][0] + c, pts[-1][1] + x))
+    hull = [0]
+    for j in range(1, len(pts)):
+        while len(hull) >= 2:
+            (x0, y0), (x1, y1) = pts[hull[-2]], pts[hull[-1]]
+            if (y1 - y0) * (pts[j][0] - x0) <= (pts[j][1] - y0) * (x1 - x0):
+                hull.pop()
+            else:
+                break
+        hull.append(j)
+    out = []
+    for h0, h1 in zip(hull, hull[1:]):
+        slope = (pts[h1][1] - pts[h0][1]) / max(pts[h1][0] - pts[h0][0], 1e-300)
+        out += [slope * costs[j] for j in range(h0, h1)]
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def share_zoo(rows: list[dict], out: Path, *, command: str, log=print, job_of=None) -> dict:
@@ -151,7 +287,6 @@ def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_o
     n = len(grp)
     ads = [load_adapter(r["source"]) for r in grp]
     dt = resolve_dtype(grp[0].get("dtype"), ads[0])
-    fb = torch.empty(0, dtype=dt).element_size()
     modules = ads[0].modules
     # the alternative: each adapter's separate container (the better of its form and the same-bytes svd)
     sep_bytes, sep_err = [], []
@@ -163,34 +298,24 @@ def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_o
             sep_bytes.append(r["bytes"])
             sep_err.append(min(x for x in (r.get("rel_error"), r.get("svd_baseline_rel_error")) if x is not None))
     T = sum(sep_bytes)
-    costs = [
-        (m.in_features + n * m.out_features) * fb for m in modules
-    ]  # one shared direction: A row once, B column n times
-    bases = [
-        linalg.module_basis(
-            (ad.factors(ad.modules[i]) for ad in ads),
-            m.in_features,
-            cap=max(0, int(T // costs[i])),
-            total_rank=sum(ad.modules[i].rank for ad in ads),
-        )
-        for i, m in enumerate(modules)
-    ]
+    kinds: list[_Kind] = [_RowBasis(ads, dt, gkey, T)] + [_JointBasis(ads, dt, gkey, core, T) for core in CORES]
+    bases = kinds[0].bases
     norms = [sum(b.norms[a] for b in bases) for a in range(n)]
     total = sum(norms)
     e_sep = _group_err(sep_err, norms)
-    target = e_sep**2 * total
     by_type: dict[str, list[float]] = {}
     for m, b in zip(modules, bases):
         if not math.isnan(b.overlap):
             by_type.setdefault(m.type_key, []).append(b.overlap)
     ov = [x for v in by_type.values() for x in v]
 
-    def metrics(a: int, blob_bytes: int) -> dict:
+    def metrics(a: int, kind: _Kind, blob_bytes: int) -> dict:
         return {
             "svd_baseline_rel_error": grp[a].get("svd_baseline_rel_error"),
             "svd_baseline_bytes": sep_bytes[a],
             "zoo": {
                 "group": gkey,
+                "kind": kind.name,
                 "adapters": n,
                 "shared_file_bytes": blob_bytes,
                 "shared_share_bytes": blob_bytes / n,
@@ -199,24 +324,6 @@ def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_o
             },
         }
 
-    # fixed bytes of sharing (headers, carried tensors): the containers and shared file at rank 0
-    zero = [0] * len(modules)
-    _, blob0, sha0 = _shared_blob(bases, zero, modules, dt, n, gkey)
-    fixed = len(blob0) + sum(
-        ct.serialized_size(
-            *_shared_container(
-                ad, {f"A.{i}": b.V[:0] for i, b in enumerate(bases)}, zero, dt, sha0, metrics(a, len(blob0)), command
-            )[:2]
-        )
-        for a, ad in enumerate(ads)
-    )
-    ks_eq = linalg.allocate([b.lam[: b.V.shape[0]] for b in bases], costs, T - fixed)
-    eq_err = (
-        math.sqrt(max(0.0, total - sum(float(b.lam[:k].sum()) for b, k in zip(bases, ks_eq))) / total)
-        if total > 0
-        else 0.0
-    )
-    ks_need = linalg.allocate([b.lam for b in bases], costs, target_gain=total - target)
     res: dict[str, Any] = {
         "group": gkey,
         "adapters": n,
@@ -226,69 +333,52 @@ def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_o
         "overlap_by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
         "overlap_random": sum(m.rank / m.in_features for m in modules) / len(modules),
         "separate": {"bytes": T, "rel_error": e_sep},
-        "estimate": {
-            "shared_rel_error_at_equal_bytes": eq_err,
-            "shared_bytes_at_equal_error": None
-            if ks_need is None
-            else fixed + sum(k * c for k, c in zip(ks_need, costs)),
-        },
+        "candidates": {},
         "shared": None,
         "decision": "separate",
         "reason": "",
     }
-    best, ks = None, None
-    for attempt in range(6):  # rounding to the container dtype costs a little: tighten the target and retry
-        ks = linalg.allocate([b.lam[: b.V.shape[0]] for b in bases], costs, target_gain=total - target * 0.97**attempt)
-        if ks is None or fixed + sum(k * c for k, c in zip(ks, costs)) >= T:
-            break
-        tensors, blob, sha = _shared_blob(bases, ks, modules, dt, n, gkey)
-        sizes, errs = [], []
-        for a, ad in enumerate(ads):
-            t, man, rep = _shared_container(ad, tensors, ks, dt, sha, metrics(a, len(blob)), command)
-            sizes.append(ct.serialized_size(t, man))
-            errs.append(rep.rel_error)
-        best = {
-            "bytes": len(blob) + sum(sizes),
-            "shared_file_bytes": len(blob),
-            "containers_bytes": sum(sizes),
-            "rel_error": _group_err(errs, norms),
-            "ranks": {"total": sum(ks), "min": min(ks), "max": max(ks)},
-            "sha256": sha,
-        }
-        if best["rel_error"] <= e_sep * (1 + 1e-9):
-            break
-    res["shared"] = best
-    if best is None:
-        res["reason"] = "a shared basis cannot match the separate containers' error in fewer bytes"
-    elif best["rel_error"] > e_sep * (1 + 1e-9):
-        res["reason"] = f"shared error {best['rel_error']:.4g} > separate {e_sep:.4g} within the separate bytes"
-    elif best["bytes"] >= T:
-        res["reason"] = f"shared needs {best['bytes']} bytes ≥ {T} separate"
-    else:
+    plans = {}
+    for kind in kinds:
+        label = kind.name if not isinstance(kind, _JointBasis) else f"{kind.name} ({kind.core} core)"
+        cand, plan = _plan(kind, T, e_sep, total, norms, lambda a, b, k=kind: metrics(a, k, b), command)
+        res["candidates"][label] = cand
+        if plan is not None:
+            plans[label] = plan
+    res["estimate"] = res["candidates"]["row-basis"]["estimate"]  # the row basis's, as before the joint kinds
+    ok = {k: p for k, p in plans.items() if p["rel_error"] <= e_sep * (1 + 1e-9) and p["bytes"] < T}
+    if ok:
+        label = min(ok, key=lambda k: (ok[k]["bytes"], k))
+        best = ok[label]
+        res["shared"] = {k: v for k, v in best.items() if not k.startswith("_")} | {"kind": label}
         res.update(
             decision="shared",
             bytes_saved=T - best["bytes"],
             error_change=best["rel_error"] - e_sep,
-            reason=f"{T - best['bytes']} bytes saved ({1 - best['bytes'] / T:.1%}) at group error {best['rel_error']:.4g} ≤ {e_sep:.4g}",
+            reason=f"{label}: {T - best['bytes']} bytes saved ({1 - best['bytes'] / T:.1%}) at group error "
+            f"{best['rel_error']:.4g} ≤ {e_sep:.4g}",
         )
+    else:
+        res["reason"] = "; ".join(f"{k}: {c['why']}" for k, c in res["candidates"].items())
     log(
         f"zoo sharing, group {gkey} ({n} adapters, A-overlap {res['overlap'] or 0:.3f}, random {res['overlap_random']:.3f}): "
         f"{res['decision']}: {res['reason']}"
     )
     if res["decision"] == "shared":
-        tensors, blob, sha = _shared_blob(bases, ks, modules, dt, n, gkey)
+        kind, ks = best["_kind"], best["_ks"]
+        tensors, blob, sha = kind.blob(ks)
         path = out / SHARED_DIR / f"{sha}.safetensors"
         if not (path.is_file() and file_sha256(path) == sha):  # content-addressed: an intact one is never rewritten
             with atomic_file(path) as tmp:
                 tmp.write_bytes(blob)
-        for a, (ad, r) in enumerate(zip(ads, grp)):
+        for a, r in enumerate(grp):
             if r.get("shared_sha256") == sha and r["status"] == "skipped":
                 continue  # verified up to date by this run
-            t, man, rep = _shared_container(ad, tensors, ks, dt, sha, metrics(a, len(blob)), command)
+            t, man, rep = kind.container(a, tensors, ks, sha, metrics(a, kind, len(blob)), command)
             written = ct.write(out / r["output"], t, man)
             r.update(
                 status="shared",
-                form=baseline_form().name,
+                form=kind.form,
                 bytes=written,
                 ratio=(written + len(blob) / n) / r["source_bytes"],
                 rel_error=rep.rel_error,
@@ -306,3 +396,66 @@ def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_o
                 r.clear()
                 r.update(convert(job))
     return res
+
+
+def _plan(kind: _Kind, T: int, e_sep: float, total: float, norms: list[float], metrics, command: str):
+    """The fewest-bytes allocation of ``kind`` whose group error matches the separate
+    containers' ``e_sep`` (rank allocation by energy per byte, then measured exactly after
+    rounding to the container dtype, the target tightened while rounding costs a little): its
+    report and the plan (bytes, error, ranks, sha256 and, under ``_``-keys, what writing needs),
+    or None when no allocation below the separate bytes ``T`` reaches the error."""
+    n = kind.n
+    gains, costs = kind.gains(), kind.costs()
+    zero = [0] * len(kind.modules)
+    t0, blob0, sha0 = kind.blob(zero)
+    fixed = len(blob0) + sum(
+        ct.serialized_size(*kind.container(a, t0, zero, sha0, metrics(a, len(blob0)), command)[:2]) for a in range(n)
+    )
+    ks_eq = linalg.allocate(gains, costs, T - fixed)
+    got = sum(float(g[:k].sum()) for g, k in zip(gains, ks_eq))
+    eq_err = math.sqrt(max(0.0, total - got) / total) if total > 0 else 0.0
+    target = e_sep**2 * total
+    ks_need = linalg.allocate(gains, costs, target_gain=total - target)
+    report: dict[str, Any] = {
+        "estimate": {
+            "shared_rel_error_at_equal_bytes": eq_err,
+            "shared_bytes_at_equal_error": None
+            if ks_need is None
+            else fixed + sum(sum(c[:k]) for c, k in zip(costs, ks_need)),
+        },
+        "rel_error_at_equal_bytes": eq_err,
+        "bytes": None,
+        "rel_error": None,
+    }
+    best = None
+    for attempt in range(6):  # rounding to the container dtype costs a little: tighten the target and retry
+        ks = linalg.allocate(gains, costs, target_gain=total - target * 0.97**attempt)
+        if ks is None or fixed + sum(sum(c[:k]) for c, k in zip(costs, ks)) >= T:
+            break
+        tensors, blob, sha = kind.blob(ks)
+        sizes, errs = [], []
+        for a in range(n):
+            t, man, rep = kind.container(a, tensors, ks, sha, metrics(a, len(blob)), command)
+            sizes.append(ct.serialized_size(t, man))
+            errs.append(rep.rel_error)
+        best = {
+            "bytes": len(blob) + sum(sizes),
+            "shared_file_bytes": len(blob),
+            "containers_bytes": sum(sizes),
+            "rel_error": _group_err(errs, norms),
+            "ranks": {"total": sum(ks), "min": min(ks), "max": max(ks)},
+            "sha256": sha,
+            "_kind": kind,
+            "_ks": ks,
+        }
+        if best["rel_error"] <= e_sep * (1 + 1e-9):
+            break
+    if best is None:
+        report["why"] = "cannot match the separate containers' error in fewer bytes"
+    else:
+        report.update({k: v for k, v in best.items() if not k.startswith("_")})
+        if best["rel_error"] > e_sep * (1 + 1e-9):
+            report["why"] = f"error {best['rel_error']:.4g} > separate {e_sep:.4g} within the separate bytes"
+        else:
+            report["why"] = f"{best['bytes']} bytes at error {best['rel_error']:.4g}"
+    return report, best

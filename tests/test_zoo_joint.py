@@ -1,0 +1,149 @@
+"""Joint zoo compression (Compress-then-Serve): ΔW_a ≈ U C_a V with U, V shared by a cluster and
+a full or diagonal core per adapter (form ``joint``, shared-file kind ``joint-basis``).
+
+The zoos are synthetic adapters of the tiny Llama whose updates really share a basis (each
+module: a common U0 (out×6), V0 (6×in), a per-adapter core, plus two weak private directions):
+the batch must find the joint form, store it only when bytes and error both beat the separate
+containers, and leave ordinary containers that verify, expand and load in PEFT."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures import TINY_LLAMA_MODULES, lora_key, one_torch_thread, write_adapter
+
+import adaptzip
+from adaptzip import container as ct
+from adaptzip import fit, linalg, zoo
+from adaptzip.adapter import load_adapter
+from adaptzip.forms import FitContext
+
+_threads = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
+K0 = 6
+
+
+def joint_zoo(root: Path, n: int, diagonal: bool, seed: int = 0) -> Path:
+    """n adapters (r = 8, 2 layers, every linear module) with ΔW_a = U0 C_a V0 + weak private
+    directions; C_a diagonal or full."""
+    g = torch.Generator().manual_seed(seed)
+    basis = {}
+    for layer in range(2):
+        for t, (_, n_in, n_out) in TINY_LLAMA_MODULES.items():
+            U0 = torch.linalg.qr(torch.randn(n_out, K0, generator=g))[0]
+            V0 = torch.linalg.qr(torch.randn(n_in, K0, generator=g))[0].T
+            basis[(layer, t)] = (U0, V0)
+    for a in range(n):
+        tensors = {}
+        for (layer, t), (U0, V0) in basis.items():
+            block, n_in, n_out = TINY_LLAMA_MODULES[t]
+            C = torch.diag(torch.rand(K0, generator=g) + 0.5) if diagonal else torch.randn(K0, K0, generator=g) * 0.5
+            B = torch.cat([U0 @ C, 0.003 * torch.randn(n_out, 2, generator=g)], 1)
+            A = torch.cat([V0, torch.randn(2, n_in, generator=g) / n_in**0.5], 0)
+            name = f"model.layers.{layer}.{block}.{t}"
+            tensors[lora_key(name, "A")], tensors[lora_key(name, "B")] = A.contiguous(), (B / 2).contiguous()
+        write_adapter(root / f"ad{a}", tensors, {"r": 8, "lora_alpha": 16, "target_modules": list(TINY_LLAMA_MODULES)})
+    return root
+
+
+def test_joint_basis_recovers_a_shared_basis():
+    """The alternating fit finds the planted K0-dimensional basis: K0 directions capture all but
+    the weak private energy, and the energy never falls with more iterations."""
+    g = torch.Generator().manual_seed(1)
+    U0 = torch.linalg.qr(torch.randn(40, K0, generator=g))[0]
+    V0 = torch.linalg.qr(torch.randn(32, K0, generator=g))[0].T
+    facs = [(U0 @ torch.randn(K0, K0, generator=g), V0) for _ in range(5)]
+    weak = [(1e-3 * torch.randn(40, 1, generator=g), torch.randn(1, 32, generator=g)) for _ in facs]
+    private = sum(float(linalg.sq_norm(b, a)) for b, a in weak)
+    facs = [(torch.cat([B, b], 1), torch.cat([A, a])) for (B, A), (b, a) in zip(facs, weak)]
+    total = sum(float(linalg.sq_norm(B, A)) for B, A in facs)
+    captured = []
+    for iters in (0, 2, 8):
+        jb = linalg.joint_basis(facs, K0, iters=iters)
+        assert torch.allclose(jb.U.T @ jb.U, torch.eye(K0, dtype=torch.float64), atol=1e-10)
+        assert torch.allclose(jb.V @ jb.V.T, torch.eye(K0, dtype=torch.float64), atol=1e-10)
+        captured.append(float(jb.gains(False).sum()))
+    assert all(b >= a - 1e-9 * total for a, b in zip(captured, captured[1:]))  # never falls
+    assert captured[-1] >= total - 1.01 * private  # all but (at most) the weak private parts
+    # the cores are the least-squares optimum on the basis: the residual is orthogonal to it
+    B, A = facs[0]
+    C = linalg.joint_cores(jb.U, jb.V, B, A, diagonal=False)
+    R = B.double() @ A.double() - jb.U @ C @ jb.V
+    assert float((jb.U.T @ R @ jb.V.T).abs().max()) < 1e-8
+    d = linalg.joint_cores(jb.U, jb.V, B, A, diagonal=True)
+    assert torch.allclose(d, (jb.U.T @ B.double() @ A.double() @ jb.V.T).diagonal(), atol=1e-8)
+
+
+@pytest.mark.parametrize(("diagonal", "core"), [(False, "full"), (True, "diag")])
+def test_batch_stores_a_joint_zoo_jointly(tmp_path, diagonal, core):
+    src = joint_zoo(tmp_path / "zoo", 8, diagonal)
+    s = zoo.batch(src, tmp_path / "out", budget=0.25, jobs=1, shared_basis=True)
+    g = s["sharing"]["groups"][0]
+    assert g["decision"] == "shared" and g["shared"]["kind"] == f"joint-basis ({core} core)", g["reason"]
+    assert set(g["candidates"]) == {"row-basis", "joint-basis (full core)", "joint-basis (diag core)"}
+    chosen = g["candidates"][g["shared"]["kind"]]
+    assert all(c["bytes"] is None or c["bytes"] >= chosen["bytes"] for c in g["candidates"].values())
+    # total bytes and error both beat the separate containers, and at their bytes the joint form is far better
+    sep = g["separate"]
+    assert g["shared"]["bytes"] < 0.8 * sep["bytes"] and g["shared"]["rel_error"] <= sep["rel_error"]
+    assert chosen["rel_error_at_equal_bytes"] < 0.1 * sep["rel_error"]
+    assert s["counts"] == {"shared": 8} and s["totals"]["zoo_bytes"] == g["shared"]["bytes"]
+    # each adapter: an ordinary container of form joint whose U, V live in the shared file
+    shared = next((tmp_path / "out" / zoo.SHARED_DIR).iterdir())
+    num = den = 0.0
+    for a in range(8):
+        c = ct.open_container(tmp_path / "out" / f"ad{a}.safetensors")
+        assert c.form_name == "joint" and c.config.core == core
+        assert c.verify()["shared"] == str(shared.absolute())
+        assert c.manifest["metrics"]["zoo"]["kind"] == "joint-basis"
+        assert set(c.manifest["shared"]["tensors"]) == {f"{x}.{i}" for x in "UV" for i in range(14)}
+        ad = load_adapter(src / f"ad{a}")
+        rep = fit.evaluate(c.form(), ad, FitContext())
+        assert rep.rel_error == pytest.approx(c.manifest["metrics"]["rel_error"], rel=1e-6)
+        num += rep.rel_error**2 * sum(float(linalg.sq_norm(*ad.factors(m))) for m in ad.modules)
+        den += sum(float(linalg.sq_norm(*ad.factors(m))) for m in ad.modules)
+        if core == "diag":
+            assert all(c.tensor(f"core.{i}").dim() == 1 for i in range(14))
+    assert math.sqrt(num / den) == pytest.approx(g["shared"]["rel_error"], rel=1e-6)
+    # expand → PEFT LoRA with every module's update equal to the form's
+    c = ct.open_container(tmp_path / "out" / "ad3.safetensors")
+    adaptzip.expand(c.path, tmp_path / "peft3", dtype="fp32")
+    back, form = load_adapter(tmp_path / "peft3"), c.form().requires_grad_(False)
+    exported = {m.name: m for m in back.modules}
+    for i, m in enumerate(c.modules):
+        B, A = form.factors(i)
+        if m.name not in exported:  # a module fitted at rank 0 is left out of the export
+            assert A.shape[0] == 0
+            continue
+        Bb, Ab = back.factors(exported[m.name])
+        assert float(linalg.sq_error(B.double(), A.double(), Bb.double(), Ab.double())) <= 1e-10 * float(
+            linalg.sq_norm(B.double(), A.double())
+        )
+    # a rerun finds everything up to date; the shared file is never rewritten
+    mtime = shared.stat().st_mtime_ns
+    again = zoo.batch(src, tmp_path / "out", budget=0.25, jobs=1, shared_basis=True)
+    assert again["counts"] == {"skipped": 8} and shared.stat().st_mtime_ns == mtime
+
+
+def test_unrelated_adapters_stay_separate(tmp_path):
+    """Adapters with their own bases (different seeds per adapter): no kind matches the separate
+    containers' error in fewer bytes, and batch.json says why for each."""
+    (tmp_path / "zoo").mkdir()
+    for a in range(4):
+        joint_zoo(tmp_path / "one" / str(a), 1, False, seed=10 + a)
+        (tmp_path / "one" / str(a) / "ad0").rename(tmp_path / "zoo" / f"ad{a}")
+    s = zoo.batch(tmp_path / "zoo", tmp_path / "out", budget=0.25, jobs=1, shared_basis=True)
+    g = s["sharing"]["groups"][0]
+    assert g["decision"] == "separate" and g["shared"] is None
+    assert all(c["why"] for c in g["candidates"].values()) and "joint-basis (full core)" in g["reason"]
+    assert s["counts"] == {"converted": 4}
+
+
+def test_compress_to_joint_alone_is_svd_with_split_scale(lora_fp32, tmp_path):
+    res = adaptzip.compress(lora_fp32, tmp_path / "j.safetensors", to="joint", options={"core": "diag"}, budget=0.3)
+    svd = adaptzip.compress(lora_fp32, tmp_path / "s.safetensors", to="svd", budget=0.3)
+    assert res.bytes <= int(0.3 * load_adapter(lora_fp32).bytes)
+    assert res.rel_error >= svd.rel_error - 1e-9  # one more value per direction: never better than svd
+    assert any(f["name"] == "joint" for f in adaptzip.list_forms())
