@@ -4,6 +4,7 @@ time, written at its planned offset by :class:`adaptzip.fileio.StreamingWriter`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -227,10 +228,20 @@ def to_peft_native(c: Container, out: Path, *, dtype: str | None = None) -> dict
     quantised = c.storage is not None and bool(c.storage.tensors)
     out_dtype = _resolve_dtype(dtype, torch.float32 if quantised else c.dtype)
     live = form_cls.live(c.modules, c.config, c.manifest["state"], c.tensors(sorted(c.specs)))
-    tensors = {
-        f"base_model.{live_peft.tuner.FORMS}.{k}": (v.to(out_dtype) if v.is_floating_point() else v).contiguous()
-        for k, v in live.state_dict().items()
-    }
+
+    def cast(v: torch.Tensor) -> torch.Tensor:
+        return (v.to(out_dtype) if v.is_floating_point() else v).contiguous()
+
+    tensors = {f"base_model.{live_peft.tuner.FORMS}.{k}": cast(v) for k, v in live.state_dict().items()}
+    extra: dict = {}
+    basis = getattr(live, "basis", None)
+    if basis is not None:  # held once per key by the tuner: the zoo's shared file, or this container's own
+        parts = {k: cast(v) for k, v in basis.state_dict().items()}
+        key = (c.manifest.get("shared") or {}).get("sha256") or hashlib.sha256(
+            b"".join(parts[k].view(torch.uint8).numpy().tobytes() for k in sorted(parts))
+        ).hexdigest()
+        extra["basis_key"] = key
+        tensors.update({f"base_model.{live_peft.tuner.SHARED}.{key}.{k}": v for k, v in parts.items()})
     for j, x in enumerate(c.carried):
         tensors[x["key"]] = c.carried_tensor(j).contiguous()
     src = c.source_config
@@ -246,11 +257,12 @@ def to_peft_native(c: Container, out: Path, *, dtype: str | None = None) -> dict
         form_state=c.manifest["state"],
         storage_dtype=live_peft.config.dtype_name(out_dtype),
         inference_mode=True,
+        **extra,
     )
     with atomic_dir(out) as tmp:
         save_tensors(tmp / "adapter_model.safetensors", tensors, {"format": "pt"})
         config.save_pretrained(str(tmp))
-    floats = sum(v.numel() for v in live.state_dict().values() if v.is_floating_point())
+    floats = sum(v.numel() for k, v in tensors.items() if v.is_floating_point() and "adaptzip_" in k)
     return {
         "output": str(out),
         "target": "peft-native",

@@ -267,4 +267,4 @@ def test_import_adaptzip_registers_the_methods(order):
         "print(sorted(str(k.value) for k in M if str(k.value).startswith('ADAPTZIP_')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split("\n")[0] == "['ADAPTZIP_BSLORA', 'ADAPTZIP_MASA', 'ADAPTZIP_VBLORA']"
+    assert out.split("\n")[0] == "['ADAPTZIP_BSLORA', 'ADAPTZIP_JOINT', 'ADAPTZIP_MASA', 'ADAPTZIP_VBLORA']"

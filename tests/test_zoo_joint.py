@@ -147,3 +147,48 @@ def test_compress_to_joint_alone_is_svd_with_split_scale(lora_fp32, tmp_path):
     assert res.bytes <= int(0.3 * load_adapter(lora_fp32).bytes)
     assert res.rel_error >= svd.rel_error - 1e-9  # one more value per direction: never better than svd
     assert any(f["name"] == "joint" for f in adaptzip.list_forms())
+
+
+def test_zoo_served_live_with_one_basis_and_mixed_batches(tmp_path, llama_base):
+    """expand --to peft-native of a jointly stored zoo: on one base, every adapter's logits equal
+    its expanded LoRA's; U and V are held once for all of them; a batch whose rows use different
+    adapters runs in one pass and equals each adapter alone."""
+    from fixtures import load_base, random_ids
+    from peft import PeftModel
+
+    src = joint_zoo(tmp_path / "zoo", 4, diagonal=False)
+    s = zoo.batch(src, tmp_path / "out", budget=0.25, jobs=1, shared_basis=True)
+    assert s["sharing"]["groups"][0]["shared"]["kind"].startswith("joint-basis")
+    dirs = []
+    for a in range(4):
+        c = tmp_path / "out" / f"ad{a}.safetensors"
+        adaptzip.expand(c, tmp_path / f"n{a}", to="peft-native")
+        adaptzip.expand(c, tmp_path / f"p{a}", dtype="fp32")
+        dirs.append((tmp_path / f"n{a}", tmp_path / f"p{a}"))
+    ids = random_ids(n=4)
+    with torch.no_grad():
+        ref = load_base(llama_base)(ids).logits
+        alone = [PeftModel.from_pretrained(load_base(llama_base), p).eval()(ids).logits for _, p in dirs]
+        pm = PeftModel.from_pretrained(load_base(llama_base), dirs[0][0], adapter_name="z0").eval()
+        for a in range(1, 4):
+            pm.load_adapter(dirs[a][0], adapter_name=f"z{a}")
+        tuner = pm.base_model
+        assert len(tuner.adaptzip_shared) == 1 and sorted(tuner.adaptzip_forms) == ["z0", "z1", "z2", "z3"]
+        basis = next(iter(tuner.adaptzip_shared.values()))
+        assert all(tuner.adaptzip_forms[f"z{a}"].basis is basis for a in range(4))
+        held = sum(
+            p.numel() for n, p in tuner.named_parameters() if n.startswith(("adaptzip_forms.", "adaptzip_shared."))
+        )
+        c0 = ct.open_container(tmp_path / "out" / "ad0.safetensors")
+        shared_values = sum(c0.tensor(n).numel() for n in c0.manifest["shared"]["tensors"])
+        core_values = sum(c0.tensor(n).numel() for n in c0.tensor_names)
+        assert held == shared_values + 4 * core_values  # the basis once, a core per adapter
+        for a in range(4):
+            pm.set_adapter(f"z{a}")
+            assert float((pm(ids).logits - alone[a]).abs().max()) <= 1e-5 * float((alone[a] - ref).abs().max())
+        mixed = pm(ids, adapter_names=["z2", "z0", "__base__", "z3"]).logits
+    for row, a in ((0, 2), (1, 0), (3, 3)):
+        assert float((mixed[row] - alone[a][row]).abs().max()) <= 1e-5 * float((alone[a] - ref).abs().max())
+    assert torch.allclose(mixed[2], ref[2], atol=1e-6)
+    pm.delete_adapter("z0")
+    assert len(pm.base_model.adaptzip_shared) == 1  # still used by z1..z3

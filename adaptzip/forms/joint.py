@@ -54,6 +54,11 @@ class JointConfig:
             self.ranks = tuple(int(r) for r in self.ranks)
 
 
+def joint_factors(U: Tensor, C: Tensor, V: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, A) = (U C, V) of ΔŴ = U C V; a 1-D ``C`` is a diagonal core (U diag(C) = U ∘ C)."""
+    return (U * C if C.dim() == 1 else U @ C), V
+
+
 def core_cost(core: str, k: int) -> int:
     """Values the k-th direction (0-based) adds to one adapter's core: 2k + 1 (full), 1 (diag)."""
     return 2 * k + 1 if core == "full" else 1
@@ -65,6 +70,11 @@ class JointForm(Form):
     summary = "Compress-then-Serve joint form: ΔW = U C V, U and V shared by a zoo cluster (batch --shared-basis), a full or diagonal core per adapter"
     Config = JointConfig
     auto_candidate = False  # alone it is svd with the scale split off (never smaller)
+    native_tuner = "joint"
+
+    @classmethod
+    def live(cls, modules, config, state, tensors) -> JointLive:
+        return JointLive(modules, config, state, tensors)
 
     def __init__(
         self,
@@ -132,8 +142,7 @@ class JointForm(Form):
 
     def factors(self, i: int) -> tuple[Tensor, Tensor]:
         """(U C, V): out×k and k×in."""
-        C = self.core[i]
-        return (self.U[i] * C if C.dim() == 1 else self.U[i] @ C), self.V[i]
+        return joint_factors(self.U[i], self.core[i], self.V[i])
 
     def tensors(self) -> dict[str, Tensor]:
         out = {}
@@ -144,3 +153,37 @@ class JointForm(Form):
                 self.core[i].detach(),
             )
         return out
+
+
+class JointBasisModule(nn.Module):
+    """The shared U_i, V_i of every module (a zoo cluster's ``joint-basis``), held once per base
+    by :mod:`adaptzip.peft` however many of the cluster's adapters are loaded."""
+
+    def __init__(self, Us: list[Tensor], Vs: list[Tensor]):
+        super().__init__()
+        self.U = nn.ParameterList([nn.Parameter(u.detach().float().clone().contiguous()) for u in Us])
+        self.V = nn.ParameterList([nn.Parameter(v.detach().float().clone().contiguous()) for v in Vs])
+
+
+class JointLive(nn.Module):
+    """A ``joint`` adapter as a PEFT tuner holds it: its cores as parameters, and a reference
+    (``basis``, not a submodule: the tuner registers one per shared basis) to the
+    :class:`JointBasisModule` of its cluster. ``factors(i)`` = (U_i C_i, V_i) as the form's."""
+
+    def __init__(self, modules: Sequence[ModuleInfo], config: JointConfig, state: dict, tensors: dict[str, Tensor]):
+        super().__init__()
+        n = len(modules)
+        self.diagonal = config.core == "diag"
+        self.core = nn.ParameterList([nn.Parameter(tensors[f"core.{i}"].detach().float().clone()) for i in range(n)])
+        self.attach(JointBasisModule([tensors[f"U.{i}"] for i in range(n)], [tensors[f"V.{i}"] for i in range(n)]))
+
+    def attach(self, basis: JointBasisModule) -> None:
+        object.__setattr__(self, "basis", basis)
+
+    def apply_core(self, i: int, h: Tensor) -> Tensor:
+        """h (rows×k, in V_i's coordinates) times this adapter's core: h C_iᵀ (full) or h ∘ d_i."""
+        C = self.core[i]
+        return h * C if self.diagonal else h @ C.T
+
+    def factors(self, i: int) -> tuple[Tensor, Tensor]:
+        return joint_factors(self.basis.U[i], self.core[i], self.basis.V[i])

@@ -2,7 +2,7 @@
 trains in its compact form (the shared parts held once), not as the plain LoRA ``expand``
 replicates it into.
 
-Three PEFT methods, registered with ``peft.utils.register_peft_method`` when this module is
+Four PEFT methods, registered with ``peft.utils.register_peft_method`` when this module is
 imported (``import adaptzip`` imports it as soon as ``peft`` is imported, see
 :mod:`adaptzip.peft_hook`):
 
@@ -12,6 +12,7 @@ PEFT type           config                        holds per adapter (once, on th
 ADAPTZIP_BSLORA     :class:`BSLoRAConfig`         local pairs + intra/inter shared pairs (+ gates/kernels)
 ADAPTZIP_MASA       :class:`MASAConfig`           per-group A-experts + per-module B
 ADAPTZIP_VBLORA     :class:`VBLoRACompactConfig`  bank + uint8/int16 indices + k−1 weights
+ADAPTZIP_JOINT      :class:`JointConfig`          a core per module; U, V once per basis key
 ==================  ============================  ===========================================
 
 ``adaptzip expand C --to peft-native -o DIR`` writes such an adapter; then
@@ -26,14 +27,15 @@ from __future__ import annotations
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import PeftType, register_peft_method
 
-from .config import AdaptzipFormConfig, BSLoRAConfig, MASAConfig, VBLoRACompactConfig
-from .tuner import METHODS, BSLoRAModel, FormLayer, FormTuner, MASAModel, VBLoRACompactModel
+from .config import AdaptzipFormConfig, BSLoRAConfig, JointConfig, MASAConfig, VBLoRACompactConfig
+from .tuner import METHODS, BSLoRAModel, FormLayer, FormTuner, JointModel, MASAModel, VBLoRACompactModel
 
 #: ``Form.native_tuner`` → the config class of that tuner.
 NATIVE: dict[str, type[AdaptzipFormConfig]] = {
     "bslora": BSLoRAConfig,
     "masa": MASAConfig,
     "vblora": VBLoRACompactConfig,
+    "joint": JointConfig,
 }
 
 
@@ -68,11 +70,13 @@ __all__ = [
     "BSLoRAConfig",
     "MASAConfig",
     "VBLoRACompactConfig",
+    "JointConfig",
     "FormLayer",
     "FormTuner",
     "BSLoRAModel",
     "MASAModel",
     "VBLoRACompactModel",
+    "JointModel",
     "peft_type",
     "register",
 ]

@@ -223,3 +223,40 @@ class VBLoRACompactConfig(AdaptzipFormConfig):
 
     def form_options(self) -> dict[str, Any]:
         return {"bank": self.num_vectors, "vector_len": self.vector_length, "topk": self.topk}
+
+
+@dataclass
+class JointConfig(AdaptzipFormConfig):
+    """A ``joint`` adapter (Compress-then-Serve: ΔW = U C V) live in PEFT: its core per module,
+    and its cluster's U, V held once per base (adapters with the same ``basis_key`` share them;
+    a batch whose rows use different adapters of one basis runs in one pass: x Vᵀ once, each
+    row's core, then Uᵀ once)."""
+
+    core: str = field(default="full", metadata={"help": _help("joint", "core")})
+    basis_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "identifies the shared U, V (the zoo's shared-file sha256, or that of the container's own U, V tensors); adapters with the same key hold one copy"
+        },
+    )
+
+    PEFT_TYPE: ClassVar[str] = "ADAPTZIP_JOINT"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.form_state is None or not self.basis_key:
+            raise ValueError(
+                "JointConfig loads converted zoo adapters (adaptzip batch --shared-basis, then expand --to peft-native)"
+            )
+        if not self.basis_key.isalnum():
+            raise ValueError(f"basis_key must be alphanumeric (a hex digest), got {self.basis_key!r}")
+
+    def form_name(self) -> str:
+        return "joint"
+
+    def form_options(self) -> dict[str, Any]:
+        return {"core": self.core}
+
+    @classmethod
+    def options_of(cls, form_name, form_config):
+        return {"core": form_config.core}

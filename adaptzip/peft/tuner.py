@@ -29,9 +29,10 @@ from transformers.pytorch_utils import Conv1D
 
 from ..adapter import ModuleInfo, split_layer
 from ..forms import REGISTRY
-from .config import AdaptzipFormConfig, BSLoRAConfig, MASAConfig, VBLoRACompactConfig
+from .config import AdaptzipFormConfig, BSLoRAConfig, JointConfig, MASAConfig, VBLoRACompactConfig
 
 FORMS = "adaptzip_forms"  # the tuner's ModuleDict: adapter name -> live form
+SHARED = "adaptzip_shared"  # the tuner's ModuleDict: basis key -> a basis shared by several adapters (joint)
 BASE_ROWS = "__base__"  # a row of a mixed batch without adapter (PEFT's name)
 
 
@@ -114,11 +115,29 @@ class FormLayer(nn.Module, BaseTunerLayer):
         result = self.base_layer(x, *args, **kwargs)
         if len(adapter_names) != x.shape[0]:
             raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows")
+        by_basis: dict[tuple, list[tuple[str, list[int]]]] = {}
         for name in dict.fromkeys(adapter_names):
             if name == BASE_ROWS or name not in self.adaptzip_index:
                 continue
             rows = [j for j, n in enumerate(adapter_names) if n == name]
-            result[rows] += self._delta_out(x[rows], name).to(result.dtype)
+            basis = getattr(self._forms[name], "basis", None)
+            key = (id(basis), self.adaptzip_index[name]) if basis is not None else (name,)
+            by_basis.setdefault(key, []).append((name, rows))
+        for members in by_basis.values():
+            if len(members) == 1 or getattr(self._forms[members[0][0]], "basis", None) is None:
+                for name, rows in members:
+                    result[rows] += self._delta_out(x[rows], name).to(result.dtype)
+                continue
+            # adapters of one shared basis (joint): x Vᵀ once for all their rows, each row's core, then Uᵀ once
+            i = self.adaptzip_index[members[0][0]]
+            basis = self._forms[members[0][0]].basis
+            rows = [j for _, r in members for j in r]
+            h = F.linear(x[rows].to(basis.V[i].dtype), basis.V[i])
+            parts, start = [], 0
+            for name, r in members:
+                parts.append(self._forms[name].apply_core(i, h[start : start + len(r)]))
+                start += len(r)
+            result[rows] += F.linear(torch.cat(parts), basis.U[i]).to(result.dtype)
         return result
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -179,6 +198,16 @@ class FormTuner(BaseTuner):
             specs = form_cls.tensor_specs(table, fcfg, state)
             tensors = {name: torch.zeros(shape, dtype=dt or torch.float32) for name, (shape, dt) in specs.items()}
         live = form_cls.live(table, fcfg, state, tensors).to(device=device, dtype=config.dtype)
+        basis = getattr(live, "basis", None)
+        if basis is not None:  # held once per key, frozen: other adapters of the cluster use it too
+            if not hasattr(self, SHARED):
+                self.adaptzip_shared = nn.ModuleDict()
+            if config.basis_key in self.adaptzip_shared:
+                live.attach(self.adaptzip_shared[config.basis_key])
+            else:
+                self.adaptzip_shared[config.basis_key] = basis.to(device=device, dtype=config.dtype).requires_grad_(
+                    False
+                )
         self.adaptzip_forms[adapter_name] = live
         self._index = getattr(self, "_index", {})
         self._index[adapter_name] = {m.name: i for i, m in enumerate(table)}
@@ -236,9 +265,12 @@ class FormTuner(BaseTuner):
 
     # -- adapters ------------------------------------------------------------------------
     def delete_adapter(self, adapter_name: str) -> None:
+        key = getattr(self.peft_config.get(adapter_name), "basis_key", None)
         super().delete_adapter(adapter_name)
         del self.adaptzip_forms[adapter_name]
         self._index.pop(adapter_name, None)
+        if key is not None and not any(getattr(c, "basis_key", None) == key for c in self.peft_config.values()):
+            del self.adaptzip_shared[key]  # its last adapter is gone
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT's rule for adapter weights: float16/bfloat16 computed in float32 unless
@@ -246,6 +278,9 @@ class FormTuner(BaseTuner):
         form = self.adaptzip_forms[adapter_name]
         if autocast_adapter_dtype and any(p.dtype in (torch.float16, torch.bfloat16) for p in form.parameters()):
             form.float()
+        basis = getattr(form, "basis", None)
+        if autocast_adapter_dtype and basis is not None:
+            basis.float()
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
@@ -275,6 +310,13 @@ class FormTuner(BaseTuner):
 
     # -- state dict ----------------------------------------------------------------------
     @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """PEFT's structural selection, less the shared bases of other adapters."""
+        out = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        mine = f"{SHARED}.{getattr(config, 'basis_key', None)}."
+        return {k: v for k, v in out.items() if f"{SHARED}." not in k or mine in k}
+
+    @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         marker = f"{FORMS}.{adapter_name}."
         if marker in key:
@@ -300,9 +342,16 @@ class VBLoRACompactModel(FormTuner):
     prefix = "adaptzip_vblora_"
 
 
+class JointModel(FormTuner):
+    """PEFT model of :class:`~adaptzip.peft.config.JointConfig`."""
+
+    prefix = "adaptzip_joint_"
+
+
 #: PEFT method name (lower case, as ``register_peft_method`` wants) → (config, model).
 METHODS = {
     "adaptzip_bslora": (BSLoRAConfig, BSLoRAModel),
     "adaptzip_masa": (MASAConfig, MASAModel),
     "adaptzip_vblora": (VBLoRACompactConfig, VBLoRACompactModel),
+    "adaptzip_joint": (JointConfig, JointModel),
 }
