@@ -192,3 +192,37 @@ def test_zoo_served_live_with_one_basis_and_mixed_batches(tmp_path, llama_base):
     assert torch.allclose(mixed[2], ref[2], atol=1e-6)
     pm.delete_adapter("z0")
     assert len(pm.base_model.adaptzip_shared) == 1  # still used by z1..z3
+
+
+def test_a_grown_zoo_fits_new_adapters_to_the_existing_shared_file(tmp_path):
+    """Adapters join a jointly stored cluster (here: republished copies of the two members that
+    the joint form serves best, so the cluster's error target still holds): only their cores are
+    fitted, to the shared file as it is (never modified); the old containers stay as they were.
+    Newcomers the file cannot serve within the target make the cluster refit instead."""
+    import shutil
+
+    src = joint_zoo(tmp_path / "zoo", 6, diagonal=False)
+    first = zoo.batch(src, tmp_path / "out", budget=0.25, jobs=1, shared_basis=True)
+    assert first["counts"] == {"shared": 6}
+    shared = next((tmp_path / "out" / zoo.SHARED_DIR).iterdir())
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.safetensors")} | {"_": shared.read_bytes()}
+    rows = sorted(first["adapters"], key=lambda r: r["rel_error"] / r["separate_rel_error"])
+    for j, r in enumerate(rows[:2]):
+        shutil.copytree(Path(r["source"]), src / f"re{j}")
+    grown = zoo.batch(src, tmp_path / "out", budget=0.25, jobs=1, shared_basis=True)
+    g = grown["sharing"]["groups"][0]
+    assert grown["counts"] == {"skipped": 6, "shared": 2}, grown["counts"]
+    assert g["decision"] == "shared" and g["extended"]["new_adapters"] == 2 and "unchanged" in g["reason"]
+    assert g["shared"]["rel_error"] <= g["separate"]["rel_error"] and g["shared"]["bytes"] < g["separate"]["bytes"]
+    assert list((tmp_path / "out" / zoo.SHARED_DIR).iterdir()) == [shared] and shared.read_bytes() == before["_"]
+    assert all((tmp_path / "out" / n).read_bytes() == b for n, b in before.items() if n != "_")
+    for j in range(2):
+        c = ct.open_container(tmp_path / "out" / f"re{j}.safetensors")
+        assert c.verify()["shared"] == str(shared.absolute()) and c.manifest["metrics"]["zoo"]["extended"] is True
+    # newcomers with their own bases do not fit: the cluster is refitted (a new shared file; the old one stays)
+    for a in (6, 7):
+        joint_zoo(tmp_path / "other" / str(a), 1, diagonal=False, seed=40 + a)
+        (tmp_path / "other" / str(a) / "ad0").rename(src / f"own{a}")
+    again = zoo.batch(src, tmp_path / "out", budget=0.25, jobs=1, shared_basis=True)
+    assert shared.read_bytes() == before["_"] and again["counts"].get("failed", 0) == 0
+    assert all(r["status"] in ("skipped", "shared", "converted") for r in again["adapters"])

@@ -91,8 +91,11 @@ class _RowBasis(_Kind):
     name = "row-basis"
     form = "svd"
 
-    def __init__(self, ads, dt, gkey, cap_bytes: float):
+    def __init__(self, ads, dt, gkey, cap_bytes: float | None):
+        """``cap_bytes`` None: no fit (only :meth:`container` on an existing shared file)."""
         super().__init__(ads, dt, gkey)
+        if cap_bytes is None:
+            return
         self.bases = [
             linalg.module_basis(
                 (ad.factors(ad.modules[i]) for ad in ads),
@@ -144,10 +147,13 @@ class _JointBasis(_Kind):
     name = "joint-basis"
     form = "joint"
 
-    def __init__(self, ads, dt, gkey, core: str, cap_bytes: float):
+    def __init__(self, ads, dt, gkey, core: str, cap_bytes: float | None):
+        """``cap_bytes`` None: no fit (only :meth:`container` on an existing shared file)."""
         super().__init__(ads, dt, gkey)
         self.core = core
         self.bases = []
+        if cap_bytes is None:
+            return
         for i, m in enumerate(self.modules):
             cap = max(0, int(cap_bytes // ((m.in_features + m.out_features + self.n) * self.fb)))
             self.bases.append(
@@ -298,6 +304,9 @@ def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_o
             sep_bytes.append(r["bytes"])
             sep_err.append(min(x for x in (r.get("rel_error"), r.get("svd_baseline_rel_error")) if x is not None))
     T = sum(sep_bytes)
+    grown = _extend(gkey, grp, ads, dt, sep_bytes, sep_err, out, command, log)
+    if grown is not None:
+        return grown
     kinds: list[_Kind] = [_RowBasis(ads, dt, gkey, T)] + [_JointBasis(ads, dt, gkey, core, T) for core in CORES]
     bases = kinds[0].bases
     norms = [sum(b.norms[a] for b in bases) for a in range(n)]
@@ -459,3 +468,97 @@ def _plan(kind: _Kind, T: int, e_sep: float, total: float, norms: list[float], m
         else:
             report["why"] = f"{best['bytes']} bytes at error {best['rel_error']:.4g}"
     return report, best
+
+
+def _extend(gkey, grp, ads, dt, sep_bytes, sep_err, out: Path, command: str, log) -> dict | None:
+    """A cluster that grew: when its earlier members all reference one intact shared file (up to
+    date in this run) and the others are new, fit only the new adapters' own parts (B, or cores)
+    to that file as it is. Kept when the whole cluster's error stays within the separate
+    containers' and the new containers take fewer bytes than their separate ones; the shared
+    file is never modified. None: refit the cluster (the caller's full search)."""
+    old = [a for a, r in enumerate(grp) if r.get("shared_file") and r["status"] == "skipped"]
+    new = [a for a, r in enumerate(grp) if not r.get("shared_file")]
+    if not old or not new or len(old) + len(new) != len(grp) or len({grp[a]["shared_sha256"] for a in old}) != 1:
+        return None
+    c = ct.open_container(out / grp[old[0]]["output"])
+    sha, ks = c.manifest["shared"]["sha256"], [int(k) for k in c.manifest["state"]["ranks"]]
+    shared = {n: c.tensor(n) for n in c.manifest["shared"]["tensors"]}
+    n = len(grp)
+    kind: _Kind = (
+        _JointBasis([ads[a] for a in new], dt, gkey, c.config.core, None)
+        if c.form_name == "joint"
+        else _RowBasis([ads[a] for a in new], dt, gkey, None)
+    )
+    blob_bytes = c.shared_path.stat().st_size
+    norms = [sum(float(linalg.sq_norm(*ad.factors(m))) for m in ad.modules) for ad in ads]
+    e_sep = _group_err(sep_err, norms)
+    built, errs = {}, [grp[a]["rel_error"] for a in range(n)]
+    for j, a in enumerate(new):
+        met = {
+            "svd_baseline_rel_error": grp[a].get("svd_baseline_rel_error"),
+            "svd_baseline_bytes": sep_bytes[a],
+            "zoo": {
+                "group": gkey,
+                "kind": kind.name,
+                "adapters": n,
+                "shared_file_bytes": blob_bytes,
+                "shared_share_bytes": blob_bytes / n,
+                "separate_bytes": sep_bytes[a],
+                "separate_rel_error": sep_err[a],
+                "extended": True,
+            },
+        }
+        built[a] = kind.container(j, shared, ks, sha, met, command)
+        errs[a] = built[a][2].rel_error
+    new_bytes = sum(ct.serialized_size(*built[a][:2]) for a in new)
+    err = _group_err(errs, norms)
+    res = {
+        "group": gkey,
+        "adapters": n,
+        "modules": len(ads[0].modules),
+        "dtype": DTYPE_NAMES[dt],
+        "overlap": None,  # not measured: the cluster was formed and fitted by an earlier run
+        "overlap_random": None,
+        "separate": {"bytes": sum(sep_bytes), "rel_error": e_sep},
+        "extended": {
+            "new_adapters": len(new),
+            "new_bytes": new_bytes,
+            "new_separate_bytes": sum(sep_bytes[a] for a in new),
+        },
+    }
+    if err > e_sep * (1 + 1e-9) or new_bytes >= sum(sep_bytes[a] for a in new):
+        log(
+            f"zoo sharing, group {gkey}: {len(new)} new adapters do not fit the existing shared file (group error "
+            f"{err:.4g} vs {e_sep:.4g} separate, {new_bytes} bytes vs {sum(sep_bytes[a] for a in new)}); refitting the cluster"
+        )
+        return None
+    for a in new:
+        t, man, rep = built[a]
+        r = grp[a]
+        written = ct.write(out / r["output"], t, man)
+        r.update(
+            status="shared",
+            form=kind.form,
+            bytes=written,
+            ratio=(written + blob_bytes / n) / r["source_bytes"],
+            rel_error=rep.rel_error,
+            shared_file=f"{SHARED_DIR}/{sha}.safetensors",
+            shared_sha256=sha,
+            shared_share_bytes=blob_bytes / n,
+            separate_bytes=sep_bytes[a],
+            separate_rel_error=sep_err[a],
+        )
+    total = blob_bytes + sum(grp[a]["bytes"] for a in range(n))
+    res.update(
+        decision="shared",
+        shared={
+            "kind": kind.name if isinstance(kind, _RowBasis) else f"{kind.name} ({kind.core} core)",
+            "bytes": total,
+            "rel_error": err,
+            "sha256": sha,
+        },
+        reason=f"{len(new)} new adapters fitted to the existing shared file {sha[:12]}… (unchanged): group error "
+        f"{err:.4g} ≤ {e_sep:.4g}, {total} bytes vs {sum(sep_bytes)} separate",
+    )
+    log(f"zoo sharing, group {gkey}: {res['reason']}")
+    return res
