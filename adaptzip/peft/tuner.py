@@ -73,8 +73,11 @@ class FormLayer(nn.Module, BaseTunerLayer):
     def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in self.adaptzip_index:
-            if name in self._forms:
-                self._forms[name].requires_grad_(name in names and not inference_mode)
+            form = self._forms[name] if name in self._forms else None
+            first = None if form is None else next(form.parameters(), None)
+            want = name in names and not inference_mode
+            if first is not None and first.requires_grad != want:  # every layer shares the form: set once
+                form.requires_grad_(want)
         self._active_adapter = names
 
     # -- the update -----------------------------------------------------------------
