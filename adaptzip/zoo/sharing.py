@@ -147,12 +147,13 @@ class _JointBasis(_Kind):
     name = "joint-basis"
     form = "joint"
 
-    def __init__(self, ads, dt, gkey, core: str, cap_bytes: float | None):
-        """``cap_bytes`` None: no fit (only :meth:`container` on an existing shared file)."""
+    def __init__(self, ads, dt, gkey, core: str, cap_bytes: float | None, bases: list | None = None):
+        """``cap_bytes`` None: no fit (only :meth:`container` on an existing shared file);
+        ``bases``: the joint bases already fitted for another core (the fit does not depend on it)."""
         super().__init__(ads, dt, gkey)
         self.core = core
-        self.bases = []
-        if cap_bytes is None:
+        self.bases = [] if bases is None else bases
+        if cap_bytes is None or bases is not None:
             return
         for i, m in enumerate(self.modules):
             cap = max(0, int(cap_bytes // ((m.in_features + m.out_features + self.n) * self.fb)))
@@ -307,7 +308,9 @@ def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_o
     grown = _extend(gkey, grp, ads, dt, sep_bytes, sep_err, out, command, log)
     if grown is not None:
         return grown
-    kinds: list[_Kind] = [_RowBasis(ads, dt, gkey, T)] + [_JointBasis(ads, dt, gkey, core, T) for core in CORES]
+    joint = [_JointBasis(ads, dt, gkey, CORES[0], T)]
+    joint += [_JointBasis(ads, dt, gkey, core, T, bases=joint[0].bases) for core in CORES[1:]]
+    kinds: list[_Kind] = [_RowBasis(ads, dt, gkey, T), *joint]
     bases = kinds[0].bases
     norms = [sum(b.norms[a] for b in bases) for a in range(n)]
     total = sum(norms)
