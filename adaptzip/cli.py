@@ -567,7 +567,7 @@ def batch(
     executor: Annotated[
         Executor,
         typer.Option(
-            help="process: a local process pool; ray: Ray tasks (needs `ray`; RAY_ADDRESS picks the cluster)."
+            help="process: a local process pool; ray: Ray tasks on the cluster that RAY_ADDRESS names (pip install 'adaptzip[ray]'; no shared filesystem needed: the adapters and containers travel through Ray's object store; with --base-model, it and --calib must be at the same path on every node; --jobs: tasks in flight)."
         ),
     ] = Executor.process,
     base_model: Annotated[

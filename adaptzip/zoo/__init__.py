@@ -113,7 +113,9 @@ def batch(
     ``jobs``: worker processes (default: CPU cores). ``force``: redo containers that are up to
     date. ``shared_basis``: also fit zoo-level shared bases where sharing pays
     (:mod:`adaptzip.zoo.sharing`; weight space only: not with calibration, quantisation or Σ
-    statistics). ``executor``: ``process`` or ``ray``.
+    statistics). ``executor``: ``process`` or ``ray`` (Ray tasks on the cluster that ``ray.init()``
+    finds, e.g. by ``RAY_ADDRESS``; the adapters and containers travel through Ray's object store,
+    so the nodes need not see ``zoo`` or ``output``: docs/zoo.md).
     ``command``: the command line recorded in every manifest (before the resume stamp).
 
     Returns the summary also written to ``output/batch.json``: ``adapters`` (one row each:
@@ -180,7 +182,7 @@ def batch(
                         shared_basis=shared_basis,
                     )
 
-                with open_executor(executor, jobs, threads) as ex:
+                with open_executor(executor, jobs, threads, calibration) as ex:
                     _loop(
                         ex,
                         discover(zoo, exclude=out),
@@ -241,7 +243,7 @@ def _loop(ex, found: Iterator[Found], job_of, out: Path, zoo_name: str, max_infl
     def resolve(fut: Future, redo: list[tuple[Job, int]]) -> None:
         job, tries = pending.pop(fut)
         try:
-            row = fut.result()
+            row = ex.result(fut, job)  # Ray: the container it sent back is written here first
         except (KeyboardInterrupt, Interrupted):  # in a worker or inline: the disk says how far it got
             row = settle(job, run.since_ns)
             run.interrupted = True

@@ -6,13 +6,17 @@ their atomic writes clean up), the per-OUT_DIR lock and the sweep of stale tempo
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing as mp
 import os
 import signal
+import socket
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +24,8 @@ from .. import container as ct
 from .. import pipeline
 from ..adapter import DTYPE_NAMES, Adapter, load_adapter
 from ..budget import resolve_dtype
-from ..errors import AdaptzipError, OptionError, OutputError
-from ..fileio import output_error
+from ..errors import AdapterError, AdaptzipError, OptionError, OutputError
+from ..fileio import atomic_file, output_error
 from ..options import CalibrationOptions, FitOptions, QuantOptions, RunOptions
 from ..runtime import Interrupted, interrupt, on_signals, set_signal_handler, set_threads
 from .discovery import LOCK_FILE, group_key, stamp, stamped_options
@@ -168,6 +172,32 @@ def settle(job: Job, since_ns: int) -> dict:
     return _finish_row(_row_from_container(c, row))
 
 
+def _source(job: Job, row: dict) -> Adapter | None:
+    """Load the job's source adapter and fill the row's source fields; None when its container is
+    up to date (the row is then ``skipped``, complete), else the adapter to convert. Raises the
+    adapter's error (:func:`_failed` makes it the row's)."""
+    ad = load_adapter(job.src)
+    dt = resolve_dtype(job.fitting.dtype, ad)
+    row.update(source_bytes=ad.bytes, group=group_key(ad, dt), dtype=DTYPE_NAMES[dt])
+    c = None if job.force else up_to_date(job, ad)
+    if c is None:
+        return ad
+    _row_from_container(c, row)
+    row["status"] = "skipped"
+    _finish_row(row)
+    return None
+
+
+def _failed(row: dict, e: Exception) -> dict:
+    """The row of a conversion that raised ``e``: ``failed``, with a one-line ``error`` (and the
+    file at fault as ``error_path`` for an adaptzip error)."""
+    if isinstance(e, AdaptzipError):
+        row.update(status="failed", error=e.cause, error_path=e.path)
+    else:
+        row.update(status="failed", error=f"{type(e).__name__}: {' '.join(str(e).split())}")
+    return row
+
+
 def convert(job: Job) -> dict:
     """Convert one adapter (or skip it when its container is up to date); never raises for a bad
     adapter: the row's ``status`` is ``converted``, ``skipped`` or ``failed`` with a one-line
@@ -180,14 +210,7 @@ def convert(job: Job) -> dict:
     outer = _W["busy"]  # True when called from the main process's own interruptible step (zoo sharing)
     _W["busy"] = True
     try:
-        ad = load_adapter(job.src)
-        dt = resolve_dtype(job.fitting.dtype, ad)
-        row.update(source_bytes=ad.bytes, group=group_key(ad, dt), dtype=DTYPE_NAMES[dt])
-        c = None if job.force else up_to_date(job, ad)
-        if c is not None:
-            _row_from_container(c, row)
-            row["status"] = "skipped"
-        else:
+        if _source(job, row) is not None:
             res = pipeline.compress(
                 job.src,
                 job.out,
@@ -207,14 +230,11 @@ def convert(job: Job) -> dict:
                 rel_error=res.metrics.get("rel_error"),
                 svd_baseline_rel_error=res.metrics.get("svd_baseline_rel_error"),
             )
-        _finish_row(row)
+            _finish_row(row)
     except Exception as e:  # noqa: BLE001  (an unexpected failure is still isolated to its adapter)
         if _W["stop"]:  # a stop request turned into another error (torch: "could not determine the shape")
             raise Interrupted() from e
-        if isinstance(e, AdaptzipError):
-            row.update(status="failed", error=e.cause, error_path=e.path)
-        else:
-            row.update(status="failed", error=f"{type(e).__name__}: {' '.join(str(e).split())}")
+        _failed(row, e)
     finally:
         _W["busy"] = outer
         row["seconds"] = time.perf_counter() - t0
@@ -223,7 +243,26 @@ def convert(job: Job) -> dict:
 
 
 # ------------------------------------------------------------------ executors
-class Inline:
+class Executor:
+    """What the batch loop uses: ``submit(convert, job)`` gives a future, :meth:`result` the row
+    of a finished one, :meth:`interrupt` (from the signal handler) stops the running jobs,
+    :meth:`shutdown` releases the workers."""
+
+    def submit(self, fn, *args) -> Future:
+        raise NotImplementedError
+
+    def result(self, fut: Future, job: Job) -> dict:
+        """The row of the finished job ``job`` (raises what the job raised)."""
+        return fut.result()
+
+    def interrupt(self) -> None:
+        return  # the main process's own handler raises inside a conversion running inline
+
+    def shutdown(self) -> None:
+        return  # nothing to release
+
+
+class Inline(Executor):
     """``--jobs 1``: run each job in this process when it is submitted."""
 
     def submit(self, fn, *args) -> Future:
@@ -235,14 +274,8 @@ class Inline:
             fut.set_exception(e)
         return fut
 
-    def interrupt(self) -> None:
-        return  # the main process's own handler raises inside the running conversion
 
-    def shutdown(self) -> None:
-        return  # nothing to release
-
-
-class Pool:
+class Pool(Executor):
     """A local process pool (forkserver, else spawn: no fork of a process holding torch threads)."""
 
     def __init__(self, jobs: int, threads: int):
@@ -275,36 +308,247 @@ class Pool:
         self.ex.shutdown(wait=True, cancel_futures=True)
 
 
-class RayTasks:
-    """``--executor ray``: the same :func:`convert` as a Ray task (``RAY_ADDRESS`` picks a cluster;
-    the zoo and OUT_DIR must be on a filesystem every node sees)."""
+RAY_HINT = "with --executor ray, the base model and calibration files must be at this path on every node"
 
-    def __init__(self, jobs: int):
+
+def ray_convert(job: Job, files: dict[str, bytes]) -> tuple[dict, dict[str, bytes], dict[str, str]]:
+    """The Ray task. It runs on any node and opens none of the driver's paths: ``files`` (the
+    adapter's, by file name) are written into a temporary folder of its own, ``job.src`` and
+    ``job.out`` are names inside that folder, and :func:`convert` runs there. Returns the row, the
+    bytes of every file the conversion wrote (the container; with calibration also its Σ file),
+    and the temporary paths (which the driver replaces by its own in error messages).
+
+    ``ray.cancel`` reaches a running task as SIGINT in the worker's main thread: while the task
+    runs, that is the pool workers' handler, so the conversion stops inside Python (raising
+    :class:`Interrupted`, deferred over a commit) and the folder is always removed."""
+    _W.update(busy=False, raised=False, stop=False)  # a worker runs task after task (of one batch or more)
+    old = None
+    with contextlib.suppress(ValueError):  # not the main thread: Ray's own KeyboardInterrupt then
+        old = signal.signal(signal.SIGINT, _worker_signal)
+    try:
+        with tempfile.TemporaryDirectory(prefix="adaptzip-ray-") as tmp:
+            src, out = Path(tmp) / "src" / job.src, Path(tmp) / "out"
+            src.mkdir(parents=True)
+            out.mkdir()
+            for name, data in files.items():
+                (src / name).write_bytes(data)
+            row = convert(replace(job, src=str(src), out=str(out / job.out)))
+            made: dict[str, bytes] = {}
+            if row["status"] == "converted":
+                for p in sorted(out.iterdir()):
+                    if p.is_file() and not p.name.startswith("."):
+                        made[p.name] = p.read_bytes()
+            return row, made, {"src": str(src), "out": str(out)}
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+
+
+def ray_missing(paths: list[str]) -> list[str]:
+    """Ray probe run once on every node: the ``paths`` that do not exist there."""
+    return [p for p in paths if not os.path.exists(p)]
+
+
+def _check_ray_address() -> None:
+    """Fail at once when ``RAY_ADDRESS`` (``host:port``) accepts no connection: ``ray.init``
+    would retry for many minutes, deaf to Ctrl-C, writing warnings to stderr."""
+    addr = os.environ.get("RAY_ADDRESS", "").strip()
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit() or "://" in addr:
+        return  # unset, "auto", "local", a Ray Client address: ray.init decides
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as e:
+        why = (e.strerror or str(e) or type(e).__name__).lower() if not isinstance(e, TimeoutError) else "timed out"
+        raise OptionError(None, f"--executor ray: cannot reach the Ray cluster at RAY_ADDRESS={addr}: {why}") from e
+
+
+@contextlib.contextmanager
+def _keep_signal_handlers() -> Iterator[None]:
+    """``ray.init`` installs a SIGTERM handler that exits the process: the batch's own handler
+    (stop starting work, let the running conversions end cleanly) is put back after it."""
+    old = {}
+    for s in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):
+            old[s] = signal.getsignal(s)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(s, h)
+
+
+class RayTasks(Executor):
+    """``--executor ray``: each conversion is a Ray task, and no node needs to see the driver's
+    files. The driver (this process) loads each adapter and checks its container: a bad adapter
+    fails and an up-to-date one is skipped here, without a task. Otherwise it reads the
+    adapter's files into the object store; the task (:func:`ray_convert`) converts them in a
+    temporary folder of its node and returns the container's bytes, which the driver writes
+    atomically into OUT_DIR (:meth:`result`). ``ray.init()`` picks the cluster (``RAY_ADDRESS``),
+    unless this process is connected to one already. With calibration, the base model and the
+    calibration files must exist at the same absolute path on every node with CPUs: one tiny
+    task per node checks that before any work (else :class:`OptionError` naming the path)."""
+
+    def __init__(self, calibration: CalibrationOptions | None = None):
         try:
             import ray
         except ImportError as e:
             raise OptionError(
                 None,
-                "--executor ray needs the 'ray' package (pip install ray); the default --executor process needs nothing",
+                "--executor ray needs the 'ray' package (pip install 'adaptzip[ray]'); the default --executor process needs nothing",
             ) from e
         self.ray = ray
-        if not ray.is_initialized():
-            ray.init(ignore_reinit_error=True, log_to_driver=False)
-        self.remote = ray.remote(num_cpus=1)(convert)
-        self.refs: list = []
+        self.inputs: dict[Future, Any] = {}  # each running task's future → (its ref, its input in the object store)
+        self.owned = not ray.is_initialized()  # connected here, so disconnected here at the end
+        if self.owned:
+            _check_ray_address()
+            try:
+                with _keep_signal_handlers():
+                    ray.init(log_to_driver=False, logging_level=logging.WARNING)
+            except Exception as e:  # noqa: BLE001  (ray raises ConnectionError, ValueError, RuntimeError ...)
+                where = os.environ.get("RAY_ADDRESS")
+                raise OptionError(
+                    None,
+                    f"--executor ray: cannot connect to the Ray cluster{f' at RAY_ADDRESS={where}' if where else ''}: "
+                    f"{' '.join(str(e).split()) or type(e).__name__}",
+                ) from e
+        try:
+            self.calibration = None if calibration is None else self._calibration_everywhere(calibration)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.remote = ray.remote(num_cpus=1, max_retries=2)(ray_convert)
+
+    def _calibration_everywhere(self, cal: CalibrationOptions) -> CalibrationOptions:
+        """``cal`` with absolute paths, once every node with CPUs has them all (else OptionError)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        fields = ("base_model", "calib", "eval_text", "stats_file")
+        absolute = {f: os.path.abspath(getattr(cal, f)) for f in fields if getattr(cal, f) is not None}
+        nodes = [n for n in self.ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+        if not nodes:
+            raise OptionError(None, "--executor ray: the Ray cluster has no node with CPUs")
+        probe = self.ray.remote(num_cpus=0, max_retries=0)(ray_missing)
+        refs = [
+            probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
+                list(absolute.values())
+            )
+            for n in nodes
+        ]
+        try:
+            answers = self.ray.get(refs, timeout=300)
+        except Exception as e:  # noqa: BLE001  (a node that died or never answered)
+            raise OptionError(
+                None, f"--executor ray: checking the calibration paths on every node failed: {' '.join(str(e).split())}"
+            ) from e
+        for n, missing in zip(nodes, answers):
+            if missing:
+                raise OptionError(
+                    missing[0], f"no such file or folder on Ray node {n['NodeManagerAddress']} ({RAY_HINT})"
+                )
+        return replace(cal, **absolute)
 
     def submit(self, fn, *args) -> Future:
-        ref = self.remote.remote(*args)
-        self.refs.append(ref)
-        return ref.future()
+        """Check the job here (a row at once for a skipped or bad adapter), else start its task
+        (``fn`` is :func:`convert`: the task runs it on the node's copy of the adapter)."""
+        (job,) = args
+        t0, c0 = time.perf_counter(), time.process_time()
+        row = base_row(job)
+        fut: Future = Future()
+        fut.set_running_or_notify_cancel()  # the loop waits for every task's answer, also after a stop
+        try:
+            ad = _source(job, row)
+            if ad is not None:
+                files = {}
+                for p in (ad.path / "adapter_config.json", ad.weights_file):
+                    try:
+                        files[p.name] = p.read_bytes()
+                    except OSError as e:
+                        raise AdapterError(p, f"cannot read: {e.strerror or e}") from e
+        except Exception as e:  # noqa: BLE001  (the same isolation as in convert)
+            ad = None
+            _failed(row, e)
+        if ad is None:
+            row["seconds"], row["cpu_seconds"] = time.perf_counter() - t0, time.process_time() - c0
+            fut.set_result((row, {}, None))
+            return fut
+        task = replace(
+            job,
+            src=ad.path.name or "adapter",
+            out=Path(job.out).name,
+            force=True,  # the driver found no up-to-date container
+            calibration=self.calibration,
+        )
+        try:
+            data = self.ray.put(files)
+            del files
+            ref = self.remote.remote(task, data)
+        except Exception as e:  # noqa: BLE001  (e.g. the object store refused the files): this adapter fails
+            fut.set_result((_failed(row, e), {}, None))
+            return fut
+        self.inputs[fut] = (ref, data)
+        inner = ref.future()
+
+        def done(f: Future) -> None:
+            e = f.exception()
+            fut.set_exception(e) if e is not None else fut.set_result(f.result())
+
+        inner.add_done_callback(done)
+        return fut
+
+    def result(self, fut: Future, job: Job) -> dict:
+        """The row of a finished task, after writing what it returned into OUT_DIR (atomically,
+        the container last: a container on disk is a finished conversion). A task that died
+        with its worker fails its adapter; a cancelled one raises (the loop settles it)."""
+        self.inputs.pop(fut, None)
+        try:
+            row, made, where = fut.result()
+        except self.ray.exceptions.TaskCancelledError:  # cancelled before it started
+            raise Interrupted() from None
+        except self.ray.exceptions.RayError as e:  # stopped (Interrupted), its worker or node died, or a bug
+            if stop_requested():
+                raise Interrupted() from e
+            ex = self.ray.exceptions
+            if isinstance(e, (ex.WorkerCrashedError, ex.NodeDiedError, ex.OutOfMemoryError)):
+                return {**base_row(job), "error": "the worker process died (killed, or out of memory)"}
+            cause = getattr(e, "cause", None) or e
+            return {**base_row(job), "error": f"{type(cause).__name__}: {' '.join(str(cause).split())}"}
+        if where is None:
+            return row
+        row["source"] = job.src
+        for k in ("error", "error_path"):
+            if isinstance(row.get(k), str):
+                row[k] = row[k].replace(where["src"], job.src).replace(where["out"], str(Path(job.out).parent))
+        if not made:
+            return row
+        out = Path(job.out)
+        try:
+            for name in sorted(made, key=lambda n: n == out.name):
+                with atomic_file(out.parent / name) as tmp:
+                    tmp.write_bytes(made[name])
+        except AdaptzipError as e:  # OutputError: no space left on device, permission denied
+            for k in ("bytes", "ratio", "rel_error", "svd_baseline_rel_error"):
+                row[k] = None
+            _failed(row, e)
+        return row
 
     def interrupt(self) -> None:
-        for ref in self.refs:  # KeyboardInterrupt inside the task: its atomic write cleans up
-            with contextlib.suppress(Exception):
-                self.ray.cancel(ref)
+        """Cancel every unfinished task (see :func:`ray_convert`; a task writes nothing of the
+        driver's). Called from the signal handler: the cancels run in a thread of their own."""
+        refs = [ref for ref, _ in self.inputs.values()]
+
+        def cancel() -> None:
+            for ref in refs:
+                with contextlib.suppress(Exception):
+                    self.ray.cancel(ref)
+
+        threading.Thread(target=cancel, name="adaptzip-ray-cancel", daemon=True).start()
 
     def shutdown(self) -> None:
-        return  # nothing to release
+        self.inputs.clear()
+        if self.owned and self.ray.is_initialized():
+            self.ray.shutdown()
 
 
 # ------------------------------------------------------------------ signals, lock, temporary files
@@ -325,10 +569,11 @@ def stop_requested() -> bool:
 
 
 @contextlib.contextmanager
-def open_executor(kind: str, jobs: int, threads: int) -> Iterator[Any]:
-    """The executor of this batch (``ray``: Ray tasks; else one job inline, or a process pool of
-    ``jobs`` workers with ``threads`` torch threads each), told of SIGINT/SIGTERM while it runs."""
-    ex: Any = RayTasks(jobs) if kind == "ray" else (Inline() if jobs == 1 else Pool(jobs, threads))
+def open_executor(kind: str, jobs: int, threads: int, calibration: CalibrationOptions | None = None) -> Iterator[Any]:
+    """The executor of this batch (``ray``: Ray tasks, ``calibration`` checked on every node; else
+    one job inline, or a process pool of ``jobs`` workers with ``threads`` torch threads each),
+    told of SIGINT/SIGTERM while it runs."""
+    ex: Executor = RayTasks(calibration) if kind == "ray" else (Inline() if jobs == 1 else Pool(jobs, threads))
     _MAIN["executor"] = ex
     try:
         yield ex
