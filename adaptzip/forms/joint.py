@@ -92,8 +92,19 @@ class JointForm(Form):
 
     @staticmethod
     def _ranks(modules: Sequence[ModuleInfo], config: JointConfig) -> list[int]:
+        """``config.ranks``, or by default per module the most directions whose values (U, V and
+        the core) fit in the source's own r·(in + out): a joint form alone never outgrows the LoRA."""
         if config.ranks is None:
-            return [m.rank for m in modules]
+            out = []
+            for m in modules:
+                k, size = 0, 0
+                while k < m.rank and size + m.in_features + m.out_features + core_cost(config.core, k) <= m.rank * (
+                    m.in_features + m.out_features
+                ):
+                    size += m.in_features + m.out_features + core_cost(config.core, k)
+                    k += 1
+                out.append(k)
+            return out
         if len(config.ranks) != len(modules):
             raise OptionError(None, f"joint: {len(config.ranks)} ranks given for {len(modules)} modules")
         return list(config.ranks)
