@@ -245,8 +245,8 @@ def module_basis(
     off = 0
     for B, A in fs:
         r = A.shape[0]
-        C = B @ Rr[:, off : off + r].T  # out×R: B_a A_a = C Qᵀ
-        M += C.T @ C
+        Ra = Rr[:, off : off + r]  # R×r: A_a = R_aᵀ Qᵀ, so B_a A_a = (B_a R_aᵀ) Qᵀ
+        M += Ra @ (B.T @ B) @ Ra.T  # (B_a R_aᵀ)ᵀ(B_a R_aᵀ) through the r×r Gram: O(out·r² + r·R²)
         off += r
     lam, W = torch.linalg.eigh(M)
     lam, W = lam.flip(0), W.flip(1)
@@ -273,26 +273,21 @@ def _finish_basis(lam: Tensor, V: Tensor, f2: float, rk: list[int], norms: list[
 @dataclass
 class JointBasis:
     """One module's joint basis across n adapters (Compress-then-Serve): U (out×K) and V (K×in)
-    with orthonormal columns/rows, and each adapter's core C_a = Uᵀ ΔW_a Vᵀ (K×K), so that
-    ΔW_a ≈ U C_a V. Directions are ordered so that the leading k×k blocks are the strongest
-    (see :func:`joint_basis`); ``norms``: each adapter's ‖ΔW_a‖²."""
+    with orthonormal columns/rows, so that ΔW_a ≈ U C_a V with C_a = Uᵀ ΔW_a Vᵀ (K×K).
+    Directions are ordered so that the leading k×k blocks are the strongest (see
+    :func:`joint_basis`); ``energy_full[k]`` / ``energy_diag[k]``: Σ_a of the energy of C_a's
+    leading (k+1)×(k+1) block / of its first k+1 diagonal entries (the cores themselves are not
+    kept: n·K² values); ``norms``: each adapter's ‖ΔW_a‖²."""
 
     U: Tensor
     V: Tensor
-    cores: list[Tensor]
+    energy_full: Tensor
+    energy_diag: Tensor
     norms: list[float]
 
     def gains(self, diagonal: bool) -> Tensor:
-        """Energy Σ_a ‖core‖² each added direction captures: E(k) − E(k−1), with E(k) that of the
-        leading k×k blocks (``diagonal``: of their diagonals only)."""
-        K = self.U.shape[1]
-        E = torch.zeros(K + 1, dtype=torch.float64)
-        for C in self.cores:
-            if diagonal:
-                E[1:] += C.diagonal().pow(2).cumsum(0)
-            else:
-                c2 = C.pow(2)
-                E[1:] += torch.stack([c2[:k, :k].sum() for k in range(1, K + 1)]) if K else E[1:]
+        """Energy each added direction captures: E(k) − E(k−1) (``diagonal``: diagonal cores)."""
+        E = torch.cat([torch.zeros(1, dtype=torch.float64), self.energy_diag if diagonal else self.energy_full])
         return (E[1:] - E[:-1]).clamp_min(0)
 
 
@@ -314,22 +309,32 @@ def joint_basis(factors: Sequence[tuple[Tensor, Tensor]], K: int, iters: int = 8
     K = max(0, min(K, n_out, n_in, sum(A.shape[0] for _, A in fs)))
     norms = [float(((B.T @ B) * (A @ A.T)).sum()) for B, A in fs]
     if K == 0:
+        none = torch.zeros(0, dtype=torch.float64)
         return JointBasis(
-            torch.zeros(n_out, 0, dtype=torch.float64),
-            torch.zeros(0, n_in, dtype=torch.float64),
-            [torch.zeros(0, 0, dtype=torch.float64) for _ in fs],
-            norms,
+            torch.zeros(n_out, 0, dtype=torch.float64), torch.zeros(0, n_in, dtype=torch.float64), none, none, norms
         )
+
     V = module_basis(fs, n_in, cap=K).V  # K×in
     U = module_basis(((A.T, B.T) for B, A in fs), n_out, cap=K).V.T  # out×K
     for _ in range(iters):
         U = _orth_cols(sum(B @ ((A @ V.T) @ ((V @ A.T) @ (B.T @ U))) for B, A in fs))
         V = _orth_cols(sum(A.T @ ((B.T @ U) @ ((U.T @ B) @ (A @ V.T))) for B, A in fs)).T
-    cores = [(U.T @ B) @ (A @ V.T) for B, A in fs]
-    _, Wu = torch.linalg.eigh(sum(C @ C.T for C in cores))
-    _, Wv = torch.linalg.eigh(sum(C.T @ C for C in cores))
+    Su = torch.zeros(K, K, dtype=torch.float64)
+    Sv = torch.zeros(K, K, dtype=torch.float64)
+    for B, A in fs:
+        C = (U.T @ B) @ (A @ V.T)
+        Su += C @ C.T
+        Sv += C.T @ C
+    _, Wu = torch.linalg.eigh(Su)
+    _, Wv = torch.linalg.eigh(Sv)
     U, V = U @ Wu.flip(1), (V.T @ Wv.flip(1)).T
-    return JointBasis(U, V, [(U.T @ B) @ (A @ V.T) for B, A in fs], norms)
+    full = torch.zeros(K, dtype=torch.float64)
+    diag = torch.zeros(K, dtype=torch.float64)
+    for B, A in fs:  # E(k): the diagonal of the 2-D prefix sums of C_a² (one core in memory at a time)
+        c2 = ((U.T @ B) @ (A @ V.T)).pow(2)
+        full += c2.cumsum(0).cumsum(1).diagonal()
+        diag += c2.diagonal().cumsum(0)
+    return JointBasis(U, V, full, diag, norms)
 
 
 def joint_cores(U: Tensor, V: Tensor, B: Tensor, A: Tensor, diagonal: bool, ridge: float = 1e-10) -> Tensor:

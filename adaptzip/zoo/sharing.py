@@ -155,8 +155,12 @@ class _JointBasis(_Kind):
         self.bases = [] if bases is None else bases
         if cap_bytes is None or bases is not None:
             return
+        # A module's directions are capped by twice its share of the separate bytes (its share of
+        # the sources' values): more would cost more than the cluster's separate containers.
+        share = [m.rank * (m.in_features + m.out_features) for m in self.modules]
         for i, m in enumerate(self.modules):
-            cap = max(0, int(cap_bytes // ((m.in_features + m.out_features + self.n) * self.fb)))
+            values = 2 * cap_bytes * share[i] / max(sum(share), 1) / self.fb
+            cap = int(values // (m.in_features + m.out_features + self.n))  # the diag core's cost: the cheapest
             self.bases.append(
                 linalg.joint_basis([ad.factors(ad.modules[i]) for ad in ads], min(cap, m.in_features, m.out_features))
             )
