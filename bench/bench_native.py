@@ -44,7 +44,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import common
@@ -122,17 +121,6 @@ def meta_llama(layers: int):
         return LlamaForCausalLM(cfg)
 
 
-def _peft_quietly(fn, *args, **kwargs):
-    """Call a PEFT loader; fail on its missing/unexpected adapter keys and adapter-name warnings."""
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        out = fn(*args, **kwargs)
-    bad = [str(x.message) for x in w if any(s in str(x.message) for s in ("adapter keys", "prefix", "nexpected"))]
-    if bad:
-        raise RuntimeError(bad[0])
-    return out
-
-
 def attach(kind: str, adapter_dir: Path, layers: int) -> dict:
     """Load ``max(COUNTS)`` copies of ``adapter_dir`` (``kind``: lora or native) as adapters n0, n1, …
     of one meta Llama; the resident bytes after N of them for every N in COUNTS, checked values."""
@@ -146,9 +134,11 @@ def attach(kind: str, adapter_dir: Path, layers: int) -> dict:
     t0 = time.perf_counter()
     for j, name in enumerate(NAMES):
         if pm is None:
-            pm = _peft_quietly(PeftModel.from_pretrained, meta_llama(layers), adapter_dir, adapter_name=name, **kw)
+            pm = common.peft_quietly(
+                PeftModel.from_pretrained, meta_llama(layers), adapter_dir, adapter_name=name, **kw
+            )
         else:
-            _peft_quietly(pm.load_adapter, adapter_dir, adapter_name=name, **kw)
+            common.peft_quietly(pm.load_adapter, adapter_dir, adapter_name=name, **kw)
         meta_after_peft.append([resident(pick(pm, name))["meta"], len(pick(pm, name))])
         if kind == "lora":  # PEFT's load without its move to the base layer's device (see the docstring)
             sd = {f"{k.rpartition('.')[0]}.{name}.{k.rpartition('.')[2]}": v for k, v in load_file(str(path)).items()}

@@ -11,6 +11,25 @@ Adam steps at lr 5e-3 on synthetic text): half from ONE LoRA init seed on differ
 
 Prints a table; writes bench/out/zoo.json and bench/out/zoo.md. Errors are weight-space relative
 errors, energy-weighted over the adapters: sqrt(Σ_a e_a²‖ΔW_a‖² / Σ_a ‖ΔW_a‖²).
+
+``--joint`` measures the three sharing kinds (``row-basis``, ``joint-basis`` with a full or a
+diagonal core) against the number of adapters instead, and writes bench/out/zoo_joint.json and
+zoo_joint.md. Zoos, for N in ``--sizes`` (default 8, 32, 100):
+
+* ``trained``: the first N/2 adapters of each half of the zoo above (N = 100: all of it); the
+  clusters that the batch forms (the same-seed half, the own-seed half) are reported one by one;
+* ``planted full`` / ``planted diag``: N adapters of ``tests/test_zoo_joint.py::joint_zoo``
+  (related tasks: every update U0 C_a V0 on a planted 6-dimensional basis per module, plus weak
+  private directions; full or diagonal cores C_a).
+
+Each zoo: ``adaptzip batch --budget B --jobs 1`` (the separate containers), then the same with
+``--shared-basis`` into the same folder (the conversions are up to date: only the sharing runs),
+both as the CLI in its own process. Per cluster: the separate containers' bytes and error, each
+kind's bytes at that error and its error at equal bytes (batch.json's ``candidates``), the kind
+kept, and how the bytes split into safetensors headers (the manifest: module table, source,
+metrics) and tensor payload, read from the files.
+
+    python bench/bench_zoo.py --joint --work /tmp/zoo   # keeps the trained zoo for the next run
 """
 
 from __future__ import annotations
@@ -28,6 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import common
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 sys.path.insert(0, str(HERE.parent / "tests"))
@@ -42,11 +63,18 @@ def build_zoo(work: Path, n: int) -> Path:
 
     base = make_base(work / "base")
     zoo = work / "zoo"
+    want = {f"{'same' if k < n // 2 else 'diff'}/ad{k:03d}" for k in range(n)}
+    have = {p.parent.relative_to(zoo).as_posix() for p in zoo.glob("*/*/adapter_model.safetensors")}
+    if have - want:
+        raise SystemExit(f"{zoo} holds a zoo of another size ({len(have)} adapters): use another --work")
     for k in range(n):
         same = k < n // 2
+        dest = zoo / ("same" if same else "diff") / f"ad{k:03d}"
+        if (dest / "adapter_model.safetensors").is_file():  # a zoo left in --work by an earlier run
+            continue
         train_lora(
             base,
-            zoo / ("same" if same else "diff") / f"ad{k:03d}",
+            dest,
             init_seed=0 if same else 1000 + k,
             data_seed=k,
             lr=5e-3,
@@ -105,7 +133,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100, help="adapters in the zoo")
     ap.add_argument("--budget", default="0.25", help="per-adapter budget (as adaptzip batch --budget)")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--joint", action="store_true", help="sharing kinds against N (zoo_joint.json / .md)")
+    ap.add_argument("--sizes", default="8,32,100", help="--joint: comma-separated zoo sizes N (even)")
     args = ap.parse_args()
+    if args.joint:
+        joint_main(args)
+        return
     work = args.work or Path(tempfile.mkdtemp(prefix="adaptzip-bench-zoo-"))
     try:
         t0 = time.perf_counter()
@@ -212,6 +245,298 @@ def main() -> None:
         )
     md = "\n".join(lines) + "\n"
     (OUT / "zoo.md").write_text(md)
+    print(md)
+
+
+# ----------------------------------------------------------------------------- --joint
+JOINT_KINDS = ("row-basis", "joint-basis (full core)", "joint-basis (diag core)")
+GOAL_RATIO = 0.25  # joint bytes at the separate error / separate bytes, same-seed half, largest N
+
+
+def file_split(path: Path) -> tuple[int, int]:
+    """(header bytes: the 8-byte length and the JSON header with the manifest, tensor payload bytes)
+    of a safetensors file."""
+    import struct
+
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+    return 8 + n, path.stat().st_size - 8 - n
+
+
+def subset_zoo(full: Path, dest: Path, n: int) -> Path:
+    """The first n/2 adapters of each half of the trained zoo, copied (a batch does not follow
+    symlinked folders)."""
+    if dest.is_dir():
+        shutil.rmtree(dest)
+    for half in ("same", "diff"):
+        for d in sorted((full / half).iterdir())[: n // 2]:
+            shutil.copytree(d, dest / half / d.name)
+    return dest
+
+
+def clusters_of(zoo: Path, gkey_rows: list[dict]) -> dict[str, list[str]]:
+    """cluster key (as batch.json's groups name them) -> member adapters, by the batch's own
+    clustering (:func:`adaptzip.zoo.sharing.cluster_by_overlap`) of the members of each shape group."""
+    from adaptzip.adapter import load_adapter
+    from adaptzip.zoo.sharing import cluster_by_overlap
+
+    by_group: dict[str, list[dict]] = {}
+    for r in gkey_rows:
+        if r.get("group"):
+            by_group.setdefault(r["group"], []).append(r)
+    out = {}
+    for gkey, rows in by_group.items():
+        rows.sort(key=lambda r: r["adapter"])
+        clusters = cluster_by_overlap([load_adapter(r["source"]) for r in rows])
+        multi = [c for c in clusters if len(c) > 1]
+        for j, c in enumerate(multi):
+            out[f"{gkey}-{j}"] = [rows[i]["adapter"] for i in c]
+        alone = [rows[i]["adapter"] for c in clusters if len(c) == 1 for i in c]
+        if len(alone) >= 2:
+            out[f"{gkey}-x"] = alone
+    return out
+
+
+def half_of(members: list[str]) -> str:
+    halves = {m.split("/", 1)[0] for m in members}
+    return {"same": "same-seed half", "diff": "own-seed half"}.get(halves.pop(), "?") if len(halves) == 1 else "mixed"
+
+
+def joint_case(label: str, zoo: Path, out: Path, budget: str) -> list[dict]:
+    """Separate batch, then --shared-basis on the same folder; one record per cluster."""
+    if out.exists():
+        shutil.rmtree(out)
+    s1, wall1, _ = run_batch(zoo, out, 1, False, budget)
+    sep = {r["adapter"]: r for r in s1["adapters"]}
+    split1 = {a: file_split(out / r["output"]) for a, r in sep.items()}
+    s2, wall2, _ = run_batch(zoo, out, 1, True, budget)
+    members = clusters_of(zoo, s2["adapters"])
+    rows2 = {r["adapter"]: r for r in s2["adapters"]}
+    recs = []
+    for g in s2["sharing"]["groups"]:
+        mem = members[g["group"]]
+        if len(mem) != g["adapters"]:
+            raise RuntimeError(f"cluster {g['group']}: {len(mem)} members found here, {g['adapters']} in batch.json")
+        shared = g["shared"] or {}
+        kept_split = [file_split(out / rows2[a]["output"]) for a in mem]
+        files = {rows2[a]["shared_file"] for a in mem if rows2[a].get("shared_file")}
+        shared_split = [file_split(out / f) for f in files]
+        cands = {}
+        for k in JOINT_KINDS:
+            c = g["candidates"].get(k) or {}
+            cands[k] = {
+                "bytes": c.get("bytes"),
+                "rel_error": c.get("rel_error"),
+                "rel_error_at_equal_bytes": c.get("rel_error_at_equal_bytes"),
+                "bytes_at_equal_error_estimate": (c.get("estimate") or {}).get("shared_bytes_at_equal_error"),
+                "shared_file_bytes": c.get("shared_file_bytes"),
+                "containers_bytes": c.get("containers_bytes"),
+                "ranks": c.get("ranks"),
+                "why": c.get("why"),
+            }
+        T = g["separate"]["bytes"]
+        recs.append(
+            {
+                "zoo": label,
+                "n": len(s2["adapters"]),
+                "cluster": g["group"],
+                "half": half_of(mem) if label == "trained" else "all",
+                "adapters": g["adapters"],
+                "overlap": g.get("overlap"),
+                "overlap_random": g.get("overlap_random"),
+                "separate": {
+                    "bytes": T,
+                    "rel_error": g["separate"]["rel_error"],
+                    "header_bytes": sum(split1[a][0] for a in mem),
+                    "payload_bytes": sum(split1[a][1] for a in mem),
+                    "files_bytes": sum(sep[a]["bytes"] for a in mem),
+                },
+                "candidates": cands,
+                "decision": g["decision"],
+                "reason": g["reason"],
+                "kept": {
+                    "kind": shared.get("kind", "separate"),
+                    "bytes": shared.get("bytes", T),
+                    "rel_error": shared.get("rel_error", g["separate"]["rel_error"]),
+                    "ratio": shared.get("bytes", T) / T,
+                    "header_bytes": sum(h for h, _ in kept_split) + sum(h for h, _ in shared_split),
+                    "payload_bytes": sum(p for _, p in kept_split) + sum(p for _, p in shared_split),
+                },
+                "wall_s": {"separate": wall1, "shared_basis": wall2},
+                "sharing_s": s2["seconds"],
+            }
+        )
+    return recs
+
+
+def best_joint(rec: dict) -> tuple[str, float | None, bool]:
+    """(kind, its bytes at the separate error, exact) of the better joint kind; bytes from the
+    allocation estimate (exact False) when no allocation below the separate bytes matched it."""
+    best = ("", None, False)
+    for k in JOINT_KINDS[1:]:
+        c = rec["candidates"][k]
+        b, exact = (c["bytes"], True) if c["bytes"] is not None else (c["bytes_at_equal_error_estimate"], False)
+        if b is not None and (best[1] is None or b < best[1]):
+            best = (k, b, exact)
+    return best
+
+
+def _r(x, spec=".3f") -> str:
+    return "–" if x is None else format(x, spec)
+
+
+JOINT_COLUMNS = (
+    "zoo",
+    "N",
+    "cluster",
+    "adapters",
+    "separate bytes",
+    "separate error",
+    "kept",
+    "kept / separate",
+    "kept error",
+    "row-basis / separate",
+    "joint full / separate",
+    "joint diag / separate",
+    "err. at equal bytes: row / full / diag",
+    "headers / separate",
+    "kept payload / separate payload",
+)
+
+
+def joint_rows(recs: list[dict]) -> list[list[str]]:
+    rows = []
+    for r in recs:
+        T, c = r["separate"]["bytes"], r["candidates"]
+
+        def rel(k, c=c, T=T):
+            b = c[k]["bytes"]
+            if b is not None:
+                return f"{b / T:.3f}"
+            e = c[k]["bytes_at_equal_error_estimate"]
+            return "–" if e is None else f"(≈{e / T:.2f})"
+
+        short = {"separate": "separate", "row-basis": "row-basis"}
+        kept = r["kept"]["kind"]
+        rows.append(
+            [
+                r["zoo"],
+                str(r["n"]),
+                r["half"],
+                str(r["adapters"]),
+                str(T),
+                f"{r['separate']['rel_error']:.4f}",
+                short.get(kept, kept.replace("joint-basis (", "joint ").replace(" core)", "")),
+                f"{r['kept']['ratio']:.3f}",
+                f"{r['kept']['rel_error']:.4f}",
+                rel("row-basis"),
+                rel("joint-basis (full core)"),
+                rel("joint-basis (diag core)"),
+                " / ".join(_r(c[k]["rel_error_at_equal_bytes"]) for k in JOINT_KINDS),
+                f"{r['separate']['header_bytes'] / T:.3f}",
+                f"{r['kept']['payload_bytes'] / r['separate']['payload_bytes']:.3f}",
+            ]
+        )
+    return rows
+
+
+def joint_targets(recs: list[dict], nmax: int) -> list[dict]:
+    out = []
+    for r in recs:
+        if r["zoo"] == "trained" and r["n"] == nmax and r["half"] == "same-seed half":
+            kind, b, exact = best_joint(r)
+            out.append(
+                {
+                    "name": f"trained zoo, N = {nmax}, same-seed half: best joint kind's bytes at the separate error / "
+                    f"separate bytes ({kind or 'none'}{'' if exact else ', allocation estimate'})",
+                    "measured": float("inf") if b is None else b / r["separate"]["bytes"],
+                    "limit": GOAL_RATIO,
+                }
+            )
+        if r["zoo"] == "trained" and r["n"] == nmax and r["half"] == "own-seed half":
+            out.append(
+                {
+                    "name": f"trained zoo, N = {nmax}, own-seed half: stored shared (1) instead of separate (0)",
+                    "measured": float(r["decision"] == "shared"),
+                    "limit": 0.0,
+                }
+            )
+    return common.check_targets(out)
+
+
+def joint_main(args: argparse.Namespace) -> None:
+    sizes = [int(x) for x in args.sizes.split(",") if x]
+    if any(n % 2 or n < 4 for n in sizes):
+        raise SystemExit("--sizes: even numbers ≥ 4")
+    nmax = max(sizes)
+    with common.scratch(args.work, "adaptzip-bench-zoo-joint-", keep=False) as work:
+        load_start = common.loadavg()
+        t0 = time.perf_counter()
+        print(f"… build the trained zoo ({nmax} adapters)", file=sys.stderr, flush=True)
+        full = build_zoo(work, nmax)
+        build_s = time.perf_counter() - t0
+        from test_zoo_joint import joint_zoo
+
+        recs = []
+        for n in sizes:
+            for label in ("trained", "planted full", "planted diag"):
+                print(f"… {label}, N = {n}", file=sys.stderr, flush=True)
+                case = work / "joint" / f"{label.replace(' ', '-')}-{n}"
+                zoo = case / "zoo"
+                if label == "trained":
+                    subset_zoo(full, zoo, n)
+                else:
+                    if zoo.exists():
+                        shutil.rmtree(zoo)
+                    joint_zoo(zoo, n, diagonal=label.endswith("diag"))
+                recs += joint_case(label, zoo, case / "out", args.budget)
+        wall = time.perf_counter() - t0
+    order = {"trained": 0, "planted full": 1, "planted diag": 2}
+    recs.sort(key=lambda r: (order[r["zoo"]], r["n"], r["half"] != "same-seed half"))
+    tg = joint_targets(recs, nmax)
+    result = {
+        "benchmark": "zoo_joint",
+        "budget": args.budget,
+        "sizes": sizes,
+        "build_s": build_s,
+        "wall_s": wall,
+        "machine": common.machine_info() | {"cpus": os.cpu_count()},
+        "load_avg_1m_start": load_start,
+        "load_avg_1m_end": common.loadavg(),
+        "clusters": recs,
+        "targets": tg,
+    }
+    intro = (
+        f"Zoo sharing kinds against the number of adapters N, `adaptzip batch --budget {args.budget} --jobs 1`, "
+        "then `--shared-basis` on the same folder (each the CLI in its own process). `trained`: N/2 adapters from each "
+        "half of the zoo above (tiny Llama, r=8, trained a few steps; one half from one LoRA init seed, the other with "
+        "own seeds), each cluster the batch forms in a row of its own; `planted full` / `planted diag`: "
+        "`tests/test_zoo_joint.py::joint_zoo` (2 layers, r=8, every update on a planted 6-dimensional basis per "
+        "module plus weak private directions; full or diagonal cores). `kept`: what the batch stored (the fewest "
+        "bytes among the kinds whose group error is at most the separate containers'); `X / separate`: each kind's "
+        "total bytes (shared file included) at the separate error, relative to the separate containers (in "
+        "parentheses: the rank allocation's estimate where no allocation below the separate bytes matched the "
+        "error; –: not even that); `err. at equal bytes`: each kind's group error when given the separate "
+        "containers' bytes; `headers / separate`: the separate containers' safetensors headers (the manifest) "
+        "as a share of their bytes; `kept payload / separate payload`: tensor bytes only (shared file included). "
+        f"Errors are weight-space, energy-weighted over the cluster. {result['machine']['cpus']} CPUs, 1-min load "
+        f"average {load_start:.1f} at the start, {result['load_avg_1m_end']:.1f} at the end; "
+        f"{wall:.0f} s in all."
+    )
+    lines = [intro, "", *common.markdown_table(JOINT_COLUMNS, joint_rows(recs)), *common.targets_markdown(tg)]
+    why = []
+    for r in (r for r in recs if r["decision"] == "separate"):
+        by_why: dict[str, list[str]] = {}
+        for k, c in r["candidates"].items():
+            by_why.setdefault(c["why"], []).append(k)
+        why += [f"| {r['zoo']} | {r['n']} | {r['half']} | {', '.join(ks)}: {w} |" for w, ks in by_why.items()]
+    if why:
+        lines += ["", "Clusters kept separate, and why each kind was refused:", ""]
+        lines += ["| zoo | N | cluster | why |", "|---|---:|---|---|", *why]
+    md = "\n".join(lines) + "\n"
+    common.write_outputs(OUT, "zoo_joint", result, md)
+    print(common.table(JOINT_COLUMNS, joint_rows(recs)))
+    print()
     print(md)
 
 

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -204,3 +205,15 @@ def markdown_doc(
     for note in notes:
         lines += ["", note]
     return "\n".join(lines) + "\n"
+
+
+def peft_quietly(fn: Callable, *args, **kwargs):
+    """Call a PEFT loader (``PeftModel.from_pretrained``, ``load_adapter``); its missing or
+    unexpected adapter keys and adapter-name warnings are errors here."""
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = fn(*args, **kwargs)
+    bad = [str(x.message) for x in w if any(s in str(x.message) for s in ("adapter keys", "prefix", "nexpected"))]
+    if bad:
+        raise RuntimeError(bad[0])
+    return out

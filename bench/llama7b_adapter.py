@@ -32,16 +32,16 @@ ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 
 
-def module_shapes(kv_dim: int = KV) -> dict[str, tuple[str, int, int]]:
-    """type -> (submodule, in_features, out_features)."""
+def module_shapes(kv_dim: int = KV, hidden: int = HIDDEN, inter: int = INTER) -> dict[str, tuple[str, int, int]]:
+    """type -> (submodule, in_features, out_features) of a Llama layer (default: Llama-7B's)."""
     return {
-        "q_proj": ("self_attn", HIDDEN, HIDDEN),
-        "k_proj": ("self_attn", HIDDEN, kv_dim),
-        "v_proj": ("self_attn", HIDDEN, kv_dim),
-        "o_proj": ("self_attn", HIDDEN, HIDDEN),
-        "gate_proj": ("mlp", HIDDEN, INTER),
-        "up_proj": ("mlp", HIDDEN, INTER),
-        "down_proj": ("mlp", INTER, HIDDEN),
+        "q_proj": ("self_attn", hidden, hidden),
+        "k_proj": ("self_attn", hidden, kv_dim),
+        "v_proj": ("self_attn", hidden, kv_dim),
+        "o_proj": ("self_attn", hidden, hidden),
+        "gate_proj": ("mlp", hidden, inter),
+        "up_proj": ("mlp", hidden, inter),
+        "down_proj": ("mlp", inter, hidden),
     }
 
 
