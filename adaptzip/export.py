@@ -211,7 +211,10 @@ def to_peft_native(c: Container, out: Path, *, dtype: str | None = None) -> dict
     dtype (fp32 for quantised tensors, which are written dequantised; ``dtype`` overrides).
     ``modules_to_save`` tensors are carried verbatim; LoRA biases, DoRA and embeddings are
     refused (the tuners adapt Linear and Conv1D layers)."""
-    from . import peft as live_peft  # imports PEFT: only for this target
+    try:
+        from . import peft as live_peft  # imports PEFT: only for this target
+    except ImportError as e:
+        raise ExportError(c.path, f"--to peft-native: {e}") from e
 
     emb = [m.name for m in c.modules if m.kind == "embedding"]
     if emb:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import sys
+import warnings
 
 
 class _PeftFinder(importlib.abc.MetaPathFinder):
@@ -28,14 +29,23 @@ class _PeftFinder(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run(module)
-            importlib.import_module("adaptzip.peft")
+            _register()
 
         spec.loader.exec_module = exec_module
         return spec
 
 
+def _register() -> None:
+    """Import :mod:`adaptzip.peft`; a PEFT it cannot work with (too old) must not break the
+    user's ``import peft``: say why in one warning instead."""
+    try:
+        importlib.import_module("adaptzip.peft")
+    except ImportError as e:
+        warnings.warn(f"adaptzip: its PEFT methods are not registered: {e}", stacklevel=2)
+
+
 def install() -> None:
     if "peft" in sys.modules:
-        importlib.import_module("adaptzip.peft")
+        _register()
     elif not any(isinstance(f, _PeftFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _PeftFinder())

@@ -268,3 +268,26 @@ def test_import_adaptzip_registers_the_methods(order):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[0] == "['ADAPTZIP_BSLORA', 'ADAPTZIP_JOINT', 'ADAPTZIP_MASA', 'ADAPTZIP_VBLORA']"
+
+
+def test_a_too_old_peft_is_refused_in_one_line_and_import_peft_still_works(build, tmp_path):
+    c = build("masa")[0]
+    code = (
+        "import warnings, sys\n"
+        "import peft\n"
+        "peft.__version__ = '0.13.0'  # as an older release reports itself\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import adaptzip\n"
+        "print([str(x.message) for x in w if 'adaptzip' in str(x.message)])\n"
+        "from adaptzip.cli import main\n"
+        f"sys.argv = ['adaptzip', 'expand', {str(c)!r}, '-o', {str(tmp_path / 'n')!r}, '--to', 'peft-native']\n"
+        "main()\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "its PEFT methods are not registered: adaptzip's PEFT tuners need peft >= 0.21" in p.stdout
+    assert p.returncode == 2 and not (tmp_path / "n").exists()
+    assert (
+        p.stderr.strip()
+        == f"adaptzip: error: {c}: --to peft-native: adaptzip's PEFT tuners need peft >= 0.21 (installed: 0.13.0)"
+    )

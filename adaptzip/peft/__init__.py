@@ -24,11 +24,20 @@ adaptzip's members to that enum before registering (the one departure from PEFT'
 
 from __future__ import annotations
 
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-from peft.utils import PeftType, register_peft_method
+import peft as _peft
+from packaging.version import Version
 
-from .config import AdaptzipFormConfig, BSLoRAConfig, JointConfig, MASAConfig, VBLoRACompactConfig
-from .tuner import METHODS, BSLoRAModel, FormLayer, FormTuner, JointModel, MASAModel, VBLoRACompactModel
+#: The PEFT release these tuners are written and tested against (its tuner hooks: register_peft_method,
+#: the classmethod state-dict hooks of BaseTuner); older releases lack them.
+MIN_PEFT = "0.21"
+if Version(_peft.__version__) < Version(MIN_PEFT):
+    raise ImportError(f"adaptzip's PEFT tuners need peft >= {MIN_PEFT} (installed: {_peft.__version__})")
+
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING  # noqa: E402
+from peft.utils import PeftType, register_peft_method  # noqa: E402
+
+from .config import AdaptzipFormConfig, BSLoRAConfig, JointConfig, MASAConfig, VBLoRACompactConfig  # noqa: E402
+from .tuner import METHODS, BSLoRAModel, FormLayer, FormTuner, JointModel, MASAModel, VBLoRACompactModel  # noqa: E402
 
 #: ``Form.native_tuner`` → the config class of that tuner.
 NATIVE: dict[str, type[AdaptzipFormConfig]] = {
