@@ -30,6 +30,15 @@ kept, and how the bytes split into safetensors headers (the manifest: module tab
 metrics) and tensor payload, read from the files.
 
     python bench/bench_zoo.py --joint --work /tmp/zoo   # keeps the trained zoo for the next run
+
+``--ray`` measures ``adaptzip batch --executor ray`` (jobs 2) on a real local Ray cluster (``ray
+start --head``, 2 CPUs, a private temp folder, as ``tests/test_zoo_ray.py`` starts it) against
+``--jobs 1`` inline, both through :func:`adaptzip.zoo.batch` with the same ``command``, on a zoo of
+``--n`` adapters (default 20 here); reports each wall time, the throughput ratio, the cluster's
+start-up time (not in the Ray run's wall time, which does include connecting to it) and how many
+containers are byte-identical between the two runs. Writes bench/out/zoo_ray.json and zoo_ray.md.
+
+    python bench/bench_zoo.py --ray --n 20 --work /tmp/zoo-ray
 """
 
 from __future__ import annotations
@@ -130,12 +139,18 @@ def sub_bytes(summary: dict, out: Path, prefix: str) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=100, help="adapters in the zoo")
+    ap.add_argument("--n", type=int, default=None, help="adapters in the zoo (default 100; --ray: 20)")
     ap.add_argument("--budget", default="0.25", help="per-adapter budget (as adaptzip batch --budget)")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--joint", action="store_true", help="sharing kinds against N (zoo_joint.json / .md)")
     ap.add_argument("--sizes", default="8,32,100", help="--joint: comma-separated zoo sizes N (even)")
+    ap.add_argument("--ray", action="store_true", help="Ray executor against jobs 1 (zoo_ray.json / .md)")
     args = ap.parse_args()
+    if args.n is None:
+        args.n = 20 if args.ray else 100
+    if args.ray:
+        ray_main(args)
+        return
     if args.joint:
         joint_main(args)
         return
@@ -537,6 +552,172 @@ def joint_main(args: argparse.Namespace) -> None:
     common.write_outputs(OUT, "zoo_joint", result, md)
     print(common.table(JOINT_COLUMNS, joint_rows(recs)))
     print()
+    print(md)
+
+
+# ----------------------------------------------------------------------------- --ray
+def start_ray_cluster(ray_tmp: Path) -> tuple[subprocess.Popen, str]:
+    """``ray start --head --block`` on a free port of 127.0.0.1, 2 CPUs, temp folder ``ray_tmp``, in a
+    session of its own (as ``tests/test_zoo_ray.py``'s fixture, without its audit hook); returns
+    the process and the cluster's address once it has started."""
+    from test_zoo_ray import _free_port
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update({"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"})
+    ray_bin = Path(sys.executable).parent / "ray"
+    cmd = [
+        str(ray_bin) if ray_bin.exists() else "ray",
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num-cpus",
+        "2",
+        "--disable-usage-stats",
+        "--include-dashboard=false",
+        "--temp-dir",
+        str(ray_tmp),
+        "--object-store-memory",
+        str(100 << 20),
+    ]
+    log_path = ray_tmp / "ray-start.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ray_tmp,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 180
+    while "Ray runtime started" not in log_path.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            from test_zoo_ray import _stop_cluster
+
+            _stop_cluster(proc)
+            raise SystemExit(f"ray start failed:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    return proc, f"127.0.0.1:{port}"
+
+
+def timed_batch(zoo: Path, out: Path, budget: str, jobs: int, executor: str) -> tuple[dict, float]:
+    from adaptzip import zoo as azoo
+
+    if out.exists():
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    s = azoo.batch(zoo, out, to="svd", budget=budget, jobs=jobs, executor=executor, command="bench")
+    return s, time.perf_counter() - t0
+
+
+RAY_COLUMNS = ("run", "executor", "jobs", "wall s", "adapters/s", "converted", "failed", "zoo bytes")
+
+
+def ray_main(args: argparse.Namespace) -> None:
+    from test_zoo_ray import _stop_cluster
+
+    budget = float(args.budget)
+    with common.scratch(args.work, "adaptzip-bench-zoo-ray-", keep=False) as work:
+        load_start = common.loadavg()
+        t0 = time.perf_counter()
+        print(f"… build the zoo ({args.n} adapters)", file=sys.stderr, flush=True)
+        zoo = build_zoo(work, args.n)
+        build_s = time.perf_counter() - t0
+        import torch
+
+        torch.set_num_threads(1)
+        print("… jobs 1, inline", file=sys.stderr, flush=True)
+        s1, wall1 = timed_batch(zoo, work / "out_jobs1", budget, 1, "process")
+        ray_tmp = Path(tempfile.mkdtemp(prefix="azray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+        proc = None
+        try:
+            print("… start a local Ray cluster", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            proc, address = start_ray_cluster(ray_tmp)
+            start_s = time.perf_counter() - t0
+            print("… executor ray, jobs 2", file=sys.stderr, flush=True)
+            old = os.environ.get("RAY_ADDRESS")
+            os.environ["RAY_ADDRESS"] = address
+            try:
+                s2, wall2 = timed_batch(zoo, work / "out_ray", budget, 2, "ray")
+            finally:
+                if old is None:
+                    os.environ.pop("RAY_ADDRESS", None)
+                else:
+                    os.environ["RAY_ADDRESS"] = old
+        finally:
+            if proc is not None:
+                _stop_cluster(proc)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+        files1 = {p.relative_to(work / "out_jobs1"): p for p in (work / "out_jobs1").rglob("*.safetensors")}
+        files2 = {p.relative_to(work / "out_ray"): p for p in (work / "out_ray").rglob("*.safetensors")}
+        names = sorted(set(files1) | set(files2))
+        identical = sum(
+            1 for n in names if n in files1 and n in files2 and files1[n].read_bytes() == files2[n].read_bytes()
+        )
+    runs = {}
+    for name, executor, jobs, s, wall in (("jobs1", "process (inline)", 1, s1, wall1), ("ray", "ray", 2, s2, wall2)):
+        runs[name] = {
+            "executor": executor,
+            "jobs": jobs,
+            "wall_s": wall,
+            "adapters_per_s": args.n / wall,
+            "counts": s["counts"],
+            "zoo_bytes": s["totals"]["zoo_bytes"],
+        }
+    ratio = runs["ray"]["adapters_per_s"] / runs["jobs1"]["adapters_per_s"]
+    result = {
+        "benchmark": "zoo_ray",
+        "adapters": args.n,
+        "budget": budget,
+        "build_s": build_s,
+        "ray_start_s": start_s,
+        "runs": runs,
+        "throughput_ratio_ray_over_jobs1": ratio,
+        "containers_identical": identical,
+        "containers_total": len(names),
+        "machine": common.machine_info() | {"cpus": os.cpu_count()},
+        "load_avg_1m_start": load_start,
+        "load_avg_1m_end": common.loadavg(),
+    }
+    rows = [
+        [
+            name,
+            r["executor"],
+            str(r["jobs"]),
+            f"{r['wall_s']:.1f}",
+            f"{r['adapters_per_s']:.2f}",
+            str(r["counts"].get("converted", 0)),
+            str(r["counts"].get("failed", 0)),
+            str(r["zoo_bytes"]),
+        ]
+        for name, r in runs.items()
+    ]
+    m = result["machine"]
+    intro = (
+        f"`adaptzip.zoo.batch(to='svd', budget={budget}, command='bench')` on a zoo of {args.n} tiny adapters (the zoo "
+        "above), once with `jobs=1` inline and once with `executor='ray', jobs=2` on a local Ray cluster (`ray start "
+        "--head`, 2 CPUs, found through `RAY_ADDRESS`), both in the bench's own process. The Ray run's wall time "
+        f"includes connecting to the cluster and starting its workers; starting the cluster itself took "
+        f"{start_s:.1f} s more, not counted. {m['cpus']} CPUs ({m['cpu']}), Python {m['python']}, torch "
+        f"{m['torch']}; 1-min load average {load_start:.1f} at the start, {result['load_avg_1m_end']:.1f} at the end."
+    )
+    lines = [
+        intro,
+        "",
+        *common.markdown_table(RAY_COLUMNS, rows),
+        "",
+        f"Throughput ratio Ray (jobs 2) / jobs 1: **{ratio:.2f}×**. Containers byte-identical between the two runs: "
+        f"**{identical} / {len(names)}**.",
+    ]
+    md = "\n".join(lines) + "\n"
+    common.write_outputs(OUT, "zoo_ray", result, md)
     print(md)
 
 
