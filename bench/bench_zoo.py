@@ -557,53 +557,14 @@ def joint_main(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------- --ray
 def start_ray_cluster(ray_tmp: Path) -> tuple[subprocess.Popen, str]:
-    """``ray start --head --block`` on a free port of 127.0.0.1, 2 CPUs, temp folder ``ray_tmp``, in a
-    session of its own (as ``tests/test_zoo_ray.py``'s fixture, without its audit hook); returns
-    the process and the cluster's address once it has started."""
-    from test_zoo_ray import _free_port
+    """The test suite's local cluster (``tests/test_zoo_ray.py``'s :func:`start_cluster`, without
+    its audit hook): 2 CPUs on 127.0.0.1; returns the process and the cluster's address."""
+    from test_zoo_ray import start_cluster
 
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update({"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"})
-    ray_bin = Path(sys.executable).parent / "ray"
-    cmd = [
-        str(ray_bin) if ray_bin.exists() else "ray",
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--num-cpus",
-        "2",
-        "--disable-usage-stats",
-        "--include-dashboard=false",
-        "--temp-dir",
-        str(ray_tmp),
-        "--object-store-memory",
-        str(100 << 20),
-    ]
-    log_path = ray_tmp / "ray-start.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ray_tmp,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 180
-    while "Ray runtime started" not in log_path.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            from test_zoo_ray import _stop_cluster
-
-            _stop_cluster(proc)
-            raise SystemExit(f"ray start failed:\n{log_path.read_text()[-3000:]}")
-        time.sleep(0.2)
-    return proc, f"127.0.0.1:{port}"
+    try:
+        return start_cluster(ray_tmp)
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from e
 
 
 def timed_batch(zoo: Path, out: Path, budget: str, jobs: int, executor: str) -> tuple[dict, float]:

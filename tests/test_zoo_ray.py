@@ -100,32 +100,14 @@ def _stop_cluster(proc: subprocess.Popen) -> None:
         proc.wait(timeout=30)
 
 
-@pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory) -> Iterator[dict]:
-    """A one-node Ray cluster of 2 CPUs on 127.0.0.1, in a session of its own, torn down after
-    the module (also when a test fails). Yields its ``address``, the driver's ``root`` folder
-    (the workers may not open anything below it), the ``violations`` log of the hook and the
-    workers' temporary folder ``worker_tmp``."""
-    root = tmp_path_factory.mktemp("driver")
-    ray_tmp = Path(tempfile.mkdtemp(prefix="azray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
-    site = ray_tmp / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    violations = ray_tmp / "violations.log"
-    worker_tmp = ray_tmp / "tmp"  # the workers' TMPDIR: where each task makes its folder
-    worker_tmp.mkdir()
+def start_cluster(ray_tmp: Path, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``ray start --head --block`` on a free port of 127.0.0.1 with 2 CPUs, temp folder
+    ``ray_tmp``, in a session of its own (so that :func:`_stop_cluster` stops exactly it), with
+    ``extra_env``; returns the process and the address once the cluster runs (RuntimeError with
+    its log when it does not start). Also used by ``bench/bench_zoo.py --ray``."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(
-        {
-            "PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p),
-            FORBID_ENV: str(root),
-            LOG_ENV: str(violations),
-            "TMPDIR": str(worker_tmp),
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "OMP_NUM_THREADS": "1",
-        }
-    )
+    env.update({"RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1", **(extra_env or {})})
     ray_bin = Path(sys.executable).parent / "ray"
     cmd = [
         str(ray_bin) if ray_bin.exists() else "ray",
@@ -156,13 +138,42 @@ def ray_cluster(tmp_path_factory) -> Iterator[dict]:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+    deadline = time.monotonic() + 180
+    while "Ray runtime started" not in log_path.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _stop_cluster(proc)
+            raise RuntimeError(f"ray start failed:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.2)
+    return proc, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory) -> Iterator[dict]:
+    """A one-node Ray cluster of 2 CPUs on 127.0.0.1, in a session of its own, torn down after
+    the module (also when a test fails). Yields its ``address``, the driver's ``root`` folder
+    (the workers may not open anything below it), the ``violations`` log of the hook and the
+    workers' temporary folder ``worker_tmp``."""
+    root = tmp_path_factory.mktemp("driver")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="azray", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    site = ray_tmp / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    violations = ray_tmp / "violations.log"
+    worker_tmp = ray_tmp / "tmp"  # the workers' TMPDIR: where each task makes its folder
+    worker_tmp.mkdir()
+    extra = {
+        "PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p),
+        FORBID_ENV: str(root),
+        LOG_ENV: str(violations),
+        "TMPDIR": str(worker_tmp),
+    }
     try:
-        deadline = time.monotonic() + 180
-        while "Ray runtime started" not in log_path.read_text():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"ray start failed:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield {"address": f"127.0.0.1:{port}", "root": root, "violations": violations, "worker_tmp": worker_tmp}
+        proc, address = start_cluster(ray_tmp, extra)
+    except RuntimeError as e:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        pytest.fail(str(e))
+    try:
+        yield {"address": address, "root": root, "violations": violations, "worker_tmp": worker_tmp}
     finally:
         _stop_cluster(proc)
         shutil.rmtree(ray_tmp, ignore_errors=True)

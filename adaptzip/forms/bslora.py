@@ -410,8 +410,9 @@ class _BSLoRA(Form):
 
     @classmethod
     def fresh_module_param(cls, p: str, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
-        """A new adapter's per-module tensor ``p`` of a level (gate, kernel); see :meth:`fresh`."""
-        raise NotImplementedError(cls.name)
+        """A new adapter's per-module tensor ``p`` of a level (gate, kernel; see :meth:`fresh`):
+        by default random as a LoRA's A (the transforms override it)."""
+        return a_side(shape, gen)
 
     @classmethod
     def fresh(cls, modules, config, gen):

@@ -12,6 +12,7 @@ model and the options, then fills them in, so ``save_pretrained`` writes a compl
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -37,7 +38,7 @@ def _help(form: str, option: str) -> str:
 
 
 @dataclass
-class AdaptzipFormConfig(PeftConfig):
+class AdaptzipFormConfig(PeftConfig, metaclass=abc.ABCMeta):
     """What every adaptzip tuner config holds (see the module docstring); subclasses add the
     form's own options and name the form (:meth:`form_name`)."""
 
@@ -93,12 +94,13 @@ class AdaptzipFormConfig(PeftConfig):
         self.form_config()  # the form's own checks, as ValueError
 
     # -- what the tuner needs --------------------------------------------------------
+    @abc.abstractmethod
     def form_name(self) -> str:
-        raise NotImplementedError
+        """The adaptzip form these options describe."""
 
+    @abc.abstractmethod
     def form_options(self) -> dict[str, Any]:
         """Options of the adaptzip form's Config (None: the form's default)."""
-        raise NotImplementedError
 
     def form_config(self) -> Any:
         """The adaptzip form's Config of these options (ValueError when they are invalid)."""
@@ -118,9 +120,9 @@ class AdaptzipFormConfig(PeftConfig):
         return cls(**cls.options_of(form_name, form_config), **common)
 
     @classmethod
+    @abc.abstractmethod
     def options_of(cls, form_name: str, form_config: Any) -> dict[str, Any]:
         """This config's own fields for an adaptzip form Config (inverse of :meth:`form_options`)."""
-        raise NotImplementedError
 
 
 BSLORA_TRANSFORMS = ("ss", "gt", "ke")

@@ -5,6 +5,7 @@ their atomic writes clean up), the per-OUT_DIR lock and the sweep of stale tempo
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import multiprocessing as mp
@@ -243,13 +244,14 @@ def convert(job: Job) -> dict:
 
 
 # ------------------------------------------------------------------ executors
-class Executor:
+class Executor(abc.ABC):
     """What the batch loop uses: ``submit(convert, job)`` gives a future, :meth:`result` the row
     of a finished one, :meth:`interrupt` (from the signal handler) stops the running jobs,
     :meth:`shutdown` releases the workers."""
 
+    @abc.abstractmethod
     def submit(self, fn, *args) -> Future:
-        raise NotImplementedError
+        """Start ``fn(*args)``; its future."""
 
     def result(self, fut: Future, job: Job) -> dict:
         """The row of the finished job ``job`` (raises what the job raised)."""

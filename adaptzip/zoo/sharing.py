@@ -10,6 +10,7 @@ is shared only when that is fewer total bytes (shared file included) at equal or
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import math
@@ -31,7 +32,7 @@ from .run import OK_STATUSES, convert
 SHARED_META_KEY = "adaptzip_shared"
 
 
-class _Kind:
+class _Kind(abc.ABC):
     """One way to share a cluster (see the module docstring): the stored tensors of a rank
     allocation ``ks``, the gain and the byte cost of each direction, and each adapter's container."""
 
@@ -43,20 +44,25 @@ class _Kind:
         self.modules = ads[0].modules
         self.fb = torch.empty(0, dtype=dt).element_size()
 
+    @abc.abstractmethod
     def gains(self) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """Per module, the energy each further direction captures."""
 
+    @abc.abstractmethod
     def costs(self) -> list[list[float]]:
-        raise NotImplementedError
+        """Per module, the bytes each further direction costs (shared and per-adapter parts)."""
 
+    @abc.abstractmethod
     def shared_tensors(self, ks: list[int]) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The tensors of the shared file for ranks ``ks``, in float64."""
 
+    @abc.abstractmethod
     def shared_meta(self, ks: list[int]) -> dict:
-        raise NotImplementedError
+        """The shared file's ``tensors`` metadata (formats/shared.md §3)."""
 
+    @abc.abstractmethod
     def container(self, a: int, shared: dict[str, torch.Tensor], ks: list[int], sha: str, metrics: dict, command: str):
-        raise NotImplementedError
+        """(tensors, manifest, FitReport) of adapter ``a``'s container on the shared tensors as stored."""
 
     def blob(self, ks: list[int]) -> tuple[dict, bytes, str]:
         """The shared file's tensors (in the container dtype), its exact bytes and their sha256 (its name)."""
@@ -288,6 +294,24 @@ def cluster_by_overlap(ads: list[Adapter], probes: int = 3, threshold: float | N
     return clusters
 
 
+def _zoo_metrics(
+    gkey: str, kind: _Kind, n: int, blob_bytes: int, row: dict, sep_bytes: int, sep_err: float, extended: bool = False
+) -> dict:
+    """A shared container's metrics beyond its fit report: what sharing replaced (formats/shared.md §4)."""
+    zoo = {
+        "group": gkey,
+        "kind": kind.name,
+        "adapters": n,
+        "shared_file_bytes": blob_bytes,
+        "shared_share_bytes": blob_bytes / n,
+        "separate_bytes": sep_bytes,
+        "separate_rel_error": sep_err,
+    }
+    if extended:
+        zoo["extended"] = True
+    return {"svd_baseline_rel_error": row.get("svd_baseline_rel_error"), "svd_baseline_bytes": sep_bytes, "zoo": zoo}
+
+
 def _group_err(errs: list[float], norms: list[float]) -> float:
     """Energy-weighted group error sqrt(Σ_a e_a² ‖ΔW_a‖² / Σ_a ‖ΔW_a‖²)."""
     tot = sum(norms)
@@ -326,19 +350,7 @@ def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_o
     ov = [x for v in by_type.values() for x in v]
 
     def metrics(a: int, kind: _Kind, blob_bytes: int) -> dict:
-        return {
-            "svd_baseline_rel_error": grp[a].get("svd_baseline_rel_error"),
-            "svd_baseline_bytes": sep_bytes[a],
-            "zoo": {
-                "group": gkey,
-                "kind": kind.name,
-                "adapters": n,
-                "shared_file_bytes": blob_bytes,
-                "shared_share_bytes": blob_bytes / n,
-                "separate_bytes": sep_bytes[a],
-                "separate_rel_error": sep_err[a],
-            },
-        }
+        return _zoo_metrics(gkey, kind, n, blob_bytes, grp[a], sep_bytes[a], sep_err[a])
 
     res: dict[str, Any] = {
         "group": gkey,
@@ -501,20 +513,7 @@ def _extend(gkey, grp, ads, dt, sep_bytes, sep_err, out: Path, command: str, log
     e_sep = _group_err(sep_err, norms)
     built, errs = {}, [grp[a]["rel_error"] for a in range(n)]
     for j, a in enumerate(new):
-        met = {
-            "svd_baseline_rel_error": grp[a].get("svd_baseline_rel_error"),
-            "svd_baseline_bytes": sep_bytes[a],
-            "zoo": {
-                "group": gkey,
-                "kind": kind.name,
-                "adapters": n,
-                "shared_file_bytes": blob_bytes,
-                "shared_share_bytes": blob_bytes / n,
-                "separate_bytes": sep_bytes[a],
-                "separate_rel_error": sep_err[a],
-                "extended": True,
-            },
-        }
+        met = _zoo_metrics(gkey, kind, n, blob_bytes, grp[a], sep_bytes[a], sep_err[a], extended=True)
         built[a] = kind.container(j, shared, ks, sha, met, command)
         errs[a] = built[a][2].rel_error
     new_bytes = sum(ct.serialized_size(*built[a][:2]) for a in new)
