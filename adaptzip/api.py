@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from . import container as ct
-from . import export, linalg, pipeline
+from . import export, linalg, pipeline, runtime
 from .adapter import TORCH_DTYPES, load_adapter
 from .errors import ExportError, OptionError
 from .fileio import check_output
@@ -48,17 +48,19 @@ def compress(
     Σ-weighted fit, distillation, KL metrics), ``quant`` (quantised storage) and ``run`` (force,
     progress, recorded command). Returns a :class:`~adaptzip.options.CompressResult`; its
     ``to_json()`` is what ``adaptzip compress --json`` prints."""
-    return pipeline.compress(
-        lora_dir,
-        output,
-        to=to,
-        budget=budget,
-        form_options={**(options or {}), **form_options},
-        fitting=fitting or FitOptions(),
-        calibration=calibration,
-        quant=quant or QuantOptions(),
-        run=run or RunOptions(),
-    )
+    run = run or RunOptions()
+    with runtime.threads(run.threads):
+        return pipeline.compress(
+            lora_dir,
+            output,
+            to=to,
+            budget=budget,
+            form_options={**(options or {}), **form_options},
+            fitting=fitting or FitOptions(),
+            calibration=calibration,
+            quant=quant or QuantOptions(),
+            run=run,
+        )
 
 
 def expand_targets() -> list[str]:

@@ -28,7 +28,7 @@ from rich.table import Table
 from . import api, fileio, progress, runtime
 from .errors import AdaptzipError, OptionError
 from .forms import BASELINE, REGISTRY
-from .options import CalibrationOptions, FitOptions, QuantOptions, RunOptions
+from .options import CalibrationOptions, FitOptions, QuantOptions, RunOptions, parse_duration
 
 app = typer.Typer(
     add_completion=False,
@@ -68,6 +68,25 @@ class Target(str, Enum):
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (human output suppressed).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace the output if it exists.")]
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--threads",
+        min=1,
+        help="torch threads (default: the CPU cores idle when the command starts).",
+        show_default=False,
+    ),
+]
+QuietOpt = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="No progress bars on stderr (they are shown on a terminal, also with --json)."),
+]
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
 
 
 def _command() -> str:
@@ -338,14 +357,33 @@ def compress(
         ),
     ] = 50000,
     calib_steps: Annotated[
-        int, typer.Option("--calib-steps", help="Distillation steps (batches of 4×128 tokens); 0 skips distillation.")
+        int,
+        typer.Option(
+            "--calib-steps",
+            help="Most distillation steps per form (batches of 4×128 tokens); it stops earlier when the held-out KL has converged; 0 skips distillation.",
+        ),
     ] = 300,
+    calib_time: Annotated[
+        str | None,
+        typer.Option(
+            "--calib-time",
+            help="Wall-clock budget for all distillation of this compress (600, 90s, 10m, 1.5h), shared by the forms distilled (the form and its svd baseline; auto's shortlist); steps then follow from the measured step time.",
+        ),
+    ] = None,
     calib_lr: Annotated[
         float | None,
         typer.Option(
-            "--calib-lr", help="Distillation learning rate (default: 1e-4 for a strong start, 1e-3 for a weak one)."
+            "--calib-lr",
+            help="Distillation learning rate (default: probed — 1e-4, 3.16e-4, 1e-3 and 3.16e-3 each run a few steps from the start and the best on the held-out text is kept).",
         ),
     ] = None,
+    precision: Annotated[
+        Precision,
+        typer.Option(
+            "--precision",
+            help="Of the distillation steps: auto (bf16 autocast on a CPU with AVX-512-BF16/AMX or a CUDA GPU with bf16, else fp32), fp32 or bf16. The form's parameters, optimiser state and losses stay fp32; teacher caches, Σ, held-out checks and eval metrics are always computed in fp32.",
+        ),
+    ] = Precision.auto,
     eval_text: Annotated[
         Path | None, typer.Option("--eval", help="Evaluation text (default: a held-out part of --calib).")
     ] = None,
@@ -371,6 +409,8 @@ def compress(
             help="Values per quantisation group (one fp16 scale each), along the input dimension of A and the output dimension of B: each rank direction gets its own scales.",
         ),
     ] = 64,
+    threads: ThreadsOpt = None,
+    quiet: QuietOpt = False,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     form_options: dict[str, Any] | None = None,
@@ -378,8 +418,9 @@ def compress(
     """Fit a PEFT LoRA into a compact form and write one container; prints size, error and the
     same-bytes svd baseline's error (with --base-model: KL, top-1 agreement and improvement kept,
     before and after distillation)."""
+    runtime.use_threads(threads)
     calibration = None
-    if base_model is not None or calib is not None or eval_text is not None or stats is not None:
+    if any(v is not None for v in (base_model, calib, eval_text, stats, calib_time)):
         calibration = CalibrationOptions(
             base_model=base_model,
             calib=calib,
@@ -389,6 +430,8 @@ def compress(
             stats_file=stats,
             device=device,
             lr=calib_lr,
+            seconds=None if calib_time is None else parse_duration(calib_time),
+            precision=precision.value,
         )
     res = api.compress(
         lora_dir,
@@ -397,7 +440,7 @@ def compress(
         **_fit_args(to, form_options, opt, dtype, seed),
         calibration=calibration,
         quant=QuantOptions(scheme=quant.value, group_size=group_size),
-        run=RunOptions(force=force, progress=not as_json, command=_command()),
+        run=RunOptions(force=force, progress=not quiet, command=_command()),
     ).to_json()
     unused = [] if res.get("sharing_used", True) else [f"sharing not used by {res['form']}: {res['sharing']}"]
     _warn(res.get("warnings", []) + unused)
@@ -492,10 +535,12 @@ def expand(
     ] = None,
     base_model: Annotated[Path | None, typer.Option(help="Base model directory (safetensors) for --to merged.")] = None,
     dtype: Annotated[DType | None, typer.Option(help="Output float dtype (default: container's; dense: fp32).")] = None,
+    threads: ThreadsOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Restore a container as a PEFT LoRA directory (also for vLLM), a dense ΔW file, or a merged model."""
+    runtime.use_threads(threads)
     res = api.expand(
         container,
         output,
@@ -515,9 +560,12 @@ def expand(
 
 @app.command()
 def verify(
-    container: Annotated[Path, typer.Argument(help="adaptzip container (.safetensors).")], as_json: JsonOpt = False
+    container: Annotated[Path, typer.Argument(help="adaptzip container (.safetensors).")],
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Check a container: manifest schema, tensor shapes against the manifest, payload hash."""
+    runtime.use_threads(threads)
     res = api.verify(container)
     _emit(
         res,
@@ -557,6 +605,15 @@ def batch(
     dtype: Annotated[DType | None, typer.Option(help="Container float dtype (default: each source's).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of every fit.")] = 0,
     jobs: Annotated[int | None, typer.Option("--jobs", "-j", help="Worker processes (default: CPU cores).")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="torch threads per worker (default: the CPU cores idle at start divided among the workers, at least 1).",
+            show_default=False,
+        ),
+    ] = None,
     shared_basis: Annotated[
         bool,
         typer.Option(
@@ -589,6 +646,7 @@ def batch(
         int | None, typer.Option("--group-size", help="Quantisation group size, passed to compress.")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo containers that are already up to date.")] = False,
+    quiet: QuietOpt = False,
     as_json: JsonOpt = False,
     form_options: dict[str, Any] | None = None,
 ) -> None:
@@ -610,10 +668,11 @@ def batch(
             "none" if quant is None else quant.value, DEFAULT_GROUP if group_size is None else group_size
         ),
         jobs=jobs,
+        threads=threads,
         force=force,
         shared_basis=shared_basis,
         executor=executor.value,
-        progress=not as_json and err.is_terminal,
+        progress=not quiet and err.is_terminal,
         command=_command(),
     )
 
@@ -713,11 +772,13 @@ def report(
     out: Annotated[
         Path | None, typer.Option("--out", help="Folder for report.md, report.json and the PNG charts.")
     ] = None,
+    threads: ThreadsOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Sizes, ratios, parameters, per-module errors (worst first), accuracy metrics and bit allocation of
     containers; with --out also charts (error per layer/type, error vs bytes with the svd baseline, spectra)."""
+    runtime.use_threads(threads)
     from . import report as rp
 
     res = rp.report(containers, against=against, out=out, force=force)

@@ -23,6 +23,7 @@ caches, divergences and training loop belong together.)
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from . import calibrate as cb
-from . import fit
+from . import fit, trainer
 from .adapter import Adapter
 from .errors import CalibrationError
 from .fileio import json_clean
@@ -45,12 +46,25 @@ TRAIN_TOPK = 64
 EVAL_TOPK = 256
 
 
-def default_lr(output_rel_error: float) -> float:
-    """The learning-rate rule: a strong start (Σ-weighted output error < 0.5, e.g. svd at ≥ 5%)
-    gets 1e-4 — larger steps first undo what the closed-form fit found; a weak start (shared forms
-    at small budgets, rank-1 floors) gets 1e-3. Distillation backs off ×0.1 once by itself when the
-    first held-out check is worse than the start."""
-    return 1e-4 if output_rel_error < 0.5 else 1e-3
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """(``fp32`` or ``bf16``, why) for the training passes. ``auto`` picks bf16 where the hardware
+    computes it natively — a CUDA device with bf16 support, or a CPU with AVX-512-BF16 or AMX
+    (bf16 matrix products at about twice the fp32 rate; elsewhere bf16 is emulated and slower)."""
+    if precision not in PRECISIONS:
+        raise CalibrationError(None, f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision, "asked"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"{torch.cuda.get_device_name(device)} computes bf16 natively"
+        return "fp32", f"{torch.cuda.get_device_name(device)} has no native bf16"
+    cpu = torch.cpu
+    if cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported():
+        return "bf16", "this CPU has " + ("AMX" if cpu._is_amx_tile_supported() else "AVX-512-BF16")
+    return "fp32", "this CPU has neither AVX-512-BF16 nor AMX (bf16 would be emulated)"
 
 
 @dataclass
@@ -96,6 +110,18 @@ class Calibration:
     seed: int = 0
     progress: bool = False
     timings: dict = field(default_factory=dict)
+    precision: str = "fp32"  # of the student's training steps
+    precision_reason: str = "asked"
+
+    def fast(self) -> contextlib.AbstractContextManager:
+        """The precision of the training steps: bf16 autocast (matrix products in bf16;
+        reductions, the form's parameters, its optimiser state and every loss in fp32), or nothing
+        for fp32. Teacher caches and Σ (one pass each) and every measurement — held-out checks
+        and eval metrics — are computed in fp32, so targets, statistics, the choice of the best
+        state and reported metrics do not depend on it."""
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        return torch.autocast(self.base.device.type, dtype=torch.bfloat16)
 
     # ----------------------------------------------------------------- forward passes
     @property
@@ -127,7 +153,7 @@ class Calibration:
         self, sp: Split, topk: int, label: str, sigma: cb.SigmaHooks | None = None, base_pass: bool = False
     ) -> None:
         """Fill the teacher outputs of a split (and Σ when ``sigma``; the base loss when
-        ``base_pass``)."""
+        ``base_pass``). Always in fp32: one pass per split, so Σ and the targets are exact."""
         lp_k, idx_k, hid, lgt = [], [], [], []
         ce_t = ce_b = 0.0
         n_ce = 0
@@ -141,7 +167,7 @@ class Calibration:
                         sigma.new_batch(None if mask is None else mask.to(self.base.device))
                     logits, hidden = self._forward(ids, mask)
                 if self.task == "lm":
-                    logp = torch.log_softmax(logits, -1)  # (B, T, V)
+                    logp = _log_probs(logits)  # (B, T, V)
                     ce_t += float(_next_token_ce(logp, ids.to(logp.device))) * ids[:, 1:].numel()
                     n_ce += ids[:, 1:].numel()
                     if topk >= logp.shape[-1]:
@@ -153,7 +179,7 @@ class Calibration:
                     if base_pass:
                         with self.modes.base_only():
                             lb, _ = self._forward(ids, mask)
-                        ce_b += float(_next_token_ce(torch.log_softmax(lb, -1), ids.to(lb.device))) * ids[:, 1:].numel()
+                        ce_b += float(_next_token_ce(_log_probs(lb), ids.to(lb.device))) * ids[:, 1:].numel()
                 else:
                     hid.append(hidden.cpu())
                     if logits is not None:
@@ -180,21 +206,27 @@ class Calibration:
                 sp.base_objective = ob_num / max(ob_den, 1e-30) + (kl_b / sp.n if lgt else 0.0)
 
     # ----------------------------------------------------------------- divergence
-    def _divergence(self, sp: Split, sl: slice, logits: Tensor | None, hidden: Tensor | None) -> dict[str, Tensor]:
+    def _divergence(
+        self, sp: Split, sl: slice, logits: Tensor | None, hidden: Tensor | None, train: bool = False
+    ) -> dict[str, Tensor]:
         """Per-batch sums against the teacher cache: kl (lm: over tokens; cls: over sequences),
-        top1 (agreements), n (count), hnum/hden (hidden-state error), ce (next-token CE sum)."""
+        top1 (agreements), n (count), hnum/hden (hidden-state error), ce (next-token CE sum).
+        ``train``: only what the objective needs (lm: kl and n; the (B, T, V) log-probs are never
+        materialised — the KL reads logits − logsumexp at the teacher's top-k)."""
         dev = self.base.device
         out: dict[str, Tensor] = {}
         if self.task == "lm":
-            logp = torch.log_softmax(logits, -1)  # (B, T, V)
+            lse = torch.logsumexp(logits, -1, keepdim=True)  # (B, T, 1): log-probs = logits − lse
             t_logp = sp.t_logp[sl].to(dev)
             t_idx = None if sp.t_idx is None else sp.t_idx[sl].to(dev).long()
-            out["kl"] = _topk_kl(logp, t_logp, t_idx).sum()
+            out["kl"] = _topk_kl(logits, lse, t_logp, t_idx).sum()
+            out["n"] = torch.tensor(float(logits.shape[0] * logits.shape[1]))
+            if train:
+                return out
             t_top = t_logp.argmax(-1) if t_idx is None else t_idx[..., 0]
-            out["top1"] = (logp.argmax(-1) == t_top).sum()
-            out["n"] = torch.tensor(float(logp.shape[0] * logp.shape[1]))
+            out["top1"] = (logits.argmax(-1) == t_top).sum()
             ids = sp.ids[sl].to(dev)
-            out["ce"] = _next_token_ce(logp, ids) * ids[:, 1:].numel()
+            out["ce"] = _next_token_ce(logits - lse, ids) * ids[:, 1:].numel()
             out["n_ce"] = torch.tensor(float(ids[:, 1:].numel()))
             return out
         mask = None if sp.mask is None else sp.mask[sl].to(dev)
@@ -219,7 +251,7 @@ class Calibration:
     @torch.no_grad()
     def evaluate(self, form: Form | None, split: str = "eval") -> dict[str, float]:
         """Divergence of the student (``form`` live; None: the base model) from the teacher on a
-        split: ``kl`` (nats per token, lm; per sequence over classes, cls), ``top1`` agreement,
+        split, in fp32: ``kl`` (nats per token, lm; per sequence over classes, cls), ``top1`` agreement,
         ``loss`` (lm next-token CE), ``objective``, ``hidden_rel_mse`` (encoders)."""
         sp = getattr(self, split)
         tot: dict[str, float] = {}
@@ -260,126 +292,104 @@ class Calibration:
         return 1.0 - ev["objective"] / sp.base_objective
 
     # ----------------------------------------------------------------- distillation
+    def train_step(
+        self, form: Form, opt: torch.optim.Optimizer, rows: Tensor, params: list[Tensor], clip: float = 1.0
+    ) -> float:
+        """One optimiser step of ``form`` on the train rows ``rows`` (in :attr:`precision`):
+        the student's forward with the form live, the divergence from the cached teacher,
+        backward, gradient-norm clipping of ``params`` (0: none), ``opt.step()``. Returns the loss."""
+        view = _Rows(self.train, rows)
+        with self.modes.student(form), self.fast():
+            logits, hidden = self._forward(view.ids, view.mask)
+        loss = self._objective(self._divergence(view, slice(None), logits, hidden, train=True))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        return float(loss.detach())
+
     def distil(
         self,
         form: Form,
         *,
         steps: int,
-        lr: float,
-        eval_every: int | None = None,
-        patience: int = 4,
-        warmup: float = 0.05,
+        lr: float | None = None,
+        seconds: float | None = None,
         clip: float = 1.0,
         weight_decay: float = 0.0,
+        reductions: int = 2,
         label: str = "distil",
     ) -> dict:
         """Train ``form``'s parameters (``form.trainable_groups()``) to imitate the teacher.
 
-        AdamW (lr, no weight decay by default), cosine schedule after a linear warm-up of
-        ``warmup·steps``, gradient-norm clipping, batches of ``batch_size`` random train rows
-        (seeded). Every ``eval_every`` steps (default: steps/10, ≥ 5) the held-out objective is
-        measured; the best state (the start included) is kept and training stops after
-        ``patience`` checks without improvement. If the first check is worse than the start the
-        run restarts once from the start with lr/10. Returns what happened."""
+        AdamW (no weight decay by default), gradient-norm clipping, batches of ``batch_size``
+        random train rows (seeded), the training passes in :attr:`precision`. The schedule and the
+        stops are :class:`adaptzip.trainer.Loop`'s: a probe of learning rates when ``lr`` is None,
+        a plateau schedule on the held-out objective, the best state (the start included) kept, and
+        a stop by convergence, after ``steps`` optimiser steps or before ``seconds`` of wall-clock
+        time (``reductions``: falls of the rate before the convergence stop). Then
+        ``form.finalize()``. Returns what happened (``distill_*``, ``heldout_*``)."""
         t0 = time.perf_counter()
-        dev = self.base.device
-        form.to(dev)
+        form.to(self.base.device)
         form.train()
-        groups = [g for g in form.trainable_groups() if any(p.requires_grad for p in g["params"])]
-        params = [p for g in groups for p in g["params"] if p.requires_grad]
-        start = self.evaluate(form, "heldout")["objective"]
-        info: dict[str, Any] = {
-            "distill_steps": 0,
-            "distill_lr": lr,
-            "heldout_before": start,
-            "heldout_after": start,
-            "distill_best_step": 0,
-        }
-        if steps <= 0 or not params or start <= 1e-10:  # nothing to train, or already the teacher
-            form.eval()
-            return info
-        every = eval_every or max(5, steps // 10)
-        init_state = _snapshot(form)
-        best, best_state, best_step = start, init_state, 0
-        done = 0
+        groups = [
+            {**g, "params": [p for p in g["params"] if p.requires_grad]}
+            for g in form.trainable_groups()
+            if any(p.requires_grad for p in g["params"])
+        ]
+        params = [p for g in groups for p in g["params"]]
         g = torch.Generator().manual_seed(self.seed)
-        for attempt in range(2):
-            # fresh group dicts per attempt; a form's group may carry ``lr_scale`` (× the run's lr)
-            pg = [
-                {
-                    **{k: v for k, v in grp.items() if k not in ("initial_lr", "lr_scale")},
-                    "lr": grp.get("lr", lr * grp.get("lr_scale", 1.0)),
-                }
-                for grp in groups
-            ]
-            opt = torch.optim.AdamW(pg, lr=lr, weight_decay=weight_decay)
-            n_warm = max(1, int(warmup * steps))
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt,
-                lambda s, n_warm=n_warm: (
-                    min(1.0, (s + 1) / n_warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-                ),
+        bs = min(self.batch_size, self.train.n)
+
+        def step(opt: torch.optim.Optimizer, rows: Tensor) -> float:
+            return self.train_step(form, opt, rows, params, clip)
+
+        with progress_bar(self.progress, f"{label} {form.name}", steps) as bar:
+            loop = trainer.Loop(
+                module=form,
+                groups=groups,
+                step=step,
+                heldout=lambda: self.evaluate(form, "heldout")["objective"],
+                draw=lambda: torch.randint(self.train.n, (bs,), generator=g),
+                tick=lambda **fields: bar(1, **fields),
+                weight_decay=weight_decay,
+                reductions=reductions,
             )
-            since = 0
-            restart = False
-            with progress_bar(self.progress, f"{label} {form.name}", steps) as bar:
-                for step in range(1, steps + 1):
-                    rows = torch.randint(self.train.n, (min(self.batch_size, self.train.n),), generator=g)
-                    ids = self.train.ids[rows]
-                    mask = None if self.train.mask is None else self.train.mask[rows]
-                    with self.modes.student(form):
-                        logits, hidden = self._forward(ids, mask)
-                    loss = self._objective(self._divergence(_Rows(self.train, rows), slice(None), logits, hidden))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if clip:
-                        nn.utils.clip_grad_norm_(params, clip)
-                    opt.step()
-                    sched.step()
-                    done += 1
-                    fields = {"loss": float(loss.detach())}
-                    if step % every == 0 or step == steps:
-                        v = self.evaluate(form, "heldout")["objective"]
-                        fields["heldout"] = v
-                        if attempt == 0 and step == every and v > start:
-                            restart = True  # the first check is worse than the start: lr too large
-                            bar(1, **fields)
-                            break
-                        if v < best * (1 - 1e-4):
-                            best, best_state, best_step, since = v, _snapshot(form), step, 0
-                        else:
-                            since += 1
-                    bar(1, **fields)
-                    if since >= patience:
-                        break
-            if not restart:
-                break
-            _restore(form, init_state)
-            lr /= 10
-            info["distill_lr"] = lr
-            info["distill_restarted"] = True
-        _restore(form, best_state)
-        form.finalize()
+            res = loop.run(steps=steps if params else 0, lr=lr, seconds=seconds)
+        if res["steps"]:
+            form.finalize()
         form.eval()
         secs = time.perf_counter() - t0
-        tok_per_row = self.train.ids.shape[1]
-        info.update(
-            {
-                "distill_steps": done,
-                "distill_best_step": best_step,
-                "heldout_after": self.evaluate(form, "heldout")["objective"],
-                "distill_seconds": secs,
-                "distill_tokens_per_s": done * self.batch_size * tok_per_row / max(secs, 1e-9),
-            }
-        )
+        info: dict[str, Any] = {
+            "distill_steps": res["steps"],
+            "distill_lr": res.get("lr"),
+            "distill_lr_final": res.get("lr_final"),
+            "distill_lr_probe": res.get("probe"),
+            "distill_stop": res["stop"],
+            "distill_best_step": res["best_step"],
+            "distill_precision": self.precision,
+            "heldout_before": res["heldout_before"],
+            "heldout_after": self.evaluate(form, "heldout")["objective"] if res["steps"] else res["heldout_before"],
+            "distill_seconds": secs,
+            "distill_tokens_per_s": res["steps"] * bs * self.train.ids.shape[1] / max(secs, 1e-9),
+        }
         return info
 
     # ----------------------------------------------------------------- the whole step
     def measure(
-        self, form: Form, ctx: FitContext, dtype: torch.dtype, *, steps: int, lr: float | None = None, prefix: str = ""
+        self,
+        form: Form,
+        ctx: FitContext,
+        dtype: torch.dtype,
+        *,
+        steps: int,
+        lr: float | None = None,
+        seconds: float | None = None,
+        prefix: str = "",
     ) -> dict[str, Any]:
-        """Metrics of ``form`` before distillation, ``steps`` of distillation (in place), metrics
-        after. The form's floats are rounded to the container ``dtype`` before each measurement
+        """Metrics of ``form`` before distillation, distillation in place (at most ``steps`` steps
+        and ``seconds``; ``lr`` None: probed), metrics after. The form's floats are rounded to the container ``dtype`` before each measurement
         so the numbers describe what is stored. Keys (with ``prefix``): kl_before, kl_after,
         top1_agreement_before, top1_agreement, improvement_kept_before, improvement_kept,
         ppl_compressed_before, ppl_compressed, output_rel_error_before, output_rel_error,
@@ -390,8 +400,9 @@ class Calibration:
         rep0 = fit.evaluate(form, self.adapter, ctx)  # Σ-weighted: ‖(ΔW−ΔŴ)X‖/‖ΔW X‖ on the calibration X
         form.to(self.base.device)
         ev0 = self.evaluate(form)
-        lr = default_lr(rep0.rel_error) if lr is None else lr
-        info = self.distil(form, steps=steps, lr=lr, label=f"distil{'' if not prefix else ' ' + prefix.rstrip('_')}")
+        info = self.distil(
+            form, steps=steps, lr=lr, seconds=seconds, label=f"distil{'' if not prefix else ' ' + prefix.rstrip('_')}"
+        )
         round_to(form, dtype)
         ev1 = self.evaluate(form) if info["distill_steps"] else ev0
         form.cpu()
@@ -428,6 +439,7 @@ class Calibration:
             "eval_tokens": self.eval.tokens,
             "eval_text": self.eval_source,
             "weighted": self.stats is not None,
+            "precision": self.precision,
         }
         if self.task == "lm":
             m["ppl_base"] = math.exp(min(self.eval.loss_base, 700))
@@ -470,11 +482,15 @@ def prepare(
     progress: bool = False,
     seed: int = 0,
     weighted: bool = True,
+    precision: str = "auto",
 ) -> Calibration:
     """Load the base + teacher, tokenise, compute Σ (or reuse ``stats`` / ``stats_file``) and the
     teacher caches. ``calib_tokens`` tokens of ``calib`` are used: a ``heldout`` fraction for early
     stopping, the same fraction for evaluation when no ``eval_text`` is given, the rest for
-    training. Σ is saved to ``save_stats_to`` when computed here."""
+    training. Σ is saved to ``save_stats_to`` when computed here. ``precision`` (auto, fp32,
+    bf16; see :func:`resolve_precision`) is that of the distillation steps; teacher caches, Σ
+    and every measurement are computed in fp32. This one session — one model load,
+    one Σ + teacher pass per split — serves every form a compress distils or measures."""
     t0 = time.perf_counter()
     if seq_len < 8:
         raise CalibrationError(None, f"sequence length {seq_len} is too short (≥ 8)")
@@ -519,8 +535,21 @@ def prepare(
         ev, src = Split(e_ids, e_mask), "eval"
     else:
         ev, src = take(eval_rows), "calib"
+    prec, why = resolve_precision(precision, base.device)
     cal = Calibration(
-        adapter, base, modes, train, hold, ev, src, None, batch_size=batch_size, seed=seed, progress=progress
+        adapter,
+        base,
+        modes,
+        train,
+        hold,
+        ev,
+        src,
+        None,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        precision=prec,
+        precision_reason=why,
     )
     vocab = base.vocab_size
     k_train = vocab if vocab and vocab <= 2 * TRAIN_TOPK else TRAIN_TOPK
@@ -552,23 +581,31 @@ def prepare(
         "stats_seconds": t2 - t1,
         "stats_tokens_per_s": train_tokens / max(t2 - t1, 1e-9),
         "prepare_seconds": time.perf_counter() - t0,
+        "teacher_tokens": train.tokens + hold.tokens + ev.tokens,
     }
     return cal
 
 
 # ------------------------------------------------------------------------------------ math
+def _log_probs(logits: Tensor) -> Tensor:
+    """logits − logsumexp: the log-probabilities exactly as the student's KL forms them
+    (:func:`_topk_kl`), so a student equal to the teacher has a KL of 0, not of rounding."""
+    return logits - torch.logsumexp(logits, -1, keepdim=True)
+
+
 def _next_token_ce(logp: Tensor, ids: Tensor) -> Tensor:
     """Mean CE of predicting ids[:, 1:] from logp[:, :-1]: logp (B, T, V), ids (B, T)."""
     return -logp[:, :-1].gather(-1, ids[:, 1:, None]).mean()
 
 
-def _topk_kl(logp: Tensor, t_logp: Tensor, t_idx: Tensor | None) -> Tensor:
-    """KL(p_t‖p_s) per token (B, T). logp: student log-probs (B, T, V); t_logp: teacher log-probs
-    (B, T, k) of tokens t_idx (B, T, k), or of the whole vocabulary when t_idx is None. With a
-    top-k cache the rest of the vocabulary is one bucket on both sides."""
+def _topk_kl(logits: Tensor, lse: Tensor, t_logp: Tensor, t_idx: Tensor | None) -> Tensor:
+    """KL(p_t‖p_s) per token (B, T). Student log-probs are logits − lse (logits (B, T, V), lse =
+    logsumexp (B, T, 1)); t_logp: teacher log-probs (B, T, k) of tokens t_idx (B, T, k), or of the
+    whole vocabulary when t_idx is None. With a top-k cache the rest of the vocabulary is one bucket
+    on both sides."""
     if t_idx is None:
-        return (t_logp.exp() * (t_logp - logp)).sum(-1)
-    s_k = logp.gather(-1, t_idx)  # (B, T, k)
+        return (t_logp.exp() * (t_logp - (logits - lse))).sum(-1)
+    s_k = logits.gather(-1, t_idx) - lse  # (B, T, k)
     p_k = t_logp.exp()
     kl = (p_k * (t_logp - s_k)).sum(-1)
     rest_t = (1 - p_k.sum(-1)).clamp_min(1e-12)
@@ -594,15 +631,6 @@ def _hidden_err_t(h: Tensor, t: Tensor, mask: Tensor | None) -> tuple[Tensor, Te
 def _hidden_err(h: Tensor, t: Tensor, mask: Tensor | None) -> tuple[float, float]:
     a, b = _hidden_err_t(h, t, mask)
     return float(a), float(b)
-
-
-def _snapshot(form: Form) -> dict[str, Tensor]:
-    return {k: v.detach().clone() for k, v in form.state_dict().items()}
-
-
-@torch.no_grad()
-def _restore(form: Form, state: dict[str, Tensor]) -> None:
-    form.load_state_dict(state)
 
 
 @torch.no_grad()

@@ -63,6 +63,28 @@ class FitOptions:
         return {"dtype": self.dtype, "seed": self.seed, "steps": self.steps, "baseline": self.baseline}
 
 
+_UNITS = {"s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """Seconds of ``--calib-time``: a number of seconds (``600``) or a number with a unit, s, m
+    (or min) or h (``90s``, ``10m``, ``1.5h``). Raises OptionError otherwise or when ≤ 0."""
+    if isinstance(text, (int, float)):
+        v = float(text)
+    else:
+        t = str(text).strip().lower()
+        unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if t.endswith(u)), "")
+        try:
+            v = float(t[: len(t) - len(unit)]) * _UNITS.get(unit, 1.0)
+        except ValueError:
+            raise OptionError(
+                None, f"--calib-time {text!r}: expected seconds or a duration like 90s, 10m, 1.5h"
+            ) from None
+    if not v > 0 or v == float("inf"):
+        raise OptionError(None, f"--calib-time {text!r}: must be a positive duration")
+    return v
+
+
 @dataclass(frozen=True)
 class CalibrationOptions:
     """Calibration on the base model: Σ statistics, distillation, behavioural metrics.
@@ -75,8 +97,13 @@ class CalibrationOptions:
     eval_text: evaluation text (None: a held-out part of ``calib``).
     stats_file: Σ file, reused when it exists, else written (None: ``<output>.stats.safetensors``).
     device: auto (CUDA when available), cpu or cuda.
-    lr: distillation learning rate (None: by the quality of the start).
-    auto_distil: with ``--to auto``, how many of the most promising forms are distilled."""
+    lr: distillation learning rate (None: probed on the held-out split, see adaptzip.trainer).
+    auto_distil: with ``--to auto``, how many of the most promising forms are distilled.
+    seconds: wall-clock budget for all distillation of one compress (None: ``steps`` and
+    convergence alone), shared by the forms distilled (the form and its svd baseline; auto's
+    shortlist).
+    precision: of the training passes: auto (bf16 where the CPU/GPU computes it natively), fp32
+    or bf16; the eval metrics are always computed in fp32."""
 
     base_model: str | Path | None = None
     calib: str | Path | None = None
@@ -89,6 +116,8 @@ class CalibrationOptions:
     seq_len: int = 128
     batch_size: int = 4
     auto_distil: int = 3
+    seconds: float | None = None
+    precision: str = "auto"
 
     def __post_init__(self):
         if self.base_model is None and (self.calib is not None or self.eval_text is not None):
@@ -99,6 +128,12 @@ class CalibrationOptions:
             raise OptionError(None, f"--calib-tokens {self.tokens} must be ≥ 1")
         if self.steps < 0:
             raise OptionError(None, f"--calib-steps {self.steps} must be ≥ 0")
+        if self.seconds is not None and self.base_model is None:
+            raise OptionError(None, "--calib-time limits distillation: it needs --base-model and --calib")
+        if self.seconds is not None and not self.seconds > 0:
+            raise OptionError(None, f"--calib-time must be > 0 seconds, got {self.seconds}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise OptionError(None, f"--precision {self.precision!r}: expected auto, fp32 or bf16")
         for name in ("seq_len", "batch_size", "auto_distil"):
             if getattr(self, name) < 1:
                 raise OptionError(None, f"calibration {name} must be ≥ 1, got {getattr(self, name)}")
@@ -135,11 +170,13 @@ class QuantOptions:
 @dataclass(frozen=True)
 class RunOptions:
     """How the command runs: replace an existing output, show progress on stderr, the command
-    line recorded in the manifest."""
+    line recorded in the manifest, torch's intra-op threads (None: leave them as they are; the
+    CLI sets the idle cores, see :func:`adaptzip.runtime.use_threads`)."""
 
     force: bool = False
     progress: bool = False
     command: str | None = None
+    threads: int | None = None
 
 
 @dataclass

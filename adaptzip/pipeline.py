@@ -34,6 +34,7 @@ from .fileio import check_output, json_clean
 from .forms import BASELINE, REGISTRY, FitContext, Form, get_form, is_baseline, lossless_form, make_config
 from .forms.base import config_to_json
 from .options import CalibrationOptions, CompressResult, FitOptions, QuantOptions, RunOptions
+from .trainer import LR_GRID
 
 _PLACEHOLDER = -1.2345678901234567e-300  # the longest JSON float: reserves header room for metrics
 MEASURE_KEYS = (
@@ -51,10 +52,13 @@ MEASURE_KEYS = (
     "worst_module",
     "distill_steps",
     "distill_lr",
+    "distill_lr_final",
+    "distill_lr_probe",
+    "distill_stop",
+    "distill_precision",
     "distill_best_step",
     "distill_seconds",
     "distill_tokens_per_s",
-    "distill_restarted",
     "heldout_before",
     "heldout_after",
     "ppl_compressed_before",
@@ -69,6 +73,7 @@ REFERENCE_KEYS = (
     "eval_tokens",
     "eval_text",
     "weighted",
+    "precision",
     "ppl_base",
     "ppl_source",
     "loss_base",
@@ -144,7 +149,7 @@ def compress(
     if cal is not None:
         if quant.scheme == "auto" and form_cls is not None:
             fitb = functools.partial(fitb, auto_report=qauto)
-        distil = Distillation(cal, fitb, calibration.steps, calibration.lr, run.command)
+        distil = Distillation(cal, fitb, calibration.steps, calibration.lr, run.command, Clock(calibration.seconds))
     if form_cls is None:
         built, auto_report = auto_select(req, distil, n_distil=calibration.auto_distil)
     elif cal is not None:
@@ -294,6 +299,7 @@ def calibration_session(
         batch_size=opts.batch_size,
         progress=run.progress,
         seed=fitting.seed,
+        precision=opts.precision,
     )
     return cal, cal.stats
 
@@ -307,18 +313,26 @@ def calibration_extras(cal, form: Form, adapter: Adapter, ctx: FitContext) -> di
     return {
         "module_output_rel_errors": dict(zip((m.name for m in adapter.modules), json_clean(rep.module_rel_errors))),
         "stats_file": cal.stats_info.get("saved_to"),
-        "timings": cal.timings,
+        "timings": {**cal.timings, "threads": torch.get_num_threads()},
+        "precision": {"used": cal.precision, "why": cal.precision_reason},
     }
 
 
 def metrics_template(adapter: Adapter, baseline: bool, auto: bool = False) -> dict:
     """Metrics with every value at its longest JSON length: the header room to reserve."""
     longest = max((m.name for m in adapter.modules), key=len)
+    strings = {  # the longest value of the metrics that are not one float
+        "worst_module": longest,
+        "distill_lr_probe": {f"{lr:.3g}": _PLACEHOLDER for lr in LR_GRID},
+        "distill_stop": "converged",
+        "distill_precision": "fp32",
+    }
     t: dict[str, Any] = dict.fromkeys(REFERENCE_KEYS + MEASURE_KEYS + WEIGHT_KEYS, _PLACEHOLDER)
     if baseline:
         t.update(dict.fromkeys(("svd_baseline_" + k for k in MEASURE_KEYS), _PLACEHOLDER))
-        t["svd_baseline_worst_module"] = longest
-    t.update({"worst_module": longest, "task": "hidden", "eval_text": "calib", "weighted": False})
+        t.update({"svd_baseline_" + k: v for k, v in strings.items()})
+    t.update(strings)
+    t.update({"task": "hidden", "eval_text": "calib", "weighted": False, "precision": "fp32"})
     if auto:
         t.update(dict.fromkeys(_AUTO_BASELINE_KEYS, _PLACEHOLDER))
         t["auto_candidates"] = dict.fromkeys((n for n, c in REGISTRY.items() if c.auto_candidate), _PLACEHOLDER)
@@ -326,27 +340,65 @@ def metrics_template(adapter: Adapter, baseline: bool, auto: bool = False) -> di
     return t
 
 
+class Clock:
+    """``--calib-time``: one wall-clock budget for every distillation of a compress (fits and
+    measurements are not counted). Each run gets an equal share of what is left (:meth:`share`),
+    so time a run did not need (it converged) goes to the runs after it. ``seconds`` None: no
+    budget."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self.spent = 0.0
+
+    def share(self, runs_left: int) -> float | None:
+        """Seconds for the next of ``runs_left`` distillations (None without a budget)."""
+        if self.seconds is None:
+            return None
+        return max(0.0, self.seconds - self.spent) / max(runs_left, 1)
+
+    def spend(self, metrics: dict, prefix: str = "") -> None:
+        """Count the distillation seconds a measurement reports."""
+        self.spent += float(metrics.get(prefix + "distill_seconds") or 0.0)
+
+
 @dataclass(frozen=True)
 class Distillation:
     """How forms are distilled in this run: the calibration session, the fit to use (plain or
-    quantisation-aware), steps and learning rate (None: by the start's quality), the recorded
-    command line."""
+    quantisation-aware), the step cap and learning rate (None: probed), the recorded command
+    line and the wall-clock budget shared by every distillation of the run."""
 
     cal: Any  # distill.Calibration (imported lazily: torch-heavy)
     fit: Callable[..., Built]
     steps: int
     lr: float | None
     command: str | None
+    clock: Clock = dataclasses.field(default_factory=lambda: Clock(None))
 
 
-def fit_and_distil(req: FitRequest, distil: Distillation, *, baseline: bool = True, auto: bool = False) -> Built:
+def fit_and_distil(
+    req: FitRequest, distil: Distillation, *, baseline: bool = True, auto: bool = False, runs_left: int = 1
+) -> Built:
     """Fit to the budget with header room reserved for the metrics, then measure + distil the
-    form (and the same-bytes svd baseline) and build the container."""
+    form (and the same-bytes svd baseline) and build the container. ``runs_left``: distillations
+    still to come in this compress, this one included (the form's own baseline aside), for the
+    share of ``--calib-time``."""
     cal, adapter, ctx, dtype = distil.cal, req.adapter, req.ctx, req.dtype
     template = metrics_template(adapter, baseline and not auto, auto)
     built = distil.fit(req, metrics_fn=lambda f, s: template, command=distil.command)
     form, size = built.form, built.size
-    m: dict[str, Any] = {**cal.reference_metrics(), **cal.measure(form, ctx, dtype, steps=distil.steps, lr=distil.lr)}
+    with_baseline = baseline and not auto and not is_baseline(form)
+    m: dict[str, Any] = {
+        **cal.reference_metrics(),
+        **cal.measure(
+            form,
+            ctx,
+            dtype,
+            steps=distil.steps,
+            lr=distil.lr,
+            seconds=distil.clock.share(runs_left + with_baseline),
+        ),
+    }
+    distil.clock.spend(m)
     m["rel_error"] = m["output_rel_error"] if cal.stats is not None else fit.evaluate(form, adapter, ctx).rel_error
     m["worst_module_rel_error"] = m["worst_module_output_rel_error"]
     if baseline and not auto:
@@ -355,7 +407,18 @@ def fit_and_distil(req: FitRequest, distil: Distillation, *, baseline: bool = Tr
             m["svd_baseline_bytes"] = size
         else:
             b, bsize = svd_baseline(adapter, size, dtype, ctx)
-            m.update(cal.measure(b, ctx, dtype, steps=distil.steps, lr=distil.lr, prefix="svd_baseline_"))
+            m.update(
+                cal.measure(
+                    b,
+                    ctx,
+                    dtype,
+                    steps=distil.steps,
+                    lr=distil.lr,
+                    seconds=distil.clock.share(runs_left),
+                    prefix="svd_baseline_",
+                )
+            )
+            distil.clock.spend(m, "svd_baseline_")
             m["svd_baseline_bytes"] = bsize
         m["svd_baseline_rel_error"] = m["svd_baseline_output_rel_error"]
     return build_within(req, form, m, distil.command)
@@ -422,9 +485,11 @@ def auto_select(
     order = sorted(fitted, key=lambda r: (r["form"] != BASELINE, r["score_before"]))
     shortlist = order[: max(1, n_distil)]
     best: tuple[dict, Built] | None = None
-    for r in shortlist:
+    for j, r in enumerate(shortlist):
         cls = REGISTRY[r["form"]]
-        built = fit_and_distil(req.but(form_cls=cls, config=cls.Config()), distil, auto=True)
+        built = fit_and_distil(
+            req.but(form_cls=cls, config=cls.Config()), distil, auto=True, runs_left=len(shortlist) - j
+        )
         mt = built.manifest["metrics"]
         r.update(
             distilled=True,

@@ -22,6 +22,7 @@ from rich.progress import (
     TaskID,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 
 console = Console(stderr=True)
@@ -64,8 +65,11 @@ class Bar:
 
 @contextlib.contextmanager
 def progress_bar(enabled: bool, label: str, total: int | None) -> Iterator[Bar]:
-    """A transient progress bar on stderr (when ``enabled`` and stderr is a terminal: elsewhere rich
-    cannot redraw a bar, and would leave a blank line where it was); yields a :class:`Bar`."""
+    """A transient progress bar on stderr with the elapsed time and an ETA (when ``enabled`` and
+    stderr is a terminal: elsewhere rich cannot redraw a bar, and would leave a blank line where it
+    was); yields a :class:`Bar`. stdout is never touched, so ``--json`` results and bars coexist;
+    ``--quiet`` turns them off. A distillation's bar counts to its step cap: a run that converges
+    sooner ends early."""
     if not enabled or not sys.stderr or not console.is_terminal:
         yield Bar()
         return
@@ -75,6 +79,8 @@ def progress_bar(enabled: bool, label: str, total: int | None) -> Iterator[Bar]:
         MofNCompleteColumn(),
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
         console=console,
         transient=True,
     ) as p:

@@ -1,6 +1,10 @@
 """Thread control and signals: the one place that changes torch's intra-op thread count, and the
 one place that installs SIGINT/SIGTERM handlers.
 
+Every command that computes takes ``--threads N`` (:func:`use_threads`); without it a command uses
+the cores that are idle when it starts (:func:`idle_cores`), and ``batch`` splits them among its
+workers.
+
 Small tensor work (element-wise kernels on a few thousand values, the test suite's tiny models)
 is memory-bound: waking a second thread costs more than it saves, and on a shared CPU far more
 (measured: ``torch.round`` on 5k values, 5 µs with one thread, 12 ms with two under load). Code
@@ -15,6 +19,7 @@ cleanup. ``batch`` installs its own handler (stop starting work) through the sam
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -43,6 +48,50 @@ class _SingleThread(contextlib.ContextDecorator):
 def set_threads(n: int) -> None:
     """torch on ``n`` (≥ 1) intra-op threads from now on (a worker process's share of the cores)."""
     torch.set_num_threads(max(1, int(n)))
+
+
+def cores() -> int:
+    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` elsewhere)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def idle_cores() -> int:
+    """Cores not already busy: :func:`cores` minus the 1-minute load average (rounded), at least
+    one. On a shared machine a second job at full width oversubscribes the cores, and OpenMP's
+    spinning threads then lose 2–4× (two jobs at 2 threads each on 2 cores, measured); starting at
+    the idle width avoids that, and on an idle machine it is every core."""
+    n = cores()
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        busy = 0.0
+    return max(1, min(n, int(round(n - busy))))
+
+
+@contextlib.contextmanager
+def threads(n: int | None) -> Iterator[None]:
+    """torch on ``n`` intra-op threads inside, the previous count restored after (``n`` None:
+    unchanged) — ``RunOptions.threads`` of the Python API."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    set_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def use_threads(n: int | None) -> int:
+    """torch's intra-op threads for this command: ``n`` when given (``--threads``), else
+    :func:`idle_cores`. Returns the count set."""
+    k = idle_cores() if n is None else int(n)
+    set_threads(k)
+    return max(1, k)
 
 
 def single_thread() -> _SingleThread:

@@ -213,7 +213,7 @@ def distil_experiment(
     f16 = fit_to_budget(req).form
     fq, _, man, _ = fit_to_budget(req, quant=scheme)
     storage = qz.Storage.from_json(man["storage"])
-    lr = distill.default_lr(0.0)  # a strong start (svd): 1e-4
+    lr = None  # probed, as compress does
     record("fp16 svd, fitted", f16, None, 0.0, rank=sum(f16.state_info["ranks"]))
     g = copy.deepcopy(f16)
     t0 = time.perf_counter()

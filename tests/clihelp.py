@@ -31,10 +31,12 @@ RESULT_KEYS = frozenset(
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:
+    import torch
+
     from adaptzip.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    old = sys.argv
+    old, threads = sys.argv, torch.get_num_threads()
     sys.argv = ["adaptzip", *map(str, args)]
     code = 0
     try:
@@ -44,6 +46,7 @@ def run_cli(*args: str) -> tuple[int, str, str]:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
         sys.argv = old
+        torch.set_num_threads(threads)  # the CLI sets its own (--threads, default: idle cores)
     return code, out.getvalue(), err.getvalue()
 
 

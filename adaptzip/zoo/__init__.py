@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import runtime
 from ..budget import parse_budget
 from ..errors import OptionError
 from ..fileio import check_writable, make_dirs
@@ -100,6 +101,7 @@ def batch(
     calibration: CalibrationOptions | None = None,
     quant: QuantOptions | None = None,
     jobs: int | None = None,
+    threads: int | None = None,
     force: bool = False,
     shared_basis: bool = False,
     executor: str = "process",
@@ -110,7 +112,8 @@ def batch(
 
     ``to``/``budget``/``options``/``fitting``/``calibration``/``quant``: as
     :func:`adaptzip.api.compress` (the budget applies to each adapter; None: the defaults).
-    ``jobs``: worker processes (default: CPU cores). ``force``: redo containers that are up to
+    ``jobs``: worker processes (default: CPU cores). ``threads``: torch threads per worker
+    (default: the idle cores divided among the workers, at least one). ``force``: redo containers that are up to
     date. ``shared_basis``: also fit zoo-level shared bases where sharing pays
     (:mod:`adaptzip.zoo.sharing`; weight space only: not with calibration, quantisation or Σ
     statistics). ``executor``: ``process`` or ``ray`` (Ray tasks on the cluster that ``ray.init()``
@@ -138,9 +141,11 @@ def batch(
     config = make_config(get_form(to), options or {})
     if budget is not None:
         parse_budget(budget, 1 << 20)
-    jobs = (os.cpu_count() or 1) if jobs is None else jobs
+    jobs = runtime.cores() if jobs is None else jobs
     if jobs < 1:
         raise OptionError(None, f"--jobs {jobs}: expected ≥ 1")
+    if threads is not None and threads < 1:
+        raise OptionError(None, f"--threads {threads}: expected ≥ 1")
     if executor not in ("process", "ray"):
         raise OptionError(None, f"--executor {executor!r}: expected process or ray")
     if shared_basis:
@@ -155,7 +160,7 @@ def batch(
     digest = options_sha256(opts)
     check_writable(out, folder=True)
     made = make_dirs(out)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, runtime.idle_cores() // jobs) if threads is None else threads
     run = _Run()
     sharing: dict | None = None
     try:

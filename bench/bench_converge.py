@@ -1,0 +1,136 @@
+"""Does distillation converge at its defaults? On SmolLM2-135M-Instruct with its real r=16 LoRA
+(examples/real_smollm2.py's), one form per budget — svd at 25%, bslora-ke at 5%, vblora at 1% of
+the LoRA's bytes — is distilled with the defaults (``Calibration.distil``: learning rate probed,
+plateau schedule, convergence stop, at most ``--steps`` steps), then the same run goes on for twice
+as many steps again (3× the default cap in all) at the rate it ended with, with the convergence
+stop off. Goal: the defaults' eval KL within 10% of the best the 3× longer run finds.
+
+    python bench/bench_converge.py [--cases 0.01:vblora,0.05:bslora-ke,0.25:svd] [--steps 300] [--threads 2]
+
+Writes bench/out/converge.json and bench/out/converge.md (block ``converge``). Each case
+appends to the JSON as it finishes, so a long run can be cut and resumed (finished cases are
+kept unless ``--redo``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from bench_calibrate import _fit, _smollm2
+from common import OUT, machine_info, markdown_doc, write_outputs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", default="0.01:vblora,0.05:bslora-ke,0.25:svd")
+    ap.add_argument("--steps", type=int, default=300, help="the default step cap (--calib-steps)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calib-tokens", type=int, default=50000, help="compress's default --calib-tokens")
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--redo", action="store_true")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from adaptzip import distill
+
+    path = args.out / "converge.json"
+    done = {} if args.redo or not path.is_file() else {r["case"]: r for r in json.loads(path.read_text())["rows"]}
+    ad, gguf, calib, evaltext = _smollm2()
+    t0 = time.perf_counter()
+    cal = distill.prepare(
+        ad, gguf, calib, calib_tokens=args.calib_tokens, eval_text=evaltext, eval_tokens=args.eval_tokens
+    )
+    for spec in args.cases.split(","):
+        frac, name = spec.split(":")
+        if spec in done:
+            continue
+        form = _fit(ad, name, float(frac), cal.stats)
+        kl0 = cal.evaluate(form.to(cal.base.device))["kl"]
+        t1 = time.perf_counter()
+        a = cal.distil(form, steps=args.steps)
+        kl1 = cal.evaluate(form)["kl"]
+        t2 = time.perf_counter()
+        b = cal.distil(form, steps=2 * args.steps, lr=a["distill_lr_final"] or a["distill_lr"], reductions=10**6)
+        kl3 = cal.evaluate(form)["kl"]
+        done[spec] = {
+            "case": spec,
+            "budget": float(frac),
+            "form": name,
+            "kl_start": kl0,
+            "kl_default": kl1,
+            "kl_3x": min(kl1, kl3),
+            "ratio": kl1 / min(kl1, kl3),
+            "default_steps": a["distill_steps"],
+            "default_stop": a["distill_stop"],
+            "default_lr": a["distill_lr"],
+            "default_probe": a["distill_lr_probe"],
+            "default_seconds": t2 - t1,
+            "more_steps": b["distill_steps"],
+            "more_best_step": b["distill_best_step"],
+            "more_seconds": time.perf_counter() - t2,
+            "precision": cal.precision,
+        }
+        print(json.dumps(done[spec]), flush=True)
+        _write(args, done, cal, t0)
+    _write(args, done, cal, t0)
+
+
+def _write(args, done: dict, cal, t0: float) -> None:
+    rows = sorted(done.values(), key=lambda r: -r["budget"])
+    targets = [
+        {
+            "name": f"default KL / best KL of the 3× run ({r['form']} at {r['budget']:.0%})",
+            "measured": r["ratio"],
+            "limit": 1.10,
+        }
+        for r in rows
+    ]
+    for t in targets:
+        t["ok"] = t["measured"] <= t["limit"]
+    res = {
+        "machine": machine_info(),
+        "threads": args.threads,
+        "steps_cap": args.steps,
+        "rows": rows,
+        "targets": targets,
+    }
+    cols = [
+        "budget",
+        "form",
+        "KL start",
+        "KL defaults",
+        "steps (stop)",
+        "lr probed",
+        "KL 3× run",
+        "defaults / 3×",
+        "minutes",
+    ]
+    trs = [
+        [
+            f"{r['budget']:.0%}",
+            r["form"],
+            f"{r['kl_start']:.4f}",
+            f"{r['kl_default']:.4f}",
+            f"{r['default_steps']} ({r['default_stop']})",
+            f"{r['default_lr']:.3g}",
+            f"{r['kl_3x']:.4f}",
+            f"{r['ratio']:.3f}",
+            f"{(r['default_seconds'] + r['more_seconds']) / 60:.0f}",
+        ]
+        for r in rows
+    ]
+    intro = (
+        f"Convergence at the defaults on SmolLM2-135M-Instruct (its real r=16 LoRA; {args.calib_tokens} calibration tokens, "
+        f"eval on {cal.eval.tokens} held-out news tokens, KL in fp32; training steps in {cal.precision}; {args.threads} threads). "
+        f"Defaults: learning rate probed, plateau schedule, convergence stop, ≤ {args.steps} steps. The 3× run continues the "
+        f"same form for {2 * args.steps} more steps at its final rate with no convergence stop."
+    )
+    write_outputs(args.out, "converge", res, markdown_doc(intro, cols, trs, targets))
+
+
+if __name__ == "__main__":
+    main()
