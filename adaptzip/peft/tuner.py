@@ -29,6 +29,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..adapter import ModuleInfo, split_layer
 from ..forms import REGISTRY
+from ..forms.base import live_factors
 from .config import AdaptzipFormConfig, BSLoRAConfig, JointConfig, MASAConfig, VBLoRACompactConfig
 
 FORMS = "adaptzip_forms"  # the tuner's ModuleDict: adapter name -> live form
@@ -82,8 +83,10 @@ class FormLayer(nn.Module, BaseTunerLayer):
 
     # -- the update -----------------------------------------------------------------
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B out×k, A k×in) of this layer in adapter ``name``, from the form's own code."""
-        return self._forms[name].factors(self.adaptzip_index[name])
+        """(B out×k, A k×in) of this layer in adapter ``name``, from the form's own code (in the
+        form's precision under autocast: :func:`adaptzip.forms.base.live_factors`)."""
+        form = self._forms[name]
+        return live_factors(form, self.adaptzip_index[name], self.get_base_layer().weight.device.type)
 
     def _delta_out(self, x: torch.Tensor, name: str) -> torch.Tensor:
         B, A = self.factors(name)
