@@ -8,10 +8,11 @@
 * :func:`teacher_model` — ``PeftModel.from_pretrained`` of the source directory on the base, and
   :class:`Modes` to switch one loaded model between *teacher* (base + source LoRA), *base* (no
   adapter) and *student* (base + a :class:`~adaptzip.forms.base.Form` live, see :mod:`.distill`).
-* :class:`SigmaHooks` — forward hooks accumulating Σ_m = E[x xᵀ] (in×in, fp32, streamed) of
-  every adapted module's input, keyed by ``ModuleInfo.name``; :func:`save_stats` /
-  :func:`load_stats` store them in a safetensors file (modules that see the same input tensor,
-  e.g. q/k/v, share one stored matrix).
+* :class:`SigmaHooks` — forward hooks accumulating every adapted module's input statistics
+  Σ_m = E[x xᵀ], keyed by ``ModuleInfo.name``: by default a streamed sketch exact on the source's
+  row space (:mod:`adaptzip.sigma`), or the exact in×in fp32 matrix (``sketch=None``);
+  :func:`save_stats` / :func:`load_stats` store either in a safetensors file (formats/stats.md;
+  modules that see the same input tensor, e.g. q/k/v, share one stored entry).
 
 The distillation and the metrics live in :mod:`adaptzip.distill`. (Slightly over ~500 lines: the
 four parts are the base-model side of calibration and share its loading and hooks.)
@@ -21,24 +22,26 @@ from __future__ import annotations
 
 import contextlib
 import json
+import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from . import sigma as sg
 from .adapter import Adapter, ModuleInfo
 from .errors import BaseModelError, CalibrationError
-from .fileio import atomic_file
+from .fileio import atomic_file, save_tensors
+from .forms.base import live_factors
 from .progress import quiet_third_party
+from .sigma import SigmaSketch
 
 Tensor = torch.Tensor
 STATS_FORMAT = "adaptzip-stats"
-# Embedding Σ is diag(token frequencies), stored dense (vocab×vocab) only up to this vocabulary.
-MAX_EMBED_SIGMA_VOCAB = 16384
+STATS_VERSION = 2
 
 
 # --------------------------------------------------------------------------------------- text
@@ -402,13 +405,13 @@ def _delta_hook(form, i: int, m: ModuleInfo, layer: nn.Module):
     if m.kind == "embedding":
 
         def hook(mod, args, out):
-            B, A = form.factors(i)  # B (dim×k), A (k×vocab)
+            B, A = live_factors(form, i, out.device.type)  # B (dim×k), A (k×vocab)
             d = nn.functional.embedding(args[0], A.T) @ B.T  # (…, dim)
             return out + d.to(out.dtype)
     else:
 
         def hook(mod, args, out):
-            B, A = form.factors(i)  # B (out×k), A (k×in)
+            B, A = live_factors(form, i, out.device.type)  # B (out×k), A (k×in)
             x = args[0]  # (…, in)
             d = (x.to(A.dtype) @ A.T) @ B.T  # (…, out)
             if bias is not None:
@@ -419,127 +422,233 @@ def _delta_hook(form, i: int, m: ModuleInfo, layer: nn.Module):
 
 
 # ----------------------------------------------------------------------------------- Σ stats
-class SigmaHooks:
-    """Forward pre-hooks that accumulate Σ_m = Σ_x x xᵀ (fp32, on the model's device) over the
-    tokens of every forward while active; modules fed the same input tensor (q/k/v, gate/up)
-    share one accumulator. ``mask`` (B, T) selects the tokens that count (None: all)."""
+@dataclass
+class _Call:
+    """One call of a slot's modules: the input's identity (``key`` while ``ref`` is alive: a live
+    tensor's memory cannot be reused, so an equal key is the same input), its contribution
+    (None while the slot is open: it is in the sums already) and the members that have seen it."""
 
-    def __init__(self, base: Base, modules: Sequence[ModuleInfo]):
+    key: tuple
+    ref: weakref.ReferenceType
+    part: tuple | None
+    seen: set[int] = field(default_factory=set)
+
+    def same_input(self, key: tuple) -> bool:
+        return self.key == key and self.ref() is not None
+
+
+class SigmaHooks:
+    """Forward pre-hooks that accumulate Σ_m = Σ_x x xᵀ / N of every adapted module's input over
+    the tokens of every forward while active; ``mask`` (B, T) selects the tokens that count (None:
+    all). :meth:`observe` is the hook's whole work: calling it with inputs directly (``base`` may
+    then be None) goes through the same code.
+
+    ``sketch``: the stored rank of each slot's Σ sketch (:mod:`adaptzip.sigma`: exact on the row
+    space of ``rows``, the source's A factors, read from the base's LoRA layers by default), or
+    None for the exact in×in fp32 Σ. A slot keeps the dense Σ anyway when it is no larger than its
+    sketch; embeddings keep diag(token frequencies), exact. The sketch's Gaussian test matrices
+    come from ``seed``: the same inputs and seed give the same statistics, bit for bit (on one
+    machine and thread count).
+
+    Sharing: modules fed the same input tensor on their first batch (q/k/v, gate/up) share one
+    slot (one accumulator, one stored entry; the sketch is then exact on all their rows). A slot's
+    batch contribution is added once every member has seen that input; a member fed another input
+    later is split off exactly, with the sums before that contribution plus its own input. Inputs
+    are identified by (address, shape, stride, device) while alive; none is kept alive here."""
+
+    def __init__(
+        self,
+        base: Base | None,
+        modules: Sequence[ModuleInfo],
+        sketch: int | None = sg.SKETCH_RANK,
+        *,
+        rows: Sequence[Tensor | None] | None = None,
+        seed: int = 0,
+    ):
         self.modules = list(modules)
         self.base = base
-        self.slot: dict[int, int] = {}  # module index -> accumulator index
-        self.acc: list[Tensor] = []
-        self.count: list[int] = []
+        self.sketch = sketch
+        self.seed = seed
+        self.rows = list(rows) if rows is not None else [_lora_rows(base, m) for m in self.modules]
+        self._gen = torch.Generator().manual_seed(seed)
+        self.slot: dict[int, int] = {}  # module index -> slot
+        self.acc: list[sg.Accumulator] = []
+        self.members: list[list[int]] = []
+        self._open: dict[int, None] = {}  # slots created this batch with one call so far: others may join
+        self._call: dict[int, _Call] = {}  # slot -> its call in progress
         self.mask: Tensor | None = None
-        self._batch: dict[tuple, tuple] = {}  # this batch's (xᵀx, tokens, x) by input identity
-        self._leader_key: dict[int, tuple] = {}  # slot -> the input identity its leader saw this batch
         self.handles: list = []
 
     def __enter__(self):
         for j, m in enumerate(self.modules):
-            self.handles.append(self.base.layers[m.name].register_forward_pre_hook(self._hook(j, m)))
+            self.handles.append(self.base.layers[m.name].register_forward_pre_hook(self._hook(j)))
         return self
 
     def __exit__(self, *exc):
+        self._end_batch()
         for h in self.handles:
             h.remove()
         self.handles = []
-        self._batch = {}
 
     def new_batch(self, mask: Tensor | None) -> None:
+        self._end_batch()
         self.mask = mask
-        self._batch = {}
-        self._leader_key = {}
 
-    def _xtx(self, m: ModuleInfo, x: Tensor) -> tuple[Tensor, int]:
-        if m.kind == "embedding":
-            ids = x[self.mask.bool()] if self.mask is not None and x.shape == self.mask.shape else x
-            cnt = torch.bincount(ids.reshape(-1), minlength=m.in_features).float()
-            return cnt, int(ids.numel())
-        x = x.detach().float()
-        if self.mask is not None and tuple(x.shape[:-1]) == tuple(self.mask.shape):
-            x = x[self.mask.bool()]  # (tokens, in): padding left out
-        x = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        return x.T @ x, int(x.shape[0])
-
-    def _hook(self, j: int, m: ModuleInfo):
+    def _hook(self, j: int):
         def hook(mod, args):
-            x = args[0]
-            key = (x.data_ptr(), tuple(x.shape), m.kind)
-            if key not in self._batch:
-                # keep x alive for the batch: its memory cannot be reused by a later input,
-                # so equal keys really mean the same tensor
-                self._batch[key] = (*self._xtx(m, x), x)
-            xtx, n, _ = self._batch[key]
-            if j not in self.slot:
-                # first batch: share the accumulator of a module that ran before on the same tensor
-                for s_, k_ in self._leader_key.items():
-                    if k_ == key:
-                        self.slot[j] = s_
-                        return
-                self.slot[j] = len(self.acc)
-                self.acc.append(xtx.clone())
-                self.count.append(n)
-                self._leader_key[self.slot[j]] = key
-                return
-            s = self.slot[j]
-            if s not in self._leader_key:  # this module leads its slot
-                self._leader_key[s] = key
-                self.acc[s] += xtx
-                self.count[s] += n
-            elif self._leader_key[s] != key:
-                # the sharing seen on the first batch does not hold: split this module off,
-                # exactly (its slot holds the leader's sum, the leader's batch part included)
-                lead_xtx, lead_n, _ = self._batch[self._leader_key[s]]
-                self.slot[j] = len(self.acc)
-                self.acc.append(self.acc[s] - lead_xtx + xtx)
-                self.count.append(self.count[s] - lead_n + n)
-                self._leader_key[self.slot[j]] = key
+            self.observe(j, args[0])
 
         return hook
 
-    def result(self) -> tuple[dict[str, Tensor], dict]:
-        """Σ per module name (shared tensors where shared) on the CPU, and facts for the file."""
-        sig: list[Tensor | None] = []
-        for a, n in zip(self.acc, self.count):
-            sig.append(a.double().div(max(n, 1)).float().cpu())
-        out: dict[str, Tensor] = {}
-        omitted: list[str] = []
+    def _inputs(self, m: ModuleInfo, x: Tensor) -> Tensor:
+        """The counted tokens of x: ids (N,) for an embedding, else (N, in) fp32."""
+        mask = self.mask
+        if m.kind == "embedding":
+            return x[mask.bool()] if mask is not None and x.shape == mask.shape else x.reshape(-1)
+        x = x.detach().float()
+        if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+            x = x[mask.bool()]  # (tokens, in): padding left out
+        return x.reshape(-1, x.shape[-1])
+
+    def observe(self, j: int, x: Tensor) -> None:
+        """Module j is called with input x."""
+        m = self.modules[j]
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), str(x.device), m.kind)
+        s = self.slot.get(j)
+        if s is None:
+            self._first(j, key, x)
+            return
+        c = self._call.get(s)
+        if c is not None and j not in c.seen:
+            if c.same_input(key):
+                c.seen.add(j)
+                self._commit_if_seen(s)
+            else:
+                self._split(j, s, x)
+            return
+        if c is not None:  # j runs again: its slot's previous call is over
+            self._close(s)
+        self._call[s] = _Call(key, weakref.ref(x), self.acc[s].part(self._inputs(m, x)), {j})
+        self._commit_if_seen(s)
+
+    def _first(self, j: int, key: tuple, x: Tensor) -> None:
+        """Module j's first call: join the open slot fed this very input, or open a new one."""
+        m = self.modules[j]
+        for s in self._open:
+            if self._call[s].same_input(key):
+                self.slot[j] = s
+                self.members[s].append(j)
+                self._call[s].seen.add(j)
+                self.acc[s].extend(self.rows[j], self._inputs(m, x))
+                self.rows[j] = None
+                return
+        xs = self._inputs(m, x)
+        acc = sg.accumulator(m.in_features, m.kind, self.rows[j], self.sketch, self._gen, xs.device)
+        self.rows[j] = None  # the accumulator keeps its basis of the rows
+        acc.add(acc.part(xs))
+        s = len(self.acc)
+        self.acc.append(acc)
+        self.members.append([j])
+        self.slot[j] = s
+        self._open[s] = None
+        self._call[s] = _Call(key, weakref.ref(x), None, {j})
+
+    def _commit_if_seen(self, s: int) -> None:
+        c = self._call[s]
+        if s not in self._open and c.seen.issuperset(self.members[s]):
+            self.acc[s].add(c.part)
+            del self._call[s]
+
+    def _new_slot(self, acc: sg.Accumulator, members: list[int]) -> None:
+        t = len(self.acc)
+        self.acc.append(acc)
+        self.members.append(members)
+        for j in members:
+            self.slot[j] = t
+
+    def _split(self, j: int, s: int, x: Tensor) -> None:
+        """Member j of slot s is fed another input than the slot's call in progress: it leaves
+        with the sums before that call (whose part is not added yet) plus its own input."""
+        acc = self.acc[s].copy()
+        acc.add(acc.part(self._inputs(self.modules[j], x)))
+        self.members[s].remove(j)
+        self._new_slot(acc, [j])
+        self._commit_if_seen(s)
+
+    def _close(self, s: int) -> None:
+        """End slot s's call in progress: members that did not see its input leave (with the sums
+        before it), then its part is added."""
+        c = self._call.pop(s)
+        if s in self._open:
+            del self._open[s]  # the first call's part is in the sums already
+            return
+        missing = [j for j in self.members[s] if j not in c.seen]
+        if missing:
+            self.members[s] = [j for j in self.members[s] if j in c.seen]
+            self._new_slot(self.acc[s].copy(), missing)
+        self.acc[s].add(c.part)
+
+    def _end_batch(self) -> None:
+        for s in list(self._call):
+            self._close(s)
+
+    def result(self) -> tuple[dict[str, Tensor | SigmaSketch], dict]:
+        """Σ per module name (one shared object per slot) on the CPU, and facts for the file.
+        Releases the sums (call once, after the last batch)."""
+        self._end_batch()
         for j, m in enumerate(self.modules):
             if j not in self.slot:
                 raise CalibrationError(
                     None, f"module {m.name} never ran during calibration (is it used by the model's forward?)"
                 )
-            s = sig[self.slot[j]]
-            if m.kind == "embedding":
-                if m.in_features > MAX_EMBED_SIGMA_VOCAB:
-                    omitted.append(m.name)
-                    continue
-                s = torch.diag(s)  # one-hot inputs: Σ = diag(token frequencies)
-            out[m.name] = s
-        return out, {"omitted": omitted, "tokens": max(self.count, default=0)}
+        used = sorted(set(self.slot.values()))
+        tokens = max((self.acc[s].count for s in used), default=0)
+        sig = {s: self.acc[s].result() for s in used}
+        out = {m.name: sig[self.slot[j]] for j, m in enumerate(self.modules)}
+        return out, {"tokens": tokens, "sketch": self.sketch, "seed": self.seed}
 
 
-def save_stats(path: Path, stats: dict[str, Tensor], info: dict) -> None:
-    """Write Σ statistics: tensors ``sigma.{j}`` (in×in fp32; one per distinct tensor) and the
-    ``adaptzip-stats`` JSON metadata mapping module names to them (atomic)."""
+def _lora_rows(base: Base | None, m: ModuleInfo) -> Tensor | None:
+    """The A factor (r×in) of module m's attached LoRA layer (None for embeddings or no layer)."""
+    if base is None or m.kind == "embedding":
+        return None
+    lora_A = getattr(base.layers.get(m.name), "lora_A", None)
+    if lora_A is None or "default" not in lora_A:
+        return None
+    return lora_A["default"].weight.detach().float().cpu()
+
+
+def save_stats(path: Path, stats: dict[str, Tensor | SigmaSketch], info: dict) -> None:
+    """Write Σ statistics (formats/stats.md, version 2): per distinct Σ object a slot j, stored as
+    ``sigma.{j}`` (full, in×in fp32) or ``sketch.{j}.L`` / ``.U`` / ``.d`` (fp32), and the
+    ``adaptzip-stats`` JSON metadata mapping module names to slots (atomic; the same statistics
+    give the same bytes)."""
     uniq: dict[int, int] = {}
     tensors: dict[str, Tensor] = {}
     names: dict[str, int] = {}
+    slots: list[str] = []
     for name, t in stats.items():
         if id(t) not in uniq:
-            uniq[id(t)] = len(uniq)
-            tensors[f"sigma.{uniq[id(t)]}"] = t.contiguous()
+            j = uniq[id(t)] = len(uniq)
+            if isinstance(t, SigmaSketch):
+                slots.append("sketch")
+                for part, v in t.tensors().items():
+                    tensors[f"sketch.{j}.{part}"] = v.float().contiguous()
+            else:
+                slots.append("full")
+                tensors[f"sigma.{j}"] = t.float().contiguous()
         names[name] = uniq[id(t)]
-    meta = {"format": STATS_FORMAT, "version": 1, "modules": names, **info}
+    meta = {**info, "format": STATS_FORMAT, "version": STATS_VERSION, "modules": names, "slots": slots}
     with atomic_file(Path(path)) as tmp:
-        save_file(tensors, str(tmp), metadata={STATS_FORMAT: json.dumps(meta, sort_keys=True)})
+        save_tensors(tmp, tensors, metadata={STATS_FORMAT: json.dumps(meta, sort_keys=True)})
 
 
-def load_stats(path: str | Path, adapter: Adapter | None = None) -> tuple[dict[str, Tensor], dict]:
-    """Read a stats file; with ``adapter``, check that every module has Σ of shape (in, in)
-    (embeddings whose Σ was omitted for size excepted). Raises CalibrationError naming the
-    file and the first missing or mismatched module."""
+def load_stats(path: str | Path, adapter: Adapter | None = None) -> tuple[dict[str, Tensor | SigmaSketch], dict]:
+    """Read a stats file (version 1: full Σ only; version 2: full or sketch per slot). Every
+    stored Σ must be well formed: finite values, a full Σ square with a non-negative diagonal, a
+    sketch's L, U, d of one size n with d ≥ 0 and U's columns orthonormal. With ``adapter``, every
+    module must have Σ of size in_features (version-1 embeddings omitted for size excepted).
+    Raises CalibrationError naming the file and the first missing or bad module."""
     path = Path(path)
     if not path.is_file():
         raise CalibrationError(path, "no such statistics file")
@@ -548,26 +657,79 @@ def load_stats(path: str | Path, adapter: Adapter | None = None) -> tuple[dict[s
             meta = json.loads((f.metadata() or {}).get(STATS_FORMAT, "null"))
             if not isinstance(meta, dict) or meta.get("format") != STATS_FORMAT:
                 raise CalibrationError(path, "not an adaptzip statistics file (no adaptzip-stats metadata)")
-            cache: dict[int, Tensor] = {}
-            stats = {}
+            version = meta.get("version", 1)
+            if version not in (1, STATS_VERSION):
+                raise CalibrationError(
+                    path, f"statistics file version {version} (this adaptzip reads versions 1 and {STATS_VERSION})"
+                )
+            kinds = meta["slots"] if version >= 2 else None
+            keys = set(f.keys())
+            cache: dict[int, Tensor | SigmaSketch] = {}
+            stats: dict[str, Tensor | SigmaSketch] = {}
             for name, j in meta["modules"].items():
                 if j not in cache:
-                    cache[j] = f.get_tensor(f"sigma.{j}").float()
+                    kind = "full" if kinds is None else kinds[j]
+                    want = [f"sigma.{j}"] if kind == "full" else [f"sketch.{j}.{p}" for p in ("L", "U", "d")]
+                    if kind not in ("full", "sketch"):
+                        raise CalibrationError(path, f"module {name}: unknown statistics kind {kind!r}")
+                    absent = [k for k in want if k not in keys]
+                    if absent:
+                        raise CalibrationError(path, f"module {name}: tensor {absent[0]} is missing")
+                    got = [f.get_tensor(k).float() for k in want]
+                    cache[j] = got[0] if kind == "full" else _sketch_or_none(*got)
                 stats[name] = cache[j]
-    except (SafetensorError, OSError, json.JSONDecodeError, KeyError) as e:
+    except (SafetensorError, OSError, json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError) as e:
         raise CalibrationError(path, f"unreadable statistics file: {_first_line(e)}") from e
-    if adapter is not None:
-        omitted = set(meta.get("omitted", []))
-        for m in adapter.modules:
-            if m.name not in stats:
-                if m.name in omitted:
-                    continue
-                raise CalibrationError(
-                    path, f"no statistics for module {m.name} (computed for another adapter or base?)"
-                )
-            if tuple(stats[m.name].shape) != (m.in_features, m.in_features):
-                raise CalibrationError(
-                    path,
-                    f"module {m.name}: Σ has shape {tuple(stats[m.name].shape)}, expected ({m.in_features}, {m.in_features})",
-                )
+    order = [m.name for m in adapter.modules] if adapter is not None else list(stats)
+    sizes = {m.name: m.in_features for m in adapter.modules} if adapter is not None else {}
+    omitted = set(meta.get("omitted", []))
+    checked: set[int] = set()
+    for name in order:
+        if name not in stats:
+            if name in omitted:
+                continue
+            raise CalibrationError(path, f"no statistics for module {name} (computed for another adapter or base?)")
+        S = stats[name]
+        bad = _bad_sigma(S, sizes.get(name), id(S) in checked)
+        if bad:
+            raise CalibrationError(path, f"module {name}: {bad}")
+        checked.add(id(S))
     return stats, meta
+
+
+def _sketch_or_none(L: Tensor, U: Tensor, d: Tensor) -> SigmaSketch | tuple:
+    """A SigmaSketch of the stored parts, or the parts themselves when their shapes disagree
+    (reported by :func:`_bad_sigma` with the module's name)."""
+    try:
+        return SigmaSketch(L, U, d)
+    except ValueError:
+        return (L, U, d)
+
+
+def _bad_sigma(S, n: int | None, values_checked: bool) -> str | None:
+    """What is wrong with a stored Σ (None: nothing): shapes (against ``n`` = in_features when
+    given), then, unless already checked for another module of the slot, its values."""
+    if isinstance(S, tuple):
+        return "Σ sketch parts " + ", ".join(f"{k} {tuple(t.shape)}" for k, t in zip("LUd", S)) + " do not agree"
+    size = S.shape[0]
+    if isinstance(S, Tensor) and (S.dim() != 2 or S.shape[0] != S.shape[1]):
+        return f"Σ has shape {tuple(S.shape)}, expected a square matrix"
+    if n is not None and size != n:
+        what = f"({n}, {n})" if isinstance(S, Tensor) else f"size {n}"
+        return f"Σ has shape {tuple(S.shape)}, expected {what}"
+    if values_checked:
+        return None
+    parts = {"Σ": S} if isinstance(S, Tensor) else {f"Σ sketch {k}": t for k, t in S.tensors().items()}
+    for what, t in parts.items():
+        if not bool(torch.isfinite(t).all()):
+            return f"{what} has non-finite values (NaN or inf)"
+    if isinstance(S, Tensor):
+        if bool((S.diagonal() < 0).any()):
+            return "Σ has negative diagonal entries (a second moment has none)"
+        return None
+    if bool((S.d < 0).any()):
+        return "Σ sketch d has negative entries (must be ≥ 0)"
+    p = S.U.shape[1]
+    if p and float((S.U.T @ S.U - torch.eye(p)).abs().max()) > 1e-3:
+        return "Σ sketch U does not have orthonormal columns"
+    return None

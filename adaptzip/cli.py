@@ -391,7 +391,7 @@ def compress(
         Path | None,
         typer.Option(
             "--stats",
-            help="Σ statistics file: reused when it exists, else written there (default: <output>.stats.safetensors). Alone (no --base-model): a Σ-weighted fit.",
+            help="Σ statistics file: reused when it exists (exact or sketched), else the exact in×in Σ of every adapted input is written there. Default: a sketch, exact on the source's row space, written to <output>.stats.safetensors (formats/stats.md). Alone (no --base-model): a Σ-weighted fit.",
         ),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")] = "auto",

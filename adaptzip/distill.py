@@ -40,6 +40,7 @@ from .errors import CalibrationError
 from .fileio import json_clean
 from .forms.base import FitContext, Form
 from .progress import progress_bar
+from .sigma import SKETCH_RANK
 
 Tensor = torch.Tensor
 TRAIN_TOPK = 64
@@ -483,13 +484,15 @@ def prepare(
     seed: int = 0,
     weighted: bool = True,
     precision: str = "auto",
+    sketch_rank: int | None = SKETCH_RANK,
 ) -> Calibration:
     """Load the base + teacher, tokenise, compute Σ (or reuse ``stats`` / ``stats_file``) and the
     teacher caches. ``calib_tokens`` tokens of ``calib`` are used: a ``heldout`` fraction for early
     stopping, the same fraction for evaluation when no ``eval_text`` is given, the rest for
     training. Σ is saved to ``save_stats_to`` when computed here. ``precision`` (auto, fp32,
     bf16; see :func:`resolve_precision`) is that of the distillation steps; teacher caches, Σ
-    and every measurement are computed in fp32. This one session — one model load,
+    and every measurement are computed in fp32. ``sketch_rank``: Σ is kept as a sketch of that
+    rank per shared input (:class:`adaptzip.sigma.SigmaSketch`; None: the exact in×in Σ). This one session — one model load,
     one Σ + teacher pass per split — serves every form a compress distils or measures."""
     t0 = time.perf_counter()
     if seq_len < 8:
@@ -559,7 +562,7 @@ def prepare(
     if stats is None and stats_file is not None and Path(stats_file).is_file():
         stats, info = cb.load_stats(stats_file, adapter)
     if stats is None and weighted:
-        hooks = cb.SigmaHooks(base, adapter.modules)
+        hooks = cb.SigmaHooks(base, adapter.modules, sketch_rank, seed=seed)
         with hooks:
             cal._cache(train, k_train, "Σ statistics + teacher", sigma=hooks)
         stats, info = hooks.result()

@@ -2,7 +2,8 @@
 
 Objective: Σ_m ‖ΔW_m − ΔŴ_m‖²_{Σ_m} / Σ_m ‖ΔW_m‖²_{Σ_m}, with ΔW_m = scale·B_m A_m the source
 update and ΔŴ_m = form.factors(m) — computed from Gram products (``linalg.sq_error``), never from
-dense matrices. Σ_m is the module's input second moment when statistics exist, else the identity.
+dense matrices. Σ_m is the module's input second moment when statistics exist (a dense tensor or a
+:class:`~adaptzip.sigma.SigmaSketch`, used only through :mod:`adaptzip.linalg`), else the identity.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ class Target:
 
     B: torch.Tensor
     A: torch.Tensor
-    Sigma: torch.Tensor | None
+    Sigma: linalg.SigmaLike | None
     norm2: float
 
 

@@ -1,9 +1,11 @@
-"""The shared math: factored Gram errors, the SVD of B@A from its factors, Σ whitening, the greedy
-allocator, least squares against a fixed A, and the row basis a group of updates shares (zoo
-sharing). Nothing here materialises a dense ΔW.
+"""The shared math: factored Gram errors, the SVD of B@A from its factors, Σ-weighted products,
+the greedy allocator, least squares against a fixed A, and the row basis a group of updates shares
+(zoo sharing). Nothing here materialises a dense ΔW.
 
 Conventions: an update is ΔW = B @ A with B (out×r), A (r×in). Σ (in×in) is a module's input
-second moment E[x xᵀ]; the Σ-weighted norm is ‖M‖_Σ² = tr(M Σ Mᵀ) = ‖M L‖_F² with Σ = L Lᵀ.
+second moment E[x xᵀ]; the Σ-weighted norm is ‖M‖_Σ² = tr(M Σ Mᵀ). Σ is a dense tensor or a
+:class:`~adaptzip.sigma.SigmaSketch`; every use goes through :func:`weigh` (A Σ) and :func:`gram`
+(A Σ A2ᵀ), which never build an in×in matrix for a sketch.
 """
 
 from __future__ import annotations
@@ -16,40 +18,53 @@ from dataclasses import dataclass
 
 import torch
 
+from .sigma import SigmaSketch
+
 Tensor = torch.Tensor
+#: A module's Σ: the dense in×in tensor or its sketch.
+SigmaLike = Tensor | SigmaSketch
 
 
-def _aw(A: Tensor, Sigma: Tensor | None) -> Tensor:
-    """A Σ (r×in), or A when Σ is None."""
-    return A if Sigma is None else A @ Sigma
+def weigh(A: Tensor, Sigma: SigmaLike | None) -> Tensor:
+    """A Σ (k×in) in A's dtype, or A when Σ is None."""
+    return A if Sigma is None else A @ Sigma.to(A.dtype)
 
 
-def sq_norm(B: Tensor, A: Tensor, Sigma: Tensor | None = None) -> Tensor:
-    """‖B A‖²_Σ = tr(BᵀB · A Σ Aᵀ); cost O((in+out) r²)."""
-    return ((B.T @ B) * (_aw(A, Sigma) @ A.T)).sum()
+def gram(A: Tensor, Sigma: SigmaLike | None, A2: Tensor | None = None) -> Tensor:
+    """A Σ A2ᵀ (k×k2; A2 = A when None; Σ = I when None) in A's dtype. For a sketch this costs
+    O((k + k2)·in·(m + p)) and never forms A Σ."""
+    B = A if A2 is None else A2
+    if Sigma is None:
+        return A @ B.T
+    if isinstance(Sigma, SigmaSketch):
+        return Sigma.to(A.dtype).gram(A, A2)
+    return (A @ Sigma.to(A.dtype)) @ B.T
 
 
-def inner(B1: Tensor, A1: Tensor, B2: Tensor, A2: Tensor, Sigma: Tensor | None = None) -> Tensor:
+def sigma_trace(Sigma: SigmaLike) -> float:
+    """tr Σ."""
+    return float(Sigma.trace())
+
+
+def sq_norm(B: Tensor, A: Tensor, Sigma: SigmaLike | None = None) -> Tensor:
+    """‖B A‖²_Σ = tr(BᵀB · A Σ Aᵀ); cost O((in+out) r²) (+ A Σ Aᵀ)."""
+    return ((B.T @ B) * gram(A, Sigma)).sum()
+
+
+def inner(B1: Tensor, A1: Tensor, B2: Tensor, A2: Tensor, Sigma: SigmaLike | None = None) -> Tensor:
     """⟨B1 A1, B2 A2⟩_Σ = tr(B1ᵀB2 · A2 Σ A1ᵀ)."""
-    return ((B1.T @ B2) * (_aw(A1, Sigma) @ A2.T)).sum()
+    return ((B1.T @ B2) * gram(A1, Sigma, A2)).sum()
 
 
-def sq_error(B: Tensor, A: Tensor, B2: Tensor, A2: Tensor, Sigma: Tensor | None = None) -> Tensor:
+def sq_error(B: Tensor, A: Tensor, B2: Tensor, A2: Tensor, Sigma: SigmaLike | None = None) -> Tensor:
     """‖B A − B2 A2‖²_Σ from Gram products (never forms the out×in matrices)."""
     return sq_norm(B, A, Sigma) - 2 * inner(B, A, B2, A2, Sigma) + sq_norm(B2, A2, Sigma)
 
 
-def sqrt_factor(Sigma: Tensor, damp: float = 1e-6) -> Tensor:
-    """L (in×in, lower triangular) with Σ + δI = L Lᵀ, δ = damp · mean(diag Σ)."""
-    S = Sigma.double()
-    d = damp * float(S.diagonal().mean().clamp_min(1e-30))
-    eye = torch.eye(S.shape[0], dtype=S.dtype)
-    for _ in range(8):
-        L, info = torch.linalg.cholesky_ex(S + d * eye)
-        if int(info) == 0:
-            return L.float()
-        d *= 10
-    raise ValueError("covariance is not positive definite even after damping")
+def psd_root(G: Tensor) -> Tensor:
+    """F (k×k) with F Fᵀ = G for a symmetric PSD G (eigh; rounding-negative eigenvalues count as 0)."""
+    lam, V = torch.linalg.eigh((G + G.T) / 2)
+    return V * lam.clamp_min(0).sqrt()
 
 
 @dataclass
@@ -68,21 +83,30 @@ class SVD:
         return self.U[:, :k] * s, s[:, None] * self.Vh[:k]
 
 
-def factored_svd(B: Tensor, A: Tensor, L: Tensor | None = None) -> SVD:
-    """SVD of B @ A (or of B @ A @ L, mapped back) from the factors: QR of B and Aᵀ, SVD of the
-    small core R_b R_aᵀ. Cost O((in+out) r² + r³) (+ O(in² r) for the weighted case)."""
+def factored_svd(B: Tensor, A: Tensor, Sigma: SigmaLike | None = None, damp: float = 1e-6) -> SVD:
+    """SVD of B @ A from the factors: QR of B and Aᵀ, SVD of the small core R_b R_aᵀ; cost
+    O((in+out) r² + r³).
+
+    With Σ, the SVD of B A R (R Rᵀ = Σ + δI, δ = ``damp``·mean diag Σ), mapped back to input
+    coordinates, whose truncations are the Σ-optimal ones. It depends on Σ only through the r×r
+    G = A (Σ + δI) Aᵀ: with B = Q_b R_b and F Fᵀ = G, B A R has the left singular vectors Q_b u
+    and values s of R_b F = u s vᵀ, and B A = U S Vh with Vh = S⁻¹ uᵀ R_b A (rows whose s is
+    below 1e-12·s_max carry nothing and are zero). So a sketch exact on A's row space gives the
+    exact weighted SVD."""
     B = B.double()
     A = A.double()
-    AL = A if L is None else A @ L.double()
     Qb, Rb = torch.linalg.qr(B)  # out×r, r×r
-    Qa, Ra = torch.linalg.qr(AL.T)  # in×r, r×r
-    u, s, vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
-    U = Qb @ u
-    Vh = vh @ Qa.T  # k×in, right singular vectors of B A L
-    if L is not None:
-        # B A = U S (Vh L⁻¹): solve Vh_orig L = Vh  →  L ᵀ Vh_origᵀ = Vhᵀ
-        Vh = torch.linalg.solve_triangular(L.double().T, Vh.T, upper=True).T
-    return SVD(U.float(), s.float(), Vh.float())
+    if Sigma is None:
+        Qa, Ra = torch.linalg.qr(A.T)  # in×r, r×r
+        u, s, vh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
+        return SVD((Qb @ u).float(), s.float(), (vh @ Qa.T).float())
+    delta = damp * max(sigma_trace(Sigma) / A.shape[1], 1e-30)
+    G = gram(A, Sigma) + delta * (A @ A.T)
+    u, s, _ = torch.linalg.svd(Rb @ psd_root(G), full_matrices=False)
+    ok = s > 1e-12 * float(s.max()) if s.numel() else s.bool()
+    Vh = (u.T @ Rb @ A) / torch.where(ok, s, torch.ones_like(s))[:, None]
+    Vh[~ok] = 0
+    return SVD((Qb @ u).float(), s.float(), Vh.float())
 
 
 def effective_rank(S: Tensor) -> float:
@@ -164,11 +188,12 @@ def allocate(
     return taken
 
 
-def lstsq_B(target_B: Tensor, target_A: Tensor, A: Tensor, Sigma: Tensor | None = None, ridge: float = 1e-8) -> Tensor:
+def lstsq_B(
+    target_B: Tensor, target_A: Tensor, A: Tensor, Sigma: SigmaLike | None = None, ridge: float = 1e-8
+) -> Tensor:
     """argmin_B ‖target_B target_A − B A‖²_Σ = target_B (target_A Σ Aᵀ)(A Σ Aᵀ)⁻¹ (out×k)."""
-    AS = _aw(A, Sigma)
-    G = AS @ A.T  # k×k
-    C = _aw(target_A, Sigma) @ A.T  # r×k
+    G = gram(A, Sigma)  # k×k
+    C = gram(target_A, Sigma, A)  # r×k
     G = G + ridge * G.diagonal().mean().clamp_min(1e-30) * torch.eye(G.shape[0], dtype=G.dtype)
     return torch.linalg.solve(G, (target_B @ C).T).T
 

@@ -44,7 +44,8 @@ class FitOptions:
     dtype: container float dtype (fp16, bf16, fp32; None: the source's).
     seed: random seed; same inputs and seed give a byte-identical container.
     steps: bound on the optimiser steps of iterative fits (None: each form's own rule).
-    stats: Σ per module name (in×in, fp32) for an activation-weighted fit without a base model.
+    stats: Σ per module name (a dense in×in fp32 tensor or an adaptzip.sigma.SigmaSketch) for an
+    activation-weighted fit without a base model.
     baseline: also fit and measure the same-bytes svd baseline."""
 
     dtype: str | None = None

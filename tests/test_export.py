@@ -260,13 +260,13 @@ def test_factored_svd_weighted_is_optimal(lora_fp32):
     g = torch.Generator().manual_seed(0)
     X = torch.randn(500, m.in_features, generator=g) * torch.linspace(0.1, 3, m.in_features)
     Sigma = X.T @ X / 500
-    L = linalg.sqrt_factor(Sigma)
-    sw, sp = linalg.factored_svd(B, A, L), linalg.factored_svd(B, A)
+    L = torch.linalg.cholesky(Sigma.double() + 1e-6 * Sigma.diagonal().mean().double() * torch.eye(m.in_features))
+    sw, sp = linalg.factored_svd(B, A, Sigma), linalg.factored_svd(B, A)
     for k in (1, 2, 4):
         e_w = float(linalg.sq_error(B, A, *sw.truncate(k), Sigma))
         e_p = float(linalg.sq_error(B, A, *sp.truncate(k), Sigma))
         assert e_w < e_p
-        dense = torch.linalg.svdvals((B @ A @ L).double())
+        dense = torch.linalg.svdvals(B.double() @ A.double() @ L)
         assert e_w == pytest.approx(float((dense[k:] ** 2).sum()), rel=1e-3)
 
 

@@ -194,3 +194,32 @@ def test_progress_bars_on_stderr_with_json_and_quiet(env, tmp_path):
     code, out, err = _run_with_tty_stderr([*base, "-o", tmp_path / "b.safetensors", "--quiet"])
     assert code == 0 and json.loads(out)["form"] == "svd"
     assert "distil" not in err and "ETA" not in err
+
+
+def test_stats_sketch_by_default_exact_on_request(env, tmp_path):
+    """Without --stats the Σ pass keeps sketches (written beside the output); --stats FILE gets
+    the exact in×in Σ; the svd fit is the same with either (it needs only A Σ Aᵀ)."""
+    import json as _json
+
+    from safetensors import safe_open
+
+    from adaptzip import sigma
+
+    def slots(path):
+        with safe_open(str(path), framework="pt") as f:
+            return _json.loads(f.metadata()["adaptzip-stats"])
+
+    common = ["compress", env["lora"], "--to", "svd", "--rank", "2", "--base-model", env["base"],
+              "--calib", env["dir"] / "calib.txt", "--calib-tokens", "3000", "--calib-steps", "0", "--quiet"]  # fmt: skip
+    a = run_json(*common, "-o", tmp_path / "a.safetensors")
+    b = run_json(*common, "-o", tmp_path / "b.safetensors", "--stats", tmp_path / "exact.safetensors")
+    ma, mb = slots(tmp_path / "a.stats.safetensors"), slots(tmp_path / "exact.safetensors")
+    assert mb["sketch"] is None and set(mb["slots"]) == {"full"}
+    assert ma["sketch"] == sigma.SKETCH_RANK
+    assert abs(a["rel_error"] - b["rel_error"]) <= 1e-4 * max(b["rel_error"], 1e-12)
+    # a small sketch rank on this tiny model: the q/k/v and gate/up inputs become real sketches
+    cal = distill.prepare(
+        env["adapter"], env["base"], env["dir"] / "calib.txt", calib_tokens=3000, seq_len=SEQ, sketch_rank=4
+    )
+    kinds = {type(s).__name__ for s in cal.stats.values()}
+    assert "SigmaSketch" in kinds

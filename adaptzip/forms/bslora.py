@@ -221,7 +221,7 @@ def shared_name(lv: str, j: int, side: str) -> str:
 
 
 # ----------------------------------------------------------------------------- shared math
-def _truncate(P: Tensor, Q: Tensor, Sigma: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+def _truncate(P: Tensor, Q: Tensor, Sigma: linalg.SigmaLike | None, k: int) -> tuple[Tensor, Tensor]:
     """Best rank-k approximation of P @ Q (out×K, K×in) in the Σ-weighted norm ‖·Σ^{1/2}‖ (Frobenius
     when Σ is None), as balanced factors zero-padded to exactly k columns/rows.
 
@@ -233,7 +233,7 @@ def _truncate(P: Tensor, Q: Tensor, Sigma: Tensor | None, k: int) -> tuple[Tenso
     lam, V = torch.linalg.eigh(Pd.T @ Pd)
     keep = lam > float(lam.max().clamp_min(0)) * 1e-13
     V, d = V[:, keep], lam[keep].sqrt()
-    G = (Qd if Sigma is None else Qd @ Sigma.double()) @ Qd.T  # Q Σ Qᵀ: K×K
+    G = linalg.gram(Qd, Sigma)  # Q Σ Qᵀ: K×K
     s2, u = torch.linalg.eigh(d[:, None] * (V.T @ G @ V) * d[None, :])
     u, s2 = u.flip(1)[:, :k], s2.flip(0)[:k].clamp_min(0)
     c = s2.sqrt().sqrt()  # √σ
@@ -464,7 +464,7 @@ class _BSLoRA(Form):
         return torch.cat(Bs, 1), torch.cat(As, 0)
 
     @torch.no_grad()
-    def solve_local(self, targets: Sequence[tuple[Tensor, Tensor]], sigmas: Sequence[Tensor | None]) -> None:
+    def solve_local(self, targets: Sequence[tuple[Tensor, Tensor]], sigmas: Sequence[linalg.SigmaLike | None]) -> None:
         """Exact minimiser of the local parts given the shared ones: for every module the
         (Σ-weighted) truncated SVD of ΔW_m − shared_m, computed from the factors."""
         for i, (B, A) in enumerate(targets):
@@ -569,7 +569,7 @@ class _Fitted(_BSLoRA):
         mods: Sequence[ModuleInfo],
         lay: Layout,
         res: list[tuple[Tensor, Tensor]],
-        sigmas: list[Tensor | None],
+        sigmas: list[linalg.SigmaLike | None],
         gen: torch.Generator,
     ) -> tuple[Tensor, Tensor, dict[int, dict[str, Tensor]]]:
         """(B_s, A_s, per-module tensors) of one shared pair fitted to its members' residuals."""
@@ -580,7 +580,7 @@ class _Fitted(_BSLoRA):
         members: list[int],
         mods: Sequence[ModuleInfo],
         res: list[tuple[Tensor, Tensor]],
-        sigmas: list[Tensor | None],
+        sigmas: list[linalg.SigmaLike | None],
         Bs: Tensor,
         As: Tensor,
         pms: dict[int, dict[str, Tensor]],
@@ -603,7 +603,7 @@ class _Fitted(_BSLoRA):
         mods: Sequence[ModuleInfo],
         lay: Layout,
         targets: list[tuple[Tensor, Tensor]],
-        sigmas: list[Tensor | None],
+        sigmas: list[linalg.SigmaLike | None],
         order: str,
         gen: torch.Generator,
         bar,
@@ -913,7 +913,7 @@ class GateTransformation(_BSLoRA):
         with torch.no_grad(), progress_bar(ctx.progress, f"{cls.name} fit", len(mods)) as bar:
             for i, (m, t) in enumerate(zip(mods, tg)):
                 k = lay.local[i]
-                sv = linalg.factored_svd(t.B, t.A, None if t.Sigma is None else linalg.sqrt_factor(t.Sigma))
+                sv = linalg.factored_svd(t.B, t.A, t.Sigma)
                 B, A = sv.truncate(min(k, len(sv.S)))
                 T[f"local.{i}.B"] = torch.cat([B, B.new_zeros(m.out_features, k - B.shape[1])], 1)
                 T[f"local.{i}.A"] = torch.cat([A, A.new_zeros(k - A.shape[0], m.in_features)], 0)

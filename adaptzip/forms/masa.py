@@ -27,7 +27,10 @@ subspace of [√c_1 ΔW_1 L̄; …; √c_S ΔW_S L̄], mapped back through L̄�
 whenever the Σ_ℓ of a group are proportional (identical ones included); otherwise it is the
 optimum for the averaged shape. B_ℓ is then solved by least squares with the module's own Σ_ℓ,
 which is optimal given A. A module of a group without statistics counts as Σ_ℓ = I (as the
-evaluation does).
+evaluation does). Everything is computed from (Σ r_ℓ)² Gram products X Σ_ℓ Xᵀ of the stacked A rows
+(:func:`_weighted_subspace`), never from an in×in Σ, so Σ sketches (:mod:`adaptzip.sigma`) serve:
+the rows of A_sum leave each layer's own row space, so there they weigh with the sketch's
+approximation of Σ_ℓ (the error that costs is measured in ``bench/bench_sigma.py``).
 
 Gauge. B A = (B D⁻¹)(D A): rows of A_sum are scaled by d_i = √(s_i/√S) (s_i the stack's singular
 values), so that A's row norms match the typical column norms of the B_ℓ (useful for fp16 storage
@@ -162,16 +165,10 @@ def _gram_root(B: Tensor) -> Tensor:
     return lam.clamp_min(0).sqrt()[:, None] * U.T
 
 
-def _stack_core(facs: list[tuple[Tensor, Tensor]], weights: list[float], L: Tensor | None) -> Tensor:
-    """From fp64 factors (B_ℓ, A_ℓ): C = [√c_ℓ F_ℓ A_ℓ (L)] stacked ((Σ r_ℓ)×in, fp64), F_ℓᵀF_ℓ = B_ℓᵀB_ℓ: Cᵀ C equals the Gram
-    matrix of the stacked [√c_ℓ ΔW_ℓ (L)], so both have the same right singular vectors and values."""
-    rows = []
-    for (B, A), c in zip(facs, weights):
-        RA = _gram_root(B) @ A  # r×in
-        if L is not None:
-            RA = RA @ L
-        rows.append(RA * c**0.5)
-    return torch.cat(rows, 0)
+def _stack_core(facs: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """From fp64 factors (B_ℓ, A_ℓ): C = [F_ℓ A_ℓ] stacked ((Σ r_ℓ)×in, fp64), F_ℓᵀF_ℓ = B_ℓᵀB_ℓ: Cᵀ C
+    equals the Gram matrix of the stacked [ΔW_ℓ], so both have the same right singular vectors and values."""
+    return torch.cat([_gram_root(B) @ A for B, A in facs], 0)
 
 
 def _top_right_subspace(C: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -182,28 +179,41 @@ def _top_right_subspace(C: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return vh[:k] @ Q.T, s
 
 
-def _group_sigma(sigmas: list[Tensor | None], n_in: int) -> tuple[list[float], Tensor | None]:
-    """Per-layer energies c_ℓ = tr(Σ_ℓ)/in and the lower Cholesky factor L̄ of the mean shape
-    mean_ℓ Σ_ℓ / c_ℓ (None when no module of the group has statistics). Missing Σ_ℓ count as I."""
-    if all(S is None for S in sigmas):
-        return [1.0] * len(sigmas), None
+def _weighted_subspace(
+    facs: list[tuple[Tensor, Tensor]], sigmas: list[linalg.SigmaLike | None], k: int
+) -> tuple[Tensor, Tensor]:
+    """The top-k rows (k×in, input coordinates) and all singular values of the weighted stack
+    C = [√c_ℓ F_ℓ A_ℓ L̄] (Σ̄ = L̄ L̄ᵀ the group's mean shape, c_ℓ = tr(Σ_ℓ)/in; missing Σ_ℓ count as
+    I), from (Σ r_ℓ)² Gram products only — never an in×in matrix, so a Σ sketch serves as well.
+
+    With X = [A_1; …; A_S] (R×in) and D = blockdiag(√c_ℓ F_ℓ), C = D X L̄ and C Cᵀ = D (X Σ̄ Xᵀ) Dᵀ
+    (R×R): its eigenpairs (w, s²) give C's left singular vectors and values, and the right ones
+    mapped back through L̄⁻¹ are the rows wᵀ D X / s (L̄ cancels). X Σ̄ Xᵀ = mean_ℓ X Σ_ℓ Xᵀ / c_ℓ,
+    damped by 1e-6·X Xᵀ (Σ̄ has mean diagonal 1). Rows whose s is below 1e-12·s_max carry nothing
+    and are zero. Every Σ_ℓ zero: the unweighted stack."""
+    X = torch.cat([A for _, A in facs], 0)  # R×in
+    n_in = X.shape[1]
+    G = torch.zeros(X.shape[0], X.shape[0], dtype=X.dtype)
     cs: list[float] = []
-    shape = torch.zeros(n_in, n_in, dtype=torch.float64)
     used = 0
     for S in sigmas:
-        if S is None:
-            cs.append(1.0)
-            shape.diagonal().add_(1.0)
-            used += 1
-            continue
-        c = float(S.double().diagonal().sum()) / n_in
+        c = 1.0 if S is None else linalg.sigma_trace(S) / n_in
         cs.append(max(c, 0.0))
         if c > 0:
-            shape += S.double() / c
+            G += linalg.gram(X, S) / c
             used += 1
     if used == 0:  # every Σ_ℓ is zero: nothing weights anything; fall back to the plain fit
-        return [1.0] * len(sigmas), None
-    return cs, linalg.sqrt_factor(shape / used).double()
+        return _top_right_subspace(_stack_core(facs), k)
+    G = G / used + 1e-6 * (X @ X.T)
+    D = torch.block_diag(*(c**0.5 * _gram_root(B) for (B, _), c in zip(facs, cs)))
+    lam, W = torch.linalg.eigh(D @ G @ D.T)
+    s = lam.flip(0).clamp_min(0).sqrt()
+    W = W.flip(1)[:, :k]
+    sk = s[:k]
+    ok = sk > 1e-12 * float(s[0]) if s.numel() else sk.bool()
+    rows = (W.T @ D @ X) / torch.where(ok, sk, torch.ones_like(sk))[:, None]
+    rows[~ok] = 0
+    return rows, s
 
 
 def split_experts(A_sum: Tensor, n: int, g: torch.Generator) -> Tensor:
@@ -268,16 +278,16 @@ class MasaForm(Form):
             for g, r in zip(groups, ranks):
                 facs = [adapter.factors(mods[i], torch.float64) for i in g]  # (scale·B, A)
                 sigmas = [ctx.sigma(mods[i]) for i in g]
-                cs, L = _group_sigma(sigmas, mods[g[0]].in_features)
-                Vh, s = _top_right_subspace(_stack_core(facs, cs, L), r)  # r×in (in L̄ coordinates when weighted)
-                if L is not None:  # A L̄ = Vh  →  A = Vh L̄⁻¹
-                    Vh = torch.linalg.solve_triangular(L.T, Vh.T, upper=True).T
+                if all(S is None for S in sigmas):
+                    Vh, s = _top_right_subspace(_stack_core(facs), r)  # r×in
+                else:
+                    Vh, s = _weighted_subspace(facs, sigmas, r)  # r×in, input coordinates
                 s_r = s[:r]  # r ≤ len(s) by group_rank
                 floor = float(s_r.max()) * 1e-8 if float(s_r.max()) > 0 else 1.0
                 d = (s_r.clamp_min(floor) / len(g) ** 0.5).sqrt()  # gauge: A rows ~ per-layer B columns
                 A_sum = d[:, None] * Vh  # r×in
                 for i, (B, A), S in zip(g, facs, sigmas):
-                    Bs[i] = linalg.lstsq_B(B, A, A_sum, None if S is None else S.double()).float()
+                    Bs[i] = linalg.lstsq_B(B, A, A_sum, S).float()
                 experts.append(split_experts(A_sum.float(), config.experts, gen))
                 bar()
         form = cls(mods, config, groups, ranks, experts, Bs)  # type: ignore[arg-type]

@@ -1,8 +1,9 @@
 """``svd``: per-module truncated SVD of ΔW_m = scale·B_m A_m, computed from the factors.
 
 ΔŴ_m = U_k S_k V_kᵀ stored in balanced factors B.{m} = U_k √S_k (out×k_m), A.{m} = √S_k V_kᵀ
-(k_m×in). With calibration statistics the SVD is Σ-weighted (of ΔW L, Σ = L Lᵀ, mapped back), so
-the truncation is optimal in the activation-weighted norm. ``--rank`` gives a uniform rank;
+(k_m×in). With calibration statistics the SVD is Σ-weighted (of ΔW R, R Rᵀ = Σ, mapped back), so
+the truncation is optimal in the activation-weighted norm; it needs only A Σ Aᵀ (r×r), which a
+Σ sketch holds exactly (:func:`adaptzip.linalg.factored_svd`). ``--rank`` gives a uniform rank;
 ``--budget`` allocates ranks globally: every singular direction of module m costs (in_m + out_m)
 stored values, and directions are taken by σ² per byte — the strongest per-module baseline at
 a given size, and the yardstick every report compares against.
@@ -47,8 +48,7 @@ def spectra(adapter: Adapter, ctx: FitContext) -> list[linalg.SVD]:
     if key not in ctx.cache:
         out = []
         for m, B, A in adapter.iter_factors():
-            S = ctx.sigma(m)
-            out.append(linalg.factored_svd(B, A, None if S is None else linalg.sqrt_factor(S)))
+            out.append(linalg.factored_svd(B, A, ctx.sigma(m)))
         ctx.cache[key] = out
     return ctx.cache[key]
 

@@ -18,6 +18,7 @@ import torch
 
 from ..adapter import DTYPE_NAMES, Adapter
 from ..options import CalibrationOptions, FitOptions, QuantOptions
+from ..sigma import SigmaSketch
 
 SHARED_DIR = "_shared"
 SUMMARY_JSON = "batch.json"
@@ -146,6 +147,8 @@ def canon(v: Any) -> Any:
             "tensor_sha256": hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest() if t.numel() else "",
             "shape": list(t.shape),
         }
+    if isinstance(v, SigmaSketch):
+        return {"sigma_sketch": canon(v.tensors())}
     if isinstance(v, dict):
         return {str(k): canon(x) for k, x in sorted(v.items(), key=lambda kv: str(kv[0])) if x is not None}
     if isinstance(v, (list, tuple)):
