@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import OUT, machine_info, markdown_doc, peak_rss_mb, table, write_outputs
+from common import OUT, check_targets, machine_info, markdown_doc, peak_rss_mb, table, write_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -282,8 +282,7 @@ def main() -> None:
         }
         for r in fid
     ]
-    for t in targets:
-        t["ok"] = t["measured"] <= t["limit"]
+    check_targets(targets)
     res = {
         "machine": machine_info(),
         "threads": args.threads,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from bench_calibrate import _fit, _smollm2
-from common import OUT, machine_info, markdown_doc, write_outputs
+from common import OUT, check_targets, machine_info, markdown_doc, write_outputs
 
 
 def main() -> None:
@@ -91,8 +91,7 @@ def _write(args, done: dict, cal, t0: float) -> None:
         }
         for r in rows
     ]
-    for t in targets:
-        t["ok"] = t["measured"] <= t["limit"]
+    check_targets(targets)
     res = {
         "machine": machine_info(),
         "threads": args.threads,
