@@ -267,7 +267,7 @@ def main() -> None:
     if old is not None:
         targets.append(
             {
-                "name": f"{args.old_rev} fp32 path / default path, time per token (1 / speed-up; svd, whole run)",
+                "name": f"default ({auto}) / {args.old_rev}'s fp32 time per token, whole distillation (svd; 1 / speed-up)",
                 "measured": old["tokens_per_s"]
                 and fid[0][f"{auto}_tok_s"]
                 and old["tokens_per_s"] / fid[0][f"{auto}_tok_s"],
@@ -343,7 +343,14 @@ def main() -> None:
         f"rounds. Σ + teacher pass: {res['sigma_teacher_tokens_per_s']:,.0f} tokens/s; peak RSS {res['peak_rss_mb']:,.0f} MB; "
         f"{res['seconds'] / 60:.0f} min in all."
     )
-    md = markdown_doc(intro, cols, trs, targets, notes=["\n".join(fid_lines).strip()])
+    notes = ["\n".join(fid_lines).strip()]
+    if old is not None:
+        notes.append(
+            f"{old['rev']}'s distillation (fp32, its start rule's rate 1e-4, ≤ {args.fidelity_steps} steps) of the "
+            f"same svd start: {old['tokens_per_s']:,.1f} tokens/s, eval KL {old['kl']:.4f} after {old['steps']} steps; "
+            f"the defaults here: {fid[0][f'{auto}_tok_s']:,.1f} tokens/s, eval KL {fid[0][f'{auto}_kl']:.4f}."
+        )
+    md = markdown_doc(intro, cols, trs, targets, notes=notes)
     write_outputs(args.out, "calibrate", res, md)
     print(table(cols, trs))
     print(md)
