@@ -9,9 +9,11 @@ restored). :mod:`adaptzip.distill` supplies them for a form live in the base mod
 The rule, in order:
 
 1. **Probe** (when no learning rate is given). From the start, each rate of :data:`LR_GRID` runs
-   the same ``P`` batches (``P = clamp(steps / 25, 2, 12)``); the rate whose held-out objective is
-   lowest wins and training continues from *its* state and optimiser state, so its probe steps are
-   not lost. A rate that makes the start worse loses to one that does not; if every rate makes it
+   the same ``P`` batches (``P = clamp(steps / 25, 2, 12)``); while the largest rate probed so far
+   wins, the probe goes on √10 higher, up to :data:`LR_MAX` (a weak start, e.g. VB-LoRA at 1% of
+   the bytes, wanted the grid's top rate and was still improving at it). The rate whose held-out
+   objective is lowest wins and training continues from *its* state and optimiser state, so its
+   probe steps are not lost. A rate that makes the start worse loses to one that does not; if every rate makes it
    worse, the start is kept and training goes on at the smallest rate / 3.16.
 2. **Plateau schedule.** A constant rate (after a linear warm-up when the rate was given, not
    probed), a held-out check every ``every`` steps (``clamp(steps / 12, 5, 25)``); the best state,
@@ -39,6 +41,7 @@ from torch import nn
 
 Tensor = torch.Tensor
 LR_GRID = (1e-4, 3.16e-4, 1e-3, 3.16e-3)
+LR_MAX = 3.16e-2  # the probe goes above the grid, √10 at a time, while its largest rate wins
 LR_FALL = math.sqrt(10.0)
 
 
@@ -139,7 +142,9 @@ class Loop:
             rows = [self.draw() for _ in range(P)]
             init = best_state
             won: tuple[float, float, dict, dict] | None = None
-            for cand in LR_GRID:
+            cands = list(LR_GRID)
+            while cands:
+                cand = cands.pop(0)
                 if done + P > steps or over_time(P * (t_step or 0) + (t_check or 0)):
                     break
                 self._restore(init)
@@ -150,6 +155,8 @@ class Loop:
                 probe[f"{cand:.3g}"] = v
                 if won is None or v < won[0]:
                     won = (v, cand, self._snapshot(), o.state_dict())
+                    if not cands and cand * LR_FALL <= LR_MAX * 1.001:
+                        cands.append(cand * LR_FALL)  # the largest rate so far won: look one step above
             if won is None:  # not even one rate could be probed within the limits
                 self._restore(init)
                 self.info.update(lr=None, steps=done, stop="time", heldout_after=start, probe=probe)

@@ -252,7 +252,7 @@ def test_lr_probe_and_best_state(env):
     form = get_form("svd").fit(ad, get_form("svd").Config(rank=2), FitContext(stats=cal.stats))
     info = cal.distil(form, steps=30)
     probe = info["distill_lr_probe"]
-    assert list(probe) == [f"{x:.3g}" for x in trainer.LR_GRID]
+    assert list(probe)[:4] == [f"{x:.3g}" for x in trainer.LR_GRID]  # (and above while the top wins)
     best_rate = min(probe, key=probe.get)
     if probe[best_rate] < info["heldout_before"]:  # training goes on from the best probe
         assert info["distill_lr"] == pytest.approx(float(best_rate), rel=1e-2)
