@@ -199,7 +199,7 @@ class FormTuner(BaseTuner):
         if config.form_state is None:  # a new adapter: the form's fresh start, ΔW = 0
             gen = torch.Generator().manual_seed(int(config.init_seed))
             state, tensors = form_cls.fresh(table, fcfg, gen)
-        else:  # placeholders of the saved shapes; PEFT loads the saved values into them
+        else:  # a saved adapter: tensors of the saved shapes, which PEFT's load then fills with the saved values
             state = config.form_state
             specs = form_cls.tensor_specs(table, fcfg, state)
             tensors = {name: torch.zeros(shape, dtype=dt or torch.float32) for name, (shape, dt) in specs.items()}
