@@ -618,7 +618,7 @@ def batch(
         bool,
         typer.Option(
             "--shared-basis",
-            help="Also fit one shared A basis per module across adapters of the same base model and shapes, where that saves bytes at equal or lower error.",
+            help="Also store clusters of adapters of the same base model and shapes on shared bases (one A per module, or U and V with a full or diagonal core per adapter), where that saves bytes at equal or lower error. Σ-weighted with --stats FILE (without --base-model); not with distillation or --quant.",
         ),
     ] = False,
     executor: Annotated[

@@ -198,6 +198,50 @@ def lstsq_B(
     return torch.linalg.solve(G, (target_B @ C).T).T
 
 
+# ------------------------------------------------------------------ Σ-weighted coordinates
+@dataclass
+class WeightedCoords:
+    """Coordinates in which Σ-weighted norms of updates are Frobenius norms, for updates whose rows
+    lie in the row space of a stack of A factors: with Q (in×R, R ≤ Σ r_a) an orthonormal basis of
+    that row space (None: the identity, when Σ r_a ≥ in) and the symmetric F = (Qᵀ (Σ + δI) Q)^½ (R×R), an update
+    X Qᵀ has ‖X Qᵀ‖²_Σ + δ‖X‖² = ‖X F‖²_F. So a fit of the reduced factors (B, :meth:`reduce` (A))
+    in the plain norm is the Σ-weighted fit, and a reduced row basis maps back with
+    :meth:`to_input`. δ = ``damp``·tr Σ / in keeps F invertible (as :func:`factored_svd`)."""
+
+    Q: Tensor | None
+    F: Tensor
+    Finv: Tensor
+
+    def reduce(self, A: Tensor) -> Tensor:
+        """A (r×in, rows in the stacked row space) in the weighted coordinates: A Q F (r×R)."""
+        A = A.double()
+        return (A if self.Q is None else A @ self.Q) @ self.F
+
+    def to_input(self, Vr: Tensor) -> Tensor:
+        """A reduced row basis Vr (k×R) as rows in input coordinates, V = Vr F⁻¹ Qᵀ, each scaled to
+        unit length (a least-squares core or B fitted on V absorbs any row scale; the leading k
+        rows span the same subspaces). V Σ Vᵀ is the identity up to that scale and δ."""
+        V = Vr.double() @ self.Finv
+        if self.Q is not None:
+            V = V @ self.Q.T
+        return V / V.norm(dim=1, keepdim=True).clamp_min(1e-300)
+
+
+def weighted_coords(As: Sequence[Tensor], Sigma: SigmaLike, damp: float = 1e-6) -> WeightedCoords:
+    """The Σ-weighted coordinates (:class:`WeightedCoords`) of the row space of the stacked ``As``
+    (each r_a×in). Costs one R×R eigendecomposition and Qᵀ Σ Q (never an in×in product for a
+    sketch when R < in)."""
+    Aall = torch.cat([A.double() for A in As], 0)
+    R, n_in = Aall.shape
+    Q = None if R >= n_in else orth_rows(Aall).T  # numerically null directions dropped
+    basis = torch.eye(n_in, dtype=torch.float64) if Q is None else Q.T
+    delta = damp * max(sigma_trace(Sigma) / n_in, 1e-30)
+    G = gram(basis, Sigma)
+    lam, W = torch.linalg.eigh((G + G.T) / 2 + delta * torch.eye(G.shape[0], dtype=torch.float64))
+    root = lam.clamp_min(delta).sqrt()
+    return WeightedCoords(Q, (W * root) @ W.T, (W / root) @ W.T)
+
+
 # ------------------------------------------------------------------ a row basis shared by many updates
 def orth_rows(A: Tensor, tol: float = 1e-7) -> Tensor:
     """Orthonormal basis (k×in) of A's row space (numerically zero directions dropped)."""
@@ -234,13 +278,28 @@ class ModuleBasis:
 
 
 def module_basis(
-    factors: Iterable[tuple[Tensor, Tensor]], n_in: int, cap: int | None = None, total_rank: int | None = None
+    factors: Iterable[tuple[Tensor, Tensor]],
+    n_in: int,
+    cap: int | None = None,
+    total_rank: int | None = None,
+    Sigma: SigmaLike | None = None,
 ) -> ModuleBasis:
     """From the factors (B_a out×r_a, A_a r_a×in) of one module of n adapters, without any
     dense ΔW: when Σ r_a ≤ in, QR of the stacked Aᵀ and an eigendecomposition of the small
     (Σr)×(Σr) Gram of the stacked cores; otherwise the in×in Gram Σ_a A_aᵀ(B_aᵀB_a)A_a, streamed
     (one adapter's factors in memory at a time; give ``total_rank`` = Σ r_a to choose this path
-    before reading). Memory is O((in + out)·in) either way."""
+    before reading). Memory is O((in + out)·in) either way.
+
+    With ``Sigma``: the Σ-weighted basis (λ and the norms in ‖·‖²_Σ), computed in
+    :func:`weighted_coords` and returned as unit rows in input coordinates (not orthonormal);
+    the overlap stays that of the plain A row spaces."""
+    if Sigma is not None:
+        fs = [(B.double(), A.double()) for B, A in factors]
+        wc = weighted_coords([A for _, A in fs], Sigma)
+        red = module_basis([(B, wc.reduce(A)) for B, A in fs], wc.F.shape[0], cap=cap)
+        qs = [orth_rows(A) for _, A in fs]
+        f2 = float(sum(float((qa @ qb.T).pow(2).sum()) for qa in qs for qb in qs))
+        return _finish_basis(red.lam, wc.to_input(red.V), f2, [q.shape[0] for q in qs], red.norms, None)
     if total_rank is not None and total_rank > n_in:
         G = torch.zeros(n_in, n_in, dtype=torch.float64)
         S = torch.zeros(n_in, n_in, dtype=torch.float64)
@@ -298,7 +357,7 @@ def _finish_basis(lam: Tensor, V: Tensor, f2: float, rk: list[int], norms: list[
 @dataclass
 class JointBasis:
     """One module's joint basis across n adapters (Compress-then-Serve): U (out×K) and V (K×in)
-    with orthonormal columns/rows, so that ΔW_a ≈ U C_a V with C_a = Uᵀ ΔW_a Vᵀ (K×K).
+    with orthonormal columns/rows (Σ-weighted fits: V has unit rows, see :func:`joint_basis`), so that ΔW_a ≈ U C_a V with C_a = Uᵀ ΔW_a Vᵀ (K×K).
     Directions are ordered so that the leading k×k blocks are the strongest (see
     :func:`joint_basis`); ``energy_full[k]`` / ``energy_diag[k]``: Σ_a of the energy of C_a's
     leading (k+1)×(k+1) block / of its first k+1 diagonal entries (the cores themselves are not
@@ -320,7 +379,9 @@ def _orth_cols(X: Tensor) -> Tensor:
     return torch.linalg.qr(X)[0]
 
 
-def joint_basis(factors: Sequence[tuple[Tensor, Tensor]], K: int, iters: int = 8) -> JointBasis:
+def joint_basis(
+    factors: Sequence[tuple[Tensor, Tensor]], K: int, iters: int = 8, Sigma: SigmaLike | None = None
+) -> JointBasis:
     """U (out×K), V (K×in) maximising Σ_a ‖Uᵀ ΔW_a Vᵀ‖² (a Tucker-2 / HOSVD-style alternating fit)
     from the factors (B_a out×r_a, A_a r_a×in, scale folded in) of one module of n adapters, never
     forming a dense ΔW_a. Initialised from the stacked SVDs (U: top-K left singular vectors of
@@ -328,8 +389,16 @@ def joint_basis(factors: Sequence[tuple[Tensor, Tensor]], K: int, iters: int = 8
     then ``iters`` alternations, each a subspace-iteration step of the exact ALS update (U ←
     orth(Σ_a M_a M_aᵀ U) with M_a = ΔW_a Vᵀ; V likewise), O(n·(in + out)·K·r) each, so the
     captured energy never falls. Finally the directions are rotated to the eigenbases of
-    Σ_a C_a C_aᵀ (U side) and Σ_a C_aᵀ C_a (V side), strongest first."""
+    Σ_a C_a C_aᵀ (U side) and Σ_a C_aᵀ C_a (V side), strongest first.
+
+    With ``Sigma``: the fit maximises the Σ-weighted energy Σ_a ‖Uᵀ ΔW_a Σ Vᵀ‖² over V Σ Vᵀ = I
+    (the same alternation in :func:`weighted_coords`); V comes back as unit rows in input
+    coordinates and the energies and norms are Σ-weighted. Fit the cores with the same Σ."""
     fs = [(B.double(), A.double()) for B, A in factors]
+    if Sigma is not None:
+        wc = weighted_coords([A for _, A in fs], Sigma)
+        jb = joint_basis([(B, wc.reduce(A)) for B, A in fs], K, iters)
+        return JointBasis(jb.U, wc.to_input(jb.V), jb.energy_full, jb.energy_diag, jb.norms)
     n_out, n_in = fs[0][0].shape[0], fs[0][1].shape[1]
     K = max(0, min(K, n_out, n_in, sum(A.shape[0] for _, A in fs)))
     norms = [float(((B.T @ B) * (A @ A.T)).sum()) for B, A in fs]
@@ -362,18 +431,26 @@ def joint_basis(factors: Sequence[tuple[Tensor, Tensor]], K: int, iters: int = 8
     return JointBasis(U, V, full, diag, norms)
 
 
-def joint_cores(U: Tensor, V: Tensor, B: Tensor, A: Tensor, diagonal: bool, ridge: float = 1e-10) -> Tensor:
+def joint_cores(
+    U: Tensor,
+    V: Tensor,
+    B: Tensor,
+    A: Tensor,
+    diagonal: bool,
+    ridge: float = 1e-10,
+    Sigma: SigmaLike | None = None,
+) -> Tensor:
     """The best core of ΔW = B A on a fixed basis (U out×k, V k×in, e.g. as rounded to the
-    storage dtype, so not exactly orthonormal): argmin_C ‖B A − U C V‖_F, C = (UᵀU)⁻¹ Uᵀ B A Vᵀ
-    (VVᵀ)⁻¹ (k×k); ``diagonal``: argmin_d ‖B A − U diag(d) V‖_F, solving (UᵀU ∘ VVᵀ) d =
-    diag(Uᵀ B A Vᵀ) (∘: elementwise)."""
+    storage dtype, so not exactly orthonormal): argmin_C ‖B A − U C V‖_Σ, C = (UᵀU)⁻¹ Uᵀ B A Σ Vᵀ
+    (V Σ Vᵀ)⁻¹ (k×k; Σ = I when None); ``diagonal``: argmin_d ‖B A − U diag(d) V‖_Σ, solving
+    (UᵀU ∘ V Σ Vᵀ) d = diag(Uᵀ B A Σ Vᵀ) (∘: elementwise)."""
     U, V, B, A = U.double(), V.double(), B.double(), A.double()
     k = U.shape[1]
     if k == 0:
         return torch.zeros(0 if diagonal else (0, 0), dtype=torch.float64)
     eye = torch.eye(k, dtype=torch.float64)
-    Gu, Gv = U.T @ U, V @ V.T
-    P = (U.T @ B) @ (A @ V.T)  # k×k
+    Gu, Gv = U.T @ U, gram(V, Sigma)
+    P = (U.T @ B) @ gram(A, Sigma, V)  # k×k
     if diagonal:
         M = Gu * Gv
         return torch.linalg.solve(M + ridge * M.diagonal().mean().clamp_min(1e-30) * eye, P.diagonal())

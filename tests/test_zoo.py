@@ -427,7 +427,6 @@ def test_options_are_checked_before_any_work(messy_zoo, tmp_path):
     for kw in (
         {"calibration": CalibrationOptions(base_model=tmp_path, calib=tmp_path / "t.txt")},
         {"quant": QuantOptions("int8")},
-        {"fitting": FitOptions(stats={})},
     ):
         with pytest.raises(OptionError, match="--shared-basis fits in weight space"):
             zoo.batch(messy_zoo, tmp_path / "o", shared_basis=True, **kw)

@@ -226,3 +226,110 @@ def test_a_grown_zoo_fits_new_adapters_to_the_existing_shared_file(tmp_path):
     again = zoo.batch(src, tmp_path / "out", budget=0.25, jobs=1, shared_basis=True)
     assert shared.read_bytes() == before["_"] and again["counts"].get("failed", 0) == 0
     assert all(r["status"] in ("skipped", "shared", "converted") for r in again["adapters"])
+
+
+def _anisotropic_sigma(n: int, g: torch.Generator, spread: float = 1e3) -> torch.Tensor:
+    """A PSD Σ (n×n) with eigenvalues spread over ``spread`` on random axes (activations' second
+    moments are dominated by a few directions)."""
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    return (Q * torch.logspace(0, math.log10(spread), n, dtype=torch.float64)) @ Q.T
+
+
+def _w_err(facs, U, V, Sigma, diagonal=False) -> float:
+    """Σ_a ‖B_a A_a − U C_a V‖²_Σ with the Σ-optimal cores."""
+    e = 0.0
+    for B, A in facs:
+        C = linalg.joint_cores(U, V, B, A, diagonal, Sigma=Sigma)
+        X = B.double() @ A.double() - U @ (torch.diag(C) if diagonal else C) @ V
+        e += float(torch.trace(X @ Sigma @ X.T))
+    return e
+
+
+def test_sigma_weighted_joint_and_row_bases():
+    """With Σ, the joint basis, its cores and the row basis minimise the Σ-weighted error: the
+    cores equal the brute-force weighted least squares, the energy table accounts for the
+    weighted residual exactly, the weighted fits beat the plain ones under Σ, and Σ = I gives
+    the plain fit back."""
+    g = torch.Generator().manual_seed(3)
+    n_in, n_out = 24, 20
+    Sigma = _anisotropic_sigma(n_in, g)
+    facs = [
+        (
+            torch.randn(n_out, 4, generator=g, dtype=torch.float64),
+            torch.randn(4, n_in, generator=g, dtype=torch.float64),
+        )
+        for _ in range(5)
+    ]
+    for K in (3, 6):
+        jw, ju = linalg.joint_basis(facs, K, Sigma=Sigma), linalg.joint_basis(facs, K)
+        assert torch.allclose(jw.V.norm(dim=1), torch.ones(K, dtype=torch.float64))
+        ew, eu = _w_err(facs, jw.U, jw.V, Sigma), _w_err(facs, ju.U, ju.V, Sigma)
+        assert ew < 0.9 * eu, (K, ew, eu)
+        # the weighted norms and captured energy account for the weighted residual
+        assert sum(jw.norms) - float(jw.energy_full[-1]) == pytest.approx(ew, rel=1e-4)
+        assert sum(jw.norms) == pytest.approx(sum(float(linalg.sq_norm(B, A, Sigma)) for B, A in facs), rel=1e-5)
+        assert _w_err(facs, jw.U, jw.V, Sigma, diagonal=True) >= ew
+    # cores: the brute-force minimiser of ‖(B A − U C V) R‖_F (R Rᵀ = Σ) over all k×k C
+    B, A = facs[0]
+    R = torch.linalg.cholesky(Sigma)
+    M = torch.kron((jw.V @ R).T.contiguous(), jw.U)  # vec(U C V R) = ((V R)ᵀ ⊗ U) vec(C), column-major
+    brute = torch.linalg.lstsq(M, (B @ A @ R).T.reshape(-1)).solution.reshape(6, 6).T
+    got = linalg.joint_cores(jw.U, jw.V, B, A, diagonal=False, Sigma=Sigma)
+    assert float((got - brute).abs().max()) < 1e-7 * float(brute.abs().max())
+    eye = torch.eye(n_in, dtype=torch.float64)
+    assert torch.allclose(
+        linalg.joint_basis(facs, 3, Sigma=eye).energy_full, linalg.joint_basis(facs, 3).energy_full, rtol=1e-5
+    )
+    # the row basis (row-basis kind): B fitted on a Σ-weighted shared A
+    mw, mu = linalg.module_basis(facs, n_in, cap=5, Sigma=Sigma), linalg.module_basis(facs, n_in, cap=5)
+
+    def row_err(V) -> float:
+        return sum(float(linalg.sq_error(B, A, linalg.lstsq_B(B, A, V, Sigma), V, Sigma)) for B, A in facs)
+
+    assert row_err(mw.V) < 0.6 * row_err(mu.V)
+    assert sum(mw.norms) - float(mw.lam[:5].sum()) == pytest.approx(row_err(mw.V), rel=1e-4)
+    assert mw.overlap == pytest.approx(mu.overlap, abs=1e-12)  # the overlap of the plain A row spaces
+
+
+def test_batch_shares_sigma_weighted_with_a_stats_file(tmp_path):
+    """``batch --shared-basis --stats FILE`` (no base model): the separate containers, the shared
+    bases and the cores are all Σ-weighted, every error batch.json compares is the Σ-weighted one,
+    and distillation is still refused with one line."""
+    from clihelp import run_cli
+
+    from adaptzip.calibrate import save_stats
+    from adaptzip.options import CalibrationOptions
+
+    src = joint_zoo(tmp_path / "zoo", 6, diagonal=False)
+    g = torch.Generator().manual_seed(5)
+    ad0 = load_adapter(src / "ad0")
+    stats = {m.name: _anisotropic_sigma(m.in_features, g, 100.0).float() for m in ad0.modules}
+    save_stats(tmp_path / "base.stats.safetensors", stats, {"tokens": 1})
+    cal = CalibrationOptions(stats_file=tmp_path / "base.stats.safetensors")
+    s = zoo.batch(src, tmp_path / "out", budget=0.25, jobs=1, shared_basis=True, calibration=cal)
+    grp = s["sharing"]["groups"][0]
+    assert grp["weighted"] is True and grp["decision"] == "shared", grp["reason"]
+    ctx = FitContext(stats={k: v.double() for k, v in stats.items()})
+    num = den = 0.0
+    for r in s["adapters"]:
+        c = ct.open_container(tmp_path / "out" / r["output"])
+        ad = load_adapter(r["source"])
+        assert c.manifest["metrics"]["weighted"] is True
+        rep = fit.evaluate(c.form(), ad, ctx)
+        assert rep.rel_error == pytest.approx(r["rel_error"], rel=1e-5)
+        n2 = sum(float(linalg.sq_norm(*ad.factors(m), ctx.sigma(m))) for m in ad.modules)
+        num, den = num + rep.rel_error**2 * n2, den + n2
+    assert math.sqrt(num / den) == pytest.approx(grp["shared"]["rel_error"], rel=1e-5)
+    assert (
+        grp["shared"]["rel_error"] <= grp["separate"]["rel_error"] and grp["shared"]["bytes"] < grp["separate"]["bytes"]
+    )
+    # the separate errors compared are those of the Σ-weighted svd containers the batch makes alone
+    sep = {r["adapter"]: r for r in zoo.batch(src, tmp_path / "sep", budget=0.25, jobs=1, calibration=cal)["adapters"]}
+    for r in s["adapters"]:
+        assert r["separate_rel_error"] == pytest.approx(sep[r["adapter"]]["rel_error"], rel=1e-9)
+        assert r["separate_bytes"] == sep[r["adapter"]]["bytes"]
+        assert ct.open_container(tmp_path / "sep" / r["output"]).manifest["metrics"]["weighted"] is True
+    code, out, err = run_cli(
+        "batch", src, "-o", tmp_path / "o2", "--shared-basis", "--base-model", tmp_path, "--calib", tmp_path / "t.txt"
+    )
+    assert code != 0 and out == "" and err.count("\n") == 1 and "distillation" in err, err

@@ -115,8 +115,8 @@ def batch(
     ``jobs``: worker processes (default: CPU cores). ``threads``: torch threads per worker
     (default: the idle cores divided among the workers, at least one). ``force``: redo containers that are up to
     date. ``shared_basis``: also fit zoo-level shared bases where sharing pays
-    (:mod:`adaptzip.zoo.sharing`; weight space only: not with calibration, quantisation or Σ
-    statistics). ``executor``: ``process`` or ``ray`` (Ray tasks on the cluster that ``ray.init()``
+    (:mod:`adaptzip.zoo.sharing`; in weight space, or Σ-weighted with ``fitting.stats`` or a
+    stats file alone, ``CalibrationOptions(stats_file=…)``; not with distillation or quantisation). ``executor``: ``process`` or ``ray`` (Ray tasks on the cluster that ``ray.init()``
     finds, e.g. by ``RAY_ADDRESS``; the adapters and containers travel through Ray's object store,
     so the nodes need not see ``zoo`` or ``output``: docs/zoo.md).
     ``command``: the command line recorded in every manifest (before the resume stamp).
@@ -150,12 +150,14 @@ def batch(
         raise OptionError(None, f"--executor {executor!r}: expected process or ray")
     if shared_basis:
         for what, used in (
-            ("calibration (--base-model/--calib)", calibration is not None),
+            ("distillation (--base-model/--calib)", calibration is not None and calibration.teacher),
             (f"--quant {quant.scheme}", quant.scheme != "none"),
-            ("Σ statistics (stats)", fitting.stats is not None),
         ):
             if used:
-                raise OptionError(None, f"--shared-basis fits in weight space; it cannot be combined with {what}")
+                raise OptionError(
+                    None,
+                    f"--shared-basis fits in weight space (Σ-weighted with --stats FILE); it cannot be combined with {what}",
+                )
     opts = batch_options(to, budget, config_to_json(config), fitting, calibration, quant)
     digest = options_sha256(opts)
     check_writable(out, folder=True)
@@ -202,7 +204,14 @@ def batch(
                     try:
                         with interruptible():
                             sharing = share_zoo(
-                                run.rows, out, command=stamp(command, digest), log=bar.log, job_of=job_of
+                                run.rows,
+                                out,
+                                command=stamp(command, digest),
+                                log=bar.log,
+                                job_of=job_of,
+                                stats=fitting.stats
+                                if fitting.stats is not None
+                                else (None if calibration is None else calibration.stats_file),
                             )
                     except (KeyboardInterrupt, Interrupted):
                         run.interrupted = True

@@ -6,6 +6,12 @@ keeping ``B = argmin ‖ΔW − B V‖``: an ``svd`` container whose ``A.{i}`` l
 file ``OUT_DIR/_shared/<sha256>.safetensors``. The ranks k are allocated greedily (energy per
 stored byte) as the smallest that match the group error of the separate containers; a candidate
 is shared only when that is fewer total bytes (shared file included) at equal or lower error.
+The joint kinds (``joint-basis``) share U and V with a core per adapter instead.
+
+With Σ statistics (``batch --stats FILE``: one file of the base model for the whole zoo) every
+fit is Σ-weighted — the separate containers, the shared bases (:func:`adaptzip.linalg.module_basis`
+and :func:`adaptzip.linalg.joint_basis` with ``Sigma``), B and the cores — and every error compared
+is the Σ-weighted output error ‖ΔW − ΔŴ‖_Σ / ‖ΔW‖_Σ.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from .. import container as ct
 from .. import fit, linalg
 from ..adapter import DTYPE_NAMES, Adapter, load_adapter
 from ..budget import resolve_dtype
+from ..calibrate import load_stats
 from ..fileio import atomic_file, file_sha256
 from ..forms import REGISTRY, FitContext, baseline_form
 from ..forms.joint import CORES, core_cost
@@ -39,10 +46,16 @@ class _Kind(abc.ABC):
     name: str
     form: str
 
-    def __init__(self, ads: list[Adapter], dt: torch.dtype, gkey: str):
+    def __init__(self, ads: list[Adapter], dt: torch.dtype, gkey: str, stats: dict | None = None):
         self.ads, self.dt, self.gkey, self.n = ads, dt, gkey, len(ads)
         self.modules = ads[0].modules
         self.fb = torch.empty(0, dtype=dt).element_size()
+        self.stats = stats
+        self.ctx = FitContext(stats=stats)
+
+    def sigma(self, i: int):
+        """Module ``i``'s Σ (None: weight space)."""
+        return self.ctx.sigma(self.modules[i])
 
     @abc.abstractmethod
     def gains(self) -> list[torch.Tensor]:
@@ -83,8 +96,13 @@ class _Kind(abc.ABC):
 
     def _write_container(self, form, a: int, sha: str, metrics: dict, command: str, names: list[str]):
         ad = self.ads[a]
-        rep = fit.evaluate(form, ad, FitContext())
-        met = {**rep.to_json(), "module_rel_errors": rep.module_rel_errors, "weighted": False, **metrics}
+        rep = fit.evaluate(form, ad, self.ctx)
+        met = {
+            **rep.to_json(),
+            "module_rel_errors": rep.module_rel_errors,
+            "weighted": self.stats is not None,
+            **metrics,
+        }
         ref = {"file": f"{SHARED_DIR}/{sha}.safetensors", "sha256": sha, "tensors": names}
         tensors, manifest = ct.build(form, ad, self.dt, metrics=met, command=command, shared=ref)
         return tensors, manifest, rep
@@ -97,9 +115,9 @@ class _RowBasis(_Kind):
     name = "row-basis"
     form = "svd"
 
-    def __init__(self, ads, dt, gkey, cap_bytes: float | None):
+    def __init__(self, ads, dt, gkey, cap_bytes: float | None, stats: dict | None = None):
         """``cap_bytes`` None: no fit (only :meth:`container` on an existing shared file)."""
-        super().__init__(ads, dt, gkey)
+        super().__init__(ads, dt, gkey, stats)
         if cap_bytes is None:
             return
         self.bases = [
@@ -108,6 +126,7 @@ class _RowBasis(_Kind):
                 m.in_features,
                 cap=max(0, int(cap_bytes // self._cost(m))),
                 total_rank=sum(ad.modules[i].rank for ad in ads),
+                Sigma=self.sigma(i),
             )
             for i, m in enumerate(self.modules)
         ]
@@ -138,7 +157,7 @@ class _RowBasis(_Kind):
             Bn = (
                 B.new_zeros(m.out_features, 0)
                 if V.shape[0] == 0
-                else linalg.lstsq_B(B.double(), A.double(), V.double()).float()
+                else linalg.lstsq_B(B.double(), A.double(), V.double(), self.sigma(i)).float()
             )
             facs.append((Bn.to(self.dt).float(), V))
         form = svd_cls(self.modules, svd_cls.Config(ranks=tuple(ks)), facs)
@@ -153,10 +172,12 @@ class _JointBasis(_Kind):
     name = "joint-basis"
     form = "joint"
 
-    def __init__(self, ads, dt, gkey, core: str, cap_bytes: float | None, bases: list | None = None):
+    def __init__(
+        self, ads, dt, gkey, core: str, cap_bytes: float | None, bases: list | None = None, stats: dict | None = None
+    ):
         """``cap_bytes`` None: no fit (only :meth:`container` on an existing shared file);
         ``bases``: the joint bases already fitted for another core (the fit does not depend on it)."""
-        super().__init__(ads, dt, gkey)
+        super().__init__(ads, dt, gkey, stats)
         self.core = core
         self.bases = [] if bases is None else bases
         if cap_bytes is None or bases is not None:
@@ -168,7 +189,11 @@ class _JointBasis(_Kind):
             values = 2 * cap_bytes * share[i] / max(sum(share), 1) / self.fb
             cap = int(values // (m.in_features + m.out_features + self.n))  # the diag core's cost: the cheapest
             self.bases.append(
-                linalg.joint_basis([ad.factors(ad.modules[i]) for ad in ads], min(cap, m.in_features, m.out_features))
+                linalg.joint_basis(
+                    [ad.factors(ad.modules[i]) for ad in ads],
+                    min(cap, m.in_features, m.out_features),
+                    Sigma=self.sigma(i),
+                )
             )
 
     def costs(self):
@@ -198,8 +223,8 @@ class _JointBasis(_Kind):
         Us = [shared[f"U.{i}"].float() for i in range(len(ks))]
         Vs = [shared[f"V.{i}"].float() for i in range(len(ks))]
         cores = [
-            linalg.joint_cores(U, V, B, A, self.core == "diag").to(self.dt).float()
-            for (_, B, A), U, V in zip(self.ads[a].iter_factors(), Us, Vs)
+            linalg.joint_cores(U, V, B, A, self.core == "diag", Sigma=self.sigma(i)).to(self.dt).float()
+            for i, ((_, B, A), U, V) in enumerate(zip(self.ads[a].iter_factors(), Us, Vs))
         ]
         form = cls(self.modules, cls.Config(core=self.core, ranks=tuple(ks)), Us, Vs, cores)
         names = sorted(n for i in range(len(ks)) for n in (f"U.{i}", f"V.{i}"))
@@ -232,13 +257,16 @@ def _concave(gains: torch.Tensor, costs: list[float]) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
-def share_zoo(rows: list[dict], out: Path, *, command: str, log=print, job_of=None) -> dict:
+def share_zoo(rows: list[dict], out: Path, *, command: str, log=print, job_of=None, stats=None) -> dict:
     """Phase 2 of ``--shared-basis``. Adapters with the same base model, dtype and module table
     form a shape group; :func:`cluster_by_overlap` splits it into clusters whose A row spaces
     overlap (e.g. one training seed each), and the adapters left alone form one more candidate.
     For each candidate of ≥ 2 adapters: measure the overlap, fit the shared basis that matches the
     separate containers' error with the fewest bytes, and replace its containers when that saves
-    bytes. Updates ``rows`` in place; returns the sharing report."""
+    bytes. Updates ``rows`` in place; returns the sharing report.
+
+    ``stats``: Σ per module name, or a stats file (formats/stats.md) of the zoo's base model, read
+    once per shape group and checked against its module table; None: weight space."""
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if r["status"] in OK_STATUSES and r.get("group"):
@@ -257,7 +285,7 @@ def share_zoo(rows: list[dict], out: Path, *, command: str, log=print, job_of=No
         if len(alone) >= 2:
             cands.append((f"{gkey}-x", [grp[i] for i in alone], "no overlapping partner"))
         for key, members, kind in cands:
-            g = _share_group(key, members, out, command, log, job_of)
+            g = _share_group(key, members, out, command, log, job_of, stats)
             g["cluster"] = kind
             report.append(g)
     sep = sum(g["separate"]["bytes"] for g in report)
@@ -318,9 +346,11 @@ def _group_err(errs: list[float], norms: list[float]) -> float:
     return math.sqrt(sum(e * e * n for e, n in zip(errs, norms)) / tot) if tot > 0 else 0.0
 
 
-def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_of) -> dict:
+def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_of, stats=None) -> dict:
     n = len(grp)
     ads = [load_adapter(r["source"]) for r in grp]
+    if stats is not None and not isinstance(stats, dict):
+        stats = load_stats(stats, ads[0])[0]
     dt = resolve_dtype(grp[0].get("dtype"), ads[0])
     modules = ads[0].modules
     # the alternative: each adapter's separate container (the better of its form and the same-bytes svd)
@@ -333,12 +363,12 @@ def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_o
             sep_bytes.append(r["bytes"])
             sep_err.append(min(x for x in (r.get("rel_error"), r.get("svd_baseline_rel_error")) if x is not None))
     T = sum(sep_bytes)
-    grown = _extend(gkey, grp, ads, dt, sep_bytes, sep_err, out, command, log)
+    grown = _extend(gkey, grp, ads, dt, sep_bytes, sep_err, out, command, log, stats)
     if grown is not None:
         return grown
-    joint = [_JointBasis(ads, dt, gkey, CORES[0], T)]
-    joint += [_JointBasis(ads, dt, gkey, core, T, bases=joint[0].bases) for core in CORES[1:]]
-    kinds: list[_Kind] = [_RowBasis(ads, dt, gkey, T), *joint]
+    joint = [_JointBasis(ads, dt, gkey, CORES[0], T, stats=stats)]
+    joint += [_JointBasis(ads, dt, gkey, core, T, bases=joint[0].bases, stats=stats) for core in CORES[1:]]
+    kinds: list[_Kind] = [_RowBasis(ads, dt, gkey, T, stats), *joint]
     bases = kinds[0].bases
     norms = [sum(b.norms[a] for b in bases) for a in range(n)]
     total = sum(norms)
@@ -357,6 +387,7 @@ def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_o
         "adapters": n,
         "modules": len(modules),
         "dtype": DTYPE_NAMES[dt],
+        "weighted": stats is not None,
         "overlap": sum(ov) / len(ov) if ov else None,
         "overlap_by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
         "overlap_random": sum(m.rank / m.in_features for m in modules) / len(modules),
@@ -489,7 +520,7 @@ def _plan(kind: _Kind, T: int, e_sep: float, total: float, norms: list[float], m
     return report, best
 
 
-def _extend(gkey, grp, ads, dt, sep_bytes, sep_err, out: Path, command: str, log) -> dict | None:
+def _extend(gkey, grp, ads, dt, sep_bytes, sep_err, out: Path, command: str, log, stats=None) -> dict | None:
     """A cluster that grew: when its earlier members all reference one intact shared file (up to
     date in this run) and the others are new, fit only the new adapters' own parts (B, or cores)
     to that file as it is. Kept when the whole cluster's error stays within the separate
@@ -504,12 +535,12 @@ def _extend(gkey, grp, ads, dt, sep_bytes, sep_err, out: Path, command: str, log
     shared = {n: c.tensor(n) for n in c.manifest["shared"]["tensors"]}
     n = len(grp)
     kind: _Kind = (
-        _JointBasis([ads[a] for a in new], dt, gkey, c.config.core, None)
+        _JointBasis([ads[a] for a in new], dt, gkey, c.config.core, None, stats=stats)
         if c.form_name == "joint"
-        else _RowBasis([ads[a] for a in new], dt, gkey, None)
+        else _RowBasis([ads[a] for a in new], dt, gkey, None, stats)
     )
     blob_bytes = c.shared_path.stat().st_size
-    norms = [sum(float(linalg.sq_norm(*ad.factors(m))) for m in ad.modules) for ad in ads]
+    norms = [sum(float(linalg.sq_norm(*ad.factors(m), kind.ctx.sigma(m))) for m in ad.modules) for ad in ads]
     e_sep = _group_err(sep_err, norms)
     built, errs = {}, [grp[a]["rel_error"] for a in range(n)]
     for j, a in enumerate(new):
@@ -523,6 +554,7 @@ def _extend(gkey, grp, ads, dt, sep_bytes, sep_err, out: Path, command: str, log
         "adapters": n,
         "modules": len(ads[0].modules),
         "dtype": DTYPE_NAMES[dt],
+        "weighted": stats is not None,
         "overlap": None,  # not measured: the cluster was formed and fitted by an earlier run
         "overlap_random": None,
         "separate": {"bytes": sum(sep_bytes), "rel_error": e_sep},
