@@ -50,6 +50,10 @@ from .runtime import single_thread
 FORMAT = "adaptzip"
 FORMAT_VERSION = 1
 META_KEY = "adaptzip"
+#: The shared file's metadata key (formats/shared.md §3).
+SHARED_META_KEY = "adaptzip_shared"
+#: ``manifest.modules`` when the module table lives in the shared file (formats/shared.md §1).
+TABLE_IN_SHARED = "shared"
 SCHEMA_FILE = Path(__file__).resolve().parent / "manifest.schema.json"
 
 
@@ -130,7 +134,9 @@ def build(
 
     ``shared``: ``{"file": "_shared/<sha256>.safetensors", "sha256": ..., "tensors": [names]}``
     when some of the form's tensors live in a zoo-level shared file (formats/shared.md): those are
-    left out of the container and its payload hash, and the manifest references the file.
+    left out of the container and its payload hash, and the manifest references the file. With
+    ``"modules": True`` in it, the module table is left to the shared file too (it MUST hold the
+    form's table) and ``manifest.modules`` is ``"shared"``.
 
     ``storage``: the quantisation of the form's float tensors (:mod:`adaptzip.quant`), recorded as
     the manifest's ``storage`` section (default: ``form.quant_storage``, set once chosen,
@@ -145,6 +151,8 @@ def build(
             storage.allocation,
         )
     tensors = encode_tensors(form, dtype, storage)
+    table = [m.to_json() for m in form.modules_info]
+    table_in_shared = shared is not None and bool(shared.get("modules"))
     if shared is not None:
         shared = {"file": shared["file"], "sha256": shared["sha256"], "tensors": sorted(shared["tensors"])}
         for n in shared["tensors"]:
@@ -172,7 +180,7 @@ def build(
             "peft_version": adapter.peft_version,
             "peft_config": adapter.config,
         },
-        "modules": [m.to_json() for m in form.modules_info],
+        "modules": TABLE_IN_SHARED if table_in_shared else table,
         "carried": carried,
         "payload_sha256": payload_sha256(tensors),
         "metrics": {**form.fit_info, **(metrics or {})},
@@ -182,7 +190,7 @@ def build(
         manifest["shared"] = shared
     if storage is not None:
         manifest["storage"] = storage.to_json()
-    check_manifest(manifest)
+    check_manifest(manifest, table=table)
     return tensors, manifest
 
 
@@ -243,21 +251,28 @@ def serialized_size(tensors: dict[str, torch.Tensor], manifest: dict) -> int:
 
 
 # ----------------------------------------------------------------------------- reading
-def check_manifest(manifest: dict, path: Path | str | None = None) -> None:
+def check_manifest(manifest: dict, path: Path | str | None = None, table: list | None = None) -> None:
     """The checks of a manifest on its own (formats/container.md §6, invariants 4–8):
     ``format_version`` (first: a newer version may follow another schema), the JSON Schema (the
     one cached validator), then the module table against the source config and the carried list.
-    Raises :class:`ContainerError` naming ``path`` and the first problem."""
+    ``table``: the module table when ``manifest.modules`` is ``"shared"`` (read from the shared
+    file). Raises :class:`ContainerError` naming ``path`` and the first problem."""
     fv = manifest.get("format_version")
     if isinstance(fv, int) and not isinstance(fv, bool) and fv > FORMAT_VERSION:
         raise ContainerError(
             path, f"format_version {fv} is newer than this adaptzip reads ({FORMAT_VERSION}); upgrade adaptzip"
         )
     validate_manifest(manifest, path)
-    _check_module_table(manifest, path)
+    if manifest["modules"] == TABLE_IN_SHARED:
+        if "shared" not in manifest:
+            raise ContainerError(path, 'manifest modules is "shared" but the manifest references no shared file')
+        if table is None:
+            raise ContainerError(path, 'manifest modules is "shared": the module table must come from the shared file')
+        validate_manifest({**manifest, "modules": table}, path)
+    _check_module_table(manifest, path, table if manifest["modules"] == TABLE_IN_SHARED else manifest["modules"])
 
 
-def _check_module_table(manifest: dict, path: Path | str | None) -> None:
+def _check_module_table(manifest: dict, path: Path | str | None, table: list) -> None:
     """Module names unique and in natural order; each module's rank and alpha those the source's
     ``adapter_config.json`` gives it (PEFT's rule, as the adapter reader applies it), its scale
     α/r (α/√r with rsLoRA) and its ``fan_in_fan_out`` the config's (linear layers only): an edited
@@ -274,7 +289,7 @@ def _check_module_table(manifest: dict, path: Path | str | None) -> None:
     rslora, fifo = bool(cfg.get("use_rslora", False)), bool(cfg.get("fan_in_fan_out", False))
     prev: str | None = None
     names: set[str] = set()
-    for i, m in enumerate(manifest["modules"]):
+    for i, m in enumerate(table):
         name = m["name"]
         if name in names or (prev is not None and natural_key(name) < natural_key(prev)):
             raise ContainerError(
@@ -382,7 +397,33 @@ class Container:
 
     @cached_property
     def modules(self) -> list[ModuleInfo]:
-        return [ModuleInfo.from_json(m) for m in self.manifest["modules"]]
+        return [ModuleInfo.from_json(m) for m in self.module_table]
+
+    @property
+    def table_in_shared(self) -> bool:
+        """The module table lives in the shared file (``manifest.modules`` is ``"shared"``)."""
+        return self.manifest["modules"] == TABLE_IN_SHARED
+
+    @cached_property
+    def module_table(self) -> list[dict]:
+        """The module table (JSON objects): the manifest's, or the shared file's (its sha256
+        checked first) when ``manifest.modules`` is ``"shared"``."""
+        if not self.table_in_shared:
+            return self.manifest["modules"]
+        path = self.shared_path
+        if path is None:
+            raise ContainerError(self.path, 'manifest modules is "shared" but the manifest references no shared file')
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get(SHARED_META_KEY, "null"))
+        except (SafetensorError, OSError, json.JSONDecodeError) as e:
+            raise ContainerError(path, f"cannot read the shared file's metadata: {e}") from e
+        table = meta.get("modules") if isinstance(meta, dict) else None
+        if not isinstance(table, list):
+            raise ContainerError(
+                path, f'holds no module table, which {self.path.name} takes from it (its manifest modules is "shared")'
+            )
+        return table
 
     @property
     def dtype(self) -> torch.dtype:
@@ -770,7 +811,11 @@ def open_container(path: str | Path) -> Container:
         raise ContainerError(path, f"manifest is not valid JSON: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ContainerError(path, "manifest format is not 'adaptzip'")
-    check_manifest(manifest, path)
     c = Container(path, manifest, shapes)
+    if manifest.get("modules") == TABLE_IN_SHARED:
+        validate_manifest(manifest, path)  # the shared reference is well formed before it is followed
+        check_manifest(manifest, path, table=c.module_table)
+    else:
+        check_manifest(manifest, path)
     c.specs  # noqa: B018  (the form is known and its config and state decode)
     return c

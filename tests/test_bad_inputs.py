@@ -54,7 +54,7 @@ from fixtures import (
     tree_state,
     write_safetensors_raw,
 )
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import load, load_file, save, save_file
 
 from adaptzip import api
 from adaptzip import container as ct
@@ -402,22 +402,37 @@ def header_length(n: int) -> Mutation:
     return lambda p: p.write_bytes(struct.pack("<Q", n) + p.read_bytes()[8:])
 
 
-def shared_reference(altered: bool) -> Mutation:
+def shared_reference(altered: bool, table: str = "manifest") -> Mutation:
     """Move ``A.0`` to a zoo-level shared file referenced by hash (formats/shared.md): missing
-    (``altered=False``), or present beside the container with bytes that do not match its hash."""
+    (``altered=False``), or present beside the container with bytes that do not match its hash.
+    ``table``: where the module table lives — ``manifest``; ``shared`` (moved to the shared file,
+    intact and present: only ``edit`` breaks it); ``none`` (the manifest says ``"shared"``, the
+    shared file holds none); ``no-reference`` (the manifest says ``"shared"`` and references no
+    shared file); ``edited`` (the shared file's table gives module 0 another rank)."""
 
     def mut(p: Path) -> None:
         h, _ = read_st(p)
         t = load_file(p)
-        good = save({"A.0": t.pop("A.0")}, metadata={"adaptzip_shared": "{}"})
-        digest = hashlib.sha256(good).hexdigest()
         m = json.loads(h["__metadata__"]["adaptzip"])
-        m["shared"] = {"file": f"_shared/{digest}.safetensors", "sha256": digest, "tensors": ["A.0"]}
+        meta: dict = {}
+        if table in ("shared", "edited"):
+            meta["modules"] = json.loads(json.dumps(m["modules"]))
+            if table == "edited":
+                meta["modules"][0]["rank"] += 1
+        good = save({"A.0": t.pop("A.0")}, metadata={"adaptzip_shared": json.dumps(meta)})
+        digest = hashlib.sha256(good).hexdigest()
+        if table != "no-reference":
+            m["shared"] = {"file": f"_shared/{digest}.safetensors", "sha256": digest, "tensors": ["A.0"]}
+        else:
+            t["A.0"] = load(good)["A.0"]
+        if table != "manifest":
+            m["modules"] = "shared"
         save_file(t, p, metadata={"adaptzip": json.dumps(m, sort_keys=True, separators=(",", ":"))})
         rehash(p)
-        if altered:
+        if altered or table != "manifest":
             (p.parent / "_shared").mkdir()
-            (p.parent / "_shared" / f"{digest}.safetensors").write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+            data = good[:-1] + bytes([good[-1] ^ 1]) if altered else good
+            (p.parent / "_shared" / f"{digest}.safetensors").write_bytes(data)
 
     return mut
 
@@ -651,6 +666,10 @@ CASES: list[Case] = [
     bad("verify-missing-shared-file", container(shared_reference(altered=False)), VERIFY, C, r"shared file .*missing"),
     bad("expand-missing-shared-file", container(shared_reference(altered=False)), EXPAND, C, r"shared file .*missing"),
     bad("verify-altered-shared-file", container(shared_reference(altered=True)), VERIFY, r"{in}/_shared/[0-9a-f]{64}\.safetensors", r"does not match"),
+    bad("verify-table-in-shared-file-altered", container(shared_reference(altered=True, table="shared")), VERIFY, r"{in}/_shared/[0-9a-f]{64}\.safetensors", r"does not match"),
+    bad("verify-table-in-shared-file-absent", container(shared_reference(altered=False, table="none")), VERIFY, r"{in}/_shared/[0-9a-f]{64}\.safetensors", r"holds no module table"),
+    bad("expand-table-shared-without-reference", container(shared_reference(altered=False, table="no-reference")), EXPAND, C, r"references no shared file"),
+    bad("expand-table-in-shared-file-edited-rank", container(shared_reference(altered=False, table="edited")), EXPAND, C, r"rank"),
     bad("verify-masa-module-in-two-groups", container(manifest(_module_in_two_groups), src="masa.safetensors"), VERIFY, C, r"(?i)group|state"),
     bad("expand-masa-module-in-two-groups", container(manifest(_module_in_two_groups), src="masa.safetensors"), EXPAND, C, r"(?i)group|state"),
     bad("expand-peft-vblora-flipped-payload-byte", container(flip_payload, src="vblora.safetensors"), (*EXPAND, "--to", "peft-vblora"), C, SHA),

@@ -96,6 +96,7 @@ def test_batch_stores_a_joint_zoo_jointly(tmp_path, diagonal, core):
     for a in range(8):
         c = ct.open_container(tmp_path / "out" / f"ad{a}.safetensors")
         assert c.form_name == "joint" and c.config.core == core
+        assert c.manifest["modules"] == "shared" and c.table_in_shared and len(c.modules) == 14  # the table, once
         assert c.verify()["shared"] == str(shared.absolute())
         assert c.manifest["metrics"]["zoo"]["kind"] == "joint-basis"
         assert set(c.manifest["shared"]["tensors"]) == {f"{x}.{i}" for x in "UV" for i in range(14)}
@@ -219,6 +220,7 @@ def test_a_grown_zoo_fits_new_adapters_to_the_existing_shared_file(tmp_path):
     for j in range(2):
         c = ct.open_container(tmp_path / "out" / f"re{j}.safetensors")
         assert c.verify()["shared"] == str(shared.absolute()) and c.manifest["metrics"]["zoo"]["extended"] is True
+        assert c.table_in_shared
     # newcomers with their own bases do not fit: the cluster is refitted (a new shared file; the old one stays)
     for a in (6, 7):
         joint_zoo(tmp_path / "other" / str(a), 1, diagonal=False, seed=40 + a)

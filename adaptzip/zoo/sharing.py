@@ -36,8 +36,6 @@ from ..forms.joint import CORES, core_cost
 from .discovery import SHARED_DIR, Found
 from .run import OK_STATUSES, convert
 
-SHARED_META_KEY = "adaptzip_shared"
-
 
 class _Kind(abc.ABC):
     """One way to share a cluster (see the module docstring): the stored tensors of a rank
@@ -52,6 +50,8 @@ class _Kind(abc.ABC):
         self.fb = torch.empty(0, dtype=dt).element_size()
         self.stats = stats
         self.ctx = FitContext(stats=stats)
+        #: the module table lives once in the shared file (False: an existing file written without one)
+        self.table_in_shared = True
 
     def sigma(self, i: int):
         """Module ``i``'s Σ (None: weight space)."""
@@ -90,8 +90,9 @@ class _Kind(abc.ABC):
             "group": self.gkey,
             "adapters": self.n,
             "tensors": self.shared_meta(ks),
+            "modules": [m.to_json() for m in self.modules],
         }
-        blob = save(tensors, metadata={SHARED_META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))})
+        blob = save(tensors, metadata={ct.SHARED_META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))})
         return tensors, blob, hashlib.sha256(blob).hexdigest()
 
     def _write_container(self, form, a: int, sha: str, metrics: dict, command: str, names: list[str]):
@@ -103,7 +104,12 @@ class _Kind(abc.ABC):
             "weighted": self.stats is not None,
             **metrics,
         }
-        ref = {"file": f"{SHARED_DIR}/{sha}.safetensors", "sha256": sha, "tensors": names}
+        ref = {
+            "file": f"{SHARED_DIR}/{sha}.safetensors",
+            "sha256": sha,
+            "tensors": names,
+            "modules": self.table_in_shared,
+        }
         tensors, manifest = ct.build(form, ad, self.dt, metrics=met, command=command, shared=ref)
         return tensors, manifest, rep
 
@@ -539,6 +545,7 @@ def _extend(gkey, grp, ads, dt, sep_bytes, sep_err, out: Path, command: str, log
         if c.form_name == "joint"
         else _RowBasis([ads[a] for a in new], dt, gkey, None, stats)
     )
+    kind.table_in_shared = c.table_in_shared
     blob_bytes = c.shared_path.stat().st_size
     norms = [sum(float(linalg.sq_norm(*ad.factors(m), kind.ctx.sigma(m))) for m in ad.modules) for ad in ads]
     e_sep = _group_err(sep_err, norms)
