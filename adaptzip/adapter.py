@@ -210,7 +210,7 @@ class Adapter:
         self.config = config
         self.weights_file = weights_file
         self._shapes = keys  # key -> (shape, dtype)
-        self._bin_state: dict | None = None
+        self._state: dict | None = None  # tensors held in memory: a .bin file's, or kept (keep_in_memory)
         self.modules: list[ModuleInfo] = []
         self.carried: list[Carried] = []
         self._keys: dict[str, tuple[str, str]] = {}  # module name -> (key A, key B)
@@ -359,8 +359,8 @@ class Adapter:
     def _get(self, key: str) -> torch.Tensor:
         """A tensor of the weights file; a float one is checked finite the first time it is read
         (a NaN or Inf would otherwise surface as a failed SVD deep inside a fit)."""
-        if self._bin_state is not None:
-            t = self._bin_state[key]
+        if self._state is not None:
+            t = self._state[key]
         else:
             try:
                 with safe_open(self.weights_file, framework="pt") as f:
@@ -372,6 +372,17 @@ class Adapter:
                 raise AdapterError(self.weights_file, f"tensor {key} holds non-finite values (NaN or Inf)")
             self._finite.add(key)
         return t
+
+    def keep_in_memory(self) -> None:
+        """Read the weights file once and serve every later read from memory (for work that reads
+        the factors many times, e.g. zoo sharing); values are still checked finite when first used."""
+        if self._state is not None:
+            return
+        try:
+            with safe_open(self.weights_file, framework="pt") as f:
+                self._state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (safe_open has no iterator)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise AdapterError(self.weights_file, f"cannot read its tensors: {e}") from e
 
     def lora_A(self, name: str) -> torch.Tensor:
         """The stored A (r×in) of a module, in its file dtype."""
@@ -546,7 +557,7 @@ def load_adapter(path: str | Path) -> Adapter:
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise AdapterError(binf, "not a state dict of tensors")
         ad = Adapter(path, cfg, binf, {k: (tuple(v.shape), v.dtype) for k, v in state.items()})
-        ad._bin_state = state
+        ad._state = state
         return ad
     raise AdapterError(path, "no adapter_model.safetensors or adapter_model.bin")
 

@@ -36,6 +36,9 @@ from ..forms.joint import CORES, core_cost
 from .discovery import SHARED_DIR, Found
 from .run import OK_STATUSES, convert
 
+#: A cluster whose adapters' files take at most this many bytes is read into memory once.
+KEEP_IN_MEMORY = 2 << 30
+
 
 class _Kind(abc.ABC):
     """One way to share a cluster (see the module docstring): the stored tensors of a rank
@@ -355,6 +358,9 @@ def _group_err(errs: list[float], norms: list[float]) -> float:
 def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_of, stats=None) -> dict:
     n = len(grp)
     ads = [load_adapter(r["source"]) for r in grp]
+    if sum(ad.bytes for ad in ads) <= KEEP_IN_MEMORY:
+        for ad in ads:  # the fits and each allocation attempt's containers read every factor again
+            ad.keep_in_memory()
     if stats is not None and not isinstance(stats, dict):
         stats = load_stats(stats, ads[0])[0]
     dt = resolve_dtype(grp[0].get("dtype"), ads[0])
