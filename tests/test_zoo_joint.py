@@ -335,3 +335,45 @@ def test_batch_shares_sigma_weighted_with_a_stats_file(tmp_path):
         "batch", src, "-o", tmp_path / "o2", "--shared-basis", "--base-model", tmp_path, "--calib", tmp_path / "t.txt"
     )
     assert code != 0 and out == "" and err.count("\n") == 1 and "distillation" in err, err
+
+
+def test_a_shared_container_is_ordinary_for_every_reader(tmp_path, llama_base):
+    """A joint container whose module table and U, V live in the shared file: report, expand
+    --to peft (and for vLLM), dense and merged all give its form's ΔW."""
+    from safetensors.torch import load_file
+
+    from adaptzip import report
+
+    src = joint_zoo(tmp_path / "zoo", 4, diagonal=True)
+    zoo.batch(src, tmp_path / "out", budget=0.25, jobs=1, shared_basis=True)
+    path = tmp_path / "out" / "ad1.safetensors"
+    c = ct.open_container(path)
+    assert c.table_in_shared and c.form_name == "joint"
+    form = c.form().requires_grad_(False)
+    delta = {m.name: (lambda f: f[0].double() @ f[1].double())(form.factors(i)) for i, m in enumerate(c.modules)}
+    scale = max(float(d.abs().max()) for d in delta.values())
+
+    rep = report.report([path], against=src / "ad1")
+    row = rep["containers"][0]
+    assert row["form"] == "joint" and row["rel_error"] == pytest.approx(c.manifest["metrics"]["rel_error"], rel=1e-6)
+    assert len(row["modules"]) == len(c.modules)
+
+    adaptzip.expand(path, tmp_path / "dense.safetensors", to="dense")
+    dense = load_file(tmp_path / "dense.safetensors")
+    assert set(dense) == {f"{n}.weight" for n in delta}
+    assert max(float((dense[f"{n}.weight"].double() - d).abs().max()) for n, d in delta.items()) <= 1e-6 * scale
+
+    for target in ("peft", "vllm"):
+        adaptzip.expand(path, tmp_path / target, target=target, dtype="fp32")
+        back = load_adapter(tmp_path / target)
+        for m in back.modules:
+            B, A = back.factors(m)
+            assert float((B.double() @ A.double() - delta[m.name]).abs().max()) <= 1e-6 * scale
+
+    adaptzip.expand(path, tmp_path / "merged", to="merged", base_model=llama_base)
+    from fixtures import load_base
+
+    base, merged = load_base(llama_base).state_dict(), load_base(tmp_path / "merged").state_dict()
+    for n, d in delta.items():
+        got = merged[f"{n}.weight"].double() - base[f"{n}.weight"].double()
+        assert float((got - d).abs().max()) <= 1e-5 * scale
