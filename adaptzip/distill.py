@@ -250,10 +250,12 @@ class Calibration:
         return obj
 
     @torch.no_grad()
-    def evaluate(self, form: Form | None, split: str = "eval") -> dict[str, float]:
+    def evaluate(self, form: Form | None, split: str = "eval", objective_only: bool = False) -> dict[str, float]:
         """Divergence of the student (``form`` live; None: the base model) from the teacher on a
         split, in fp32: ``kl`` (nats per token, lm; per sequence over classes, cls), ``top1`` agreement,
-        ``loss`` (lm next-token CE), ``objective``, ``hidden_rel_mse`` (encoders)."""
+        ``loss`` (lm next-token CE), ``objective``, ``hidden_rel_mse`` (encoders).
+        ``objective_only``: lm ``kl`` and ``objective`` alone (the held-out checks; the same values,
+        without the top-1 and CE passes over the logits)."""
         sp = getattr(self, split)
         tot: dict[str, float] = {}
         for sl in self._batches(sp):
@@ -261,10 +263,12 @@ class Calibration:
             ctxm = self.modes.base_only() if form is None else self.modes.student(form)
             with ctxm:
                 logits, hidden = self._forward(sp.ids[sl], mask)
-            for k, v in self._divergence(sp, sl, logits, hidden).items():
+            for k, v in self._divergence(sp, sl, logits, hidden, train=objective_only).items():
                 tot[k] = tot.get(k, 0.0) + float(v)
         res: dict[str, float] = {}
-        if self.task == "lm":
+        if self.task == "lm" and objective_only:
+            res["kl"] = res["objective"] = tot["kl"] / tot["n"]
+        elif self.task == "lm":
             res["kl"] = tot["kl"] / tot["n"]
             res["top1"] = tot["top1"] / tot["n"]
             res["loss"] = tot["ce"] / max(tot["n_ce"], 1.0)
@@ -351,7 +355,7 @@ class Calibration:
                 module=form,
                 groups=groups,
                 step=step,
-                heldout=lambda: self.evaluate(form, "heldout")["objective"],
+                heldout=lambda: self.evaluate(form, "heldout", objective_only=True)["objective"],
                 draw=lambda: torch.randint(self.train.n, (bs,), generator=g),
                 tick=lambda **fields: bar(1, **fields),
                 weight_decay=weight_decay,
@@ -371,7 +375,9 @@ class Calibration:
             "distill_best_step": res["best_step"],
             "distill_precision": self.precision,
             "heldout_before": res["heldout_before"],
-            "heldout_after": self.evaluate(form, "heldout")["objective"] if res["steps"] else res["heldout_before"],
+            "heldout_after": self.evaluate(form, "heldout", objective_only=True)["objective"]
+            if res["steps"]
+            else res["heldout_before"],
             "distill_seconds": secs,
             "distill_tokens_per_s": res["steps"] * bs * self.train.ids.shape[1] / max(secs, 1e-9),
         }

@@ -83,6 +83,10 @@ def test_precision_auto_and_bf16_steps(env):
             assert ev == ev32  # evaluation is fp32 whatever the training precision
     assert losses["fp32"] > 0 and losses["bf16"] != losses["fp32"]
     assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"] + 1e-6
+    # the held-out checks compute the objective alone: the same value as the full evaluation
+    for split in ("heldout", "eval"):
+        full, quick = cal.evaluate(form, split), cal.evaluate(form, split, objective_only=True)
+        assert quick == {"kl": full["kl"], "objective": full["objective"]} and full["kl"] > 0
 
 
 def test_calib_time_bounds_all_distillation(env, tmp_path):
