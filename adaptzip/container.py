@@ -257,12 +257,7 @@ def check_manifest(manifest: dict, path: Path | str | None = None, table: list |
     one cached validator), then the module table against the source config and the carried list.
     ``table``: the module table when ``manifest.modules`` is ``"shared"`` (read from the shared
     file). Raises :class:`ContainerError` naming ``path`` and the first problem."""
-    fv = manifest.get("format_version")
-    if isinstance(fv, int) and not isinstance(fv, bool) and fv > FORMAT_VERSION:
-        raise ContainerError(
-            path, f"format_version {fv} is newer than this adaptzip reads ({FORMAT_VERSION}); upgrade adaptzip"
-        )
-    validate_manifest(manifest, path)
+    _check_version_and_schema(manifest, path)
     if manifest["modules"] == TABLE_IN_SHARED:
         if "shared" not in manifest:
             raise ContainerError(path, 'manifest modules is "shared" but the manifest references no shared file')
@@ -270,6 +265,15 @@ def check_manifest(manifest: dict, path: Path | str | None = None, table: list |
             raise ContainerError(path, 'manifest modules is "shared": the module table must come from the shared file')
         validate_manifest({**manifest, "modules": table}, path)
     _check_module_table(manifest, path, table if manifest["modules"] == TABLE_IN_SHARED else manifest["modules"])
+
+
+def _check_version_and_schema(manifest: dict, path: Path | str | None) -> None:
+    fv = manifest.get("format_version")
+    if isinstance(fv, int) and not isinstance(fv, bool) and fv > FORMAT_VERSION:
+        raise ContainerError(
+            path, f"format_version {fv} is newer than this adaptzip reads ({FORMAT_VERSION}); upgrade adaptzip"
+        )
+    validate_manifest(manifest, path)
 
 
 def _check_module_table(manifest: dict, path: Path | str | None, table: list) -> None:
@@ -813,7 +817,7 @@ def open_container(path: str | Path) -> Container:
         raise ContainerError(path, "manifest format is not 'adaptzip'")
     c = Container(path, manifest, shapes)
     if manifest.get("modules") == TABLE_IN_SHARED:
-        validate_manifest(manifest, path)  # the shared reference is well formed before it is followed
+        _check_version_and_schema(manifest, path)  # the shared reference is well formed before it is followed
         check_manifest(manifest, path, table=c.module_table)
     else:
         check_manifest(manifest, path)
