@@ -126,6 +126,12 @@ def test_batch_stores_a_joint_zoo_jointly(tmp_path, diagonal, core):
     mtime = shared.stat().st_mtime_ns
     again = zoo.batch(src, tmp_path / "out", budget=0.25, jobs=1, shared_basis=True)
     assert again["counts"] == {"skipped": 8} and shared.stat().st_mtime_ns == mtime
+    # ... and is not refitted: the group's report comes from the containers, with the same figures
+    g2 = again["sharing"]["groups"][0]
+    assert g2["decision"] == "shared" and g2["reason"].startswith("unchanged") and "extended" not in g2
+    assert g2["shared"]["bytes"] == g["shared"]["bytes"] and g2["shared"]["sha256"] == g["shared"]["sha256"]
+    assert g2["shared"]["rel_error"] == pytest.approx(g["shared"]["rel_error"], rel=1e-9)
+    assert g2["separate"]["bytes"] == sep["bytes"] and g2["separate"]["rel_error"] == pytest.approx(sep["rel_error"])
 
 
 def test_unrelated_adapters_stay_separate(tmp_path):

@@ -537,19 +537,22 @@ def _extend(gkey, grp, ads, dt, sep_bytes, sep_err, out: Path, command: str, log
     date in this run) and the others are new, fit only the new adapters' own parts (B, or cores)
     to that file as it is. Kept when the whole cluster's error stays within the separate
     containers' and the new containers take fewer bytes than their separate ones; the shared
-    file is never modified. None: refit the cluster (the caller's full search)."""
+    file is never modified. With no new member the cluster is unchanged: nothing is refitted or
+    written, and the report comes from the containers. None: refit the cluster (the caller's
+    full search)."""
     old = [a for a, r in enumerate(grp) if r.get("shared_file") and r["status"] == "skipped"]
     new = [a for a, r in enumerate(grp) if not r.get("shared_file")]
-    if not old or not new or len(old) + len(new) != len(grp) or len({grp[a]["shared_sha256"] for a in old}) != 1:
+    if not old or len(old) + len(new) != len(grp) or len({grp[a]["shared_sha256"] for a in old}) != 1:
         return None
     c = ct.open_container(out / grp[old[0]]["output"])
     sha, ks = c.manifest["shared"]["sha256"], [int(k) for k in c.manifest["state"]["ranks"]]
     shared = {n: c.tensor(n) for n in c.manifest["shared"]["tensors"]}
     n = len(grp)
+    fresh = [ads[a] for a in new] or ads  # the kind serves the new adapters (or only measures, when none)
     kind: _Kind = (
-        _JointBasis([ads[a] for a in new], dt, gkey, c.config.core, None, stats=stats)
+        _JointBasis(fresh, dt, gkey, c.config.core, None, stats=stats)
         if c.form_name == "joint"
-        else _RowBasis([ads[a] for a in new], dt, gkey, None, stats)
+        else _RowBasis(fresh, dt, gkey, None, stats)
     )
     kind.table_in_shared = c.table_in_shared
     blob_bytes = c.shared_path.stat().st_size
@@ -571,13 +574,14 @@ def _extend(gkey, grp, ads, dt, sep_bytes, sep_err, out: Path, command: str, log
         "overlap": None,  # not measured: the cluster was formed and fitted by an earlier run
         "overlap_random": None,
         "separate": {"bytes": sum(sep_bytes), "rel_error": e_sep},
-        "extended": {
+    }
+    if new:
+        res["extended"] = {
             "new_adapters": len(new),
             "new_bytes": new_bytes,
             "new_separate_bytes": sum(sep_bytes[a] for a in new),
-        },
-    }
-    if err > e_sep * (1 + 1e-9) or new_bytes >= sum(sep_bytes[a] for a in new):
+        }
+    if new and (err > e_sep * (1 + 1e-9) or new_bytes >= sum(sep_bytes[a] for a in new)):
         log(
             f"zoo sharing, group {gkey}: {len(new)} new adapters do not fit the existing shared file (group error "
             f"{err:.4g} vs {e_sep:.4g} separate, {new_bytes} bytes vs {sum(sep_bytes[a] for a in new)}); refitting the cluster"
@@ -608,8 +612,12 @@ def _extend(gkey, grp, ads, dt, sep_bytes, sep_err, out: Path, command: str, log
             "rel_error": err,
             "sha256": sha,
         },
-        reason=f"{len(new)} new adapters fitted to the existing shared file {sha[:12]}… (unchanged): group error "
-        f"{err:.4g} ≤ {e_sep:.4g}, {total} bytes vs {sum(sep_bytes)} separate",
+        reason=(
+            f"{len(new)} new adapters fitted to the existing shared file {sha[:12]}… (unchanged)"
+            if new
+            else f"unchanged: every container is up to date on the shared file {sha[:12]}… (not refitted)"
+        )
+        + f": group error {err:.4g} ≤ {e_sep:.4g}, {total} bytes vs {sum(sep_bytes)} separate",
     )
     log(f"zoo sharing, group {gkey}: {res['reason']}")
     return res
