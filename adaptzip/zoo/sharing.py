@@ -432,7 +432,8 @@ def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_o
     else:
         res["reason"] = "; ".join(f"{k}: {c['why']}" for k, c in res["candidates"].items())
     log(
-        f"zoo sharing, group {gkey} ({n} adapters, A-overlap {res['overlap'] or 0:.3f}, random {res['overlap_random']:.3f}): "
+        f"zoo sharing, group {gkey} ({n} adapters, A-overlap {res['overlap'] or 0:.3f}, random {res['overlap_random']:.3f}, "
+        f"{'Σ-weighted' if stats is not None else 'weight space: --stats FILE judges by output error'}): "
         f"{res['decision']}: {res['reason']}"
     )
     if res["decision"] == "shared":
