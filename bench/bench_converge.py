@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def main() -> None:
 
     path = args.out / "converge.json"
     done = {} if args.redo or not path.is_file() else {r["case"]: r for r in json.loads(path.read_text())["rows"]}
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=OUT.parent.parent)
+    rev = rev.stdout.strip() or None  # the code each row was measured with (rows are kept across runs)
     ad, gguf, calib, evaltext = _smollm2()
     t0 = time.perf_counter()
     cal = distill.prepare(
@@ -75,6 +78,7 @@ def main() -> None:
             "more_best_step": b["distill_best_step"],
             "more_seconds": time.perf_counter() - t2,
             "precision": cal.precision,
+            "rev": rev,
         }
         print(json.dumps(done[spec]), flush=True)
         _write(args, done, cal, t0)
@@ -109,6 +113,7 @@ def _write(args, done: dict, cal, t0: float) -> None:
         "KL 3× run",
         "defaults / 3×",
         "minutes",
+        "revision",
     ]
     trs = [
         [
@@ -121,6 +126,7 @@ def _write(args, done: dict, cal, t0: float) -> None:
             f"{r['kl_3x']:.4f}",
             f"{r['ratio']:.3f}",
             f"{(r['default_seconds'] + r['more_seconds']) / 60:.0f}",
+            r.get("rev") or "not recorded",
         ]
         for r in rows
     ]
@@ -128,7 +134,8 @@ def _write(args, done: dict, cal, t0: float) -> None:
         f"Convergence at the defaults on SmolLM2-135M-Instruct (its real r=16 LoRA; {args.calib_tokens} calibration tokens, "
         f"eval on {cal.eval.tokens} held-out news tokens, KL in fp32; training steps in {cal.precision}; {args.threads} threads). "
         f"Defaults: learning rate probed, plateau schedule, convergence stop, ≤ {args.steps} steps. The 3× run continues the "
-        f"same form for {2 * args.steps} more steps at its final rate with no convergence stop."
+        f"same form for {2 * args.steps} more steps at its final rate with no convergence stop. `revision`: the "
+        "commit each row was measured at (rows of earlier runs are kept)."
     )
     write_outputs(args.out, "converge", res, markdown_doc(intro, cols, trs, targets))
 
