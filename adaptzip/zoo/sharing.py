@@ -51,7 +51,6 @@ class _Kind(abc.ABC):
         self.ads, self.dt, self.gkey, self.n = ads, dt, gkey, len(ads)
         self.modules = ads[0].modules
         self.fb = torch.empty(0, dtype=dt).element_size()
-        self.stats = stats
         self.ctx = FitContext(stats=stats)
         #: the module table lives once in the shared file (False: an existing file written without one)
         self.table_in_shared = True
@@ -104,7 +103,7 @@ class _Kind(abc.ABC):
         met = {
             **rep.to_json(),
             "module_rel_errors": rep.module_rel_errors,
-            "weighted": self.stats is not None,
+            "weighted": self.ctx.stats is not None,
             **metrics,
         }
         ref = {
@@ -285,16 +284,15 @@ def share_zoo(rows: list[dict], out: Path, *, command: str, log=print, job_of=No
         if len(grp) < 2:
             continue
         grp.sort(key=lambda r: r["adapter"])
-        clusters = cluster_by_overlap([load_adapter(r["source"]) for r in grp])
+        ads = [load_adapter(r["source"]) for r in grp]
+        sigma = stats if stats is None or isinstance(stats, dict) else load_stats(stats, ads[0])[0]
+        clusters = cluster_by_overlap(ads)
         alone = [i for c in clusters if len(c) == 1 for i in c]
-        cands = [
-            (f"{gkey}-{j}", [grp[i] for i in c], "overlapping A")
-            for j, c in enumerate(x for x in clusters if len(x) > 1)
-        ]
+        cands = [(f"{gkey}-{j}", c, "overlapping A") for j, c in enumerate(x for x in clusters if len(x) > 1)]
         if len(alone) >= 2:
-            cands.append((f"{gkey}-x", [grp[i] for i in alone], "no overlapping partner"))
-        for key, members, kind in cands:
-            g = _share_group(key, members, out, command, log, job_of, stats)
+            cands.append((f"{gkey}-x", alone, "no overlapping partner"))
+        for key, idx, kind in cands:
+            g = _share_group(key, [grp[i] for i in idx], [ads[i] for i in idx], out, command, log, job_of, sigma)
             g["cluster"] = kind
             report.append(g)
     sep = sum(g["separate"]["bytes"] for g in report)
@@ -355,14 +353,13 @@ def _group_err(errs: list[float], norms: list[float]) -> float:
     return math.sqrt(sum(e * e * n for e, n in zip(errs, norms)) / tot) if tot > 0 else 0.0
 
 
-def _share_group(gkey: str, grp: list[dict], out: Path, command: str, log, job_of, stats=None) -> dict:
+def _share_group(
+    gkey: str, grp: list[dict], ads: list[Adapter], out: Path, command: str, log, job_of, stats=None
+) -> dict:
     n = len(grp)
-    ads = [load_adapter(r["source"]) for r in grp]
     if sum(ad.bytes for ad in ads) <= KEEP_IN_MEMORY:
         for ad in ads:  # the fits and each allocation attempt's containers read every factor again
             ad.keep_in_memory()
-    if stats is not None and not isinstance(stats, dict):
-        stats = load_stats(stats, ads[0])[0]
     dt = resolve_dtype(grp[0].get("dtype"), ads[0])
     modules = ads[0].modules
     # the alternative: each adapter's separate container (the better of its form and the same-bytes svd)
