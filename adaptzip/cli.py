@@ -360,9 +360,16 @@ def compress(
         int,
         typer.Option(
             "--calib-steps",
-            help="Most distillation steps per form (batches of 4×128 tokens); it stops earlier when the held-out KL has converged; 0 skips distillation.",
+            help="Distillation step cap per form (batches of 4×128 tokens); it stops earlier when the held-out KL has converged, and the cap grows (see --calib-max-steps) while the KL still falls fast; 0 skips distillation.",
         ),
     ] = 300,
+    calib_max_steps: Annotated[
+        int | None,
+        typer.Option(
+            "--calib-max-steps",
+            help="How far the step cap may grow while the held-out KL still falls by more than 2% per third of --calib-steps [default: 3 × --calib-steps; equal to --calib-steps: a fixed cap].",
+        ),
+    ] = None,
     calib_time: Annotated[
         str | None,
         typer.Option(
@@ -426,6 +433,7 @@ def compress(
             calib=calib,
             tokens=calib_tokens,
             steps=calib_steps,
+            max_steps=calib_max_steps,
             eval_text=eval_text,
             stats_file=stats,
             device=device,

@@ -321,6 +321,7 @@ class Calibration:
         steps: int,
         lr: float | None = None,
         seconds: float | None = None,
+        most_steps: int | None = None,
         clip: float = 1.0,
         weight_decay: float = 0.0,
         reductions: int = 2,
@@ -332,8 +333,9 @@ class Calibration:
         random train rows (seeded), the training passes in :attr:`precision`. The schedule and the
         stops are :class:`adaptzip.trainer.Loop`'s: a probe of learning rates when ``lr`` is None,
         a plateau schedule on the held-out objective, the best state (the start included) kept, and
-        a stop by convergence, after ``steps`` optimiser steps or before ``seconds`` of wall-clock
-        time (``reductions``: falls of the rate before the convergence stop). Then
+        a stop by convergence, at the step cap ``steps`` — which grows up to ``most_steps`` while the
+        run still improves (None: fixed) — or before ``seconds`` of wall-clock time
+        (``reductions``: falls of the rate before the convergence stop). Then
         ``form.finalize()``. Returns what happened (``distill_*``, ``heldout_*``)."""
         t0 = time.perf_counter()
         form.to(self.base.device)
@@ -358,10 +360,11 @@ class Calibration:
                 heldout=lambda: self.evaluate(form, "heldout", objective_only=True)["objective"],
                 draw=lambda: torch.randint(self.train.n, (bs,), generator=g),
                 tick=lambda **fields: bar(1, **fields),
+                grown=bar.set_total,
                 weight_decay=weight_decay,
                 reductions=reductions,
             )
-            res = loop.run(steps=steps if params else 0, lr=lr, seconds=seconds)
+            res = loop.run(steps=steps if params else 0, lr=lr, seconds=seconds, most=most_steps)
         if res["steps"]:
             form.finalize()
         form.eval()
@@ -393,10 +396,11 @@ class Calibration:
         steps: int,
         lr: float | None = None,
         seconds: float | None = None,
+        most_steps: int | None = None,
         prefix: str = "",
     ) -> dict[str, Any]:
-        """Metrics of ``form`` before distillation, distillation in place (at most ``steps`` steps
-        and ``seconds``; ``lr`` None: probed), metrics after. The form's floats are rounded to the container ``dtype`` before each measurement
+        """Metrics of ``form`` before distillation, distillation in place (a cap of ``steps`` steps
+        that may grow to ``most_steps``, and ``seconds``; ``lr`` None: probed), metrics after. The form's floats are rounded to the container ``dtype`` before each measurement
         so the numbers describe what is stored. Keys (with ``prefix``): kl_before, kl_after,
         top1_agreement_before, top1_agreement, improvement_kept_before, improvement_kept,
         ppl_compressed_before, ppl_compressed, output_rel_error_before, output_rel_error,
@@ -408,7 +412,12 @@ class Calibration:
         form.to(self.base.device)
         ev0 = self.evaluate(form)
         info = self.distil(
-            form, steps=steps, lr=lr, seconds=seconds, label=f"distil{'' if not prefix else ' ' + prefix.rstrip('_')}"
+            form,
+            steps=steps,
+            lr=lr,
+            seconds=seconds,
+            most_steps=most_steps,
+            label=f"distil{'' if not prefix else ' ' + prefix.rstrip('_')}",
         )
         round_to(form, dtype)
         ev1 = self.evaluate(form) if info["distill_steps"] else ev0

@@ -94,7 +94,9 @@ class CalibrationOptions:
     ``stats_file`` alone gives a Σ-weighted fit).
     calib: calibration text (UTF-8, paragraphs separated by blank lines, or JSONL with ``text``).
     tokens: calibration tokens used (10% held out for early stopping, 10% more for eval).
-    steps: distillation steps (batches of ``batch_size`` × ``seq_len`` tokens); 0: none.
+    steps: the distillation step cap (batches of ``batch_size`` × ``seq_len`` tokens); 0: none.
+    max_steps: how far that cap may grow while the held-out objective still falls by more than
+    2% per third of ``steps`` (see adaptzip.trainer); None: 3 × ``steps``; ``steps``: a fixed cap.
     eval_text: evaluation text (None: a held-out part of ``calib``).
     stats_file: Σ file, reused when it exists, else written (None: ``<output>.stats.safetensors``).
     device: auto (CUDA when available), cpu or cuda.
@@ -110,6 +112,7 @@ class CalibrationOptions:
     calib: str | Path | None = None
     tokens: int = 50000
     steps: int = 300
+    max_steps: int | None = None
     eval_text: str | Path | None = None
     stats_file: str | Path | None = None
     device: str = "auto"
@@ -120,6 +123,11 @@ class CalibrationOptions:
     seconds: float | None = None
     precision: str = "auto"
 
+    @property
+    def steps_most(self) -> int:
+        """The most steps one distillation may take (the cap grown as far as it may go)."""
+        return 3 * self.steps if self.max_steps is None else self.max_steps
+
     def __post_init__(self):
         if self.base_model is None and (self.calib is not None or self.eval_text is not None):
             raise OptionError(None, "--calib/--eval need --base-model (the teacher runs on the base model)")
@@ -129,6 +137,10 @@ class CalibrationOptions:
             raise OptionError(None, f"--calib-tokens {self.tokens} must be ≥ 1")
         if self.steps < 0:
             raise OptionError(None, f"--calib-steps {self.steps} must be ≥ 0")
+        if self.max_steps is not None and self.max_steps < self.steps:
+            raise OptionError(
+                None, f"--calib-max-steps {self.max_steps} must be ≥ --calib-steps {self.steps} (equal: a fixed cap)"
+            )
         if self.seconds is not None and self.base_model is None:
             raise OptionError(None, "--calib-time limits distillation: it needs --base-model and --calib")
         if self.seconds is not None and not self.seconds > 0:

@@ -149,7 +149,15 @@ def compress(
     if cal is not None:
         if quant.scheme == "auto" and form_cls is not None:
             fitb = functools.partial(fitb, auto_report=qauto)
-        distil = Distillation(cal, fitb, calibration.steps, calibration.lr, run.command, Clock(calibration.seconds))
+        distil = Distillation(
+            cal,
+            fitb,
+            calibration.steps,
+            calibration.lr,
+            run.command,
+            Clock(calibration.seconds),
+            most_steps=calibration.steps_most,
+        )
     if form_cls is None:
         built, auto_report = auto_select(req, distil, n_distil=calibration.auto_distil)
     elif cal is not None:
@@ -376,6 +384,7 @@ class Distillation:
     lr: float | None
     command: str | None
     clock: Clock = dataclasses.field(default_factory=lambda: Clock(None))
+    most_steps: int | None = None  # how far the step cap may grow while the run still improves
 
 
 def fit_and_distil(
@@ -397,6 +406,7 @@ def fit_and_distil(
             ctx,
             dtype,
             steps=distil.steps,
+            most_steps=distil.most_steps,
             lr=distil.lr,
             seconds=distil.clock.share(runs_left + with_baseline),
         ),
@@ -416,6 +426,7 @@ def fit_and_distil(
                     ctx,
                     dtype,
                     steps=distil.steps,
+                    most_steps=distil.most_steps,
                     lr=distil.lr,
                     seconds=distil.clock.share(runs_left),
                     prefix="svd_baseline_",

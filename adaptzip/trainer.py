@@ -19,13 +19,20 @@ The rule, in order:
    probed), a held-out check every ``every`` steps (``clamp(steps / 12, 5, 25)``); the best state,
    the start included, is kept. When ``patience`` checks in a row do not improve the best by
    ``tol`` (relative), training returns to the best state and the rate falls by √10.
-3. **Stops.** Converged: the rate has fallen ``reductions`` times and the held-out objective
-   still does not improve. Or ``steps`` optimiser steps were taken (the probe's included), or
-   the next step would pass ``seconds`` of wall-clock time (steps then follow from the measured
-   step and check times).
+3. **A cap that follows progress.** ``steps`` is the cap; when it is reached while the run still
+   improves — the best held-out objective fell by more than ``grow_gain`` (relative) over the
+   last ``window`` steps (a third of ``steps``) — the cap grows by ``window``, up to ``most``
+   steps (None: the cap is fixed). A run stopped at its cap while still improving fast ends far
+   from what a longer run finds (SmolLM2, svd at 25%: 1.18× the KL of a 3× run at a fixed 300).
+4. **Stops.** Converged: the rate has fallen ``reductions`` times and the held-out objective
+   still does not improve. Or the cap was reached (the probe's steps included), or
+   the next step and a closing check would pass ``seconds`` of wall-clock time (steps then
+   follow from the measured step and check times); steps not yet checked are checked before that
+   stop, so the last steps count.
 
-Numbers returned (:meth:`Loop.run`): steps taken, the chosen rate, the probe's objectives per
-rate, the best step, why it stopped, and the held-out objective before and after.
+Numbers returned (:meth:`Loop.run`): steps taken, the cap they ended at, the chosen rate, the
+rate it ended with, the probe's objectives per rate, the best step, why it stopped, and the
+held-out objective before and after.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ class Loop:
     module: what is trained (snapshotted/restored through its state_dict); groups: optimiser
     parameter groups (a group may carry ``lr_scale``, × the run's rate); step(opt, rows) -> loss;
     heldout() -> objective; draw() -> the rows of the next training batch (seeded by the caller);
-    tick(**fields) advances a progress bar by one step."""
+    tick(**fields) advances a progress bar by one step; grown(cap) is told the new cap when it grows."""
 
     module: nn.Module
     groups: list[dict]
@@ -70,11 +77,13 @@ class Loop:
     heldout: Callable[[], float]
     draw: Callable[[], Tensor]
     tick: Callable[..., None] = lambda **kw: None
+    grown: Callable[[int], None] = lambda cap: None
     weight_decay: float = 0.0
     patience: int = 2
     reductions: int = 2
     tol: float = 1e-3
     warmup: float = 0.05
+    grow_gain: float = 0.02
     info: dict[str, Any] = field(default_factory=dict)
 
     # ----------------------------------------------------------------- pieces
@@ -102,9 +111,12 @@ class Loop:
         self.module.load_state_dict(state)
 
     # ----------------------------------------------------------------- the run
-    def run(self, *, steps: int, lr: float | None = None, seconds: float | None = None) -> dict[str, Any]:
-        """Train for at most ``steps`` optimiser steps and ``seconds`` of wall-clock time (None:
-        no limit); ``lr`` None probes :data:`LR_GRID`. The module ends in its best state."""
+    def run(
+        self, *, steps: int, lr: float | None = None, seconds: float | None = None, most: int | None = None
+    ) -> dict[str, Any]:
+        """Train for at most ``steps`` optimiser steps — a cap that grows up to ``most`` while the
+        run still improves (None: fixed) — and ``seconds`` of wall-clock time (None: no limit);
+        ``lr`` None probes :data:`LR_GRID`. The module ends in its best state."""
         t0 = time.perf_counter()
         start = self.heldout()
         self.info = {"heldout_before": start, "steps": 0, "best_step": 0, "stop": "nothing to train"}
@@ -174,31 +186,43 @@ class Loop:
         if opt is None:
             opt = self._optimizer(lr)
         n_warm = 0 if probe else max(1, int(self.warmup * steps))
-        # 2. the plateau schedule
+
+        # 2. the plateau schedule, 3. a cap that follows progress
         chosen = lr
         every = check_every(steps)
+        cap, most = steps, max(steps, most or steps)
+        window = max(every, steps // 3)
+        bests = [(0, start), (done, best)]  # (step, best so far) after the probe and each check
         since = falls = 0
         k = 0  # steps of this phase
         stop = "steps"
-        while done < steps:
-            if over_time((t_step or 0) + ((t_check or 0) if (k + 1) % every == 0 else 0)):
+        unchecked = False  # steps taken since the last held-out check
+        while done < cap:
+            if over_time((t_step or 0) + (t_check or 0)):  # the next step and a closing check
                 stop = "time"
                 break
-            if k < n_warm:
-                self._set_lr(opt, lr * (k + 1) / n_warm)
-            elif k == n_warm:
-                self._set_lr(opt, lr)
+            cur = lr * min(1.0, (k + 1) / n_warm) if k < n_warm else lr
+            if k <= n_warm:
+                self._set_lr(opt, cur)
             k += 1
             loss = one(opt, self.draw())
-            if k % every and done < steps:
-                self.tick(loss=loss, lr=lr)
+            unchecked = True
+            if k % every and done < cap:
+                self.tick(loss=loss, lr=cur)
                 continue
             v = check()
+            unchecked = False
             if v < best * (1 - self.tol):
                 best, best_state, best_step, since = v, self._snapshot(), done, 0
             else:
                 since += 1
-            self.tick(loss=loss, heldout=v, lr=lr)
+            bests.append((done, best))
+            if done >= cap and cap < most:
+                before = [b for d, b in bests if d <= done - window]
+                if before and best < before[-1] * (1 - self.grow_gain):  # still improving: grow
+                    cap = min(most, cap + window)
+                    self.grown(cap)
+            self.tick(loss=loss, heldout=v, lr=cur)
             if since >= self.patience:
                 if falls >= self.reductions:
                     stop = "converged"
@@ -208,11 +232,16 @@ class Loop:
                 lr /= LR_FALL
                 self._restore(best_state)
                 self._set_lr(opt, lr)
+        if unchecked:  # stopped by time between checks: the last steps are checked before the stop
+            v = check()
+            if v < best * (1 - self.tol):
+                best, best_state, best_step = v, self._snapshot(), done
         self._restore(best_state)
         self.info.update(
             lr=chosen,
             lr_final=lr,
             steps=done,
+            cap=cap,
             best_step=best_step,
             stop=stop,
             lr_falls=falls,

@@ -601,6 +601,7 @@ CASES: list[Case] = [
     bad("compress-bad-dtype", adapter(), (*COMPRESS, "--dtype", "fp8"), None, r"dtype"),
     bad("compress-calib-tokens-zero", _calibration_with(), (*CALIB, "--calib-tokens", "0"), None, r"tokens"),
     bad("compress-calib-steps-negative", _calibration_with(), (*CALIB, "--calib-steps", "-1"), None, r"steps"),
+    bad("compress-calib-max-steps-below-the-cap", _calibration_with(), (*CALIB, "--calib-steps", "40", "--calib-max-steps", "20"), None, r"--calib-max-steps 20 must be ≥ --calib-steps 40"),
     bad("compress-unknown-device", _calibration_with(), (*CALIB, "--device", "tpu"), None, r"device"),
     bad("compress-group-size-zero", adapter(), (*COMPRESS, "--quant", "int8", "--group-size", "0"), None, r"group.size"),
     bad("compress-group-size-negative", adapter(), (*COMPRESS, "--quant", "int8", "--group-size", "-8"), None, r"group.size"),

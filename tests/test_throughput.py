@@ -22,7 +22,7 @@ from fixtures import one_torch_thread
 from adaptzip import api, distill, load_adapter, runtime
 from adaptzip.errors import OptionError
 from adaptzip.forms import FitContext, get_form
-from adaptzip.options import CalibrationOptions, RunOptions, parse_duration
+from adaptzip.options import CalibrationOptions, FitOptions, RunOptions, parse_duration
 
 SEQ = 32
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)
@@ -111,6 +111,30 @@ def test_calib_time_bounds_all_distillation(env, tmp_path):
     assert m["distill_seconds"] < budget / 2 + 1.0 and spent < budget + 1.5, (m["distill_seconds"], spent)
     assert took > budget * 0.8
     assert r.extras["precision"] == {"used": "fp32", "why": "asked"}
+
+
+def test_the_step_cap_grows_while_distillation_still_improves(env, tmp_path):
+    """The default cap follows progress: a cap of 15 steps that the held-out KL is still falling
+    fast at grows (by 5 steps at a time, up to --calib-max-steps, 3× by default) and ends lower
+    than the same run at a fixed cap (max_steps = steps) from the same start."""
+    out = {}
+    for name, most in (("fixed", 15), ("grown", None)):
+        r = api.compress(
+            env["lora"],
+            tmp_path / f"{name}.safetensors",
+            to="bslora-ke",
+            budget=0.3,
+            calibration=_calib(env, steps=15, max_steps=most, precision="fp32"),
+            fitting=FitOptions(baseline=False),
+        )
+        out[name] = r.metrics
+    f, g = out["fixed"], out["grown"]
+    assert f["distill_steps"] == 15 and f["distill_stop"] == "steps"
+    assert f["heldout_before"] == g["heldout_before"]
+    assert 15 < g["distill_steps"] <= 45 and (g["distill_steps"] - 15) % 5 == 0
+    assert g["heldout_after"] < f["heldout_after"] * 0.95
+    with pytest.raises(OptionError, match="--calib-max-steps 10 must be ≥ --calib-steps 15"):
+        _calib(env, steps=15, max_steps=10)
 
 
 def test_one_teacher_pass_serves_form_baseline_and_auto(env, tmp_path):

@@ -125,3 +125,35 @@ def test_no_steps_or_nothing_to_learn():
     before = {k: v.clone() for k, v in student.state_dict().items()}
     info = loop.run(steps=0)
     assert info["steps"] == 0 and all(torch.equal(student.state_dict()[k], v) for k, v in before.items())
+
+
+def test_the_cap_grows_while_the_run_still_improves_and_not_after():
+    """A rate too small for the cap (3e-4 on a problem that needs ~500 steps): at the cap of 150
+    the held-out loss still falls fast, so the cap grows by a third of it at a time while the
+    last third improved the best by more than ``grow_gain``, then stops short of ``most``; the
+    longer run ends far closer to the noise floor (0.3² = 0.09). A problem already solved before
+    its cap never grows it."""
+    floor = 0.3**2
+    loop, _, heldout = _problem(noise=0.3, n=2048, d=32)
+    fixed = loop.run(steps=150, lr=3e-4)
+    assert fixed["stop"] == "steps" and fixed["cap"] == 150 and fixed["steps"] == 150
+    excess_fixed = heldout() - floor
+    loop, _, heldout = _problem(noise=0.3, n=2048, d=32)
+    caps = []
+    loop.grown = caps.append
+    bests = []
+    loop.tick = lambda **f: bests.append(f["heldout"]) if "heldout" in f else None
+    grown = loop.run(steps=150, lr=3e-4, most=900)
+    assert len(caps) >= 2 and all(b - a == 50 for a, b in zip([150, *caps], caps, strict=False))
+    assert grown["cap"] == caps[-1] < 900 and grown["steps"] == grown["cap"] and grown["stop"] == "steps"
+    assert heldout() - floor < 0.5 * excess_fixed
+    # it stopped growing because the last window (50 steps; checks every 12) improved the best by
+    # ≤ 2%, so the last two checks did too
+    best = [min(bests[: i + 1]) for i in range(len(bests))]
+    assert best[-1] >= best[-3] * (1 - loop.grow_gain)
+    # a solved problem: converged long before the cap, which never grows
+    loop, _, _ = _problem(noise=0.0)
+    loop.grown = caps.append
+    n = len(caps)
+    info = loop.run(steps=2000, lr=3e-2, most=6000)
+    assert info["stop"] == "converged" and info["cap"] == 2000 and len(caps) == n
