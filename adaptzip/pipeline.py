@@ -34,7 +34,7 @@ from .fileio import check_output, json_clean
 from .forms import BASELINE, REGISTRY, FitContext, Form, get_form, is_baseline, lossless_form, make_config
 from .forms.base import config_to_json
 from .options import CalibrationOptions, CompressResult, FitOptions, QuantOptions, RunOptions
-from .trainer import LR_GRID
+from .trainer import probe_rates
 
 _PLACEHOLDER = -1.2345678901234567e-300  # the longest JSON float: reserves header room for metrics
 MEASURE_KEYS = (
@@ -334,7 +334,7 @@ def metrics_template(adapter: Adapter, baseline: bool, auto: bool = False) -> di
     longest = max((m.name for m in adapter.modules), key=len)
     strings = {  # the longest value of the metrics that are not one float
         "worst_module": longest,
-        "distill_lr_probe": {f"{lr:.3g}": _PLACEHOLDER for lr in LR_GRID},
+        "distill_lr_probe": {f"{lr:.3g}": _PLACEHOLDER for lr in probe_rates()},
         "distill_stop": "converged",
         "distill_precision": "fp32",
     }

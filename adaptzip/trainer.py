@@ -52,6 +52,14 @@ LR_MAX = 3.16e-2  # the probe goes above the grid, √10 at a time, while its la
 LR_FALL = math.sqrt(10.0)
 
 
+def probe_rates() -> list[float]:
+    """Every rate the probe may try: the grid, then √10 at a time up to :data:`LR_MAX`."""
+    rates = list(LR_GRID)
+    while rates[-1] * LR_FALL <= LR_MAX * 1.001:
+        rates.append(rates[-1] * LR_FALL)
+    return rates
+
+
 def probe_steps(steps: int) -> int:
     """Steps each probed rate runs: 1/25 of the step cap, between 2 and 12."""
     return max(2, min(12, steps // 25))
@@ -154,7 +162,8 @@ class Loop:
             rows = [self.draw() for _ in range(P)]
             init = best_state
             won: tuple[float, float, dict, dict] | None = None
-            cands = list(LR_GRID)
+            rates = probe_rates()
+            cands = rates[: len(LR_GRID)]
             while cands:
                 cand = cands.pop(0)
                 if done + P > steps or over_time(P * (t_step or 0) + (t_check or 0)):
@@ -167,8 +176,8 @@ class Loop:
                 probe[f"{cand:.3g}"] = v
                 if won is None or v < won[0]:
                     won = (v, cand, self._snapshot(), o.state_dict())
-                    if not cands and cand * LR_FALL <= LR_MAX * 1.001:
-                        cands.append(cand * LR_FALL)  # the largest rate so far won: look one step above
+                    if not cands and len(probe) < len(rates):
+                        cands.append(rates[len(probe)])  # the largest rate so far won: look one step above
             if won is None:  # not even one rate could be probed within the limits
                 self._restore(init)
                 self.info.update(lr=None, steps=done, stop="time", heldout_after=start, probe=probe)

@@ -6,12 +6,13 @@ checked with numbers."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from adaptzip import trainer
+from adaptzip import pipeline, trainer
 
 
 def _problem(seed: int = 0, n: int = 256, d: int = 16, noise: float = 0.0):
@@ -63,6 +64,17 @@ def test_probe_picks_the_rate_that_helps_most_and_keeps_its_steps():
     assert info["lr"] == pytest.approx(float(best), rel=1e-2) and float(best) > trainer.LR_GRID[-1]
     assert float(best) == max(rates) or float(best) == sorted(rates)[-2]
     assert max(rates) <= trainer.LR_MAX * 1.01
+    # every key the probe can write has header room reserved in a container's metrics
+    keys = {f"{r:.3g}" for r in trainer.probe_rates()}
+    assert set(probe) <= keys and len(keys) == 6
+    assert (
+        set(
+            pipeline.metrics_template(SimpleNamespace(modules=[SimpleNamespace(name="q_proj")]), True)[
+                "distill_lr_probe"
+            ]
+        )
+        == keys
+    )
     assert probe[best] < probe[f"{trainer.LR_GRID[0]:.3g}"] < start
     # the probe's steps count (4 rates × P), and the module ends in its best state
     assert info["steps"] <= 200 and info["steps"] >= 4 * trainer.probe_steps(200)
