@@ -135,7 +135,7 @@ class Calibration:
         ids = ids.to(dev)
         m = self.base.model
         if self.task == "lm":
-            return m(input_ids=ids).logits.float(), None
+            return m(input_ids=ids).logits, None  # bf16 in a bf16 step: the log-softmax upcasts it
         mk = None if mask is None else mask.to(dev)
         if self.task == "cls":
             out = m(input_ids=ids, attention_mask=mk, output_hidden_states=True)
@@ -212,22 +212,22 @@ class Calibration:
     ) -> dict[str, Tensor]:
         """Per-batch sums against the teacher cache: kl (lm: over tokens; cls: over sequences),
         top1 (agreements), n (count), hnum/hden (hidden-state error), ce (next-token CE sum).
-        ``train``: only what the objective needs (lm: kl and n; the (B, T, V) log-probs are never
-        materialised — the KL reads logits − logsumexp at the teacher's top-k)."""
+        ``train``: only what the objective needs (lm: kl and n). The student's log-probs come from
+        one fused fp32 log-softmax (:func:`_log_probs`, as the teacher's), read at the teacher's top-k."""
         dev = self.base.device
         out: dict[str, Tensor] = {}
         if self.task == "lm":
-            lse = torch.logsumexp(logits, -1, keepdim=True)  # (B, T, 1): log-probs = logits − lse
+            logp = _log_probs(logits)  # (B, T, V) fp32
             t_logp = sp.t_logp[sl].to(dev)
             t_idx = None if sp.t_idx is None else sp.t_idx[sl].to(dev).long()
-            out["kl"] = _topk_kl(logits, lse, t_logp, t_idx).sum()
+            out["kl"] = _topk_kl(logp, t_logp, t_idx).sum()
             out["n"] = torch.tensor(float(logits.shape[0] * logits.shape[1]))
             if train:
                 return out
             t_top = t_logp.argmax(-1) if t_idx is None else t_idx[..., 0]
             out["top1"] = (logits.argmax(-1) == t_top).sum()
             ids = sp.ids[sl].to(dev)
-            out["ce"] = _next_token_ce(logits - lse, ids) * ids[:, 1:].numel()
+            out["ce"] = _next_token_ce(logp, ids) * ids[:, 1:].numel()
             out["n_ce"] = torch.tensor(float(ids[:, 1:].numel()))
             return out
         mask = None if sp.mask is None else sp.mask[sl].to(dev)
@@ -606,9 +606,11 @@ def prepare(
 
 # ------------------------------------------------------------------------------------ math
 def _log_probs(logits: Tensor) -> Tensor:
-    """logits − logsumexp: the log-probabilities exactly as the student's KL forms them
-    (:func:`_topk_kl`), so a student equal to the teacher has a KL of 0, not of rounding."""
-    return logits - torch.logsumexp(logits, -1, keepdim=True)
+    """Log-probabilities in fp32, one fused log-softmax (bf16 logits are upcast inside it; its
+    backward is fused too: fewer passes over the (B, T, V) logits than logits − logsumexp).
+    Teacher and student both go through it, so a student equal to the teacher has a KL of 0,
+    not of rounding."""
+    return torch.log_softmax(logits, -1, dtype=torch.float32)
 
 
 def _next_token_ce(logp: Tensor, ids: Tensor) -> Tensor:
@@ -616,14 +618,14 @@ def _next_token_ce(logp: Tensor, ids: Tensor) -> Tensor:
     return -logp[:, :-1].gather(-1, ids[:, 1:, None]).mean()
 
 
-def _topk_kl(logits: Tensor, lse: Tensor, t_logp: Tensor, t_idx: Tensor | None) -> Tensor:
-    """KL(p_t‖p_s) per token (B, T). Student log-probs are logits − lse (logits (B, T, V), lse =
-    logsumexp (B, T, 1)); t_logp: teacher log-probs (B, T, k) of tokens t_idx (B, T, k), or of the
+def _topk_kl(logp: Tensor, t_logp: Tensor, t_idx: Tensor | None) -> Tensor:
+    """KL(p_t‖p_s) per token (B, T). logp: student log-probs (B, T, V) (:func:`_log_probs`);
+    t_logp: teacher log-probs (B, T, k) of tokens t_idx (B, T, k), or of the
     whole vocabulary when t_idx is None. With a top-k cache the rest of the vocabulary is one bucket
     on both sides."""
     if t_idx is None:
-        return (t_logp.exp() * (t_logp - (logits - lse))).sum(-1)
-    s_k = logits.gather(-1, t_idx) - lse  # (B, T, k)
+        return (t_logp.exp() * (t_logp - logp)).sum(-1)
+    s_k = logp.gather(-1, t_idx)  # (B, T, k)
     p_k = t_logp.exp()
     kl = (p_k * (t_logp - s_k)).sum(-1)
     rest_t = (1 - p_k.sum(-1)).clamp_min(1e-12)
