@@ -3,8 +3,10 @@
 the LoRA's bytes — is distilled with the defaults (``Calibration.distil``: learning rate probed,
 plateau schedule, convergence stop, a cap of ``--steps`` steps that grows to 3× while the run still
 improves), then the same run goes on for twice as many steps as the defaults took (3× their run
-in all) at the rate it ended with, with a fixed cap and the convergence stop off. Goal: the
-defaults' eval KL within 10% of the best the 3× longer run finds.
+in all) from the rate the probe chose (a warm-up, then the plateau schedule; rows without
+``more_lr`` went on at the rate the defaults ended with, a weaker comparator once they had
+converged), with a fixed cap and the convergence stop off. Goal: the defaults' eval KL within
+10% of the best the 3× longer run finds.
 
     python bench/bench_converge.py [--cases 0.01:vblora,0.05:bslora-ke,0.25:svd] [--steps 300] [--threads 2]
 
@@ -63,9 +65,8 @@ def main() -> None:
         a = cal.distil(form, steps=args.steps, most_steps=3 * args.steps)
         kl1 = cal.evaluate(form)["kl"]
         t2 = time.perf_counter()
-        b = cal.distil(
-            form, steps=2 * a["distill_steps"], lr=a["distill_lr_final"] or a["distill_lr"], reductions=10**6
-        )
+        more_lr = a["distill_lr"] or a["distill_lr_final"]
+        b = cal.distil(form, steps=2 * a["distill_steps"], lr=more_lr, reductions=10**6)
         kl3 = cal.evaluate(form)["kl"]
         done[spec] = {
             "case": spec,
@@ -81,6 +82,7 @@ def main() -> None:
             "default_probe": a["distill_lr_probe"],
             "default_seconds": t2 - t1,
             "more_steps": b["distill_steps"],
+            "more_lr": more_lr,
             "more_best_step": b["distill_best_step"],
             "more_seconds": time.perf_counter() - t2,
             "precision": cal.precision,
@@ -116,6 +118,7 @@ def _write(args, done: dict, cal, t0: float) -> None:
         "KL defaults",
         "steps (stop)",
         "lr probed",
+        "3× run lr",
         "KL 3× run",
         "defaults / 3×",
         "minutes",
@@ -129,6 +132,7 @@ def _write(args, done: dict, cal, t0: float) -> None:
             f"{r['kl_default']:.4f}",
             f"{r['default_steps']} ({r['default_stop']})",
             f"{r['default_lr']:.3g}",
+            f"{r['more_lr']:.3g}" if "more_lr" in r else "final",
             f"{r['kl_3x']:.4f}",
             f"{r['ratio']:.3f}",
             f"{(r['default_seconds'] + r['more_seconds']) / 60:.0f}",
@@ -141,8 +145,9 @@ def _write(args, done: dict, cal, t0: float) -> None:
         f"eval on {cal.eval.tokens} held-out news tokens, KL in fp32; training steps in {cal.precision}; {args.threads} threads). "
         f"Defaults: learning rate probed, plateau schedule, convergence stop, a cap of {args.steps} steps that grows up to "
         f"{3 * args.steps} while the held-out KL still falls by more than 2% per {args.steps // 3} steps (rows measured "
-        "before that rule had a fixed cap). The 3× run continues the same form for twice the steps the defaults took, at "
-        "their final rate, with no convergence stop. `revision`: the "
+        "before that rule had a fixed cap). The 3× run continues the same form for twice the steps the defaults took, from "
+        "the rate in `3× run lr` (the probed rate; `final`: the rate the defaults ended with, in rows measured before that "
+        "change) with the plateau schedule and no convergence stop. `revision`: the "
         "commit each row was measured at (rows of earlier runs are kept)."
     )
     write_outputs(args.out, "converge", res, markdown_doc(intro, cols, trs, targets))
