@@ -413,7 +413,9 @@ def _delta_hook(form, i: int, m: ModuleInfo, layer: nn.Module):
         def hook(mod, args, out):
             B, A = live_factors(form, i, out.device.type)  # B (out×k), A (k×in)
             x = args[0]  # (…, in)
-            d = (x.to(A.dtype) @ A.T) @ B.T  # (…, out)
+            if not torch.is_autocast_enabled(x.device.type):
+                x = x.to(A.dtype)  # (under autocast the product casts A, not a copy of x, to bf16)
+            d = (x @ A.T) @ B.T  # (…, out)
             if bias is not None:
                 d = d + bias
             return out + d.to(out.dtype)
