@@ -23,7 +23,7 @@ The rule, in order:
    improves — the best held-out objective fell by more than ``grow_gain`` (relative) over the
    last ``window`` steps (a third of ``steps``) — the cap grows by ``window``, up to ``most``
    steps (None: the cap is fixed). A run stopped at its cap while still improving fast ends far
-   from what a longer run finds (SmolLM2, svd at 25%: 1.18× the KL of a 3× run at a fixed 300).
+   from what a longer run finds (docs/benchmarks.md, "Convergence at the defaults").
 4. **Stops.** Converged: the rate has fallen ``reductions`` times and the held-out objective
    still does not improve. Or the cap was reached (the probe's steps included), or
    the next step and a closing check would pass ``seconds`` of wall-clock time (steps then
