@@ -195,7 +195,6 @@ class Loop:
         if opt is None:
             opt = self._optimizer(lr)
         n_warm = 0 if probe else max(1, int(self.warmup * steps))
-
         # 2. the plateau schedule, 3. a cap that follows progress
         chosen = lr
         every = check_every(steps)
@@ -206,11 +205,19 @@ class Loop:
         k = 0  # steps of this phase
         stop = "steps"
         unchecked = False  # steps taken since the last held-out check
+
+        def keep_if_better(v: float) -> bool:
+            nonlocal best, best_state, best_step
+            if v < best * (1 - self.tol):
+                best, best_state, best_step = v, self._snapshot(), done
+                return True
+            return False
+
         while done < cap:
             if over_time((t_step or 0) + (t_check or 0)):  # the next step and a closing check
                 stop = "time"
                 break
-            cur = lr * min(1.0, (k + 1) / n_warm) if k < n_warm else lr
+            cur = lr * (k + 1) / n_warm if k < n_warm else lr
             if k <= n_warm:
                 self._set_lr(opt, cur)
             k += 1
@@ -221,10 +228,7 @@ class Loop:
                 continue
             v = check()
             unchecked = False
-            if v < best * (1 - self.tol):
-                best, best_state, best_step, since = v, self._snapshot(), done, 0
-            else:
-                since += 1
+            since = 0 if keep_if_better(v) else since + 1
             bests.append((done, best))
             if done >= cap and cap < most:
                 before = [b for d, b in bests if d <= done - window]
@@ -242,9 +246,7 @@ class Loop:
                 self._restore(best_state)
                 self._set_lr(opt, lr)
         if unchecked:  # stopped by time between checks: the last steps are checked before the stop
-            v = check()
-            if v < best * (1 - self.tol):
-                best, best_state, best_step = v, self._snapshot(), done
+            keep_if_better(check())
         self._restore(best_state)
         self.info.update(
             lr=chosen,
