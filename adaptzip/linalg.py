@@ -269,12 +269,15 @@ def _sum_pair_min(ranks: list[int]) -> int:
 class ModuleBasis:
     """The stacked spectrum of one module across a group: eigenvalues λ (descending, = σ² of the
     stacked updates), the top ``cap`` right singular vectors V (cap×in, orthonormal rows), the
-    mean pairwise cos² between the adapters' A row spaces, and each adapter's ‖ΔW‖²."""
+    mean pairwise cos² between the adapters' A row spaces (``overlap``) and between their B column
+    spaces (``overlap_out``; NaN where not measured, see :func:`module_basis`), and each
+    adapter's ‖ΔW‖²."""
 
     lam: Tensor
     V: Tensor
     overlap: float
     norms: list[float]
+    overlap_out: float = float("nan")
 
 
 def module_basis(
@@ -288,7 +291,8 @@ def module_basis(
     dense ΔW: when Σ r_a ≤ in, QR of the stacked Aᵀ and an eigendecomposition of the small
     (Σr)×(Σr) Gram of the stacked cores; otherwise the in×in Gram Σ_a A_aᵀ(B_aᵀB_a)A_a, streamed
     (one adapter's factors in memory at a time; give ``total_rank`` = Σ r_a to choose this path
-    before reading). Memory is O((in + out)·in) either way.
+    before reading). Memory is O((in + out)·in) either way, so on the streamed path the B
+    overlap is measured only where out ≤ in (its out×out Gram is then no larger than the in×in one).
 
     With ``Sigma``: the Σ-weighted basis (λ and the norms in ‖·‖²_Σ), computed in
     :func:`weighted_coords` and returned as unit rows in input coordinates (not orthonormal);
@@ -299,29 +303,43 @@ def module_basis(
         red = module_basis([(B, wc.reduce(A)) for B, A in fs], wc.F.shape[0], cap=cap)
         qs = [orth_rows(A) for _, A in fs]
         f2 = float(sum(float((qa @ qb.T).pow(2).sum()) for qa in qs for qb in qs))
-        return _finish_basis(red.lam, wc.to_input(red.V), f2, [q.shape[0] for q in qs], red.norms, None)
+        basis = _finish_basis(red.lam, wc.to_input(red.V), f2, [q.shape[0] for q in qs], red.norms, None)
+        basis.overlap_out = red.overlap_out  # the output side is not weighted
+        return basis
     if total_rank is not None and total_rank > n_in:
         G = torch.zeros(n_in, n_in, dtype=torch.float64)
         S = torch.zeros(n_in, n_in, dtype=torch.float64)
-        norms, rk = [], []
+        Sb: Tensor | None = None  # Σ_a of the B column spaces' projectors, where out ≤ in
+        norms, rk, rkb = [], [], []
         for B, A in factors:
             B, A = B.double(), A.double()
             BtB = B.T @ B
             G += A.T @ BtB @ A
             q = orth_rows(A)
             S += q.T @ q
+            if B.shape[0] <= n_in:
+                qb = orth_rows(B.T)
+                Sb = qb.T @ qb if Sb is None else Sb + qb.T @ qb
+                rkb.append(qb.shape[0])
             norms.append(float((BtB * (A @ A.T)).sum()))
             rk.append(q.shape[0])
-        return _basis_from_gram(G, float(S.pow(2).sum()), rk, norms, cap)
+        basis = _basis_from_gram(G, float(S.pow(2).sum()), rk, norms, cap)
+        if Sb is not None:
+            basis.overlap_out = _mean_pair_cos2(float(Sb.pow(2).sum()), rkb)
+        return basis
     fs = [(B.double(), A.double()) for B, A in factors]
     R = sum(A.shape[0] for _, A in fs)
     norms = [float(((B.T @ B) * (A @ A.T)).sum()) for B, A in fs]
     qs = [orth_rows(A) for _, A in fs]
     rk = [q.shape[0] for q in qs]
+    qbs = [orth_rows(B.T) for B, _ in fs]
+    overlap_out = _mean_pair_cos2(_stacked_f2(qbs), [q.shape[0] for q in qbs])
     if R > n_in:
         G = sum(A.T @ (B.T @ B) @ A for B, A in fs)
         S = sum(q.T @ q for q in qs)
-        return _basis_from_gram(G, float(S.pow(2).sum()), rk, norms, cap)
+        basis = _basis_from_gram(G, float(S.pow(2).sum()), rk, norms, cap)
+        basis.overlap_out = overlap_out
+        return basis
     # Σr ≤ in: stacked A = Rᵀ Qᵀ (QR of the stacked Aᵀ); B_a A_a = C_a Qᵀ; eigen of Σ_a C_aᵀ C_a (R×R)
     Aall = torch.cat([A for _, A in fs], 0)  # R×in
     Q, Rr = torch.linalg.qr(Aall.T)  # in×R, R×R
@@ -335,9 +353,16 @@ def module_basis(
     lam, W = torch.linalg.eigh(M)
     lam, W = lam.flip(0), W.flip(1)
     V = (Q @ W).T  # R×in
-    Qall = torch.cat(qs, 0)
-    f2 = float((Qall @ Qall.T).pow(2).sum())
-    return _finish_basis(lam, V, f2, rk, norms, cap)
+    basis = _finish_basis(lam, V, _stacked_f2(qs), rk, norms, cap)
+    basis.overlap_out = overlap_out
+    return basis
+
+
+def _stacked_f2(qs: list[Tensor]) -> float:
+    """‖Σ_a P_a‖²_F for the projectors P_a = q_aᵀ q_a (q_a: orthonormal rows), through the smaller
+    of the stacked Gram (Σr×Σr) and Σ_a P_a (d×d)."""
+    Q = torch.cat(qs, 0)
+    return float((Q @ Q.T).pow(2).sum() if Q.shape[0] <= Q.shape[1] else (Q.T @ Q).pow(2).sum())
 
 
 def _basis_from_gram(G: Tensor, f2: float, rk: list[int], norms: list[float], cap: int | None) -> ModuleBasis:
@@ -345,12 +370,17 @@ def _basis_from_gram(G: Tensor, f2: float, rk: list[int], norms: list[float], ca
     return _finish_basis(lam.flip(0), W.flip(1).T, f2, rk, norms, cap)
 
 
+def _mean_pair_cos2(f2: float, rk: list[int]) -> float:
+    """The mean pairwise cos² of n subspaces of ranks ``rk`` from f2 = ‖Σ_a P_a‖²_F = Σ_{a,b} tr(P_a P_b):
+    (f2 − Σ_a r_a) / Σ_{a≠b} min(r_a, r_b); NaN for fewer than two."""
+    pairs = _sum_pair_min(rk)
+    return (f2 - sum(rk)) / pairs if pairs > 0 else float("nan")
+
+
 def _finish_basis(lam: Tensor, V: Tensor, f2: float, rk: list[int], norms: list[float], cap: int | None) -> ModuleBasis:
     """f2 = ‖Σ_a P_a‖²_F = Σ_{a,b} tr(P_a P_b) (P_a: projector on A_a's row space)."""
-    pairs = _sum_pair_min(rk)
-    overlap = (f2 - sum(rk)) / pairs if pairs > 0 else float("nan")
     k = V.shape[0] if cap is None else min(cap, V.shape[0])
-    return ModuleBasis(lam.clamp_min(0), V[:k].contiguous(), overlap, norms)
+    return ModuleBasis(lam.clamp_min(0), V[:k].contiguous(), _mean_pair_cos2(f2, rk), norms)
 
 
 # ----------------------------------------------------------------------------- joint (zoo) bases

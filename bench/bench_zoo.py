@@ -214,7 +214,17 @@ def main() -> None:
                 "groups": [
                     {
                         k: g[k]
-                        for k in ("group", "adapters", "cluster", "overlap", "overlap_random", "decision", "reason")
+                        for k in (
+                            "group",
+                            "adapters",
+                            "cluster",
+                            "overlap",
+                            "overlap_random",
+                            "overlap_out",
+                            "overlap_out_random",
+                            "decision",
+                            "reason",
+                        )
                     }
                     | {"separate_bytes": g["separate"]["bytes"], "shared_bytes": (g["shared"] or {}).get("bytes")}
                     for g in (sh["sharing"] or {}).get("groups", [])
@@ -250,12 +260,13 @@ def main() -> None:
             f"{s['bytes_saved'] / s['bytes_without']:.1%}), error {s['error_without']:.4f} → {s['error_with']:.4f}."
         ),
         "",
-        "| candidate group | adapters | cluster | A-overlap | random | separate bytes | shared bytes | decision |",
-        "|---|---:|---|---:|---:|---:|---:|---|",
+        "| candidate group | adapters | cluster | A-overlap | random | B-overlap | random | separate bytes | shared bytes | decision |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for g in s["groups"]:
         lines.append(
             f"| {g['group']} | {g['adapters']} | {g['cluster']} | {g['overlap']:.3f} | {g['overlap_random']:.3f} | "
+            f"{_r(g['overlap_out'])} | {_r(g['overlap_out_random'])} | "
             f"{g['separate_bytes']} | {g['shared_bytes'] if g['shared_bytes'] is not None else '–'} | {g['decision']}: {g['reason']} |"
         )
     md = "\n".join(lines) + "\n"
@@ -359,6 +370,8 @@ def joint_case(label: str, zoo: Path, out: Path, budget: str) -> list[dict]:
                 "adapters": g["adapters"],
                 "overlap": g.get("overlap"),
                 "overlap_random": g.get("overlap_random"),
+                "overlap_out": g.get("overlap_out"),
+                "overlap_out_random": g.get("overlap_out_random"),
                 "separate": {
                     "bytes": T,
                     "rel_error": g["separate"]["rel_error"],
@@ -405,6 +418,7 @@ JOINT_COLUMNS = (
     "N",
     "cluster",
     "adapters",
+    "A / B overlap (random)",
     "separate bytes",
     "separate error",
     "kept",
@@ -439,6 +453,8 @@ def joint_rows(recs: list[dict]) -> list[list[str]]:
                 str(r["n"]),
                 r["half"],
                 str(r["adapters"]),
+                f"{_r(r['overlap'], '.2f')} / {_r(r['overlap_out'], '.2f')} "
+                f"({_r(r['overlap_random'], '.2f')} / {_r(r['overlap_out_random'], '.2f')})",
                 str(T),
                 f"{r['separate']['rel_error']:.4f}",
                 short.get(kept, kept.replace("joint-basis (", "joint ").replace(" core)", "")),
@@ -527,7 +543,10 @@ def joint_main(args: argparse.Namespace) -> None:
         "half of the zoo above (tiny Llama, r=8, trained a few steps; one half from one LoRA init seed, the other with "
         "own seeds), each cluster the batch forms in a row of its own; `planted full` / `planted diag`: "
         "`tests/test_zoo_joint.py::joint_zoo` (2 layers, r=8, every update on a planted 6-dimensional basis per "
-        "module plus weak private directions; full or diagonal cores). `kept`: what the batch stored (the fewest "
+        "module plus weak private directions; full or diagonal cores). `A / B overlap (random)`: the mean pairwise "
+        "cos² of the adapters' A row spaces and of their B column spaces (in parentheses: what unrelated random "
+        "subspaces of those ranks give); a shared V can draw on the first, a shared U only on the second. "
+        "`kept`: what the batch stored (the fewest "
         "bytes among the kinds whose group error is at most the separate containers'); `X / separate`: each kind's "
         "total bytes (shared file included) at the separate error, relative to the separate containers (in "
         "parentheses: the rank allocation's estimate where no allocation below the separate bytes matched the "

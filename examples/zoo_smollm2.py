@@ -106,7 +106,16 @@ def main() -> None:
         s = zoo.batch(work / "zoo", work / "out" / f"{at:g}" / folders[v], jobs=1, threads=args.threads, **kw)
         if s["counts"].get("converted", 0) + s["counts"].get("shared", 0) or f"{at:g}|{v}" not in done:
             groups = (s.get("sharing") or {}).get("groups", [])
-            keep = ("adapters", "overlap", "overlap_random", "decision", "reason", "weighted")
+            keep = (
+                "adapters",
+                "overlap",
+                "overlap_random",
+                "overlap_out",
+                "overlap_out_random",
+                "decision",
+                "reason",
+                "weighted",
+            )
             done[f"{at:g}|{v}"] = {"seconds": s["seconds"], "sharing": [{k: g.get(k) for k in keep} for g in groups]}
             done_path.write_text(json.dumps(done, indent=1))
         runs[at, v] = s
@@ -173,6 +182,10 @@ def main() -> None:
     print(md)
 
 
+def _ov(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
 def render(res: dict) -> str:
     def mean(rows: list[dict], v: str, k: str) -> float:
         xs = [r[v][k] for r in rows if r[v][k] is not None]
@@ -215,7 +228,8 @@ def render(res: dict) -> str:
             for g in per[v]["sharing"]:
                 lines.append(
                     f"- {float(key):.0%}, {v}: {g['adapters']} adapters, A-overlap {g['overlap'] or 0:.3f} (random "
-                    f"{g['overlap_random'] or 0:.3f}): {g['decision']}: {g['reason']}. The batch took "
+                    f"{g['overlap_random'] or 0:.3f}), B-overlap {_ov(g.get('overlap_out'))} (random "
+                    f"{_ov(g.get('overlap_out_random'))}): {g['decision']}: {g['reason']}. The batch took "
                     f"{per[v]['seconds']:.0f} s, the separate one {per[sep]['seconds']:.0f} s."
                 )
     lines.append(

@@ -313,6 +313,8 @@ def test_shared_basis_pays_for_a_same_init_zoo(zoos, tmp_path, one_thread):
     g = sh["sharing"]["groups"][0]
     assert g["adapters"] == 6 and g["decision"] == "shared", g
     assert g["overlap"] > 0.8 > 0.2 > g["overlap_random"]
+    # one init seed shares A only: LoRA starts B at zero, so B's column spaces are near the random level
+    assert g["overlap_random"] < g["overlap_out_random"] < g["overlap_out"] < 0.5 * g["overlap"]
     srcs = [same / f"ad{k}" for k in range(6)]
     b_sep, e_sep = _energy_weighted([tmp_path / "sep" / f"ad{k}.safetensors" for k in range(6)], srcs)
     b_sh, e_sh = _energy_weighted([tmp_path / "sh" / f"ad{k}.safetensors" for k in range(6)], srcs)
@@ -373,6 +375,7 @@ def test_shared_basis_not_worth_it_for_different_inits(zoos, tmp_path, one_threa
     assert g["decision"] == "separate" and g["shared"] is None, g
     assert g["overlap"] < 0.25  # ≈ r/in for unrelated random subspaces
     assert g["overlap"] == pytest.approx(g["overlap_random"], abs=0.05)
+    assert g["overlap_out"] == pytest.approx(g["overlap_out_random"], abs=0.15)
     assert g["estimate"]["shared_rel_error_at_equal_bytes"] > g["separate"]["rel_error"]
     assert g["estimate"]["shared_bytes_at_equal_error"] > g["separate"]["bytes"]
     assert sh["counts"] == {"converted": 6} and sh["totals"]["shared_bytes"] == 0
@@ -398,12 +401,31 @@ def test_module_basis_matches_dense_svd():
         assert torch.allclose(streamed.lam[:k], b.lam[:k], rtol=1e-9, atol=1e-9) and streamed.overlap == pytest.approx(
             b.overlap
         )
+        # the B side: the mean pairwise cos² of the column spaces, pair by pair
+        qb = [linalg.orth_rows(B.double().T) for B, _ in facs]
+        pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+        direct = sum(float((qb[i] @ qb[j].T).pow(2).sum()) for i, j in pairs) / sum(
+            min(qb[i].shape[0], qb[j].shape[0]) for i, j in pairs
+        )
+        assert b.overlap_out == pytest.approx(direct, rel=1e-9) and streamed.overlap_out == pytest.approx(
+            direct, rel=1e-9
+        )
+    # out > in on the streamed path: the out×out Gram would outgrow the in×in one, so B is not measured
+    wide = [(torch.randn(2 * n_in, 4, generator=g), torch.randn(4, n_in, generator=g)) for _ in range(4)]
+    assert math.isnan(linalg.module_basis(iter(wide), n_in, total_rank=16).overlap_out)
+    assert linalg.module_basis(wide, n_in).overlap_out == pytest.approx(4 / (2 * n_in), abs=0.15)
     # identical row spaces → overlap 1; the pairwise normaliser
     A = torch.randn(3, n_in, generator=g)
     same = linalg.module_basis(
         [(torch.randn(out, 3, generator=g), torch.randn(3, 3, generator=g) @ A) for _ in range(4)], n_in
     )
     assert same.overlap == pytest.approx(1.0, abs=1e-6)
+    # identical column spaces → B-overlap 1, whatever the A side
+    Bc = torch.randn(out, 3, generator=g)
+    col = linalg.module_basis(
+        [(Bc @ torch.randn(3, 3, generator=g), torch.randn(3, n_in, generator=g)) for _ in range(4)], n_in
+    )
+    assert col.overlap_out == pytest.approx(1.0, abs=1e-6) and col.overlap < 0.9
     assert linalg._sum_pair_min([2, 3, 3]) == 2 * (2 + 2 + 3)
 
 

@@ -387,6 +387,7 @@ def _share_group(
         if not math.isnan(b.overlap):
             by_type.setdefault(m.type_key, []).append(b.overlap)
     ov = [x for v in by_type.values() for x in v]
+    measured = [(m, b.overlap_out) for m, b in zip(modules, bases) if not math.isnan(b.overlap_out)]
 
     def metrics(a: int, kind: _Kind, blob_bytes: int) -> dict:
         return _zoo_metrics(gkey, kind, n, blob_bytes, grp[a], sep_bytes[a], sep_err[a])
@@ -400,6 +401,9 @@ def _share_group(
         "overlap": sum(ov) / len(ov) if ov else None,
         "overlap_by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())},
         "overlap_random": sum(m.rank / m.in_features for m in modules) / len(modules),
+        # the B side: what a shared U can draw on (LoRA starts B at zero, so one init seed shares A only)
+        "overlap_out": sum(x for _, x in measured) / len(measured) if measured else None,
+        "overlap_out_random": sum(m.rank / m.out_features for m, _ in measured) / len(measured) if measured else None,
         "separate": {"bytes": T, "rel_error": e_sep},
         "candidates": {},
         "shared": None,
@@ -430,6 +434,7 @@ def _share_group(
         res["reason"] = "; ".join(f"{k}: {c['why']}" for k, c in res["candidates"].items())
     log(
         f"zoo sharing, group {gkey} ({n} adapters, A-overlap {res['overlap'] or 0:.3f}, random {res['overlap_random']:.3f}, "
+        f"B-overlap {res['overlap_out'] or 0:.3f}, random {res['overlap_out_random'] or 0:.3f}, "
         f"{'Σ-weighted' if stats is not None else 'weight space: --stats FILE judges by output error'}): "
         f"{res['decision']}: {res['reason']}"
     )
@@ -571,6 +576,8 @@ def _extend(gkey, grp, ads, dt, sep_bytes, sep_err, out: Path, command: str, log
         "weighted": stats is not None,
         "overlap": None,  # not measured: the cluster was formed and fitted by an earlier run
         "overlap_random": None,
+        "overlap_out": None,
+        "overlap_out_random": None,
         "separate": {"bytes": sum(sep_bytes), "rel_error": e_sep},
     }
     if new:

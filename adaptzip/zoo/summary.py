@@ -87,13 +87,14 @@ def write_summary(out: Path, s: dict) -> None:
         lines += [
             "## Zoo sharing (--shared-basis)",
             "",
-            "| group | adapters | A-overlap | random | separate bytes | separate error | shared kind | shared bytes | shared error | decision |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| group | adapters | A-overlap | random | B-overlap | random | separate bytes | separate error | shared kind | shared bytes | shared error | decision |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for g in s["sharing"]["groups"]:
             sh = g["shared"] or {}
             lines.append(
-                f"| {g['group']} | {g['adapters']} | {_f(g['overlap'], '.3f')} | {_f(g['overlap_random'], '.3f')} | {g['separate']['bytes']} | "
+                f"| {g['group']} | {g['adapters']} | {_f(g['overlap'], '.3f')} | {_f(g['overlap_random'], '.3f')} | "
+                f"{_f(g['overlap_out'], '.3f')} | {_f(g['overlap_out_random'], '.3f')} | {g['separate']['bytes']} | "
                 f"{_f(g['separate']['rel_error'])} | {sh.get('kind', '–')} | {_f(sh.get('bytes'), 'd') if sh else '–'} | {_f(sh.get('rel_error'))} | {g['decision']}: {_md_cell(g['reason'])} |"
             )
         lines.append("")
