@@ -109,9 +109,14 @@ def tokenize_stream(tokenizer, docs: Sequence[str]) -> list[int]:
     return out
 
 
-def pack(ids: Sequence[int], seq_len: int, n_tokens: int | None, path: Path | str | None, what: str) -> Tensor:
+def pack(
+    ids: Sequence[int], seq_len: int, n_tokens: int | None, path: Path | str | None, what: str, at_most: bool = False
+) -> Tensor:
     """The first ``n_tokens`` tokens (all when None) as rows of ``seq_len``: (N, seq_len) int64.
-    Raises CalibrationError when there are fewer tokens than asked (or than one row)."""
+    Raises CalibrationError when there are fewer tokens than asked (``at_most``: then all of
+    them are used) or than one row."""
+    if n_tokens is not None and at_most:
+        n_tokens = min(n_tokens, len(ids))
     if n_tokens is not None and len(ids) < n_tokens:
         raise CalibrationError(
             path,
@@ -126,10 +131,11 @@ def pack(ids: Sequence[int], seq_len: int, n_tokens: int | None, path: Path | st
 
 
 def encoder_rows(
-    tokenizer, docs: Sequence[str], seq_len: int, n_tokens: int | None, path, what: str
+    tokenizer, docs: Sequence[str], seq_len: int, n_tokens: int | None, path, what: str, at_most: bool = False
 ) -> tuple[Tensor, Tensor]:
     """Encoder inputs: every document cut into chunks wrapped in the tokenizer's special tokens
-    ([CLS] … [SEP]), ``seq_len`` tokens at most, and padded: (ids, attention_mask), both (N, T)."""
+    ([CLS] … [SEP]), ``seq_len`` tokens at most, and padded: (ids, attention_mask), both (N, T).
+    Chunks up to ``n_tokens`` tokens (None: all); fewer in the text is refused unless ``at_most``."""
     rows: list[list[int]] = []
     total = 0
     prefix, suffix = _special_wrap(tokenizer)
@@ -144,7 +150,7 @@ def encoder_rows(
                 break
         if n_tokens is not None and total >= n_tokens:
             break
-    if n_tokens is not None and total < n_tokens:
+    if n_tokens is not None and total < n_tokens and not at_most:
         raise CalibrationError(
             path,
             f"{what} has {total} tokens, fewer than the {n_tokens} asked (give more text or a smaller --calib-tokens)",

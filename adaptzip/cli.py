@@ -28,7 +28,7 @@ from rich.table import Table
 from . import api, fileio, progress, runtime
 from .errors import AdaptzipError, OptionError
 from .forms import BASELINE, REGISTRY
-from .options import CalibrationOptions, FitOptions, QuantOptions, RunOptions, parse_duration
+from .options import CALIB_TOKENS, CalibrationOptions, FitOptions, QuantOptions, RunOptions, parse_duration
 
 app = typer.Typer(
     add_completion=False,
@@ -350,12 +350,13 @@ def compress(
         ),
     ] = None,
     calib_tokens: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--calib-tokens",
-            help="Calibration tokens to use (10% held out for early stopping, 10% more for eval without --eval).",
+            help=f"Calibration tokens to use (10% held out for early stopping, 10% more for eval without --eval); default: up to {CALIB_TOKENS}, all of a shorter text; a number given here must be in the text.",
+            show_default=False,
         ),
-    ] = 50000,
+    ] = None,
     calib_steps: Annotated[
         int,
         typer.Option(

@@ -39,6 +39,7 @@ from .adapter import Adapter
 from .errors import CalibrationError
 from .fileio import json_clean
 from .forms.base import FitContext, Form
+from .options import CALIB_TOKENS
 from .progress import progress_bar
 from .sigma import SKETCH_RANK
 
@@ -485,7 +486,7 @@ def prepare(
     base_model: str | Path,
     calib: str | Path,
     *,
-    calib_tokens: int = 50000,
+    calib_tokens: int | None = None,
     eval_text: str | Path | None = None,
     eval_tokens: int = 8192,
     stats: dict[str, Tensor] | None = None,
@@ -502,8 +503,9 @@ def prepare(
     sketch_rank: int | None = SKETCH_RANK,
 ) -> Calibration:
     """Load the base + teacher, tokenise, compute Σ (or reuse ``stats`` / ``stats_file``) and the
-    teacher caches. ``calib_tokens`` tokens of ``calib`` are used: a ``heldout`` fraction for early
-    stopping, the same fraction for evaluation when no ``eval_text`` is given, the rest for
+    teacher caches. ``calib_tokens`` tokens of ``calib`` are used (None: up to
+    :data:`adaptzip.options.CALIB_TOKENS`, all of a shorter text; a number the text does not
+    hold is refused): a ``heldout`` fraction for early stopping, the same fraction for evaluation when no ``eval_text`` is given, the rest for
     training. Σ is saved to ``save_stats_to`` when computed here. ``precision`` (auto, fp32,
     bf16; see :func:`resolve_precision`) is that of the distillation steps; teacher caches, Σ
     and every measurement are computed in fp32. ``sketch_rank``: Σ is kept as a sketch of that
@@ -522,12 +524,15 @@ def prepare(
     if isinstance(max_pos, int) and max_pos > 0:
         seq = min(seq, max_pos)
 
-    def rows(docs_: list[str], n_tok: int | None, path, what) -> tuple[Tensor, Tensor | None]:
+    def rows(docs_: list[str], n_tok: int | None, path, what, at_most=False) -> tuple[Tensor, Tensor | None]:
         if base.task == "lm":
-            return cb.pack(cb.tokenize_stream(tok, docs_), seq, n_tok, path, what), None
-        return cb.encoder_rows(tok, docs_, seq, n_tok, path, what)
+            return cb.pack(cb.tokenize_stream(tok, docs_), seq, n_tok, path, what, at_most), None
+        return cb.encoder_rows(tok, docs_, seq, n_tok, path, what, at_most)
 
-    ids, mask = rows(docs, calib_tokens, calib, "--calib text")
+    if calib_tokens is None:
+        ids, mask = rows(docs, CALIB_TOKENS, calib, "--calib text", at_most=True)
+    else:
+        ids, mask = rows(docs, calib_tokens, calib, "--calib text")
     n = ids.shape[0]
     n_hold = max(1, int(round(heldout * n)))
     n_eval = 0 if eval_text is not None else n_hold

@@ -86,6 +86,10 @@ def parse_duration(text: str | float | int) -> float:
     return v
 
 
+# calibration tokens used when --calib-tokens is not given (all of a shorter text)
+CALIB_TOKENS = 50000
+
+
 @dataclass(frozen=True)
 class CalibrationOptions:
     """Calibration on the base model: Σ statistics, distillation, behavioural metrics.
@@ -93,7 +97,8 @@ class CalibrationOptions:
     base_model: a model directory (safetensors) or a ``.gguf`` file (None: no teacher; then
     ``stats_file`` alone gives a Σ-weighted fit).
     calib: calibration text (UTF-8, paragraphs separated by blank lines, or JSONL with ``text``).
-    tokens: calibration tokens used (10% held out for early stopping, 10% more for eval).
+    tokens: calibration tokens used (10% held out for early stopping, 10% more for eval); None: up
+    to CALIB_TOKENS, all of a shorter text; a number: exactly that many (fewer in the text: refused).
     steps: the distillation step cap (batches of ``batch_size`` × ``seq_len`` tokens); 0: none.
     max_steps: how far that cap may grow while the held-out objective still falls by more than
     2% per third of ``steps`` (see adaptzip.trainer); None: 3 × ``steps``; ``steps``: a fixed cap.
@@ -110,7 +115,7 @@ class CalibrationOptions:
 
     base_model: str | Path | None = None
     calib: str | Path | None = None
-    tokens: int = 50000
+    tokens: int | None = None
     steps: int = 300
     max_steps: int | None = None
     eval_text: str | Path | None = None
@@ -133,7 +138,7 @@ class CalibrationOptions:
             raise OptionError(None, "--calib/--eval need --base-model (the teacher runs on the base model)")
         if self.base_model is not None and self.calib is None:
             raise OptionError(None, "--base-model needs --calib TEXT (UTF-8 text or JSONL with a 'text' field)")
-        if self.tokens < 1:
+        if self.tokens is not None and self.tokens < 1:
             raise OptionError(None, f"--calib-tokens {self.tokens} must be ≥ 1")
         if self.steps < 0:
             raise OptionError(None, f"--calib-steps {self.steps} must be ≥ 0")

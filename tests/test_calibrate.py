@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from calib_fixtures import base_with_tokenizer, make_text, train_text_lora
-from clihelp import run_json
+from clihelp import run_cli, run_json
 from fixtures import make_base, one_torch_thread, train_lora
 
 from adaptzip import api, distill, fit, load_adapter, trainer
@@ -17,7 +17,7 @@ from adaptzip.budget import FitRequest, fit_to_budget
 from adaptzip.container import open_container
 from adaptzip.errors import AdaptzipError, BaseModelError, CalibrationError
 from adaptzip.forms import REGISTRY, FitContext, get_form
-from adaptzip.options import CalibrationOptions, FitOptions, QuantOptions
+from adaptzip.options import CALIB_TOKENS, CalibrationOptions, FitOptions, QuantOptions
 
 # Options that let a form's defaults fit the tiny test model (hidden 64, MLP 96).
 TINY_OPTIONS = {"vblora": {"vector_len": 32, "bank": 32, "steps": 20, "refit_steps": 20}}
@@ -81,6 +81,41 @@ def test_text_jsonl(tmp_path):
 def test_too_few_tokens_is_a_clear_error(env):
     with pytest.raises(CalibrationError, match=r"has \d+ tokens, fewer than the 10000000 asked"):
         distill.prepare(env["adapter"], env["base"], env["dir"] / "eval.txt", calib_tokens=10_000_000, seq_len=SEQ)
+
+
+def test_default_tokens_take_all_of_a_shorter_text_and_at_most_the_default(env, monkeypatch):
+    """Without --calib-tokens: up to CALIB_TOKENS, all of a shorter text (no refusal); a number
+    given is exact."""
+    calib = env["dir"] / "calib.txt"
+    have = len(cb.tokenize_stream(env["cal"].base.tokenizer, cb.read_texts(calib)))
+    assert SEQ < have < CALIB_TOKENS
+    kw = dict(seq_len=SEQ, stats=env["cal"].stats)
+    every = distill.prepare(env["adapter"], env["base"], calib, **kw)
+    exact = distill.prepare(env["adapter"], env["base"], calib, calib_tokens=have, **kw)
+    rows = have // SEQ
+    n_hold = max(1, round(0.1 * rows))
+    assert every.reference_metrics()["calib_tokens"] == (rows - n_hold) * SEQ  # eval: another n_hold rows
+    assert torch.equal(every.train.ids, exact.train.ids) and torch.equal(every.eval.ids, exact.eval.ids)
+    # the CLI: no --calib-tokens takes the whole text; more than it holds is refused in one line
+    cli = ["compress", env["lora"], "--to", "svd", "--rank", "2", "--base-model", env["base"], "--calib", calib]
+    cli += ["--calib-steps", "0", "--device", "cpu", "--stats", env["dir"] / "stats.safetensors"]
+    r = run_json(*cli, "-o", env["dir"] / "all.safetensors")
+    whole = distill.prepare(env["adapter"], env["base"], calib, calib_tokens=have, stats=env["cal"].stats)  # CLI's seq
+    assert r["calib_tokens"] == whole.reference_metrics()["calib_tokens"] > 0.7 * have
+    rc, _, err = run_cli(*cli, "-o", env["dir"] / "more.safetensors", "--calib-tokens", str(have + 1))
+    assert rc != 0 and err.strip() == (
+        f"adaptzip: error: {calib}: --calib text has {have} tokens, fewer than the {have + 1} asked "
+        "(give more text or a smaller --calib-tokens)"
+    )
+    assert not (env["dir"] / "more.safetensors").exists()
+    monkeypatch.setattr(distill, "CALIB_TOKENS", 20 * SEQ + 5)
+    capped = distill.prepare(env["adapter"], env["base"], calib, **kw)
+    assert capped.train.n + capped.heldout.n + capped.eval.n == 20
+    assert torch.equal(
+        capped.train.ids, distill.prepare(env["adapter"], env["base"], calib, calib_tokens=20 * SEQ + 5, **kw).train.ids
+    )
+    with pytest.raises(CalibrationError, match=rf"has {have} tokens, fewer than the {have + 1} asked"):
+        distill.prepare(env["adapter"], env["base"], calib, calib_tokens=have + 1, **kw)
 
 
 # ----------------------------------------------------------------------------- base model
