@@ -136,7 +136,8 @@ class Calibration:
         ids = ids.to(dev)
         m = self.base.model
         if self.task == "lm":
-            return m(input_ids=ids).logits, None  # bf16 in a bf16 step: the log-softmax upcasts it
+            # no KV cache (nothing is generated); bf16 logits in a bf16 step: the log-softmax upcasts them
+            return m(input_ids=ids, use_cache=False).logits, None
         mk = None if mask is None else mask.to(dev)
         if self.task == "cls":
             out = m(input_ids=ids, attention_mask=mk, output_hidden_states=True)
