@@ -164,6 +164,7 @@ def main() -> None:
         from adaptzip import fit
         from adaptzip.adapter import load_adapter
         from adaptzip.forms import FitContext
+        from adaptzip.zoo import OVERLAP_KEYS
 
         torch.set_num_threads(1)
         norms = {}
@@ -212,20 +213,7 @@ def main() -> None:
                 "error_without": sep["rel_error"],
                 "error_with": sh["rel_error"],
                 "groups": [
-                    {
-                        k: g[k]
-                        for k in (
-                            "group",
-                            "adapters",
-                            "cluster",
-                            "overlap",
-                            "overlap_random",
-                            "overlap_out",
-                            "overlap_out_random",
-                            "decision",
-                            "reason",
-                        )
-                    }
+                    {k: g[k] for k in ("group", "adapters", "cluster", *OVERLAP_KEYS, "decision", "reason")}
                     | {"separate_bytes": g["separate"]["bytes"], "shared_bytes": (g["shared"] or {}).get("bytes")}
                     for g in (sh["sharing"] or {}).get("groups", [])
                 ],

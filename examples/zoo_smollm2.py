@@ -106,16 +106,7 @@ def main() -> None:
         s = zoo.batch(work / "zoo", work / "out" / f"{at:g}" / folders[v], jobs=1, threads=args.threads, **kw)
         if s["counts"].get("converted", 0) + s["counts"].get("shared", 0) or f"{at:g}|{v}" not in done:
             groups = (s.get("sharing") or {}).get("groups", [])
-            keep = (
-                "adapters",
-                "overlap",
-                "overlap_random",
-                "overlap_out",
-                "overlap_out_random",
-                "decision",
-                "reason",
-                "weighted",
-            )
+            keep = ("adapters", *zoo.OVERLAP_KEYS, "decision", "reason", "weighted")
             done[f"{at:g}|{v}"] = {"seconds": s["seconds"], "sharing": [{k: g.get(k) for k in keep} for g in groups]}
             done_path.write_text(json.dumps(done, indent=1))
         runs[at, v] = s

@@ -79,7 +79,7 @@ from .run import (
     sweep_temporaries,
     up_to_date,
 )
-from .sharing import cluster_by_overlap, share_zoo
+from .sharing import OVERLAP_KEYS, cluster_by_overlap, share_zoo
 from .summary import build_summary, write_summary
 
 
@@ -335,6 +335,7 @@ def _loop(ex, found: Iterator[Found], job_of, out: Path, zoo_name: str, max_infl
 __all__ = [
     "LOCK_FILE",
     "OK_STATUSES",
+    "OVERLAP_KEYS",
     "RESERVED",
     "SHARED_DIR",
     "SUMMARY_JSON",

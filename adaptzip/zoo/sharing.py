@@ -306,6 +306,11 @@ def share_zoo(rows: list[dict], out: Path, *, command: str, log=print, job_of=No
     }
 
 
+# a sharing group's overlap figures in batch.json: A row spaces and B column spaces, each against
+# what unrelated random subspaces of those ranks give
+OVERLAP_KEYS = ("overlap", "overlap_random", "overlap_out", "overlap_out_random")
+
+
 def cluster_by_overlap(ads: list[Adapter], probes: int = 3, threshold: float | None = None) -> list[list[int]]:
     """Split adapters (same module table) into clusters whose A row spaces overlap: an adapter joins
     the first cluster whose first member's A overlaps its own by a mean cos² ≥ ``threshold`` on
