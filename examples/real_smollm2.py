@@ -40,6 +40,12 @@ from adaptzip.options import CalibrationOptions  # noqa: E402
 from adaptzip.pipeline import metrics_template  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# the forms of one adapter: lora is the source's own form, joint the zoo form (its U and V are shared by a
+# cluster of adapters, adaptzip batch --shared-basis; alone it is svd plus a k×k core)
+FORMS = sorted(set(REGISTRY) - {"lora", "joint"})
+# what decides which cells a run measures, not what a cell measures: cells of runs that differ only
+# here are the same measurement
+GRID_KEYS = ("budgets", "distil_forms", "distil_budgets", "grid")
 
 
 def package_file(pkg: str, *parts: str) -> Path:
@@ -147,7 +153,7 @@ def main() -> None:
         "distil_steps": 8 if q else defaults.steps,
         "distil_most": 8 if q else defaults.steps_most,
         "fit_steps": 40,
-        "distil_forms": ["svd", "vblora"] if q else sorted(n for n in REGISTRY if n != "lora"),
+        "distil_forms": ["svd", "vblora"] if q else FORMS,
         "distil_budgets": [0.05, 0.01] if q else [0.25, 0.05, 0.01],
         # --quick: a subset of (budget, form) cells — on 2 loaded CPU cores one cell costs minutes
         "grid": ({0.25: ["svd"], 0.05: ["svd", "vblora", "bslora-ke"], 0.01: ["svd", "vblora"]} if q else None),
@@ -188,7 +194,11 @@ def main() -> None:
     ctx = FitContext(stats=cal.stats, max_steps=cfg["fit_steps"])
     # cells measured by an earlier run of this config are kept (and skipped unless --redo)
     old = json.loads(store.read_text()) if store.is_file() else None
-    same = old is not None and old["config"] == json.loads(json.dumps(cfg))  # as stored (JSON keys are strings)
+
+    def cell(c: dict) -> dict:  # as stored (JSON keys are strings)
+        return {k: v for k, v in json.loads(json.dumps(c)).items() if k not in GRID_KEYS}
+
+    same = old is not None and cell(old["config"]) == cell(cfg)
     rows = old["rows"] if same else []
     prev = old["seconds"] if same else 0.0
     done = {(r["form"], r["budget"]) for r in rows}
@@ -196,7 +206,7 @@ def main() -> None:
         if args.budgets and not any(abs(frac - b) < 1e-9 for b in args.budgets):
             continue
         budget = int(frac * ad.bytes)
-        names = sorted(n for n in REGISTRY if n != "lora") if cfg["grid"] is None else cfg["grid"][frac]
+        names = FORMS if cfg["grid"] is None else cfg["grid"][frac]
         for name in names:
             if (args.only and name not in args.only) or ((name, frac) in done and not args.redo):
                 continue
@@ -296,6 +306,17 @@ def render(res: dict, plot: bool = False) -> None:
             f"{f(r['improvement_kept_before'], 3)} | {f(r['improvement_kept'], 3) if dist else '–'} | "
             f"{str(r['distill_steps']) + ' (' + r['distill_stop'] + ')' if dist else '–'} |"
         )
+    forms = sorted({r["form"] for r in rows} | set(FORMS if cfg["grid"] is None else cfg["distil_forms"]))
+    have = {(r["form"], r["budget"]) for r in rows}
+    todo = []
+    for frac in cfg["budgets"]:
+        grid = cfg["grid"]
+        names = forms if grid is None else grid.get(str(frac), grid.get(frac, []))
+        left = [n for n in names if (n, frac) not in have]
+        if left:
+            todo.append(f"{frac:.0%}: {'every form' if len(left) == len(forms) else ', '.join(left)}")
+    if todo:
+        md += ["", f"Cells not run yet: {'; '.join(todo)} (a later run adds them)."]
     text = "\n".join(md) + "\n"
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "real_smollm2.json").write_text(json.dumps(res, indent=1))
