@@ -92,8 +92,9 @@ def cells(row: str) -> list[str]:
 
 def front_real_smollm2(md: str) -> str | None:
     """The README's table from the real_smollm2 grid: caption without the machine facts, the rows
-    at FRONT_BUDGET and FRONT_FORMS' rows at every budget, and a pointer to the full grid."""
-    before, table, _ = split_table(md)
+    at FRONT_BUDGET and FRONT_FORMS' rows at every budget, and a pointer to the full grid (which
+    says when it has cells not run yet)."""
+    before, table, after = split_table(md)
     if len(table) < 3:
         return None
     caption = " ".join(ln.strip() for ln in before if ln.strip())
@@ -104,10 +105,15 @@ def front_real_smollm2(md: str) -> str | None:
     rows = [r for r in table[2:] if cells(r)[ib] == FRONT_BUDGET or cells(r)[iform] in FRONT_FORMS]
     others = sorted({cells(r)[ib] for r in rows} - {FRONT_BUDGET}, key=lambda b: -float(b.rstrip("%")))
     also = f", {' and '.join(FRONT_FORMS)} at {', '.join(others)} too" if others else ""
-    note = (
-        f"Rows: every form at {FRONT_BUDGET} of the source's bytes{also}. "
-        "The whole grid and how it was run: [docs/benchmarks.md](docs/benchmarks.md#real-models)."
-    )
+    pending = next((ln.strip() for ln in after if ln.startswith("Cells not run yet:")), None)
+    link = "[docs/benchmarks.md](docs/benchmarks.md#real-models)"
+    if pending is None:
+        note = f"Rows: every form at {FRONT_BUDGET} of the source's bytes{also}. The whole grid and how it was run: {link}."
+    else:
+        note = (
+            f"Rows: the forms at {FRONT_BUDGET} of the source's bytes{also} that the grid has measured so far. "
+            f"The whole grid, the cells it has not run yet and how it was run: {link}."
+        )
     return "\n".join([caption, "", table[0], table[1], *rows, "", note])
 
 
