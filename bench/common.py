@@ -173,7 +173,10 @@ def check_targets(targets: list[dict]) -> list[dict]:
 
 
 def targets_markdown(targets: Sequence[dict]) -> list[str]:
-    """Lines of the ``| target | measured | limit | met |`` table, preceded by a blank line."""
+    """Lines of the ``| target | measured | limit | met |`` table, preceded by a blank line (none
+    without targets)."""
+    if not targets:
+        return []
     lines = ["", "| target | measured | limit | met |", "|---|---:|---:|:---:|"]
     for t in targets:
         lines.append(f"| {t['name']} | {t['measured']:.3g} | {t['limit']:.3g} | {'yes' if t['ok'] else '**no**'} |")

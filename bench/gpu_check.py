@@ -125,6 +125,7 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_check: CUDA is not available here (torch sees no GPU)")
     from adaptzip import api
+    from adaptzip.errors import AdaptzipError
     from adaptzip.options import CalibrationOptions, RunOptions
 
     t0 = time.perf_counter()
@@ -138,21 +139,26 @@ def main() -> None:
         print(f"model: {base_what}; text: {text_what}; LoRA trained in {time.perf_counter() - t0:.0f}s", flush=True)
         for name in args.forms.split(","):
             t1 = time.perf_counter()
-            r = api.compress(
-                lora,
-                work / f"{name}.safetensors",
-                to=name,
-                budget=args.budget,
-                calibration=CalibrationOptions(
-                    base_model=base,
-                    calib=calib,
-                    eval_text=evaltext,
-                    tokens=4096 if args.quick else 50000,
-                    steps=8 if args.quick else args.steps,
-                    device=args.device,
-                ),
-                run=RunOptions(force=True),
-            )
+            try:
+                r = api.compress(
+                    lora,
+                    work / f"{name}.safetensors",
+                    to=name,
+                    budget=args.budget,
+                    calibration=CalibrationOptions(
+                        base_model=base,
+                        calib=calib,
+                        eval_text=evaltext,
+                        tokens=4096 if args.quick else None,  # compress's default: up to 50000, all of a shorter text
+                        steps=8 if args.quick else args.steps,
+                        device=args.device,
+                    ),
+                    run=RunOptions(force=True),
+                )
+            except AdaptzipError as e:  # e.g. a form that cannot fit the budget on --quick's small model
+                rows.append({"form": name, "skipped": e.cause})
+                print(f"{name}: skipped ({e.cause})", flush=True)
+                continue
             m = r.metrics
             row = {
                 "form": name,
@@ -187,6 +193,8 @@ def main() -> None:
         "s",
     ]
     trs = [
+        [r["form"], f"skipped: {r['skipped']}", *[""] * (len(cols) - 2)]
+        if "skipped" in r else
         [r["form"], f"{r['bytes']:,}", f"{r['kl_before']:.4f}", f"{r['kl_after']:.4f}",
          "–" if r["svd_baseline_kl_after"] is None else f"{r['svd_baseline_kl_after']:.4f}",
          f"{r['distill_steps']} ({r['distill_stop']})", f"{r['distill_lr']:.3g}", f"{r['distill_tokens_per_s']:,.0f}",
@@ -195,7 +203,7 @@ def main() -> None:
     ]  # fmt: skip
     intro = (
         f"`--device {args.device}` end to end on {dev}: {base_what}, text: {text_what}; every form at "
-        f"{args.budget:.0%} of the LoRA's bytes, `compress` defaults (≤ {args.steps} steps, lr probed); "
+        f"{args.budget:.0%} of the LoRA's bytes, `compress` defaults (≤ {8 if args.quick else args.steps} steps, lr probed); "
         f"{res['seconds']:.0f} s in all."
     )
     write_outputs(args.out, "gpu_check", res, markdown_doc(intro, cols, trs, []))
