@@ -506,8 +506,8 @@ def prepare(
     """Load the base + teacher, tokenise, compute Σ (or reuse ``stats`` / ``stats_file``) and the
     teacher caches. ``calib_tokens`` tokens of ``calib`` are used (None: up to
     :data:`adaptzip.options.CALIB_TOKENS`, all of a shorter text; a number the text does not
-    hold is refused): a ``heldout`` fraction for early stopping, the same fraction for evaluation when no ``eval_text`` is given, the rest for
-    training. Σ is saved to ``save_stats_to`` when computed here. ``precision`` (auto, fp32,
+    hold is refused): a ``heldout`` fraction for early stopping, the same fraction for
+    evaluation when no ``eval_text`` is given, the rest for training. Σ is saved to ``save_stats_to`` when computed here. ``precision`` (auto, fp32,
     bf16; see :func:`resolve_precision`) is that of the distillation steps; teacher caches, Σ
     and every measurement are computed in fp32. ``sketch_rank``: Σ is kept as a sketch of that
     rank per shared input (:class:`adaptzip.sigma.SigmaSketch`; None: the exact in×in Σ). This one session — one model load,
@@ -530,10 +530,8 @@ def prepare(
             return cb.pack(cb.tokenize_stream(tok, docs_), seq, n_tok, path, what, at_most), None
         return cb.encoder_rows(tok, docs_, seq, n_tok, path, what, at_most)
 
-    if calib_tokens is None:
-        ids, mask = rows(docs, CALIB_TOKENS, calib, "--calib text", at_most=True)
-    else:
-        ids, mask = rows(docs, calib_tokens, calib, "--calib text")
+    n_calib = CALIB_TOKENS if calib_tokens is None else calib_tokens
+    ids, mask = rows(docs, n_calib, calib, "--calib text", at_most=calib_tokens is None)
     n = ids.shape[0]
     n_hold = max(1, int(round(heldout * n)))
     n_eval = 0 if eval_text is not None else n_hold

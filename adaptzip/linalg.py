@@ -277,7 +277,7 @@ class ModuleBasis:
     V: Tensor
     overlap: float
     norms: list[float]
-    overlap_out: float = float("nan")
+    overlap_out: float
 
 
 def module_basis(
@@ -303,9 +303,10 @@ def module_basis(
         red = module_basis([(B, wc.reduce(A)) for B, A in fs], wc.F.shape[0], cap=cap)
         qs = [orth_rows(A) for _, A in fs]
         f2 = float(sum(float((qa @ qb.T).pow(2).sum()) for qa in qs for qb in qs))
-        basis = _finish_basis(red.lam, wc.to_input(red.V), f2, [q.shape[0] for q in qs], red.norms, None)
-        basis.overlap_out = red.overlap_out  # the output side is not weighted
-        return basis
+        # the output side is not weighted: B's overlap is the reduced basis's
+        return _finish_basis(
+            red.lam, wc.to_input(red.V), f2, [q.shape[0] for q in qs], red.norms, None, red.overlap_out
+        )
     if total_rank is not None and total_rank > n_in:
         G = torch.zeros(n_in, n_in, dtype=torch.float64)
         S = torch.zeros(n_in, n_in, dtype=torch.float64)
@@ -323,10 +324,8 @@ def module_basis(
                 rkb.append(qb.shape[0])
             norms.append(float((BtB * (A @ A.T)).sum()))
             rk.append(q.shape[0])
-        basis = _basis_from_gram(G, float(S.pow(2).sum()), rk, norms, cap)
-        if Sb is not None:
-            basis.overlap_out = _mean_pair_cos2(float(Sb.pow(2).sum()), rkb)
-        return basis
+        ov_out = float("nan") if Sb is None else _mean_pair_cos2(float(Sb.pow(2).sum()), rkb)
+        return _basis_from_gram(G, float(S.pow(2).sum()), rk, norms, cap, ov_out)
     fs = [(B.double(), A.double()) for B, A in factors]
     R = sum(A.shape[0] for _, A in fs)
     norms = [float(((B.T @ B) * (A @ A.T)).sum()) for B, A in fs]
@@ -337,9 +336,7 @@ def module_basis(
     if R > n_in:
         G = sum(A.T @ (B.T @ B) @ A for B, A in fs)
         S = sum(q.T @ q for q in qs)
-        basis = _basis_from_gram(G, float(S.pow(2).sum()), rk, norms, cap)
-        basis.overlap_out = overlap_out
-        return basis
+        return _basis_from_gram(G, float(S.pow(2).sum()), rk, norms, cap, overlap_out)
     # Σr ≤ in: stacked A = Rᵀ Qᵀ (QR of the stacked Aᵀ); B_a A_a = C_a Qᵀ; eigen of Σ_a C_aᵀ C_a (R×R)
     Aall = torch.cat([A for _, A in fs], 0)  # R×in
     Q, Rr = torch.linalg.qr(Aall.T)  # in×R, R×R
@@ -353,9 +350,7 @@ def module_basis(
     lam, W = torch.linalg.eigh(M)
     lam, W = lam.flip(0), W.flip(1)
     V = (Q @ W).T  # R×in
-    basis = _finish_basis(lam, V, _stacked_f2(qs), rk, norms, cap)
-    basis.overlap_out = overlap_out
-    return basis
+    return _finish_basis(lam, V, _stacked_f2(qs), rk, norms, cap, overlap_out)
 
 
 def _stacked_f2(qs: list[Tensor]) -> float:
@@ -365,9 +360,11 @@ def _stacked_f2(qs: list[Tensor]) -> float:
     return float((Q @ Q.T).pow(2).sum() if Q.shape[0] <= Q.shape[1] else (Q.T @ Q).pow(2).sum())
 
 
-def _basis_from_gram(G: Tensor, f2: float, rk: list[int], norms: list[float], cap: int | None) -> ModuleBasis:
+def _basis_from_gram(
+    G: Tensor, f2: float, rk: list[int], norms: list[float], cap: int | None, overlap_out: float
+) -> ModuleBasis:
     lam, W = torch.linalg.eigh(G)
-    return _finish_basis(lam.flip(0), W.flip(1).T, f2, rk, norms, cap)
+    return _finish_basis(lam.flip(0), W.flip(1).T, f2, rk, norms, cap, overlap_out)
 
 
 def _mean_pair_cos2(f2: float, rk: list[int]) -> float:
@@ -377,10 +374,12 @@ def _mean_pair_cos2(f2: float, rk: list[int]) -> float:
     return (f2 - sum(rk)) / pairs if pairs > 0 else float("nan")
 
 
-def _finish_basis(lam: Tensor, V: Tensor, f2: float, rk: list[int], norms: list[float], cap: int | None) -> ModuleBasis:
+def _finish_basis(
+    lam: Tensor, V: Tensor, f2: float, rk: list[int], norms: list[float], cap: int | None, overlap_out: float
+) -> ModuleBasis:
     """f2 = ‖Σ_a P_a‖²_F = Σ_{a,b} tr(P_a P_b) (P_a: projector on A_a's row space)."""
     k = V.shape[0] if cap is None else min(cap, V.shape[0])
-    return ModuleBasis(lam.clamp_min(0), V[:k].contiguous(), _mean_pair_cos2(f2, rk), norms)
+    return ModuleBasis(lam.clamp_min(0), V[:k].contiguous(), _mean_pair_cos2(f2, rk), norms, overlap_out)
 
 
 # ----------------------------------------------------------------------------- joint (zoo) bases

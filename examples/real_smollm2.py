@@ -306,7 +306,7 @@ def render(res: dict, plot: bool = False) -> None:
             f"{f(r['improvement_kept_before'], 3)} | {f(r['improvement_kept'], 3) if dist else '–'} | "
             f"{str(r['distill_steps']) + ' (' + r['distill_stop'] + ')' if dist else '–'} |"
         )
-    forms = sorted({r["form"] for r in rows} | set(FORMS if cfg["grid"] is None else cfg["distil_forms"]))
+    forms = sorted({r["form"] for r in rows} | set(cfg["distil_forms"]))
     have = {(r["form"], r["budget"]) for r in rows}
     todo = []
     for frac in cfg["budgets"]:

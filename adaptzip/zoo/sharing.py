@@ -579,10 +579,7 @@ def _extend(gkey, grp, ads, dt, sep_bytes, sep_err, out: Path, command: str, log
         "modules": len(ads[0].modules),
         "dtype": DTYPE_NAMES[dt],
         "weighted": stats is not None,
-        "overlap": None,  # not measured: the cluster was formed and fitted by an earlier run
-        "overlap_random": None,
-        "overlap_out": None,
-        "overlap_out_random": None,
+        **dict.fromkeys(OVERLAP_KEYS),  # not measured: the cluster was formed and fitted by an earlier run
         "separate": {"bytes": sum(sep_bytes), "rel_error": e_sep},
     }
     if new:
