@@ -46,6 +46,7 @@ from .sigma import SKETCH_RANK
 Tensor = torch.Tensor
 TRAIN_TOPK = 64
 EVAL_TOPK = 256
+PASS_TOKENS = 2048  # tokens per batch of the passes without gradient (teacher caches, Σ, checks, metrics)
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -145,8 +146,10 @@ class Calibration:
         out = m(input_ids=ids, attention_mask=mk)
         return None, out.last_hidden_state.float()
 
-    def _batches(self, sp: Split, bs: int | None = None):
-        bs = bs or max(self.batch_size, 1)
+    def _batches(self, sp: Split):
+        """Slices of a split for a pass without gradient: :data:`PASS_TOKENS` tokens per batch (at
+        least ``batch_size`` rows). Larger than a training batch: fewer, larger matrix products."""
+        bs = max(self.batch_size, PASS_TOKENS // max(sp.ids.shape[1], 1), 1)
         for s in range(0, sp.n, bs):
             yield slice(s, min(s + bs, sp.n))
 

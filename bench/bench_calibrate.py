@@ -2,7 +2,7 @@
 LoRA (the one examples/real_smollm2.py trains and caches), the news text of gensim's
 lee_background.cor.
 
-    python bench/bench_calibrate.py [--threads 2] [--reps 4] [--fidelity-steps 40]
+    python bench/bench_calibrate.py [--threads 2] [--reps 4] [--fidelity-steps 300]
 
 Measured in one run, as ratios:
 
@@ -13,9 +13,12 @@ Measured in one run, as ratios:
    each per round, and each figure is the median over ``--reps`` rounds (after a warm-up round),
    so load on the machine falls on all alike.
 2. **Whole distillation.** ``Calibration.distil`` with its defaults (the learning-rate probe,
-   held-out checks in fp32, the plateau schedule) for ``--fidelity-steps`` steps at most, in fp32
-   and in bf16, from the same start: tokens/s of the whole run, and the eval KL each reaches
-   (measured in fp32 both times): the fidelity of bf16.
+   held-out checks in fp32, the plateau schedule) on compress's default calibration text size
+   (``--calib-tokens``: up to 50000 tokens) for ``--fidelity-steps`` steps at most (default:
+   compress's step cap, fixed here), in fp32 and in bf16, from the same start: tokens/s of the
+   whole run, and the eval KL each reaches (measured in fp32 both times): the fidelity of bf16.
+   The same distillation of an earlier revision (``--old-rev``, its fp32 path) on the same
+   tokens is the "today's path" the speed-up is measured against.
 3. **Σ + teacher pass** tokens/s and the process's peak RSS.
 
 Writes bench/out/calibrate.json and bench/out/calibrate.md (README/docs block ``calibrate``).
@@ -172,8 +175,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=4, help="timed rounds of the step comparison")
     ap.add_argument("--budget", type=float, default=0.05, help="fraction of the LoRA's bytes for every form")
     ap.add_argument("--fidelity-forms", default="svd,bslora-ke")
-    ap.add_argument("--fidelity-steps", type=int, default=40)
-    ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument(
+        "--fidelity-steps", type=int, default=None, help="step cap of the whole distillations (default: compress's)"
+    )
+    ap.add_argument("--calib-tokens", type=int, default=None, help="default: compress's (up to 50000)")
     ap.add_argument("--eval-tokens", type=int, default=2048)
     ap.add_argument(
         "--old-rev", default="56164a3", help="the revision whose fp32 distillation is 'today's path' (git archive)"
@@ -182,6 +187,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from adaptzip import distill
+    from adaptzip.options import CalibrationOptions
+
+    if args.fidelity_steps is None:
+        args.fidelity_steps = CalibrationOptions(base_model="", calib="").steps
 
     t0 = time.perf_counter()
     ad, gguf, calib, evaltext = _smollm2()
@@ -243,8 +252,9 @@ def main() -> None:
         print(f"fidelity {n}: {row}", file=sys.stderr, flush=True)
     old = None
     if args.old_rev and fid and fid[0]["form"] == "svd":
+        tokens = (cal.train.n + cal.heldout.n) * cal.train.ids.shape[1]  # the same rows, split alike
         spec = {"lora": str(ad.path), "gguf": str(gguf), "calib": str(calib), "eval": str(evaltext),
-                "tokens": args.calib_tokens, "eval_tokens": args.eval_tokens, "budget": args.budget,
+                "tokens": tokens, "eval_tokens": args.eval_tokens, "budget": args.budget,
                 "steps": args.fidelity_steps}  # fmt: skip
         old = {"rev": args.old_rev, **old_path(args.old_rev, args.threads, spec)}
         print(f"old path: {old}", file=sys.stderr, flush=True)
@@ -284,6 +294,9 @@ def main() -> None:
         "auto_precision": auto,
         "auto_reason": cal.precision_reason,
         "batch_tokens": tok_step,
+        "calib_tokens": cal.train.tokens + cal.heldout.tokens,
+        "heldout_tokens": cal.heldout.tokens,
+        "fidelity_steps": args.fidelity_steps,
         "budget": args.budget,
         "steps": steps_json,
         "peft_lora": lora_row,
@@ -333,7 +346,8 @@ def main() -> None:
     ]
     intro = (
         f"SmolLM2-135M-Instruct (fp32 weights), its real r=16 LoRA (210 modules), every form at {args.budget:.0%} of the "
-        f"LoRA's bytes; batches of {tok_step} tokens; {args.threads} threads on {res['machine']['cpu']} "
+        f"LoRA's bytes; batches of {tok_step} tokens; calibration text of {res['calib_tokens']:,} tokens "
+        f"({res['heldout_tokens']:,} held out for the checks); {args.threads} threads on {res['machine']['cpu']} "
         f"(`--precision auto` picks {auto}: {cal.precision_reason}). Step tokens/s are medians of {args.reps} interleaved "
         f"rounds. Σ + teacher pass: {res['sigma_teacher_tokens_per_s']:,.0f} tokens/s; peak RSS {res['peak_rss_mb']:,.0f} MB; "
         f"{res['seconds'] / 60:.0f} min in all."

@@ -116,7 +116,9 @@ def test_calib_time_bounds_all_distillation(env, tmp_path):
 def test_the_step_cap_grows_while_distillation_still_improves(env, tmp_path):
     """The default cap follows progress: a cap of 15 steps that the held-out KL is still falling
     fast at grows (by 5 steps at a time, up to --calib-max-steps, 3× by default) and ends lower
-    than the same run at a fixed cap (max_steps = steps) from the same start."""
+    than the same run at a fixed cap (max_steps = steps) from the same start. A given rate (no
+    probe): the probe would spend most of so small a cap, and where its winner lands is not what
+    this tests."""
     out = {}
     for name, most in (("fixed", 15), ("grown", None)):
         r = api.compress(
@@ -124,7 +126,7 @@ def test_the_step_cap_grows_while_distillation_still_improves(env, tmp_path):
             tmp_path / f"{name}.safetensors",
             to="bslora-ke",
             budget=0.3,
-            calibration=_calib(env, steps=15, max_steps=most, precision="fp32"),
+            calibration=_calib(env, steps=15, max_steps=most, precision="fp32", lr=3e-4),
             fitting=FitOptions(baseline=False),
         )
         out[name] = r.metrics
