@@ -118,6 +118,33 @@ def test_default_tokens_take_all_of_a_shorter_text_and_at_most_the_default(env, 
         distill.prepare(env["adapter"], env["base"], calib, calib_tokens=have + 1, **kw)
 
 
+def test_passes_without_gradient_run_in_batches_of_pass_tokens_and_give_the_same_numbers(env, monkeypatch):
+    """Teacher caches, Σ, held-out checks and eval metrics run in batches of PASS_TOKENS tokens
+    (at least batch_size rows), not of the training batch; the numbers (lm: sums over tokens)
+    do not depend on that batching beyond float rounding."""
+    cal = env["cal"]
+    rows = [sl.stop - sl.start for sl in cal._batches(cal.train)]
+    assert rows[0] == distill.PASS_TOKENS // SEQ > cal.batch_size and sum(rows) == cal.train.n
+    svd = get_form("svd").fit(env["adapter"], get_form("svd").Config(rank=2), FitContext(stats=cal.stats))
+    big = cal.evaluate(svd)
+    big_hold = cal.evaluate(svd, "heldout", objective_only=True)
+    sp_big = distill.Split(cal.heldout.ids.clone())
+    cal._cache(sp_big, 16, "teacher")
+    monkeypatch.setattr(distill, "PASS_TOKENS", 1)  # batches of batch_size rows, as before
+    assert {sl.stop - sl.start for sl in cal._batches(cal.train)} <= {cal.batch_size, cal.train.n % cal.batch_size}
+    small = cal.evaluate(svd)
+    assert small.keys() == big.keys()
+    for k in big:
+        assert big[k] == pytest.approx(small[k], rel=1e-5), k
+    assert big_hold["objective"] == pytest.approx(
+        cal.evaluate(svd, "heldout", objective_only=True)["objective"], rel=1e-5
+    )
+    sp_small = distill.Split(cal.heldout.ids.clone())
+    cal._cache(sp_small, 16, "teacher")
+    assert sp_big.loss_source == pytest.approx(sp_small.loss_source, rel=1e-6)
+    torch.testing.assert_close(sp_big.t_logp, sp_small.t_logp, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- base model
 def test_base_missing_module_refused_naming_it(env, tmp_path):
     small = make_base(tmp_path / "two_layers", layers=2)  # the adapter has 3 layers
