@@ -103,8 +103,15 @@ def front_real_smollm2(md: str) -> str | None:
     head = cells(table[0])
     ib, iform = head.index("budget"), head.index("form")
     rows = [r for r in table[2:] if cells(r)[ib] == FRONT_BUDGET or cells(r)[iform] in FRONT_FORMS]
-    others = sorted({cells(r)[ib] for r in rows} - {FRONT_BUDGET}, key=lambda b: -float(b.rstrip("%")))
-    also = f", {' and '.join(FRONT_FORMS)} at {', '.join(others)} too" if others else ""
+    at: dict[str, list[str]] = {}  # other budget -> the FRONT_FORMS rows it has
+    for r in rows:
+        if cells(r)[ib] != FRONT_BUDGET:
+            at.setdefault(cells(r)[ib], []).append(cells(r)[iform])
+    by_forms: dict[tuple[str, ...], list[str]] = {}  # the same forms at several budgets: said once
+    for b in sorted(at, key=lambda b: -float(b.rstrip("%"))):
+        by_forms.setdefault(tuple(sorted(at[b], key=FRONT_FORMS.index)), []).append(b)
+    also = "; ".join(f"{' and '.join(fs)} at {' and '.join(bs)}" for fs, bs in by_forms.items())
+    also = f" (and {also})" if also else ""
     pending = next((ln.strip() for ln in after if ln.startswith("Cells not run yet:")), None)
     link = "[docs/benchmarks.md](docs/benchmarks.md#real-models)"
     if pending is None:
