@@ -190,7 +190,7 @@ def main() -> None:
     from adaptzip.options import CalibrationOptions
 
     if args.fidelity_steps is None:
-        args.fidelity_steps = CalibrationOptions(base_model="", calib="").steps
+        args.fidelity_steps = CalibrationOptions().steps
 
     t0 = time.perf_counter()
     ad, gguf, calib, evaltext = _smollm2()
