@@ -75,7 +75,9 @@ class Split:
     """Token rows and the teacher's cached outputs on them.
 
     ids, mask: (N, T); lm: t_logp (N, T, k) teacher log-probs of tokens t_idx (N, T, k) (t_idx None:
-    the full vocabulary, k = V); encoders: t_hidden (N, T, H), t_logits (N, C) or None."""
+    the full vocabulary, k = V); encoders: t_hidden (N, T, H), t_logits (N, C) or None, and
+    t_hidden_var, E‖t − μ‖² over the split's valid tokens (μ their mean): the scale of the relative
+    hidden-state error, one constant per split, so no figure depends on how the split is batched."""
 
     ids: Tensor
     mask: Tensor | None = None
@@ -86,6 +88,7 @@ class Split:
     loss_source: float | None = None  # teacher next-token CE (lm)
     loss_base: float | None = None  # base next-token CE (lm)
     base_objective: float | None = None  # divergence of the base model from the teacher (encoders)
+    t_hidden_var: float | None = None  # encoders: the teacher's hidden variance per valid token, split-wide
 
     @property
     def n(self) -> int:
@@ -163,7 +166,7 @@ class Calibration:
         lp_k, idx_k, hid, lgt = [], [], [], []
         ce_t = ce_b = 0.0
         n_ce = 0
-        ob_num = ob_den = kl_b = 0.0
+        ob_num = kl_b = 0.0
         with progress_bar(self.progress, label, sp.n) as bar:
             for sl in self._batches(sp):
                 ids = sp.ids[sl]
@@ -193,9 +196,7 @@ class Calibration:
                     if base_pass:
                         with self.modes.base_only():
                             lb, hb = self._forward(ids, mask)
-                        num, den = _hidden_err(hb, hidden, mask)
-                        ob_num += num
-                        ob_den += den
+                        ob_num += float(_hidden_sq_err(hb, hidden, mask))
                         if logits is not None:
                             kl_b += float(_class_kl(torch.log_softmax(logits, -1), lb).sum())
                 bar(sl.stop - sl.start)
@@ -208,8 +209,9 @@ class Calibration:
         else:
             sp.t_hidden = torch.cat(hid)
             sp.t_logits = torch.cat(lgt) if lgt else None
+            sp.t_hidden_var = _hidden_var(sp.t_hidden, sp.mask)
             if base_pass:
-                sp.base_objective = ob_num / max(ob_den, 1e-30) + (kl_b / sp.n if lgt else 0.0)
+                sp.base_objective = ob_num / max(sp.tokens * sp.t_hidden_var, 1e-30) + (kl_b / sp.n if lgt else 0.0)
 
     # ----------------------------------------------------------------- divergence
     def _divergence(
@@ -236,8 +238,9 @@ class Calibration:
             out["n_ce"] = torch.tensor(float(ids[:, 1:].numel()))
             return out
         mask = None if sp.mask is None else sp.mask[sl].to(dev)
-        num, den = _hidden_err_t(hidden, sp.t_hidden[sl].to(dev), mask)
-        out["hnum"], out["hden"] = num, den
+        out["hnum"] = _hidden_sq_err(hidden, sp.t_hidden[sl].to(dev), mask)
+        valid = float(hidden.shape[0] * hidden.shape[1]) if mask is None else float(mask.sum())
+        out["hden"] = torch.tensor(valid * sp.t_hidden_var, device=dev)
         out["n"] = torch.tensor(float(hidden.shape[0]))
         if logits is not None and sp.t_logits is not None:
             t = torch.log_softmax(sp.t_logits[sl].to(dev), -1)
@@ -482,6 +485,7 @@ class _Rows:
         self.t_logp = None if sp.t_logp is None else sp.t_logp[rows]
         self.t_hidden = None if sp.t_hidden is None else sp.t_hidden[rows]
         self.t_logits = None if sp.t_logits is None else sp.t_logits[rows]
+        self.t_hidden_var = sp.t_hidden_var
 
 
 # --------------------------------------------------------------------------------- prepare
@@ -646,18 +650,25 @@ def _class_kl(t_logp: Tensor, s_logits: Tensor) -> Tensor:
     return (t_logp.exp() * (t_logp - s)).sum(-1)
 
 
-def _hidden_err_t(h: Tensor, t: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(Σ‖h − t‖², Σ‖t − mean t‖²) over valid tokens: h, t (B, T, H), mask (B, T)."""
+def _hidden_sq_err(h: Tensor, t: Tensor, mask: Tensor | None) -> Tensor:
+    """Σ‖h − t‖² over valid tokens: h, t (B, T, H), mask (B, T)."""
     w = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.to(h.device).float()
-    num = ((h - t) ** 2).sum(-1).mul(w).sum()
-    mu = (t * w[..., None]).sum((0, 1)) / w.sum().clamp_min(1)
-    den = ((t - mu) ** 2).sum(-1).mul(w).sum()
-    return num, den
+    return ((h - t) ** 2).sum(-1).mul(w).sum()
 
 
-def _hidden_err(h: Tensor, t: Tensor, mask: Tensor | None) -> tuple[float, float]:
-    a, b = _hidden_err_t(h, t, mask)
-    return float(a), float(b)
+def _hidden_var(t: Tensor, mask: Tensor | None, chunk: int = 64) -> float:
+    """E‖t − μ‖² over the valid tokens of t (N, T, H) (mask (N, T)), μ their mean; two passes in
+    float64 over chunks of rows (no copy of t)."""
+    w = torch.ones(t.shape[:2]) if mask is None else mask.float()
+    n = float(w.sum())
+    if n == 0:
+        return 0.0
+    mu = sum((t[s : s + chunk].double() * w[s : s + chunk, :, None]).sum((0, 1)) for s in range(0, t.shape[0], chunk))
+    mu = mu / n
+    sq = sum(
+        ((t[s : s + chunk].double() - mu) ** 2).sum(-1).mul(w[s : s + chunk]).sum() for s in range(0, t.shape[0], chunk)
+    )
+    return float(sq) / n
 
 
 @torch.no_grad()

@@ -542,6 +542,21 @@ def test_encoder_with_classifier_head(tmp_path):
     lora = get_form("lora").fit(ad, get_form("lora").Config(), FitContext())
     ev = cal.evaluate(lora)
     assert ev["kl"] < 1e-9 and ev["hidden_rel_mse"] < 1e-9 and ev["top1"] == 1.0
+    # the relative MSE's scale is the teacher's variance over the whole split, whatever the batching
+    t, w = cal.eval.t_hidden.double(), cal.eval.mask.double()
+    mu = (t * w[..., None]).sum((0, 1)) / w.sum()
+    assert cal.eval.t_hidden_var == pytest.approx(float((((t - mu) ** 2).sum(-1) * w).sum() / w.sum()), rel=1e-9)
+    base = cal.evaluate(None)
+    hb = distill.Split(cal.eval.ids.clone(), cal.eval.mask.clone())
+    cal._cache(hb, 0, "teacher", base_pass=True)
+    assert hb.base_objective == pytest.approx(cal.eval.base_objective, rel=1e-6)
+    assert base["objective"] == pytest.approx(cal.eval.base_objective, rel=1e-5)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distill, "PASS_TOKENS", 1)  # batches of batch_size rows
+        assert len(list(cal._batches(cal.eval))) > 1
+        one_by_one = cal.evaluate(None)
+    for k in base:
+        assert one_by_one[k] == pytest.approx(base[k], rel=1e-5), k
     svd = get_form("svd").fit(ad, get_form("svd").Config(rank=1), FitContext(stats=cal.stats))
     info = cal.distil(svd, steps=30, lr=3e-3)
     assert info["heldout_after"] < info["heldout_before"]
