@@ -13,7 +13,10 @@ converged), with a fixed cap and the convergence stop off. Goal: the defaults' e
 Writes bench/out/converge.json and bench/out/converge.md (block ``converge``). Each case
 appends to the JSON as it finishes, so a long run can be cut and resumed (finished cases are
 kept unless ``--redo`` names them again: ``--redo`` measures the cases of ``--cases`` anew and keeps the
-other rows).
+other rows). A case is banked halfway too: when its defaults' run ends, the form's state and what
+that run measured go to bench/out/converge_state/; a run cut during the 3× run resumes from there
+(the same start is fitted again and the state loaded; its eval KL is checked against the banked
+one), so the two phases — up to ~1 h each on 2 cores — can run in different sittings.
 """
 
 from __future__ import annotations
@@ -46,8 +49,11 @@ def main() -> None:
 
     path = args.out / "converge.json"
     done = {} if not path.is_file() else {r["case"]: r for r in json.loads(path.read_text())["rows"]}
+    banks = args.out / "converge_state"
     if args.redo:
         done = {c: r for c, r in done.items() if c not in args.cases.split(",")}
+        for c in args.cases.split(","):
+            _bank(banks, c).unlink(missing_ok=True)
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=OUT.parent.parent)
     rev = rev.stdout.strip() or None  # the code each row was measured with (rows are kept across runs)
     ad, gguf, calib, evaltext = _smollm2()
@@ -61,9 +67,26 @@ def main() -> None:
             continue
         form = _fit(ad, name, float(frac), cal.stats)
         kl0 = cal.evaluate(form.to(cal.base.device))["kl"]
-        t1 = time.perf_counter()
-        a = cal.distil(form, steps=args.steps, most_steps=3 * args.steps)
-        kl1 = cal.evaluate(form)["kl"]
+        bank = _bank(banks, spec)
+        if bank.is_file():  # the defaults' run of this case ended in an earlier sitting
+            saved = torch.load(bank, weights_only=True)
+            form.load_state_dict(saved["form"])
+            a, kl1, default_seconds, rev_a = saved["a"], saved["kl_default"], saved["seconds"], saved["rev"]
+            again = cal.evaluate(form)["kl"]
+            if abs(again - kl1) > 1e-4 * kl1:
+                raise SystemExit(f"{bank}: banked eval KL {kl1:.6g}, the loaded state gives {again:.6g}; use --redo")
+            print(f"{spec}: the defaults' run resumed from {bank}", flush=True)
+        else:
+            t1 = time.perf_counter()
+            a = cal.distil(form, steps=args.steps, most_steps=3 * args.steps)
+            kl1 = cal.evaluate(form)["kl"]
+            default_seconds, rev_a = time.perf_counter() - t1, rev
+            bank.parent.mkdir(parents=True, exist_ok=True)
+            tmp = bank.with_suffix(".tmp")
+            torch.save(
+                {"form": form.state_dict(), "a": a, "kl_default": kl1, "seconds": default_seconds, "rev": rev}, tmp
+            )
+            tmp.replace(bank)
         t2 = time.perf_counter()
         more_lr = a["distill_lr"] or a["distill_lr_final"]
         b = cal.distil(form, steps=2 * a["distill_steps"], lr=more_lr, reductions=10**6)
@@ -80,17 +103,23 @@ def main() -> None:
             "default_stop": a["distill_stop"],
             "default_lr": a["distill_lr"],
             "default_probe": a["distill_lr_probe"],
-            "default_seconds": t2 - t1,
+            "default_seconds": default_seconds,
             "more_steps": b["distill_steps"],
             "more_lr": more_lr,
             "more_best_step": b["distill_best_step"],
             "more_seconds": time.perf_counter() - t2,
             "precision": cal.precision,
-            "rev": rev,
+            "rev": rev if rev_a == rev else f"{rev_a}+{rev}",  # the defaults' run + the 3× run
         }
         print(json.dumps(done[spec]), flush=True)
         _write(args, done, cal, t0)
+        bank.unlink()
     _write(args, done, cal, t0)
+
+
+def _bank(banks: Path, spec: str) -> Path:
+    """Where a case's form is banked between its defaults' run and its 3× run."""
+    return banks / f"{spec.replace(':', '_')}.pt"
 
 
 def _write(args, done: dict, cal, t0: float) -> None:
@@ -148,7 +177,8 @@ def _write(args, done: dict, cal, t0: float) -> None:
         "before that rule had a fixed cap). The 3× run continues the same form for twice the steps the defaults took, from "
         "the rate in `3× run lr` (the probed rate; `final`: the rate the defaults ended with, in rows measured before that "
         "change) with the plateau schedule and no convergence stop. `revision`: the "
-        "commit each row was measured at (rows of earlier runs are kept)."
+        "commit each row was measured at (rows of earlier runs are kept; a+b: the defaults' run at a, the 3× run, "
+        "resumed later, at b)."
     )
     write_outputs(args.out, "converge", res, markdown_doc(intro, cols, trs, targets))
 
