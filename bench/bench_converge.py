@@ -12,8 +12,8 @@ converged), with a fixed cap and the convergence stop off. Goal: the defaults' e
 
 Writes bench/out/converge.json and bench/out/converge.md (block ``converge``). Each case
 appends to the JSON as it finishes, so a long run can be cut and resumed (finished cases are
-kept unless ``--redo`` names them again: ``--redo`` measures the cases of ``--cases`` anew and keeps the
-other rows). A case is banked halfway too: when its defaults' run ends, the form's state and what
+kept unless ``--redo`` names them again: ``--redo`` measures the cases of ``--cases`` anew, dropping
+their rows and banked states at once, and keeps the other rows). A case is banked halfway too: when its defaults' run ends, the form's state and what
 that run measured go to bench/out/converge_state/; a run cut during the 3× run resumes from there
 (the same start is fitted again and the state loaded; its eval KL is checked against the banked
 one), so the two phases — up to ~1 h each on 2 cores — can run in different sittings.
@@ -41,7 +41,11 @@ def main() -> None:
         "--calib-tokens", type=int, default=24000, help="calibration tokens (the example's calibration text has ~25k)"
     )
     ap.add_argument("--eval-tokens", type=int, default=8192)
-    ap.add_argument("--redo", action="store_true", help="measure the cases of --cases anew (other rows are kept)")
+    ap.add_argument(
+        "--redo",
+        action="store_true",
+        help="measure the cases of --cases anew: their rows and banked states are dropped (other rows are kept)",
+    )
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -61,6 +65,8 @@ def main() -> None:
     cal = distill.prepare(
         ad, gguf, calib, calib_tokens=args.calib_tokens, eval_text=evaltext, eval_tokens=args.eval_tokens
     )
+    if args.redo:  # the rows measured anew leave the JSON at once: a cut run then resumes without --redo
+        _write(args, done, cal, t0)
     for spec in args.cases.split(","):
         frac, name = spec.split(":")
         if spec in done:
