@@ -10,13 +10,14 @@ converged), with a fixed cap and the convergence stop off. Goal: the defaults' e
 
     python bench/bench_converge.py [--cases 0.01:vblora,0.05:bslora-ke,0.25:svd] [--steps 300] [--threads 2]
 
-Writes bench/out/converge.json and bench/out/converge.md (block ``converge``). Each case
-appends to the JSON as it finishes, so a long run can be cut and resumed (finished cases are
-kept unless ``--redo`` names them again: ``--redo`` measures the cases of ``--cases`` anew, dropping
-their rows and banked states at once, and keeps the other rows). A case is banked halfway too: when its defaults' run ends, the form's state and what
-that run measured go to bench/out/converge_state/; a run cut during the 3× run resumes from there
-(the same start is fitted again and the state loaded; its eval KL is checked against the banked
-one), so the two phases — up to ~1 h each on 2 cores — can run in different sittings.
+Writes bench/out/converge.json and bench/out/converge.md (block ``converge``). Each case appends to
+the JSON as it finishes, so a long run can be cut and resumed (finished cases are kept unless
+``--redo`` names them again: ``--redo`` measures the cases of ``--cases`` anew, dropping their rows
+and banked states at once, and keeps the other rows). A case is banked halfway too: when its
+defaults' run ends, the form's state and what that run measured go to bench/out/converge_state/; a
+run cut during the 3× run resumes from there (the same start is fitted again and the state loaded;
+its eval KL is checked against the banked one), so the two phases — up to ~1 h each on 2 cores — can
+run in different sittings.
 """
 
 from __future__ import annotations
