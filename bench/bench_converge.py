@@ -3,12 +3,13 @@
 the LoRA's bytes — is distilled with the defaults (``Calibration.distil``: learning rate probed,
 plateau schedule, convergence stop, a cap of ``--steps`` steps that grows to 3× while the run still
 improves), then the same run goes on for twice as many steps as the defaults took (3× their run
-in all) from the rate the probe chose (a warm-up, then the plateau schedule; rows without
-``more_lr`` went on at the rate the defaults ended with, a weaker comparator once they had
-converged), with a fixed cap and the convergence stop off. Goal: the defaults' eval KL within
+in all) from the rate the probe chose (a warm-up, then the plateau schedule), with a fixed cap and
+the convergence stop off (going on at the rate the defaults ended with would be a weaker comparator:
+a converged run has lowered its rate twice). Goal: the defaults' eval KL within
 10% of the best the 3× longer run finds.
 
     python bench/bench_converge.py [--cases 0.01:vblora,0.05:bslora-ke,0.25:svd] [--steps 300] [--threads 2]
+    python bench/bench_converge.py --table-only   # re-render the markdown from the JSON
 
 Writes bench/out/converge.json and bench/out/converge.md (block ``converge``). Each case appends to
 the JSON as it finishes, so a long run can be cut and resumed (finished cases are kept unless
@@ -48,11 +49,15 @@ def main() -> None:
         help="measure the cases of --cases anew: their rows and banked states are dropped (other rows are kept)",
     )
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--table-only", action="store_true", help="re-render converge.md from converge.json and stop")
     args = ap.parse_args()
+    path = args.out / "converge.json"
+    if args.table_only:
+        _render(args.out, json.loads(path.read_text()))
+        return
     torch.set_num_threads(args.threads)
     from adaptzip import distill
 
-    path = args.out / "converge.json"
     done = {} if not path.is_file() else {r["case"]: r for r in json.loads(path.read_text())["rows"]}
     banks = args.out / "converge_state"
     if args.redo:
@@ -62,12 +67,11 @@ def main() -> None:
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=OUT.parent.parent)
     rev = rev.stdout.strip() or None  # the code each row was measured with (rows are kept across runs)
     ad, gguf, calib, evaltext = _smollm2()
-    t0 = time.perf_counter()
     cal = distill.prepare(
         ad, gguf, calib, calib_tokens=args.calib_tokens, eval_text=evaltext, eval_tokens=args.eval_tokens
     )
     if args.redo:  # the rows measured anew leave the JSON at once: a cut run then resumes without --redo
-        _write(args, done, cal, t0)
+        _write(args, done, cal)
     for spec in args.cases.split(","):
         frac, name = spec.split(":")
         if spec in done:
@@ -119,9 +123,9 @@ def main() -> None:
             "rev": rev if rev_a == rev else f"{rev_a}+{rev}",  # the defaults' run + the 3× run
         }
         print(json.dumps(done[spec]), flush=True)
-        _write(args, done, cal, t0)
+        _write(args, done, cal)
         bank.unlink()
-    _write(args, done, cal, t0)
+    _write(args, done, cal)
 
 
 def _bank(banks: Path, spec: str) -> Path:
@@ -129,7 +133,8 @@ def _bank(banks: Path, spec: str) -> Path:
     return banks / f"{spec.replace(':', '_')}.pt"
 
 
-def _write(args, done: dict, cal, t0: float) -> None:
+def _write(args, done: dict, cal) -> None:
+    """Write converge.json (the rows measured so far, their targets, the set-up) and converge.md."""
     rows = sorted(done.values(), key=lambda r: -r["budget"])
     targets = [
         {
@@ -144,9 +149,16 @@ def _write(args, done: dict, cal, t0: float) -> None:
         "machine": machine_info(),
         "threads": args.threads,
         "steps_cap": args.steps,
+        "calib_tokens": args.calib_tokens,
+        "eval_tokens": cal.eval.tokens,
         "rows": rows,
         "targets": targets,
     }
+    _render(args.out, res)
+
+
+def _render(out: Path, res: dict) -> None:
+    """Write RES as converge.json and its table as converge.md."""
     cols = [
         "budget",
         "form",
@@ -160,6 +172,7 @@ def _write(args, done: dict, cal, t0: float) -> None:
         "minutes",
         "revision",
     ]
+    rows = res["rows"]
     trs = [
         [
             f"{r['budget']:.0%}",
@@ -168,26 +181,26 @@ def _write(args, done: dict, cal, t0: float) -> None:
             f"{r['kl_default']:.4f}",
             f"{r['default_steps']} ({r['default_stop']})",
             f"{r['default_lr']:.3g}",
-            f"{r['more_lr']:.3g}" if "more_lr" in r else "final",
+            f"{r['more_lr']:.3g}",
             f"{r['kl_3x']:.4f}",
             f"{r['ratio']:.3f}",
             f"{(r['default_seconds'] + r['more_seconds']) / 60:.0f}",
-            r.get("rev") or "not recorded",
+            r["rev"],
         ]
         for r in rows
     ]
+    steps = res["steps_cap"]
+    precision = "/".join(sorted({r["precision"] for r in rows}))
     intro = (
-        f"Convergence at the defaults on SmolLM2-135M-Instruct (its real r=16 LoRA; {args.calib_tokens} calibration tokens, "
-        f"eval on {cal.eval.tokens} held-out news tokens, KL in fp32; training steps in {cal.precision}; {args.threads} threads). "
-        f"Defaults: learning rate probed, plateau schedule, convergence stop, a cap of {args.steps} steps that grows up to "
-        f"{3 * args.steps} while the held-out KL still falls by more than 2% per {args.steps // 3} steps (rows measured "
-        "before that rule had a fixed cap). The 3× run continues the same form for twice the steps the defaults took, from "
-        "the rate in `3× run lr` (the probed rate; `final`: the rate the defaults ended with, in rows measured before that "
-        "change) with the plateau schedule and no convergence stop. `revision`: the "
-        "commit each row was measured at (rows of earlier runs are kept; a+b: the defaults' run at a, the 3× run, "
-        "resumed later, at b)."
+        f"Convergence at the defaults on SmolLM2-135M-Instruct (its real r=16 LoRA; {res['calib_tokens']} calibration "
+        f"tokens, eval on {res['eval_tokens']} held-out news tokens, KL in fp32; training steps in {precision}; "
+        f"{res['threads']} threads). Defaults: learning rate probed, plateau schedule, convergence stop, a cap of "
+        f"{steps} steps that grows up to {3 * steps} while the held-out KL still falls by more than 2% per {steps // 3} "
+        "steps. The 3× run continues the same form for twice the steps the defaults took, from the rate the probe chose "
+        "(`3× run lr`), with the plateau schedule and no convergence stop. `revision`: the commit each row was measured "
+        "at (rows of earlier runs are kept; a+b: the defaults' run at a, the 3× run, resumed later, at b)."
     )
-    write_outputs(args.out, "converge", res, markdown_doc(intro, cols, trs, targets))
+    write_outputs(out, "converge", res, markdown_doc(intro, cols, trs, res["targets"]))
 
 
 if __name__ == "__main__":
