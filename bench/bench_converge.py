@@ -65,7 +65,7 @@ def main() -> None:
         for c in args.cases.split(","):
             _bank(banks, c).unlink(missing_ok=True)
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=OUT.parent.parent)
-    rev = rev.stdout.strip() or None  # the code each row was measured with (rows are kept across runs)
+    rev = rev.stdout.strip() or "not recorded"  # the code each row was measured with (rows are kept across runs)
     ad, gguf, calib, evaltext = _smollm2()
     cal = distill.prepare(
         ad, gguf, calib, calib_tokens=args.calib_tokens, eval_text=evaltext, eval_tokens=args.eval_tokens
