@@ -8,12 +8,13 @@ held-out news text (KL to the source LoRA, top-1 agreement, improvement kept).
     python examples/real_smollm2.py              # the full grid: every form × 25/5/1%, each distilled with compress's defaults (hours on 2 cores; minutes on a GPU)
     python examples/real_smollm2.py --budgets 0.05 --only svd masa   # some cells; later runs add the rest
 
-Cells resume: the results live in the work directory (below) and a run skips the cells an earlier run
-of the same config measured (``--redo`` reruns them), so the full grid can be run in parts.
-Writes examples/out/real_smollm2.{json,md,png} (examples/demo.py replaces examples/out/ when it
-runs) and bench/out/real_smollm2.md (the table the README
+Cells resume: the results live in examples/results/real_smollm2.json (committed, so the grid resumes on
+any machine) and a run skips the cells an earlier run of the same config measured (``--redo`` reruns
+them), so the full grid can be run in parts. Writes examples/out/real_smollm2.{json,md,png}
+(examples/demo.py replaces examples/out/ when it runs) and bench/out/real_smollm2.md (the table the README
 shows between ``<!-- bench:real_smollm2 -->`` markers; ``python bench/update_readme.py`` copies it).
-Nothing downloaded, no weights committed: the work directory ($ADAPTZIP_EXAMPLES_WORK, default ~/.cache/adaptzip-examples/) is scratch.
+Nothing downloaded, no weights committed: the work directory ($ADAPTZIP_EXAMPLES_WORK, default
+~/.cache/adaptzip-examples/) holds the scratch (the LoRA, Σ), rebuilt the same on a new machine.
 
 Text split (documents of the corpus, in order): LoRA training [0, 150), calibration [150, 250),
 evaluation [250, 300). One calibration session (model load, Σ, teacher caches) serves the grid.
@@ -116,29 +117,10 @@ def train_lora(
     return info
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a smaller grid that runs in ~30-40 min on 2 CPU cores")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", nargs="*", help="run only the cells of these forms")
-    ap.add_argument("--budgets", nargs="*", type=float, help="run only the cells at these budgets (e.g. 0.05)")
-    ap.add_argument(
-        "--redo",
-        action="store_true",
-        help="rerun the selected cells that an earlier run of this config already measured",
-    )
-    ap.add_argument("--table-only", action="store_true", help="re-render the table and plot from the stored results")
-    args = ap.parse_args()
-    work = WORK / "smollm2"
-    store = work / f"real_smollm2{'_quick' if args.quick else ''}.json"  # outside examples/out/: cells resume from it
-    if args.table_only:
-        render(json.loads(store.read_text()), plot=True)
-        return
-    torch.set_num_threads(args.threads)
-    q = args.quick
+def grid_config(q: bool) -> dict:
+    """What the grid measures (``q``: --quick); a stored cell is kept while this is unchanged."""
     defaults = CalibrationOptions()
-    cfg = {
+    return {
         # one LoRA for both modes: 8 steps at lr 2e-3 already lower held-out perplexity by ~17%
         "lora_steps": 8,
         "lora_batch": 4,
@@ -159,6 +141,31 @@ def main() -> None:
         "grid": ({0.25: ["svd"], 0.05: ["svd", "vblora", "bslora-ke"], 0.01: ["svd", "vblora"]} if q else None),
         "batch": 2 if q else defaults.batch_size,
     }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a smaller grid that runs in ~30-40 min on 2 CPU cores")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", nargs="*", help="run only the cells of these forms")
+    ap.add_argument("--budgets", nargs="*", type=float, help="run only the cells at these budgets (e.g. 0.05)")
+    ap.add_argument(
+        "--redo",
+        action="store_true",
+        help="rerun the selected cells that an earlier run of this config already measured",
+    )
+    ap.add_argument("--table-only", action="store_true", help="re-render the table and plot from the stored results")
+    args = ap.parse_args()
+    work = WORK / "smollm2"
+    # committed, outside examples/out/ (which demo.py replaces): cells resume from it on any machine
+    store = ROOT / "examples" / "results" / f"real_smollm2{'_quick' if args.quick else ''}.json"
+    if args.table_only:
+        render(json.loads(store.read_text()), plot=True)
+        return
+    torch.set_num_threads(args.threads)
+    q = args.quick
+    cfg = grid_config(q)
     gguf, docs = news_setup(work)
     t0 = time.perf_counter()
     train = train_lora(
@@ -264,6 +271,7 @@ def _write(store: Path, rows, cfg, train, ref, cal, ad, seconds, quick, plot=Fal
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     text = json.dumps(res, indent=1)
+    store.parent.mkdir(parents=True, exist_ok=True)
     tmp = store.with_suffix(".tmp")
     tmp.write_text(text)
     tmp.replace(store)
