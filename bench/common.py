@@ -179,8 +179,17 @@ def targets_markdown(targets: Sequence[dict]) -> list[str]:
         return []
     lines = ["", "| target | measured | limit | met |", "|---|---:|---:|:---:|"]
     for t in targets:
-        lines.append(f"| {t['name']} | {t['measured']:.3g} | {t['limit']:.3g} | {'yes' if t['ok'] else '**no**'} |")
+        lines.append(
+            f"| {t['name']} | {_figure(t['measured'])} | {_figure(t['limit'])} | {'yes' if t['ok'] else '**no**'} |"
+        )
     return lines
+
+
+def _figure(v: float) -> str:
+    """Three significant digits, trailing zeros kept (1.0006 → 1.00, 1.1 → 1.10), no exponent
+    above 100 (1774.3 → 1,774)."""
+    s = f"{v:#.3g}"
+    return f"{v:,.0f}" if abs(v) >= 1 and ("e" in s or s.endswith(".")) else s
 
 
 def write_outputs(out: Path, name: str, result: dict, md: str, *, indent: int = 2) -> None:
