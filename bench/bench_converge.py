@@ -11,8 +11,9 @@ a converged run has lowered its rate twice). Goal: the defaults' eval KL within
     python bench/bench_converge.py [--cases 0.01:vblora,0.05:bslora-ke,0.25:svd] [--steps 300] [--threads 2]
     python bench/bench_converge.py --table-only   # re-render the markdown from the JSON
 
-Writes bench/out/converge.json and bench/out/converge.md (block ``converge``). Each case appends to
-the JSON as it finishes, so a long run can be cut and resumed (finished cases are kept unless
+Keeps its rows in bench/results/converge.json (committed: rows measured in earlier sittings, on
+other machines, stay in the table) and writes bench/out/converge.{json,md} (block ``converge``).
+Each case appends to the record as it finishes, so a long run can be cut and resumed (finished cases are kept unless
 ``--redo`` names them again: ``--redo`` measures the cases of ``--cases`` anew, dropping their rows
 and banked states at once, and keeps the other rows). A case is banked halfway too: when its
 defaults' run ends, the form's state and what that run measured go to bench/out/converge_state/; a
@@ -31,7 +32,9 @@ from pathlib import Path
 
 import torch
 from bench_calibrate import _fit, _smollm2
-from common import OUT, check_targets, machine_info, markdown_doc, write_outputs
+from common import HERE, OUT, check_targets, machine_info, markdown_doc, write_outputs
+
+RECORD = HERE / "results" / "converge.json"  # committed: the rows of every sitting
 
 
 def main() -> None:
@@ -49,16 +52,15 @@ def main() -> None:
         help="measure the cases of --cases anew: their rows and banked states are dropped (other rows are kept)",
     )
     ap.add_argument("--out", type=Path, default=OUT)
-    ap.add_argument("--table-only", action="store_true", help="re-render converge.md from converge.json and stop")
+    ap.add_argument("--table-only", action="store_true", help="re-render converge.md from the record and stop")
     args = ap.parse_args()
-    path = args.out / "converge.json"
     if args.table_only:
-        _render(args.out, json.loads(path.read_text()))
+        _render(args.out, json.loads(RECORD.read_text()))
         return
     torch.set_num_threads(args.threads)
     from adaptzip import distill
 
-    done = {} if not path.is_file() else {r["case"]: r for r in json.loads(path.read_text())["rows"]}
+    done = {} if not RECORD.is_file() else {r["case"]: r for r in json.loads(RECORD.read_text())["rows"]}
     banks = args.out / "converge_state"
     if args.redo:
         done = {c: r for c, r in done.items() if c not in args.cases.split(",")}
@@ -154,11 +156,15 @@ def _write(args, done: dict, cal) -> None:
         "rows": rows,
         "targets": targets,
     }
+    RECORD.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RECORD.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    tmp.replace(RECORD)
     _render(args.out, res)
 
 
 def _render(out: Path, res: dict) -> None:
-    """Write RES as converge.json and its table as converge.md."""
+    """Write RES as converge.json and its table as converge.md in ``out``."""
     cols = [
         "budget",
         "form",
