@@ -281,6 +281,14 @@ def _write(store: Path, rows, cfg, train, ref, cal, ad, seconds, quick, plot=Fal
 def render(res: dict, plot: bool = False) -> None:
     """The table (examples/out and bench/out), the plot and a copy of the results in examples/out."""
     cfg, train, ref, lo, rows = res["config"], res["lora"], res["reference"], res["lora"], res["rows"]
+    # distillation's precision is per cell: compress's default (auto) depends on the CPU each part ran on
+    precs = [r["distill_precision"] for r in rows if r.get("distilled") and "distill_precision" in r]
+    prec = max(sorted(set(precs)), key=precs.count) if precs else ref["precision"]
+    others = sorted(set(precs) - {prec})
+    if others:
+        prec_note = f" ({', '.join(others)} where a cell's steps say so: compress's default follows the CPU it ran on)"
+    else:
+        prec_note = ""
     cap = (
         cfg["distil_steps"]
         if cfg["distil_most"] == cfg["distil_steps"]
@@ -291,7 +299,7 @@ def render(res: dict, plot: bool = False) -> None:
         f"({lo['bytes'] / 1e6:.2f} MB fp32) trained {train['steps']} steps on news text; eval on held-out news "
         f"({ref['eval_tokens']} tokens): perplexity base {ref['ppl_base']:.2f} → source {ref['ppl_source']:.2f}. "
         f"Σ and distillation on {ref['calib_tokens']} calibration tokens ({ref['heldout_tokens']} of them held out); "
-        f"distillation in {ref['precision']}, batches of {cfg['batch']}×{cfg['seq']} tokens, a cap of {cap} "
+        f"distillation in {prec}{prec_note}, batches of {cfg['batch']}×{cfg['seq']} tokens, a cap of {cap} "
         f"while the held-out objective still falls, lr probed, stopped at convergence"
         f"{' (compress' + chr(39) + 's defaults)' if not res['quick'] else ''}; `steps`: the steps taken and why they "
         f"stopped. `{'--quick' if res['quick'] else 'full'}` run, {res['seconds'] / 60:.0f} min in all on 2 shared CPU cores.",
@@ -312,7 +320,7 @@ def render(res: dict, plot: bool = False) -> None:
             f"| {r['budget']:.0%} | {r['form']} | {r['bytes']:,} | {f(r['kl_before'])} | {f(r['kl_after']) if dist else '–'} | "
             f"{f(r['top1_agreement_before'], 3)} | {f(r['top1_agreement'], 3) if dist else '–'} | "
             f"{f(r['improvement_kept_before'], 3)} | {f(r['improvement_kept'], 3) if dist else '–'} | "
-            f"{str(r['distill_steps']) + ' (' + r['distill_stop'] + ')' if dist else '–'} |"
+            f"{_steps(r, prec) if dist else '–'} |"
         )
     forms = sorted({r["form"] for r in rows} | set(cfg["distil_forms"]))
     have = {(r["form"], r["budget"]) for r in rows}
@@ -333,6 +341,12 @@ def render(res: dict, plot: bool = False) -> None:
     (ROOT / "bench" / "out" / "real_smollm2.md").write_text(text)
     if plot:
         _plot(rows, OUT / "real_smollm2.png", "SmolLM2-135M + real LoRA: bytes vs improvement kept")
+
+
+def _steps(r: dict, prec: str) -> str:
+    """The steps cell: steps taken (why they stopped; the precision, where not the caption's)."""
+    p = r.get("distill_precision", prec)
+    return f"{r['distill_steps']} ({r['distill_stop']}{'' if p == prec else ', ' + p})"
 
 
 def _plot(rows, path: Path, title: str) -> None:
