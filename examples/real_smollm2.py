@@ -10,7 +10,8 @@ held-out news text (KL to the source LoRA, top-1 agreement, improvement kept).
 
 Cells resume: the results live in examples/results/real_smollm2.json (committed, so the grid resumes on
 any machine) and a run skips the cells an earlier run of the same config measured (``--redo`` reruns
-them), so the full grid can be run in parts. Writes examples/out/real_smollm2.{json,md,png}
+them), so the full grid can be run in parts, one part per core if you like (``--only A --threads 1``
+beside ``--only B --threads 1``: each merges its cells into the record under a lock). Writes examples/out/real_smollm2.{json,md,png}
 (examples/demo.py replaces examples/out/ when it runs) and bench/out/real_smollm2.md (the table the README
 shows between ``<!-- bench:real_smollm2 -->`` markers; ``python bench/update_readme.py`` copies it).
 Nothing downloaded, no weights committed: the work directory ($ADAPTZIP_EXAMPLES_WORK, default
@@ -23,6 +24,7 @@ evaluation [250, 300). One calibration session (model load, Σ, teacher caches) 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib.util
 import json
 import resource
@@ -200,15 +202,10 @@ def main() -> None:
     )
     ctx = FitContext(stats=cal.stats, max_steps=cfg["fit_steps"])
     # cells measured by an earlier run of this config are kept (and skipped unless --redo)
-    old = json.loads(store.read_text()) if store.is_file() else None
-
-    def cell(c: dict) -> dict:  # as stored (JSON keys are strings)
-        return {k: v for k, v in json.loads(json.dumps(c)).items() if k not in GRID_KEYS}
-
-    same = old is not None and cell(old["config"]) == cell(cfg)
-    rows = old["rows"] if same else []
-    prev = old["seconds"] if same else 0.0
-    done = {(r["form"], r["budget"]) for r in rows}
+    old = _load(store, cfg)
+    done = {(r["form"], r["budget"]) for r in (old["rows"] if old else [])}
+    rows: list[dict] = []  # this run's cells
+    t_last = t0
     for frac in cfg["budgets"]:
         if args.budgets and not any(abs(frac - b) < 1e-9 for b in args.budgets):
             continue
@@ -217,7 +214,6 @@ def main() -> None:
         for name in names:
             if (args.only and name not in args.only) or ((name, frac) in done and not args.redo):
                 continue
-            rows = [r for r in rows if (r["form"], r["budget"]) != (name, frac)]
             cls = REGISTRY[name]
             tpl = metrics_template(ad, False)
             t1 = time.perf_counter()
@@ -253,28 +249,50 @@ def main() -> None:
                 file=sys.stderr,
                 flush=True,
             )
-            _write(store, rows, cfg, train, ref, cal, ad, time.perf_counter() - t0, q, prev_seconds=prev)
-    _write(store, rows, cfg, train, ref, cal, ad, time.perf_counter() - t0, q, plot=True, prev_seconds=prev)
+            t = time.perf_counter()
+            _write(store, rows, cfg, train, ref, cal, ad, t - t_last, q)
+            t_last = t
+    _write(store, rows, cfg, train, ref, cal, ad, time.perf_counter() - t_last, q, plot=True)
 
 
-def _write(store: Path, rows, cfg, train, ref, cal, ad, seconds, quick, plot=False, prev_seconds: float = 0.0) -> None:
-    res = {
-        "model": "SmolLM2-135M-Instruct Q4_1 GGUF (dequantised fp32)",
-        "text": "gensim lee_background.cor",
-        "quick": quick,
-        "config": cfg,
-        "lora": {**train, "bytes": ad.bytes, "params": ad.n_params, "modules": len(ad.modules)},
-        "reference": ref,
-        "timings": cal.timings,
-        "seconds": seconds + prev_seconds,
-        "rows": sorted(rows, key=lambda r: (-r["budget"], r["form"])),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
-    text = json.dumps(res, indent=1)
+def _load(store: Path, cfg: dict) -> dict | None:
+    """The stored record when it holds cells of ``cfg`` (cells of runs that differ only in
+    :data:`GRID_KEYS` are the same measurement), else None."""
+    if not store.is_file():
+        return None
+    old = json.loads(store.read_text())
+
+    def cell(c: dict) -> dict:  # as stored (JSON keys are strings)
+        return {k: v for k, v in json.loads(json.dumps(c)).items() if k not in GRID_KEYS}
+
+    return old if cell(old["config"]) == cell(cfg) else None
+
+
+def _write(store: Path, rows, cfg, train, ref, cal, ad, seconds: float, quick, plot=False) -> None:
+    """Merge this run's cells ``rows`` into the record — the stored cells of other runs kept, as
+    they are now (runs of other cells, e.g. one per core at ``--threads 1``, may write it too: the
+    merge holds a lock) — add ``seconds`` to its time in all, and render it."""
     store.parent.mkdir(parents=True, exist_ok=True)
-    tmp = store.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(store)
+    with open(store.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = _load(store, cfg)
+        mine = {(r["form"], r["budget"]) for r in rows}
+        kept = [r for r in (old["rows"] if old else []) if (r["form"], r["budget"]) not in mine]
+        res = {
+            "model": "SmolLM2-135M-Instruct Q4_1 GGUF (dequantised fp32)",
+            "text": "gensim lee_background.cor",
+            "quick": quick,
+            "config": cfg,
+            "lora": {**train, "bytes": ad.bytes, "params": ad.n_params, "modules": len(ad.modules)},
+            "reference": ref,
+            "timings": cal.timings,
+            "seconds": (old["seconds"] if old else 0.0) + seconds,
+            "rows": sorted(kept + rows, key=lambda r: (-r["budget"], r["form"])),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        tmp = store.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        tmp.replace(store)
     render(res, plot)
 
 
