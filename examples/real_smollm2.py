@@ -304,7 +304,7 @@ def render(res: dict, plot: bool = False) -> None:
     prec = max(sorted(set(precs)), key=precs.count) if precs else ref["precision"]
     others = sorted(set(precs) - {prec})
     if others:
-        prec_note = f" ({', '.join(others)} where a cell's steps say so: compress's default follows the CPU it ran on)"
+        prec_note = f" ({', '.join(others)} where a cell's steps say so: compress's default precision follows the machine each cell ran on)"
     else:
         prec_note = ""
     cap = (
