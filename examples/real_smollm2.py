@@ -11,9 +11,10 @@ held-out news text (KL to the source LoRA, top-1 agreement, improvement kept).
 Cells resume: the results live in examples/results/real_smollm2.json (committed, so the grid resumes on
 any machine) and a run skips the cells an earlier run of the same config measured (``--redo`` reruns
 them), so the full grid can be run in parts, one part per core if you like (``--only A --threads 1``
-beside ``--only B --threads 1``: each merges its cells into the record under a lock). Writes examples/out/real_smollm2.{json,md,png}
-(examples/demo.py replaces examples/out/ when it runs) and bench/out/real_smollm2.md (the table the README
-shows between ``<!-- bench:real_smollm2 -->`` markers; ``python bench/update_readme.py`` copies it).
+beside ``--only B --threads 1``: each merges its cells into the record under a lock).
+Writes examples/out/real_smollm2.{json,md,png} (examples/demo.py replaces examples/out/ when it
+runs) and bench/out/real_smollm2.md (the table the README shows between ``<!-- bench:real_smollm2 -->``
+markers; ``python bench/update_readme.py`` copies it).
 Nothing downloaded, no weights committed: the work directory ($ADAPTZIP_EXAMPLES_WORK, default
 ~/.cache/adaptzip-examples/) holds the scratch (the LoRA, Σ), rebuilt the same on a new machine.
 
@@ -304,7 +305,10 @@ def render(res: dict, plot: bool = False) -> None:
     prec = max(sorted(set(precs)), key=precs.count) if precs else ref["precision"]
     others = sorted(set(precs) - {prec})
     if others:
-        prec_note = f" ({', '.join(others)} where a cell's steps say so: compress's default precision follows the machine each cell ran on)"
+        prec_note = (
+            f" ({', '.join(others)} where a cell's steps say so: compress's default precision follows the "
+            "machine each cell ran on)"
+        )
     else:
         prec_note = ""
     cap = (
