@@ -429,7 +429,7 @@ def test_auto_never_picks_a_form_worse_than_another_tried(env, tmp_path):
         tmp_path / "a.safetensors",
         to="auto",
         budget=0.4,
-        fitting=FitOptions(steps=30),
+        fitting=FitOptions(steps=5),
         calibration=CalibrationOptions(
             base_model=env["base"],
             calib=d / "calib.txt",
@@ -468,7 +468,7 @@ def test_auto_with_quantised_storage(env, tmp_path):
         tmp_path / "q.safetensors",
         to="auto",
         budget=0.3,
-        fitting=FitOptions(steps=20),
+        fitting=FitOptions(steps=5),
         calibration=CalibrationOptions(
             base_model=env["base"],
             calib=d / "calib.txt",

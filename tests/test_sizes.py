@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from adaptzip import api, load_adapter
 from adaptzip.forms import REGISTRY, lossless_form
-from adaptzip.options import RunOptions
+from adaptzip.options import FitOptions, RunOptions
 
 _thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
@@ -60,9 +60,12 @@ def test_chosen_options_that_grow_the_file_are_said_loudly(rank2, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(n for n, c in REGISTRY.items() if not c.lossless))
 def test_every_form_default_stays_below_the_lossless_repack(name, lora_fp32, tmp_path):
-    """The regression: bslora-gt's absolute d_s = 1024 wrote 3.4× the source on a small adapter."""
+    """The regression: bslora-gt's absolute d_s = 1024 wrote 3.4× the source on a small adapter.
+    Sizes do not depend on how long the fit runs: a few optimiser steps each."""
     opts = {"steps": 5, "refit_steps": 5} if name == "vblora" else {}
-    r = api.compress(lora_fp32, tmp_path / "c.safetensors", to=name, run=RunOptions(force=True), **opts)
+    r = api.compress(
+        lora_fp32, tmp_path / "c.safetensors", to=name, run=RunOptions(force=True), fitting=FitOptions(steps=5), **opts
+    )
     assert _stored(r.output) <= _lossless_bytes(lora_fp32, tmp_path)  # svd at the source rank: equal
     assert r.warnings == []
 
