@@ -14,8 +14,8 @@ a converged run has lowered its rate twice). Goal: the defaults' eval KL within
 Keeps its rows in bench/results/converge.json (committed: rows measured in earlier sittings, on
 other machines, stay in the table) and writes bench/out/converge.{json,md} (block ``converge``).
 Each case appends to the record as it finishes, so a long run can be cut and resumed (finished
-cases are kept unless ``--redo`` names them again: ``--redo`` measures the cases of ``--cases`` anew, dropping their rows
-and banked states at once, and keeps the other rows). A case is banked halfway too: when its
+cases are kept unless ``--redo`` names them again: ``--redo`` measures the cases of ``--cases``
+anew, dropping their rows and banked states at once, and keeps the other rows). A case is banked halfway too: when its
 defaults' run ends, the form's state and what that run measured go to bench/out/converge_state/; a
 run cut during the 3× run resumes from there (the same start is fitted again and the state loaded;
 its eval KL is checked against the banked one), so the two phases — up to ~1 h each on 2 cores — can

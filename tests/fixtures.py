@@ -13,7 +13,13 @@ from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from adaptzip.container import payload_sha256
+from adaptzip.options import FitOptions
 from adaptzip.runtime import single_thread
+
+# For tests whose subject is not the weight-space fit (sizes, containers, distillation, auto's
+# choice): a few optimiser steps (a bslora fit at its own rule takes 10–30 s on the tiny models,
+# and auto fits every candidate form).
+FAST_FIT = FitOptions(steps=5)
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from calib_fixtures import base_with_tokenizer, make_text, train_text_lora
 from clihelp import run_cli, run_json
-from fixtures import make_base, one_torch_thread, train_lora
+from fixtures import FAST_FIT, make_base, one_torch_thread, train_lora
 
 from adaptzip import api, distill, fit, load_adapter, trainer
 from adaptzip import calibrate as cb
@@ -429,7 +429,7 @@ def test_auto_never_picks_a_form_worse_than_another_tried(env, tmp_path):
         tmp_path / "a.safetensors",
         to="auto",
         budget=0.4,
-        fitting=FitOptions(steps=5),
+        fitting=FAST_FIT,
         calibration=CalibrationOptions(
             base_model=env["base"],
             calib=d / "calib.txt",
@@ -468,7 +468,7 @@ def test_auto_with_quantised_storage(env, tmp_path):
         tmp_path / "q.safetensors",
         to="auto",
         budget=0.3,
-        fitting=FitOptions(steps=5),
+        fitting=FAST_FIT,
         calibration=CalibrationOptions(
             base_model=env["base"],
             calib=d / "calib.txt",

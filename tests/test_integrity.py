@@ -10,13 +10,13 @@ import struct
 import pytest
 import torch
 from clihelp import run_cli
-from fixtures import rewrite_container
+from fixtures import FAST_FIT, rewrite_container
 from safetensors import safe_open
 
 import adaptzip
 from adaptzip import container as ct
 from adaptzip.errors import ContainerError
-from adaptzip.options import FitOptions, QuantOptions
+from adaptzip.options import QuantOptions
 from adaptzip.report import report as report_containers
 
 HASH_MISMATCH = r"payload sha256 [0-9a-f]{12}… does not match the manifest's [0-9a-f]{12}… \(corrupted or edited\)"
@@ -225,9 +225,7 @@ def test_form_value_rules_on_every_read(lora_fp32, tmp_path):
     """A VB-LoRA index past the bank (hash recomputed) is refused by every reader, the native
     PEFT VB-LoRA export too (it copies the indices without rebuilding the form)."""
     p = tmp_path / "vb.safetensors"
-    adaptzip.compress(
-        lora_fp32, p, to="vblora", budget=0.3, fitting=FitOptions(steps=5)
-    )  # the values are not the point
+    adaptzip.compress(lora_fp32, p, to="vblora", budget=0.3, fitting=FAST_FIT)
     c = adaptzip.open_container(p)
     h = int(c.manifest["config"]["bank"])
     idx = c.tensor("topk_indices")

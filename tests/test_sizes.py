@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 from clihelp import run_cli, run_json
-from fixtures import one_torch_thread
+from fixtures import FAST_FIT, one_torch_thread
 from safetensors import safe_open
 
 from adaptzip import api, load_adapter
 from adaptzip.forms import REGISTRY, lossless_form
-from adaptzip.options import FitOptions, RunOptions
+from adaptzip.options import RunOptions
 
 _thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
@@ -64,14 +64,14 @@ def test_every_form_default_stays_below_the_lossless_repack(name, lora_fp32, tmp
     Sizes do not depend on how long the fit runs: a few optimiser steps each."""
     opts = {"steps": 5, "refit_steps": 5} if name == "vblora" else {}
     r = api.compress(
-        lora_fp32, tmp_path / "c.safetensors", to=name, run=RunOptions(force=True), fitting=FitOptions(steps=5), **opts
+        lora_fp32, tmp_path / "c.safetensors", to=name, run=RunOptions(force=True), fitting=FAST_FIT, **opts
     )
     assert _stored(r.output) <= _lossless_bytes(lora_fp32, tmp_path)  # svd at the source rank: equal
     assert r.warnings == []
 
 
 def test_gate_width_scales_with_the_model(lora_fp32, tmp_path):
-    r = api.compress(lora_fp32, tmp_path / "gt.safetensors", to="bslora-gt", fitting=FitOptions(steps=5))
+    r = api.compress(lora_fp32, tmp_path / "gt.safetensors", to="bslora-gt", fitting=FAST_FIT)
     width = min(m.in_features for m in load_adapter(lora_fp32).modules)
     assert r.state["shared_size"] == width // 4 == 16  # the paper's 1024 at width 4096, scaled
     assert r.to_json()["sharing_used"] is True

@@ -18,7 +18,7 @@ import pytest
 import torch
 from calib_fixtures import base_with_tokenizer, make_text, train_text_lora
 from clihelp import run_cli, run_json
-from fixtures import one_torch_thread
+from fixtures import FAST_FIT, one_torch_thread
 from rich.console import Console
 
 from adaptzip import api, distill, load_adapter, progress, runtime
@@ -27,9 +27,6 @@ from adaptzip.forms import FitContext, get_form
 from adaptzip.options import CalibrationOptions, FitOptions, RunOptions, parse_duration
 
 SEQ = 32
-# Distillation is what these tests exercise: the weight-space fits before it take few optimiser
-# steps (a bslora fit at its own rule takes 10–30 s here, and auto fits every candidate form).
-FAST_FIT = FitOptions(steps=5)
 _one_thread = pytest.fixture(autouse=True)(one_torch_thread)
 
 
