@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -509,8 +510,8 @@ def _read_config(path: Path) -> dict:
             cfg_file, "target_parameters (LoRA on nn.Parameter, e.g. MoE experts) is not supported"
         )
     for key in ("r", "lora_alpha"):
-        if key in cfg and (not isinstance(cfg[key], (int, float)) or isinstance(cfg[key], bool)):
-            raise AdapterError(cfg_file, f"{key} must be a number, got {cfg[key]!r}")
+        if key in cfg:
+            _check_number(cfg_file, key, cfg[key])
     for key in ("rank_pattern", "alpha_pattern"):
         pat = cfg.get(key)
         if pat is None:
@@ -522,9 +523,17 @@ def _read_config(path: Path) -> dict:
                 re.compile(k)
             except re.error as e:
                 raise AdapterError(cfg_file, f"{key} key {k!r} is not a valid regular expression: {e}") from e
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise AdapterError(cfg_file, f"{key}[{k!r}] must be a number, got {v!r}")
+            _check_number(cfg_file, f"{key}[{k!r}]", v)
     return cfg
+
+
+def _check_number(cfg_file: Path, label: str, v: object) -> None:
+    """A rank or alpha of the config must be a finite number (JSON as Python reads it also
+    admits NaN and Infinity, which would only fail later, inside a decomposition)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        raise AdapterError(cfg_file, f"{label} must be a number, got {v!r}")
+    if not math.isfinite(v):
+        raise AdapterError(cfg_file, f"{label} must be finite, got {v!r}")
 
 
 def load_adapter(path: str | Path) -> Adapter:

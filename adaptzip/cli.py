@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import api, fileio, progress, runtime
-from .errors import AdaptzipError, OptionError
+from .errors import AdaptzipError, OptionError, os_error
 from .forms import BASELINE, REGISTRY
 from .options import CALIB_TOKENS, CalibrationOptions, FitOptions, QuantOptions, RunOptions, parse_duration
 
@@ -240,7 +240,8 @@ def _main(
 
 @app.command()
 def inspect(
-    lora_dir: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.")], as_json: JsonOpt = False
+    lora_dir: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.", readable=False)],
+    as_json: JsonOpt = False,
 ) -> None:
     """Show an adapter: base model, PEFT version, modules per type and layer, ranks, alphas/scales,
     dtype, parameters, bytes, and a per-module spectrum (effective rank, energy in top-k)."""
@@ -312,8 +313,10 @@ def forms(as_json: JsonOpt = False) -> None:
 @app.command()
 @with_form_options
 def compress(
-    lora_dir: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Container file to write (.safetensors).")],
+    lora_dir: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.", readable=False)],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Container file to write (.safetensors).", readable=False)
+    ],
     to: Annotated[
         CompressTo,
         typer.Option(
@@ -340,6 +343,7 @@ def compress(
         typer.Option(
             "--base-model",
             help="Base model: a local model directory (safetensors) or a .gguf file. Enables calibration: Σ-weighted fit, distillation, KL metrics.",
+            readable=False,
         ),
     ] = None,
     calib: Annotated[
@@ -347,6 +351,7 @@ def compress(
         typer.Option(
             "--calib",
             help="Calibration text: UTF-8 text (paragraphs separated by blank lines) or JSONL with a 'text' field.",
+            readable=False,
         ),
     ] = None,
     calib_tokens: Annotated[
@@ -393,13 +398,15 @@ def compress(
         ),
     ] = Precision.auto,
     eval_text: Annotated[
-        Path | None, typer.Option("--eval", help="Evaluation text (default: a held-out part of --calib).")
+        Path | None,
+        typer.Option("--eval", help="Evaluation text (default: a held-out part of --calib).", readable=False),
     ] = None,
     stats: Annotated[
         Path | None,
         typer.Option(
             "--stats",
             help="Σ statistics file: reused when it exists (exact or sketched), else the exact in×in Σ of every adapted input is written there. Default: a sketch, exact on the source's row space, written to <output>.stats.safetensors (formats/stats.md). Alone (no --base-model): a Σ-weighted fit.",
+            readable=False,
         ),
     ] = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")] = "auto",
@@ -524,8 +531,10 @@ def _calibration_tables(r: dict) -> None:
 
 @app.command()
 def expand(
-    container: Annotated[Path, typer.Argument(help="adaptzip container (.safetensors).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output directory (peft, merged) or file (dense).")],
+    container: Annotated[Path, typer.Argument(help="adaptzip container (.safetensors).", readable=False)],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Output directory (peft, merged) or file (dense).", readable=False)
+    ],
     to: Annotated[
         ExpandTo,
         typer.Option(
@@ -542,7 +551,9 @@ def expand(
             help="vLLM's max_lora_rank (1, 8, 16, 32, 64, 128, 256, 320, 512); larger modules are re-factored by SVD."
         ),
     ] = None,
-    base_model: Annotated[Path | None, typer.Option(help="Base model directory (safetensors) for --to merged.")] = None,
+    base_model: Annotated[
+        Path | None, typer.Option(help="Base model directory (safetensors) for --to merged.", readable=False)
+    ] = None,
     dtype: Annotated[DType | None, typer.Option(help="Output float dtype (default: container's; dense: fp32).")] = None,
     threads: ThreadsOpt = None,
     force: ForceOpt = False,
@@ -569,7 +580,7 @@ def expand(
 
 @app.command()
 def verify(
-    container: Annotated[Path, typer.Argument(help="adaptzip container (.safetensors).")],
+    container: Annotated[Path, typer.Argument(help="adaptzip container (.safetensors).", readable=False)],
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -596,13 +607,17 @@ def batch(
     zoo_dir: Annotated[
         Path,
         typer.Argument(
-            help="Folder searched (at any depth) for PEFT LoRA adapters (folders with adapter_config.json)."
+            help="Folder searched (at any depth) for PEFT LoRA adapters (folders with adapter_config.json).",
+            readable=False,
         ),
     ],
     output: Annotated[
         Path,
         typer.Option(
-            "-o", "--output", help="Output folder: OUT/<relative path>.safetensors per adapter, batch.json, batch.md."
+            "-o",
+            "--output",
+            help="Output folder: OUT/<relative path>.safetensors per adapter, batch.json, batch.md.",
+            readable=False,
         ),
     ],
     to: Annotated[FormName, typer.Option("--to", help="Target form (see `adaptzip forms`).")] = BASELINE,  # type: ignore[assignment]
@@ -641,11 +656,14 @@ def batch(
         typer.Option(
             "--base-model",
             help="Base model, passed to compress: calibrates every adapter (see `adaptzip compress --help`).",
+            readable=False,
         ),
     ] = None,
     calib: Annotated[
         Path | None,
-        typer.Option("--calib", help="Calibration text, passed to compress (see `adaptzip compress --help`)."),
+        typer.Option(
+            "--calib", help="Calibration text, passed to compress (see `adaptzip compress --help`).", readable=False
+        ),
     ] = None,
     quant: Annotated[
         Quant | None,
@@ -773,13 +791,16 @@ def batch_table(r: dict, width: int) -> Table:
 
 @app.command()
 def report(
-    containers: Annotated[list[Path], typer.Argument(help="adaptzip containers (.safetensors).")],
+    containers: Annotated[list[Path], typer.Argument(help="adaptzip containers (.safetensors).", readable=False)],
     against: Annotated[
         Path | None,
-        typer.Option(help="The source PEFT LoRA folder: recompute every error, the svd baseline and spectra from it."),
+        typer.Option(
+            help="The source PEFT LoRA folder: recompute every error, the svd baseline and spectra from it.",
+            readable=False,
+        ),
     ] = None,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Folder for report.md, report.json and the PNG charts.")
+        Path | None, typer.Option("--out", help="Folder for report.md, report.json and the PNG charts.", readable=False)
     ] = None,
     threads: ThreadsOpt = None,
     force: ForceOpt = False,
@@ -879,6 +900,8 @@ def _error_line(e: Exception) -> int:
     """Print the one error line of ``e`` and return the exit code (with --debug: raise it)."""
     if isinstance(e, typer.Exit):
         return e.exit_code
+    if isinstance(e, OSError) and not _STATE["debug"]:
+        e = os_error(e) or e  # a file that could not be read or written: named, as adaptzip's own errors are
     if isinstance(e, AdaptzipError):
         if _STATE["debug"]:
             raise e

@@ -56,3 +56,14 @@ class BaseModelError(AdaptzipError):
 
 class CalibrationError(AdaptzipError):
     """Calibration text or statistics that cannot be used."""
+
+
+def os_error(e: OSError) -> AdaptzipError | None:
+    """An OSError that names its file (permission denied, a folder where a file was expected,
+    too many symbolic links…) as the adaptzip error of that file, or None when it names none.
+    Readers turn the errors they expect into their own error class; this covers the rest in
+    one place (the CLI's error line, a batch row), so no such error surfaces as a raw exception."""
+    if e.filename is None:
+        return None
+    s = e.strerror or " ".join(str(e).split())
+    return AdaptzipError(e.filename, s[:1].lower() + s[1:])

@@ -415,7 +415,8 @@ def tensor_index(f) -> dict[str, tuple[tuple[int, ...], str]]:
 def check_not_truncated(path: Path, error: type[AdaptzipError]) -> None:
     """Raise ``error(path, "truncated safetensors file: ...")`` when the header promises more bytes
     than the file has (a file cut short by a failed download or copy). A header that does not
-    parse is left to safetensors itself to report."""
+    parse is left to safetensors itself to report. A file that cannot be opened raises
+    ``error(path, "cannot read: <reason>")`` (safetensors would report any such file as missing)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -424,7 +425,9 @@ def check_not_truncated(path: Path, error: type[AdaptzipError]) -> None:
             if n > size:
                 return
             header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+    except OSError as e:
+        raise error(path, f"cannot read: {_reason(e.errno, e)}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return
     if not isinstance(header, dict):
         return

@@ -221,8 +221,11 @@ def tree_state(root: Path) -> dict[str, str]:
             elif os.path.isdir(p):
                 out[rel] = "dir"
             else:
-                with open(p, "rb") as f:
-                    out[rel] = "file " + hashlib.sha256(f.read()).hexdigest()
+                try:
+                    with open(p, "rb") as f:
+                        out[rel] = "file " + hashlib.sha256(f.read()).hexdigest()
+                except PermissionError:  # a case's unreadable input (not root): same before and after
+                    out[rel] = "file (unreadable)"
     return out
 
 

@@ -14,8 +14,9 @@ The cases are one declarative table, :data:`CASES`: id, how to make the bad inpu
 exit code, the path the line must name (a regex) and a regex the cause must match. In argv and
 paths ``{in}`` is the case's input folder and ``{out}`` its output location, both inside one fresh
 folder per case. Most cases run the real CLI entry point in this process (a full disk is a 64 KiB
-tmpfs mounted on the output folder); a read-only output folder (as root: CAP_DAC_OVERRIDE dropped
-with setpriv/capsh) and the signals run it in separate processes, all at once (see
+tmpfs mounted on the output folder); the permission cases, a read-only output folder or an
+input the user may not read (as root: CAP_DAC_OVERRIDE dropped with setpriv/capsh), and the
+signals run it in separate processes, all at once (see
 :data:`SERVER`). A signal lands mid-write: the process blocks in its first fsync/replace after a
 file appeared in the output location (the write's temporary file), the test sends the signal,
 and the write must be abandoned cleanly.
@@ -189,6 +190,12 @@ def in_file(rel: str, data: bytes | str) -> Make:
         p.write_bytes(data.encode() if isinstance(data, str) else data)
 
     return make
+
+
+def no_access(rel: str = "") -> Mutation:
+    """Take every permission off ``rel`` inside the copy (the copy itself when ""): the user of a
+    ``permissions`` case may not read it (or list it, for a folder)."""
+    return lambda p: (p / rel if rel else p).chmod(0)
 
 
 def in_symlink_loop(rel: str) -> Make:
@@ -465,7 +472,7 @@ class Case:
     path: str | None = None  # regex of the path the line names; None: an option error (any or no path)
     cause: str = ""  # regex searched in the cause
     keep: tuple[str, ...] = ()  # new entries allowed (relative to the case folder): a batch's summary, good containers
-    run: str = "cli"  # cli | readonly | diskfull | SIGINT | SIGTERM
+    run: str = "cli"  # cli | permissions (permission bits hold, also as root) | diskfull | SIGINT | SIGTERM
     json: bool = True  # append --json (human output, tables and progress, stays off stdout and stderr)
 
 
@@ -534,6 +541,9 @@ CASES: list[Case] = [
     bad("compress-config-not-utf8", adapter(write(CONFIG, b'{"r": "\xff"}')), COMPRESS, CFG, r"UTF-8|JSON"),
     bad("compress-config-r-not-a-number", adapter(config(r="eight")), COMPRESS, CFG, r"\br\b"),
     bad("compress-config-alpha-null", adapter(config(lora_alpha=None)), COMPRESS, CFG, r"lora_alpha"),
+    bad("compress-config-alpha-nan", adapter(config(lora_alpha=float("nan"))), COMPRESS, CFG, r"lora_alpha.*finite"),
+    bad("inspect-config-rank-infinite", adapter(config(r=float("inf"))), INSPECT, CFG, r"\br\b.*finite"),
+    bad("compress-config-alpha-pattern-nan", adapter(config(alpha_pattern={"q_proj": float("nan")})), COMPRESS, CFG, r"alpha_pattern.*finite"),
     bad("compress-config-alpha-pattern-not-object", adapter(config(alpha_pattern=5)), COMPRESS, CFG, r"alpha_pattern"),
     bad("compress-config-rank-pattern-bad-value", adapter(config(rank_pattern={"q_proj": "x"})), COMPRESS, CFG, r"rank_pattern"),
     bad("compress-peft-type-ia3", adapter(config(peft_type="IA3")), COMPRESS, CFG, r"IA3"),
@@ -720,9 +730,21 @@ CASES: list[Case] = [
     bad("compress-output-inside-a-file", inputs(adapter(), out_file("blocker")), ("compress", "{in}/ad", "-o", "{out}/blocker/c.safetensors"), r"{out}/blocker(/c\.safetensors)?", NOT_A_DIR),
     bad("expand-output-inside-a-file", inputs(container(), out_file("blocker")), ("expand", "{in}/c.safetensors", "-o", "{out}/blocker/peft"), r"{out}/blocker(/peft)?", NOT_A_DIR),
     bad("batch-output-is-a-file", inputs(zoo(), out_file("blocker")), ("batch", "{in}/zoo", "-o", "{out}/blocker"), r"{out}/blocker", NOT_A_DIR),
-    bad("compress-read-only-folder", inputs(adapter(), out_dir("ro", 0o555)), ("compress", "{in}/ad", "-o", "{out}/ro/c.safetensors"), r"{out}/ro(/c\.safetensors)?", DENIED, run="readonly"),
-    bad("expand-read-only-folder", inputs(container(), out_dir("ro", 0o555)), ("expand", "{in}/c.safetensors", "-o", "{out}/ro/peft"), r"{out}/ro(/peft)?", DENIED, run="readonly"),
-    bad("batch-read-only-folder", inputs(zoo(), out_dir("ro", 0o555)), ("batch", "{in}/zoo", "-o", "{out}/ro", "--jobs", "1"), r"{out}/ro(/.*)?", DENIED, run="readonly"),
+    bad("compress-read-only-folder", inputs(adapter(), out_dir("ro", 0o555)), ("compress", "{in}/ad", "-o", "{out}/ro/c.safetensors"), r"{out}/ro(/c\.safetensors)?", DENIED, run="permissions"),
+    bad("expand-read-only-folder", inputs(container(), out_dir("ro", 0o555)), ("expand", "{in}/c.safetensors", "-o", "{out}/ro/peft"), r"{out}/ro(/peft)?", DENIED, run="permissions"),
+    bad("batch-read-only-folder", inputs(zoo(), out_dir("ro", 0o555)), ("batch", "{in}/zoo", "-o", "{out}/ro", "--jobs", "1"), r"{out}/ro(/.*)?", DENIED, run="permissions"),
+    # ------------------------------------------------------------------ inputs the user may not read
+    bad("inspect-unreadable-adapter-folder", adapter(no_access()), INSPECT, rf"{AD}|{CFG}", DENIED, run="permissions"),
+    bad("compress-unreadable-config", adapter(no_access(CONFIG)), COMPRESS, CFG, DENIED, run="permissions"),
+    bad("compress-unreadable-weights", adapter(no_access(WEIGHTS)), COMPRESS, W, DENIED, run="permissions"),
+    bad("expand-unreadable-container", container(no_access()), EXPAND, C, DENIED, run="permissions"),
+    bad("verify-unreadable-container", container(no_access()), VERIFY, C, DENIED, run="permissions"),
+    bad("report-unreadable-container", container(no_access()), REPORT, C, DENIED, run="permissions"),
+    bad("report-against-unreadable-adapter", inputs(container(), adapter(no_access())), (*REPORT, "--against", "{in}/ad"), rf"{AD}|{CFG}", DENIED, run="permissions"),
+    bad("calib-unreadable-base-folder", inputs(adapter(), copy("tbase", "tbase", no_access()), copy("calib.txt")), CALIB, r"{in}/tbase(/config\.json)?", DENIED, run="permissions"),
+    bad("calib-unreadable-text", inputs(adapter(), copy("tbase"), copy("calib.txt", None, no_access())), CALIB, TEXT, DENIED, run="permissions"),
+    bad("batch-unreadable-zoo", inputs(zoo(), lambda x: (x.inp / "zoo").chmod(0)), BATCH, r"{in}/zoo", DENIED, run="permissions"),
+    bad("batch-unreadable-adapter-in-zoo", zoo(no_access(CONFIG)), BATCH, r"{in}/zoo/bad/adapter_config\.json", DENIED, code=1, keep=BATCH_PARTIAL, run="permissions"),
     bad("compress-disk-full", inputs(adapter(), out_dir("full")), ("compress", "{in}/ad", "-o", "{out}/full/c.safetensors", "--to", "lora"), r"{out}/full/c\.safetensors", NO_SPACE, run="diskfull"),
     bad("expand-peft-disk-full", inputs(container(src="lora.safetensors"), out_dir("full")), ("expand", "{in}/c.safetensors", "-o", "{out}/full/peft"), r"{out}/full/peft(/.*)?", NO_SPACE, run="diskfull"),
     bad("expand-dense-disk-full", inputs(container(), out_dir("full")), ("expand", "{in}/c.safetensors", "-o", "{out}/full/d.safetensors", "--to", "dense"), r"{out}/full/d\.safetensors", NO_SPACE, run="diskfull"),
@@ -741,7 +763,7 @@ CASES: list[Case] = [
 ]
 # fmt: on
 
-SUBPROCESS_RUNS = ("readonly", "SIGINT", "SIGTERM")
+SUBPROCESS_RUNS = ("permissions", "SIGINT", "SIGTERM")
 
 
 def test_the_table_is_a_spec():
@@ -911,7 +933,7 @@ class _Child:
 
 @pytest.fixture(scope="module")
 def subprocess_results(src, tmp_path_factory) -> dict[str, tuple[Ctx, Result] | str]:
-    """Every read-only and signal case, run at once as children of one server (see
+    """Every permission and signal case, run at once as children of one server (see
     :data:`SERVER`; as root the server runs without CAP_DAC_OVERRIDE, so that permission bits
     hold); per id its folder and Result, or a skip reason. A child gets 30 s to exit after its
     signal, and everything 180 s."""
@@ -921,12 +943,12 @@ def subprocess_results(src, tmp_path_factory) -> dict[str, tuple[Ctx, Result] | 
     drop = _drop_dac()
     children: dict[str, _Child] = {}
     for case in (c for c in CASES if c.run in SUBPROCESS_RUNS):
-        if case.run == "readonly" and drop is None:
+        if case.run == "permissions" and drop is None:
             results[case.id] = "running as root, and neither setpriv nor capsh can drop CAP_DAC_OVERRIDE"
             continue
         x = Ctx(tmp_path_factory.mktemp(case.id), src)
         case.make(x)
-        marker = "" if case.run == "readonly" else str(marks / case.id)
+        marker = "" if case.run == "permissions" else str(marks / case.id)
         children[case.id] = _Child(case, x, marker, marks / case.id, tree_state(x.root))
     if not children:
         return results
@@ -984,15 +1006,27 @@ def subprocess_results(src, tmp_path_factory) -> dict[str, tuple[Ctx, Result] | 
         note = notes.get(c.case.id, "")
         if c.marker and c.signalled is None:
             note += " the write never blocked, so no signal was sent"
-        if c.case.run == "readonly":
-            with contextlib.suppress(OSError):
-                (c.x.out / "ro").chmod(0o755)
         out = Path(f"{c.logs}.out").read_text() if Path(f"{c.logs}.out").exists() else ""
         err = Path(f"{c.logs}.err").read_text() if Path(f"{c.logs}.err").exists() else ""
         if c.pid is None:
             err += (marks / "server.err").read_text()
-        results[c.case.id] = (c.x, Result(c.code, out, err, c.before, tree_state(c.x.root), note.strip()))
+        after = tree_state(c.x.root)
+        if c.case.run == "permissions":
+            _grant(c.x.root)  # what the case made unreadable or read-only, so that it can be removed
+        results[c.case.id] = (c.x, Result(c.code, out, err, c.before, after, note.strip()))
     return results
+
+
+def _grant(root: Path) -> None:
+    """Give the owner read/write/search on every entry below ``root`` (top-down: a folder is made
+    searchable before it is listed)."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=True):
+        for n in dirnames:
+            os.chmod(os.path.join(dirpath, n), 0o755)
+        for n in filenames:
+            p = os.path.join(dirpath, n)
+            if not os.path.islink(p):
+                os.chmod(p, 0o644)
 
 
 # ============================================================================ checking a case

@@ -133,6 +133,8 @@ def batch(
     zoo, out = Path(zoo), Path(output)
     if not zoo.is_dir():
         raise OptionError(zoo, "no such folder (expected a folder of PEFT LoRA adapters)")
+    if not os.access(zoo, os.R_OK | os.X_OK):
+        raise OptionError(zoo, "cannot list folder: permission denied")  # (its sub-folders are rows)
     zoo_real, out_real = os.path.realpath(zoo), os.path.realpath(out)
     if inside(zoo_real, out_real):
         raise OptionError(out, "the output folder must not contain the zoo")

@@ -25,7 +25,7 @@ from .. import container as ct
 from .. import pipeline
 from ..adapter import DTYPE_NAMES, Adapter, load_adapter
 from ..budget import resolve_dtype
-from ..errors import AdapterError, AdaptzipError, OptionError, OutputError
+from ..errors import AdapterError, AdaptzipError, OptionError, OutputError, os_error
 from ..fileio import atomic_file, output_error
 from ..options import CalibrationOptions, FitOptions, QuantOptions, RunOptions
 from ..runtime import Interrupted, interrupt, on_signals, set_signal_handler, set_threads
@@ -192,6 +192,8 @@ def _source(job: Job, row: dict) -> Adapter | None:
 def _failed(row: dict, e: Exception) -> dict:
     """The row of a conversion that raised ``e``: ``failed``, with a one-line ``error`` (and the
     file at fault as ``error_path`` for an adaptzip error)."""
+    if isinstance(e, OSError):
+        e = os_error(e) or e
     if isinstance(e, AdaptzipError):
         row.update(status="failed", error=e.cause, error_path=e.path)
     else:
