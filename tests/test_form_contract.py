@@ -143,3 +143,31 @@ def test_predicted_size_with_bf16_floats_and_fp16_scales(name, adapter_dir, tmp_
     if name == "svd":  # the mix this test is about
         dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__"}
         assert {"BF16", "F16", "I8"} <= dtypes, dtypes
+
+
+@pytest.fixture(scope="module")
+def untrained_dir(adapter_dir, tmp_path_factory) -> Path:
+    """The adapter as PEFT makes it before any training: every B is zero (ΔW = 0)."""
+    d = tmp_path_factory.mktemp("untrained") / "ad"
+    d.mkdir()
+    (d / "adapter_config.json").write_bytes((adapter_dir / "adapter_config.json").read_bytes())
+    t = load_file(adapter_dir / "adapter_model.safetensors")
+    save_file({k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in t.items()}, d / "adapter_model.safetensors")
+    return d
+
+
+@pytest.mark.parametrize("name", FORMS)
+def test_an_untrained_adapter_gives_a_zero_update(name, untrained_dir, tmp_path):
+    """ΔW = 0 everywhere (no norm to divide by): every form writes a container whose update is
+    exactly zero and whose manifest numbers are finite (a NaN would not even serialise)."""
+    out = tmp_path / f"{name}.safetensors"
+    res = api.compress(untrained_dir, out, to=name, fitting=FitOptions(baseline=False), **SMALL.get(name, {}))
+    assert res.rel_error == 0.0
+    c = ct.open_container(out)
+    assert c.verify()["ok"] is True
+    form = c.form()
+    with torch.no_grad():
+        for i, m in enumerate(c.modules):
+            B, A = form.factors(i)
+            assert torch.isfinite(B).all() and torch.isfinite(A).all(), m.name
+            assert float((B.double() @ A.double()).abs().max()) == 0.0, m.name

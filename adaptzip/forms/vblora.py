@@ -858,11 +858,12 @@ def _logits_from_codes(
     lw = wt.clamp_min(1e-6).log()
     if not full and idx.shape[1] == k:
         return idx, lw
-    bn = bank.norm(dim=1).clamp_min(1e-30)
+    bn = bank.norm(dim=1)
     out, out_i, out_v = [], [], []
     for s in range(0, X.shape[0], _CHUNK):
         Xc, ic, lc = X[s : s + _CHUNK], idx[s : s + _CHUNK], lw[s : s + _CHUNK]
-        cos = (Xc @ bank.T) / (Xc.norm(dim=1, keepdim=True).clamp_min(1e-30) * bn)  # (n, h)
+        # (n, h); the product of the norms is clamped, not each norm: 1e-30² underflows fp32 to 0
+        cos = (Xc @ bank.T) / (Xc.norm(dim=1, keepdim=True) * bn).clamp_min(1e-30)
         L = (lc.min(1, keepdim=True).values - margin + tau * cos).scatter_(1, ic, lc)
         if full:
             out.append(L)
