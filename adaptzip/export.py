@@ -365,8 +365,10 @@ def to_merged(c: Container, base: Path, out: Path) -> dict:
         except (SafetensorError, OSError) as e:
             raise BaseModelError(s, f"cannot read: {e}") from e
     kset = set(keys)
-    edits: dict[str, tuple] = {}  # base key -> ("delta", i) | ("bias", j, i) | ("replace", j)
-    want: dict[str, tuple[tuple[int, ...], str]] = {}  # base key -> (the shape the edit needs, what needs it)
+    # base key -> its edits, applied in this order: ("replace", j) (a saved tensor of the adapter:
+    # modules_to_save, the base layer PEFT saves with an embedding's LoRA), ("delta", i), ("bias", j, i)
+    edits: dict[str, list[tuple]] = {}
+    want: list[tuple[str, tuple[int, ...], str]] = []  # (base key, the shape an edit needs, what needs it)
     magnitude = {x["module"]: j for j, x in enumerate(c.carried) if x["role"] == "dora_magnitude"}
     for i, m in enumerate(c.modules):
         k = _match_key(m.name, kset, "weight")
@@ -376,7 +378,7 @@ def to_merged(c: Container, base: Path, out: Path) -> dict:
             raise ExportError(
                 c.path, f"merging DoRA on an embedding ({m.name}) is not supported; expand with --to peft"
             )
-        edits[k] = ("delta", i)
+        edits.setdefault(k, []).append(("delta", i))
         if m.name in magnitude:
             mag = c.stored_shape(c.carried[magnitude[m.name]]["tensor"])
             if math.prod(mag) != m.out_features:
@@ -384,9 +386,12 @@ def to_merged(c: Container, base: Path, out: Path) -> dict:
                     c.path,
                     f"module {m.name}: its DoRA magnitude has shape {list(mag)}, expected {m.out_features} values",
                 )
-        want[k] = (
-            (m.in_features, m.out_features) if m.dense_transposed else (m.out_features, m.in_features),
-            f"module {m.name}: its update",
+        want.append(
+            (
+                k,
+                (m.in_features, m.out_features) if m.dense_transposed else (m.out_features, m.in_features),
+                f"module {m.name}: its update",
+            )
         )
     for j, x in enumerate(c.carried):
         if x["role"] == "lora_bias":
@@ -396,21 +401,22 @@ def to_merged(c: Container, base: Path, out: Path) -> dict:
                     base, f"module {x['module']} has a LoRA bias but the base layer has no bias to merge it into"
                 )
             i = next(i for i, m in enumerate(c.modules) if m.name == x["module"])
-            edits[k] = ("bias", j, i)
-            want[k] = ((c.modules[i].out_features,), f"module {x['module']}: its LoRA bias")
+            edits.setdefault(k, []).append(("bias", j, i))
+            want.append((k, (c.modules[i].out_features,), f"module {x['module']}: its LoRA bias"))
         elif x["role"] in ("modules_to_save", "embedding_base"):
             name = x["key"].removeprefix(PREFIX)
             name = (
                 name.replace(".base_layer.weight", ".weight")
+                .replace(".base_layer.bias", ".bias")  # bias="all"/"lora_only": the trained bias of a LoRA layer
                 .replace(".modules_to_save.", ".")
                 .replace(".original_module.", ".")
             )
             k = name if name in kset else _match_key(name.rsplit(".", 1)[0], kset, name.rsplit(".", 1)[1])
             if k is None:
                 raise BaseModelError(base, f"tensor {x['key']} of the adapter has no counterpart in the base model")
-            edits[k] = ("replace", j)
-            want[k] = (c.stored_shape(x["tensor"]), f"tensor {x['key']} of the adapter")
-    for k, (shape, what) in want.items():
+            edits.setdefault(k, []).append(("replace", j))
+            want.append((k, c.stored_shape(x["tensor"]), f"tensor {x['key']} of the adapter"))
+    for k, shape, what in want:
         if shapes[k] != tuple(shape):
             raise BaseModelError(
                 keys[k],
@@ -428,11 +434,13 @@ def to_merged(c: Container, base: Path, out: Path) -> dict:
                 with StreamingWriter(tmp / s.name, plan, meta) as w:
                     for n, dt, _ in plan:
                         t = fh.get_tensor(n)
-                        e = edits.get(n)
-                        if e is not None:
+                        for e in sorted(edits.get(n, ()), key=lambda e: _EDIT_ORDER[e[0]]):
                             t = _apply(c, form, e, t, magnitude, s)
                         w.write(n, t.to(dt).contiguous())
     return {"output": str(out), "base_model": str(base), "shards": len(shards), "edited_tensors": len(edits)}
+
+
+_EDIT_ORDER = {"replace": 0, "delta": 1, "bias": 2}
 
 
 def _apply(c: Container, form: Form, e: tuple, t: torch.Tensor, magnitude: dict[str, int], shard: Path) -> torch.Tensor:

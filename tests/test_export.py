@@ -367,3 +367,20 @@ def test_merged_onto_another_width_names_the_base_file(lora_fp32, tmp_path):
     code, out, err = run_cli("expand", c, "--to", "merged", "--base-model", wide, "-o", tmp_path / "m2")
     assert (code, out, err) == (2, "", f"adaptzip: error: {wide / 'model.safetensors'}: {cause}\n")
     assert not (tmp_path / "merged").exists() and not (tmp_path / "m2").exists()
+
+
+def test_merged_keeps_every_update_next_to_the_tensors_peft_saves(make_lora, llama_base, gpt2_base, tmp_path):
+    """PEFT saves some tensors of the layers it adapts: the base weight of an adapted embedding
+    (``…embed_tokens.base_layer.weight``) and, with bias="all"/"lora_only", every trained bias
+    (``…c_attn.base_layer.bias``). The merged model takes those tensors AND adds ΔW on top."""
+    emb = make_lora("emb_head", steps=4, target_modules=["q_proj", "embed_tokens", "lm_head"])
+    keys = load_file(emb / "adapter_model.safetensors")
+    assert any(k.endswith("embed_tokens.base_layer.weight") for k in keys)  # the premise
+    bias = make_lora("gpt2bias", base=gpt2_base, steps=3, target_modules=["c_attn"], fan_in_fan_out=True, bias="all")
+    assert any(k.endswith("c_attn.base_layer.bias") for k in load_file(bias / "adapter_model.safetensors"))
+    for base, src in ((llama_base, emb), (gpt2_base, bias)):
+        c = tmp_path / f"{src.name}.safetensors"
+        adaptzip.compress(src, c, to="lora")
+        merged = tmp_path / f"{src.name}.merged"
+        adaptzip.expand(c, merged, to="merged", base_model=base)
+        assert_merged_matches(merged, base, src)
