@@ -49,6 +49,24 @@ _FACTOR_KEYS = {
 }
 
 
+# PEFT config keys under which an adapter is more than "W x + scale·B A x on every token, in the
+# modules its tensors name". The factors are still what adaptzip converts (`--to peft` keeps the
+# key, so PEFT applies it as before); an export that cannot express it refuses it
+# (:func:`runtime_features`), instead of writing an adapter or weights that behave otherwise.
+RUNTIME_FEATURES = {
+    "alora_invocation_tokens": "aLoRA (the update applies only after its invocation tokens)",
+    "trainable_token_indices": "trainable tokens (embedding rows trained beside the LoRA)",
+    "layer_replication": "layer replication (it adapts layers that PEFT first copies)",
+    "use_qalora": "QA-LoRA (A reads group-pooled inputs)",
+    "arrow_config": "Arrow routing (several LoRAs mixed per token)",
+}
+
+
+def runtime_features(config: dict) -> list[str]:
+    """What of :data:`RUNTIME_FEATURES` the PEFT config sets, in words ([] for a plain LoRA)."""
+    return [what for key, what in RUNTIME_FEATURES.items() if config.get(key)]
+
+
 def split_layer(name: str) -> tuple[str | None, int | None, str]:
     """``model.layers.3.self_attn.q_proj`` → (``model.layers``, 3, ``self_attn.q_proj``).
 

@@ -103,6 +103,7 @@ def expand(
         return export.to_merged(c, Path(base_model), output)
     native = get_form(c.form_name).native_exports()
     if to in native:
+        export.refuse_runtime_features(c, f"--to {to}")
         return native[to](c, output, dtype=dtype)
     if to in expand_targets():
         raise ExportError(

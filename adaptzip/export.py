@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import linalg
-from .adapter import PREFIX, TORCH_DTYPES, ModuleInfo, pattern_key, peft_targets
+from .adapter import PREFIX, TORCH_DTYPES, ModuleInfo, pattern_key, peft_targets, runtime_features
 from .container import Container
 from .errors import BaseModelError, ContainerError, ExportError
 from .fileio import (
@@ -106,6 +106,15 @@ def _factor_keys(m: ModuleInfo) -> tuple[str, str]:
     return f"{PREFIX}{m.name}.lora_A.weight", f"{PREFIX}{m.name}.lora_B.weight"
 
 
+def refuse_runtime_features(c: Container, target: str) -> None:
+    """An export that writes plain ΔW, a plain live form or another tuner's format (every
+    target but ``--to peft``; api.expand checks the forms' native exports) cannot carry what the source's PEFT
+    config adds to "W x + ΔW x on every token" (:data:`adaptzip.adapter.RUNTIME_FEATURES`)."""
+    feats = runtime_features(c.source_config)
+    if feats:
+        raise ExportError(c.path, f"{target} cannot express {feats[0]}; expand with --to peft")
+
+
 def to_peft(
     c: Container, out: Path, *, target: str = "peft", max_lora_rank: int | None = None, dtype: str | None = None
 ) -> dict:
@@ -120,6 +129,7 @@ def to_peft(
     scales: dict[str, float] = {}
     with torch.no_grad():
         if target == "vllm":
+            refuse_runtime_features(c, "--target vllm")
             bad = [x for x in c.carried if x["role"] in ("lora_bias", "dora_magnitude", "modules_to_save")]
             if bad:
                 why = {
@@ -287,6 +297,7 @@ def _delta(form: Form, i: int, m: ModuleInfo, dtype: torch.dtype) -> torch.Tenso
 def to_dense(c: Container, out: Path, *, dtype: str | None = "fp32") -> dict:
     """One safetensors file: ΔW per module keyed by the base weight name, written module by module
     (peak memory: one ΔW). LoRA biases become ``<module>.bias`` deltas."""
+    refuse_runtime_features(c, "--to dense")
     if any(x["role"] == "dora_magnitude" for x in c.carried):
         raise ExportError(
             c.path, "a DoRA update depends on the base weights and has no dense ΔW; use --to merged --base-model DIR"
@@ -352,6 +363,7 @@ def _match_key(name: str, keys: set[str], suffix: str) -> str | None:
 def to_merged(c: Container, base: Path, out: Path) -> dict:
     """The base model's safetensors shards with ΔŴ added (DoRA and LoRA biases applied,
     modules_to_save replaced), written shard by shard and tensor by tensor; other files copied."""
+    refuse_runtime_features(c, "--to merged")
     form = c.form()
     shards, _ = _base_shards(base)
     keys: dict[str, Path] = {}

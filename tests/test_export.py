@@ -7,7 +7,7 @@ import pytest
 import torch
 from fixtures import load_base, random_ids
 from peft import PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import adaptzip
 from adaptzip import linalg
@@ -384,3 +384,48 @@ def test_merged_keeps_every_update_next_to_the_tensors_peft_saves(make_lora, lla
         merged = tmp_path / f"{src.name}.merged"
         adaptzip.expand(c, merged, to="merged", base_model=base)
         assert_merged_matches(merged, base, src)
+
+
+RUNTIME = {  # PEFT features under which an adapter is more than W x + ΔW x on every token
+    "aLoRA": {"alora_invocation_tokens": [5, 6], "task_type": "CAUSAL_LM"},
+    "trainable tokens": {"trainable_token_indices": [3, 5, 7]},
+    "layer replication": {"layer_replication": [[0, 2], [1, 3]]},
+}
+
+
+@pytest.mark.parametrize("feature", list(RUNTIME))
+def test_peft_features_beyond_plain_lora_stay_with_peft_and_are_refused_elsewhere(
+    feature, make_lora, llama_base, tmp_path
+):
+    """--to peft keeps the feature (PEFT applies it as before, logits equal); dense, merged,
+    peft-native and vLLM cannot express it and refuse it, writing nothing."""
+    made = make_lora(
+        f"rt_{feature.replace(' ', '_')}", steps=3, target_modules=["q_proj", "v_proj"], **RUNTIME[feature]
+    )
+    src = tmp_path / "src"  # B set (an aLoRA trained on text without its invocation keeps B = 0)
+    shutil.copytree(made, src)
+    g = torch.Generator().manual_seed(0)
+    t = load_file(src / "adapter_model.safetensors")
+    t = {k: torch.randn(v.shape, generator=g) * 0.1 if ".lora_B." in k else v for k, v in t.items()}
+    save_file(t, src / "adapter_model.safetensors")
+    c, s = tmp_path / "c.safetensors", tmp_path / "s.safetensors"
+    adaptzip.compress(src, c, to="lora")
+    adaptzip.compress(src, s, to="bslora-ke", budget=0.9, fitting=FitOptions(steps=5, baseline=False))
+    ids = random_ids()
+    ids[:, 4:6] = torch.tensor([5, 6])  # aLoRA's invocation: its update applies from there on
+    adaptzip.expand(c, tmp_path / "peft")
+    with torch.no_grad():
+        base_logits = load_base(llama_base)(input_ids=ids).logits
+    want = peft_logits(llama_base, src, ids)
+    assert float((want - base_logits).abs().max()) > 1e-3  # the feature's adapter does change the output
+    torch.testing.assert_close(peft_logits(llama_base, tmp_path / "peft", ids), want, rtol=0, atol=1e-5)
+    for to, cont, kw in (
+        ("dense", c, {}),
+        ("merged", c, {"base_model": llama_base}),
+        ("peft-native", s, {}),
+        ("peft", c, {"target": "vllm"}),
+    ):
+        out = tmp_path / f"{to}-{kw.get('target', '')}"
+        with pytest.raises(ExportError, match=feature):
+            adaptzip.expand(cont, out, to=to, **kw)
+        assert not out.exists()
