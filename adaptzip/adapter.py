@@ -98,6 +98,17 @@ def pattern_key(pattern_keys, name: str) -> str | None:
     return None
 
 
+def _excluded(config: dict, name: str) -> bool:
+    """PEFT's ``exclude_modules`` rule: a regex matching the whole name, or a list entry equal to
+    the name or to a ``.``-separated suffix of it."""
+    ex = config.get("exclude_modules")
+    if not ex:
+        return False
+    if isinstance(ex, str):
+        return re.fullmatch(ex, name) is not None
+    return name in ex or any(name.endswith(f".{e}") for e in ex)
+
+
 def peft_targets(config: dict, name: str, kind: str = "linear") -> bool:
     """Whether PEFT, given this LoRA config, adapts the module ``name`` (its path in the base
     model): PEFT's own rule (``peft.tuners.tuners_utils.check_target_module_exists``) —
@@ -105,13 +116,8 @@ def peft_targets(config: dict, name: str, kind: str = "linear") -> bool:
     that must match the whole name (``all-linear``: every linear layer), as a list an entry
     equal to the name or to a ``.``-separated suffix of it; with ``layers_to_transform`` the
     module's layer index must be listed."""
-    ex = config.get("exclude_modules")
-    if ex:
-        if isinstance(ex, str):
-            if re.fullmatch(ex, name):
-                return False
-        elif name in ex or any(name.endswith(f".{e}") for e in ex):
-            return False
+    if _excluded(config, name):
+        return False
     for m in config.get("modules_to_save") or ():
         if re.match(rf"(^|.*\.){m}($|\..*)", name):
             return False
@@ -445,7 +451,13 @@ class Adapter:
             if isinstance(tm, str):
                 unused = [] if tm == "all-linear" or any(re.fullmatch(tm, n) for n in names) else [tm]
             else:
-                unused = [t for t in tm if not any(n == t or n.endswith(f".{t}") for n in names)]
+                # an entry that exclude_modules removes is not unused: PEFT writes all-linear as the
+                # list of every linear name, beside the excluded ones
+                unused = [
+                    t
+                    for t in tm
+                    if not any(n == t or n.endswith(f".{t}") for n in names) and not _excluded(self.config, f"_.{t}")
+                ]
         except (re.error, TypeError) as e:
             return {
                 "in_config_not_in_tensors": [],

@@ -285,6 +285,12 @@ def test_config_mismatch_reported(make_lora, tmp_path):
         (d / "adapter_config.json").write_text(json.dumps({**cfg, **extra}))
         got = adaptzip.load_adapter(d).config_mismatch
         assert len(got["in_tensors_not_in_config"]) == dropped and got["in_config_not_in_tensors"] == [], extra
+    # PEFT writes all-linear with exclude_modules as every linear name, the excluded ones too:
+    # those entries are excluded, not unused, and nothing is reported
+    ex = make_lora("mism_exclude", steps=2, target_modules="all-linear", exclude_modules=["k_proj", "down_proj"])
+    written = json.loads((ex / "adapter_config.json").read_text())["target_modules"]
+    assert any(t.endswith("k_proj") for t in written)  # the premise
+    assert adaptzip.load_adapter(ex).config_mismatch is None
 
 
 def test_symlink_loops_are_named(lora_fp32, tmp_path):
