@@ -242,9 +242,11 @@ def _main(
 def inspect(
     lora_dir: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.", readable=False)],
     as_json: JsonOpt = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Show an adapter: base model, PEFT version, modules per type and layer, ranks, alphas/scales,
     dtype, parameters, bytes, and a per-module spectrum (effective rank, energy in top-k)."""
+    runtime.use_threads(threads)
     res = api.inspect(lora_dir)
     if res.get("config_mismatch"):
         _warn([f"{Path(res['path']) / 'adapter_config.json'}: {res['config_mismatch']['message']}"])

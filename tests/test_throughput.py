@@ -185,9 +185,11 @@ def test_threads_everywhere(env, tmp_path):
     )
     assert res.bytes > 0 and torch.get_num_threads() == old
     assert 1 <= runtime.idle_cores() <= runtime.cores()
-    for cmd in ("compress", "expand", "verify", "batch", "report"):
+    for cmd in ("inspect", "compress", "expand", "verify", "batch", "report"):  # every command that computes
         code, out, _ = run_cli(cmd, "--help")
         assert code == 0 and "--threads" in out, cmd
+    code, out, _ = run_cli("inspect", env["lora"], "--threads", "1", "--json")
+    assert code == 0 and json.loads(out)["n_modules"] > 0 and torch.get_num_threads() == old
 
 
 def _env() -> dict:
