@@ -194,6 +194,21 @@ def undo_folders_on_failure() -> Iterator[None]:
     del _MADE[since:]
 
 
+@contextlib.contextmanager
+def removed_on_failure(path: Path | None) -> Iterator[None]:
+    """Around work that may write ``path`` beside its output (a file that does not exist yet,
+    such as the default Σ statistics file): when the work fails or is interrupted, ``path`` is
+    removed again, so a failed command leaves no output. A file that existed before is kept."""
+    existed = path is None or os.path.lexists(path)
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with shielded(), contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+
+
 def check_writable(path: Path, folder: bool = False) -> None:
     """Refuse (before any work) an output that cannot be created: the nearest existing folder
     above ``path`` (or ``path`` itself when ``folder`` and it exists) must be a folder that this

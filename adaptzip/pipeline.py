@@ -30,7 +30,7 @@ from . import fit, qsearch
 from .adapter import DTYPE_NAMES, Adapter, load_adapter
 from .budget import Built, FitRequest, fit_to_budget, parse_budget, resolve_dtype, svd_baseline
 from .errors import AdaptzipError, OptionError
-from .fileio import check_output, json_clean
+from .fileio import check_output, json_clean, removed_on_failure
 from .forms import BASELINE, REGISTRY, FitContext, Form, get_form, is_baseline, lossless_form, make_config
 from .forms.base import config_to_json
 from .options import CalibrationOptions, CompressResult, FitOptions, QuantOptions, RunOptions
@@ -135,46 +135,48 @@ def compress(
     config = None if form_cls is None else make_config(form_cls, form_options)
     dt = resolve_dtype(fitting.dtype, adapter)
     budget_bytes = None if budget is None else parse_budget(budget, adapter.bytes)
-    cal, stats = calibration_session(adapter, output, calibration, fitting, run)
-    torch.manual_seed(fitting.seed)
-    ctx = FitContext(stats=stats, seed=fitting.seed, progress=run.progress, max_steps=fitting.steps)
-    req = FitRequest(adapter, form_cls, config, budget_bytes, dt, ctx)
-    fitb = (
-        fit_to_budget
-        if quant.scheme == "none"
-        else functools.partial(qsearch.fit_quantised, quant=quant.scheme, group_size=quant.group_size)
-    )
-    auto_report: dict | None = None
-    qauto: dict = {}
-    if cal is not None:
-        if quant.scheme == "auto" and form_cls is not None:
-            fitb = functools.partial(fitb, auto_report=qauto)
-        distil = Distillation(
-            cal,
-            fitb,
-            calibration.steps,
-            calibration.lr,
-            run.command,
-            Clock(calibration.seconds),
-            most_steps=calibration.steps_most,
+    # the Σ file this run writes beside its output (by default) goes again if the command fails
+    with removed_on_failure(stats_written_by(output, calibration, fitting)):
+        cal, stats = calibration_session(adapter, output, calibration, fitting, run)
+        torch.manual_seed(fitting.seed)
+        ctx = FitContext(stats=stats, seed=fitting.seed, progress=run.progress, max_steps=fitting.steps)
+        req = FitRequest(adapter, form_cls, config, budget_bytes, dt, ctx)
+        fitb = (
+            fit_to_budget
+            if quant.scheme == "none"
+            else functools.partial(qsearch.fit_quantised, quant=quant.scheme, group_size=quant.group_size)
         )
-    if form_cls is None:
-        built, auto_report = auto_select(req, distil, n_distil=calibration.auto_distil)
-    elif cal is not None:
-        built = fit_and_distil(req, distil, baseline=fitting.baseline)
-    else:
-        metrics_fn = weight_metrics(req, quant, fitting.baseline, stats is not None)
-        if quant.scheme == "auto":
-            built, qauto = qsearch.quant_auto(req, quant.group_size, metrics_fn, run.command)
-        else:
-            built = fit_to_budget(
-                req, metrics_fn=metrics_fn, command=run.command, quant=quant.scheme, group_size=quant.group_size
+        auto_report: dict | None = None
+        qauto: dict = {}
+        if cal is not None:
+            if quant.scheme == "auto" and form_cls is not None:
+                fitb = functools.partial(fitb, auto_report=qauto)
+            distil = Distillation(
+                cal,
+                fitb,
+                calibration.steps,
+                calibration.lr,
+                run.command,
+                Clock(calibration.seconds),
+                most_steps=calibration.steps_most,
             )
-    form, tensors, manifest = built.form, built.tensors, built.manifest
-    warnings = [] if budget_bytes is not None or form.lossless else size_warnings(req, built, form_options)
-    if adapter.config_mismatch is not None:  # every tensor is converted; the source config misdescribes them
-        warnings.insert(0, f"{adapter.path / 'adapter_config.json'}: {adapter.config_mismatch['message']}")
-    written = ct.write(output, tensors, manifest)
+        if form_cls is None:
+            built, auto_report = auto_select(req, distil, n_distil=calibration.auto_distil)
+        elif cal is not None:
+            built = fit_and_distil(req, distil, baseline=fitting.baseline)
+        else:
+            metrics_fn = weight_metrics(req, quant, fitting.baseline, stats is not None)
+            if quant.scheme == "auto":
+                built, qauto = qsearch.quant_auto(req, quant.group_size, metrics_fn, run.command)
+            else:
+                built = fit_to_budget(
+                    req, metrics_fn=metrics_fn, command=run.command, quant=quant.scheme, group_size=quant.group_size
+                )
+        form, tensors, manifest = built.form, built.tensors, built.manifest
+        warnings = [] if budget_bytes is not None or form.lossless else size_warnings(req, built, form_options)
+        if adapter.config_mismatch is not None:  # every tensor is converted; the source config misdescribes them
+            warnings.insert(0, f"{adapter.path / 'adapter_config.json'}: {adapter.config_mismatch['message']}")
+        written = ct.write(output, tensors, manifest)
     qinfo = qsearch.storage_summary(manifest) if "storage" in manifest else None
     if qinfo is not None and quant.scheme == "auto" and form_cls is not None:
         qinfo["auto"] = qauto
@@ -269,6 +271,15 @@ def default_stats_path(output: Path) -> Path:
     return output.with_name(stem + ".stats.safetensors")
 
 
+def stats_written_by(output: Path, opts: CalibrationOptions | None, fitting: FitOptions) -> Path | None:
+    """The Σ statistics file that :func:`calibration_session` will write (None when it writes none)."""
+    if opts is None or not opts.teacher or fitting.stats is not None:
+        return None
+    if opts.stats_file is None:
+        return default_stats_path(output)
+    return None if Path(opts.stats_file).is_file() else Path(opts.stats_file)
+
+
 def calibration_session(
     adapter: Adapter, output: Path, opts: CalibrationOptions | None, fitting: FitOptions, run: RunOptions
 ):
@@ -290,11 +301,9 @@ def calibration_session(
     from . import distill
     from .sigma import SKETCH_RANK
 
-    save_to = None
-    if stats is None and (opts.stats_file is None or not Path(opts.stats_file).is_file()):
-        save_to = Path(opts.stats_file) if opts.stats_file is not None else default_stats_path(output)
-        if opts.stats_file is None:
-            check_output(save_to, run.force)
+    save_to = stats_written_by(output, opts, fitting)
+    if save_to is not None and opts.stats_file is None:
+        check_output(save_to, run.force)
     cal = distill.prepare(
         adapter,
         opts.base_model,

@@ -474,6 +474,7 @@ class Case:
     keep: tuple[str, ...] = ()  # new entries allowed (relative to the case folder): a batch's summary, good containers
     run: str = "cli"  # cli | permissions (permission bits hold, also as root) | diskfull | SIGINT | SIGTERM
     json: bool = True  # append --json (human output, tables and progress, stays off stdout and stderr)
+    after: str = ""  # a signal case: the signal lands while writing another file, once this one is written
 
 
 def bad(id: str, make: Make, argv: tuple[str, ...], path: str | None, cause: str, **kw) -> Case:
@@ -518,13 +519,17 @@ DENIED = r"(?i)permission denied|read-only|not writable"
 NO_SPACE = r"(?i)no space|disk (is )?full|space left"
 # what each command of the signal cases runs on: (inputs, argv, new entries a batch keeps)
 SIGNAL_INPUTS = {
-    "compress": (adapter(), ("compress", "{in}/ad", "-o", "{out}/c.safetensors", "--to", "lora"), ()),
-    "expand": (container(src="lora.safetensors"), ("expand", "{in}/c.safetensors", "-o", "{out}/peft"), ()),
+    "compress": (adapter(), ("compress", "{in}/ad", "-o", "{out}/c.safetensors", "--to", "lora"), (), ""),
+    "expand": (container(src="lora.safetensors"), ("expand", "{in}/c.safetensors", "-o", "{out}/peft"), (), ""),
     "batch": (
         inputs(copy("ad", "zoo/a"), copy("ad", "zoo/b")),
         ("batch", "{in}/zoo", "-o", "{out}/b", "--to", "lora", "--jobs", "1"),
         BATCH_KEEP,
+        "",
     ),
+    # the Σ statistics are written beside the container first: the signal lands while the
+    # container is written, and the finished statistics file must go too
+    "compress-calibrated": (_calibration_with(), CALIB, (), "c.stats.safetensors"),
 }
 
 # fmt: off
@@ -712,6 +717,7 @@ CASES: list[Case] = [
     bad("calib-missing-text", inputs(adapter(), copy("tbase")), CALIB, TEXT, r"(?i)no such"),
     bad("calib-base-of-another-width", _calibration_with(base="tnarrow"), tuple(a.replace("tbase", "tnarrow") for a in CALIB), r"{in}/tnarrow", SHAPE),
     bad("calib-base-without-tokenizer", _calibration_with(base="base"), tuple(a.replace("tbase", "base") for a in CALIB), r"{in}/base", r"tokenizer"),
+    bad("calib-then-budget-too-small", _calibration_with(), (*COMPRESS, "--to", "bslora-ke", "--budget", "0.001", *CALIB[-8:]), AD, r"(?i)budget"),
     bad("calib-base-missing", inputs(adapter(), copy("calib.txt")), tuple(a.replace("tbase", "nobase") for a in CALIB), r"{in}/nobase", r"(?i)no such"),
     # ------------------------------------------------------------------ output locations
     bad("compress-output-exists", inputs(adapter(), out_file("c.safetensors")), COMPRESS, r"{out}/c\.safetensors", EXISTS),
@@ -756,8 +762,8 @@ CASES: list[Case] = [
     bad("compress-disk-full-human", inputs(adapter(), out_dir("full")), ("compress", "{in}/ad", "-o", "{out}/full/c.safetensors", "--to", "svd"), r"{out}/full/c\.safetensors", NO_SPACE, run="diskfull", json=False),
     # ------------------------------------------------------------------ signals mid-write
     *(
-        Case(f"{cmd}-{sig}-mid-write", make, argv, code=130, keep=keep, run=sig)
-        for cmd, (make, argv, keep) in SIGNAL_INPUTS.items()
+        Case(f"{cmd}-{sig}-mid-write", make, argv, code=130, keep=keep, run=sig, after=after)
+        for cmd, (make, argv, keep, after) in SIGNAL_INPUTS.items()
         for sig in ("SIGTERM", "SIGINT")
     ),
 ]
@@ -841,13 +847,15 @@ SERVER = r"""
 import json, os, sys, time, traceback
 from adaptzip.cli import main
 
-def hook(marker, watch):
+def hook(marker, watch, after):
     fired = []
     orig_rename = os.rename
     def busy():
+        if after and not os.path.exists(os.path.join(watch, after)):
+            return None
         for dp, dn, fn in os.walk(watch):
             for n in fn:
-                if n != ".adaptzip-batch.lock":
+                if n not in (".adaptzip-batch.lock", after):
                     return os.path.join(dp, n)
     def wrap(name):
         orig = getattr(os, name)
@@ -875,7 +883,7 @@ def child(req):
         for fd, path in ((1, req["stdout"]), (2, req["stderr"])):
             os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
         if req["marker"]:
-            hook(req["marker"], req["watch"])
+            hook(req["marker"], req["watch"], req["after"])
         sys.argv = ["adaptzip", *req["argv"]]
         try:
             main()
@@ -968,6 +976,7 @@ def subprocess_results(src, tmp_path_factory) -> dict[str, tuple[Ctx, Result] | 
             "argv": _argv(c.case, c.x),
             "marker": c.marker,
             "watch": str(c.x.out),
+            "after": c.case.after,
             "stdout": f"{c.logs}.out",
             "stderr": f"{c.logs}.err",
         }
