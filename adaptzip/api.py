@@ -86,7 +86,7 @@ def expand(
     c = ct.open_container(container)
     output = Path(output)
     srcs = (c.path,) + ((Path(base_model),) if base_model else ())
-    check_output(output, force, sources=srcs)
+    check_output(output, force, sources=srcs, folder=to != "dense")
     if dtype is not None and dtype not in TORCH_DTYPES:
         raise OptionError(None, f"--dtype {dtype!r}: expected one of fp16, bf16, fp32")
     if target not in ("peft", "vllm"):

@@ -234,9 +234,10 @@ def check_writable(path: Path, folder: bool = False) -> None:
         raise OutputError(path, f"permission denied (cannot write into folder {p})")
 
 
-def check_output(path: Path, force: bool, sources: tuple[Path, ...] = ()) -> None:
-    """Refuse an existing output without --force, an output that is one of the inputs, and an
-    output that cannot be written (:func:`check_writable`)."""
+def check_output(path: Path, force: bool, sources: tuple[Path, ...] = (), folder: bool = False) -> None:
+    """Refuse an existing output without --force, an output that is one of the inputs, an output
+    that cannot be written (:func:`check_writable`), and a file output (``folder`` False) where a
+    folder is: --force replaces a file, never a whole folder named by mistake."""
     path = Path(path)
     try:
         rp = path.resolve()
@@ -251,6 +252,8 @@ def check_output(path: Path, force: bool, sources: tuple[Path, ...] = ()) -> Non
         raise OutputError(path, "symbolic link loop") from e
     if exists and not force:
         raise OutputExists(path, "exists (use --force to replace it)")
+    if exists and not folder and path.is_dir() and not path.is_symlink():
+        raise OutputExists(path, "exists and is a folder, but the output is a file (--force replaces only a file)")
     check_writable(path)
 
 

@@ -259,7 +259,9 @@ def report(
     out_p = Path(out) if out is not None else None
     if out_p is not None:
         # the output is a folder, replaced whole: it must not exist (without --force) nor hold an input
-        check_output(out_p, force, sources=tuple(c.path for c in cs) + ((Path(against),) if against else ()))
+        check_output(
+            out_p, force, sources=tuple(c.path for c in cs) + ((Path(against),) if against else ()), folder=True
+        )
     ad = None
     ctx = FitContext()
     if against is not None:

@@ -722,6 +722,8 @@ CASES: list[Case] = [
     # ------------------------------------------------------------------ output locations
     bad("compress-output-exists", inputs(adapter(), out_file("c.safetensors")), COMPRESS, r"{out}/c\.safetensors", EXISTS),
     bad("compress-output-is-a-folder", inputs(adapter(), out_dir("c.safetensors")), COMPRESS, r"{out}/c\.safetensors", EXISTS),
+    bad("compress-force-output-is-a-folder", inputs(adapter(), out_file("c.safetensors/keep")), (*COMPRESS, "--force"), r"{out}/c\.safetensors", r"(?i)is a folder"),
+    bad("expand-dense-force-output-is-a-folder", inputs(container(), out_file("delta.safetensors/keep")), (*DENSE, "--force"), r"{out}/delta\.safetensors", r"(?i)is a folder"),
     bad("expand-output-exists", inputs(container(), out_file("peft/x")), EXPAND, r"{out}/peft", EXISTS),
     bad("expand-dense-output-exists", inputs(container(), out_file("delta.safetensors")), DENSE, r"{out}/delta\.safetensors", EXISTS),
     bad("report-output-exists", inputs(container(), out_file("report/x")), REPORT, r"{out}/report", EXISTS),
