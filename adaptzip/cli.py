@@ -315,6 +315,7 @@ def forms(as_json: JsonOpt = False) -> None:
 @app.command()
 @with_form_options
 def compress(
+    ctx: typer.Context,
     lora_dir: Annotated[Path, typer.Argument(help="PEFT LoRA adapter directory.", readable=False)],
     output: Annotated[
         Path, typer.Option("-o", "--output", help="Container file to write (.safetensors).", readable=False)
@@ -437,6 +438,10 @@ def compress(
     before and after distillation)."""
     runtime.use_threads(threads)
     calibration = None
+    if base_model is None:  # options that only calibration reads are refused, not silently ignored
+        given = _given(ctx, "device", "calib_lr", "calib_steps", "calib_max_steps", "calib_tokens", "precision")
+        if given:
+            raise OptionError(None, f"{given[0]} applies to calibration: it needs --base-model and --calib")
     if any(v is not None for v in (base_model, calib, eval_text, stats, calib_time)):
         calibration = CalibrationOptions(
             base_model=base_model,
@@ -852,6 +857,15 @@ def report(
             err.print(f"report: {escape(r['files']['report_md'])}")
 
     _emit(res, as_json, human)
+
+
+def _given(ctx: typer.Context, *params: str) -> list[str]:
+    """The options among ``params`` (parameter names) that the command line sets, as --names."""
+    return [
+        "--" + p.replace("_", "-")
+        for p in params
+        if getattr(ctx.get_parameter_source(p), "name", None) == "COMMANDLINE"  # (Typer may vendor click)
+    ]
 
 
 def main(*, process_entry: bool | None = None) -> None:

@@ -17,6 +17,8 @@ Every class is frozen and has a ``to_json()`` (what ``batch`` hashes into its re
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +152,10 @@ class CalibrationOptions:
             raise OptionError(None, "--calib-time limits distillation: it needs --base-model and --calib")
         if self.seconds is not None and not self.seconds > 0:
             raise OptionError(None, f"--calib-time must be > 0 seconds, got {self.seconds}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise OptionError(None, f"--calib-lr must be a finite number > 0, got {self.lr}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device).lower()):
+            raise OptionError(None, f"--device {self.device!r}: expected auto, cpu or cuda[:N]")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise OptionError(None, f"--precision {self.precision!r}: expected auto, fp32 or bf16")
         for name in ("seq_len", "batch_size", "auto_distil"):

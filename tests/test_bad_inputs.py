@@ -717,6 +717,12 @@ CASES: list[Case] = [
     bad("calib-missing-text", inputs(adapter(), copy("tbase")), CALIB, TEXT, r"(?i)no such"),
     bad("calib-base-of-another-width", _calibration_with(base="tnarrow"), tuple(a.replace("tbase", "tnarrow") for a in CALIB), r"{in}/tnarrow", SHAPE),
     bad("calib-base-without-tokenizer", _calibration_with(base="base"), tuple(a.replace("tbase", "base") for a in CALIB), r"{in}/base", r"tokenizer"),
+    bad("compress-device-without-base-model", adapter(), (*COMPRESS, "--device", "tpu9"), None, r"--device.*--base-model"),
+    bad("compress-calib-steps-without-base-model", adapter(), (*COMPRESS, "--calib-steps", "5"), None, r"--calib-steps.*--base-model"),
+    bad("compress-precision-with-stats-alone", inputs(adapter(), copy("calib.txt")), (*COMPRESS, "--stats", "{in}/s.safetensors", "--precision", "bf16"), None, r"--precision.*--base-model"),
+    bad("calib-lr-negative", _calibration_with(), (*CALIB, "--calib-lr", "-1"), None, r"calib-lr"),
+    bad("calib-lr-nan", _calibration_with(), (*CALIB, "--calib-lr", "nan"), None, r"calib-lr"),
+    bad("calib-device-bogus", _calibration_with(), (*CALIB, "--device", "tpu9"), None, r"--device"),
     bad("calib-then-budget-too-small", _calibration_with(), (*COMPRESS, "--to", "bslora-ke", "--budget", "0.001", *CALIB[-8:]), AD, r"(?i)budget"),
     bad("calib-base-missing", inputs(adapter(), copy("calib.txt")), tuple(a.replace("tbase", "nobase") for a in CALIB), r"{in}/nobase", r"(?i)no such"),
     # ------------------------------------------------------------------ output locations
