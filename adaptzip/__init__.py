@@ -23,16 +23,49 @@ import os as _os
 # it only helps when adaptzip is imported first (the CLI); the user's own setting wins.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .adapter import Adapter, ModuleInfo, load_adapter  # noqa: E402
-from .api import compress, expand, inspect, list_forms, verify  # noqa: E402
-from .container import Container, open_container  # noqa: E402
-from .errors import AdaptzipError  # noqa: E402
-from .options import CalibrationOptions, CompressResult, FitOptions, QuantOptions, RunOptions  # noqa: E402
 from .peft_hook import install as _install_peft_methods  # noqa: E402
-from .report import report as report_containers  # noqa: E402  (the module adaptzip.report keeps its name)
-from .zoo import batch  # noqa: E402
 
 _install_peft_methods()  # adaptzip's PEFT tuners, registered once PEFT is imported (adaptzip.peft)
+
+# The public names load their modules (torch, safetensors…) on first use, so that ``import
+# adaptzip`` itself is light: the console script (:mod:`adaptzip.entry`) must be able to answer a
+# Ctrl-C that lands while those modules are still importing.
+_LAZY = {
+    "Adapter": ("adapter", "Adapter"),
+    "ModuleInfo": ("adapter", "ModuleInfo"),
+    "load_adapter": ("adapter", "load_adapter"),
+    "compress": ("api", "compress"),
+    "expand": ("api", "expand"),
+    "inspect": ("api", "inspect"),
+    "list_forms": ("api", "list_forms"),
+    "verify": ("api", "verify"),
+    "Container": ("container", "Container"),
+    "open_container": ("container", "open_container"),
+    "AdaptzipError": ("errors", "AdaptzipError"),
+    "CalibrationOptions": ("options", "CalibrationOptions"),
+    "CompressResult": ("options", "CompressResult"),
+    "FitOptions": ("options", "FitOptions"),
+    "QuantOptions": ("options", "QuantOptions"),
+    "RunOptions": ("options", "RunOptions"),
+    "report_containers": ("report", "report"),  # (the module adaptzip.report keeps its name)
+    "batch": ("zoo", "batch"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'adaptzip' has no attribute {name!r}")
+    import importlib
+
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "Adapter",

@@ -284,6 +284,37 @@ def _signal_when(args: list, root: Path, when: str, sig: int) -> tuple[subproces
     return p, err, seen
 
 
+def _console_script() -> list[str]:
+    """The installed ``adaptzip`` console script (its entry point run directly when absent)."""
+    exe = Path(sys.executable).parent / "adaptzip"
+    if exe.is_file():
+        return [str(exe)]
+    return [sys.executable, "-c", "import sys; sys.argv[0] = 'adaptzip'; from adaptzip.entry import main; main()"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_cli_still_imports_is_one_line(sig, tmp_path):
+    """Ctrl-C (or SIGTERM) in the first seconds, while torch is still importing: ``adaptzip:
+    interrupted``, exit 130, nothing else (not a KeyboardInterrupt traceback, not a silent kill).
+    The signal is sent as soon as torch's library is mapped, i.e. in the middle of its import;
+    the adapter does not exist, so a signal that came too late would end in that error instead."""
+    p = subprocess.Popen(
+        [*_console_script(), "compress", str(tmp_path / "nope"), "-o", str(tmp_path / "c.safetensors")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ENV,
+    )
+    maps = Path(f"/proc/{p.pid}/maps")
+    deadline = time.monotonic() + 60
+    while p.poll() is None and time.monotonic() < deadline and "libtorch" not in maps.read_text():
+        time.sleep(0.005)
+    assert p.poll() is None, "the process ended before torch was imported"
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, out, err.decode()) == (130, b"", "adaptzip: interrupted\n")
+    assert _everything(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     "what,when,sig",
     [
