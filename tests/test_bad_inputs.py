@@ -757,6 +757,7 @@ CASES: list[Case] = [
     bad("report-against-unreadable-adapter", inputs(container(), adapter(no_access())), (*REPORT, "--against", "{in}/ad"), rf"{AD}|{CFG}", DENIED, run="permissions"),
     bad("calib-unreadable-base-folder", inputs(adapter(), copy("tbase", "tbase", no_access()), copy("calib.txt")), CALIB, r"{in}/tbase(/config\.json)?", DENIED, run="permissions"),
     bad("calib-unreadable-text", inputs(adapter(), copy("tbase"), copy("calib.txt", None, no_access())), CALIB, TEXT, DENIED, run="permissions"),
+    bad("batch-empty-zoo", in_file("zoo/notes.txt", "no adapter here"), BATCH, r"{in}/zoo", r"(?i)no PEFT adapter"),
     bad("batch-unreadable-zoo", inputs(zoo(), lambda x: (x.inp / "zoo").chmod(0)), BATCH, r"{in}/zoo", DENIED, run="permissions"),
     bad("batch-unreadable-adapter-in-zoo", zoo(no_access(CONFIG)), BATCH, r"{in}/zoo/bad/adapter_config\.json", DENIED, code=1, keep=BATCH_PARTIAL, run="permissions"),
     bad("compress-disk-full", inputs(adapter(), out_dir("full")), ("compress", "{in}/ad", "-o", "{out}/full/c.safetensors", "--to", "lora"), r"{out}/full/c\.safetensors", NO_SPACE, run="diskfull"),

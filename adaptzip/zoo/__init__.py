@@ -162,6 +162,8 @@ def batch(
                 )
     opts = batch_options(to, budget, config_to_json(config), fitting, calibration, quant)
     digest = options_sha256(opts)
+    if next(iter(discover(zoo, exclude=out)), None) is None:  # (a wrong path, most likely: say so, write nothing)
+        raise OptionError(zoo, "no PEFT adapter below it (no folder with an adapter_config.json)")
     check_writable(out, folder=True)
     made = make_dirs(out)
     threads = max(1, runtime.idle_cores() // jobs) if threads is None else threads
