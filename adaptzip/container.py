@@ -40,6 +40,7 @@ from .fileio import (
     atomic_file,
     check_not_truncated,
     file_sha256,
+    json_clean,
     safetensors_plan,
     safetensors_size,
     tensor_index,
@@ -516,6 +517,7 @@ class Container:
         tensors = self.tensors(sorted(self.specs))
         cls = self.form_class
         if cls.stored_lora_factors(self.modules, self.config, self.manifest["state"], tensors) is not None:
+            self._build(tensors)  # the form only wraps its factors (no copy needed): checks its state
             return
         with single_thread(), torch.no_grad():  # many small casts: one thread is fastest (runtime.py)
             self._build({k: v.clone() for k, v in tensors.items()})
@@ -755,6 +757,14 @@ class Container:
             raise ContainerError(self.path, e.cause) from e
         except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
             raise ContainerError(self.path, f"cannot rebuild form {self.form_name} from its tensors: {e}") from e
+        state, stored = json.loads(json.dumps(json_clean(form.state_info))), self.manifest["state"]
+        if state != stored:  # a redundant or unknown entry that the tensors contradict (formats rule 22)
+            k = next(k for k in sorted(set(state) | set(stored)) if state.get(k) != stored.get(k))
+            raise ContainerError(
+                self.path,
+                f"state does not fit form {self.form_name}: {k} is {stored.get(k, 'absent')!r}, "
+                f"its tensors give {state.get(k, 'absent')!r}",
+            )
         form.fit_info = dict(self.manifest.get("metrics") or {})
         form.eval()
         return form

@@ -688,6 +688,8 @@ CASES: list[Case] = [
     bad("expand-table-in-shared-file-edited-rank", container(shared_reference(altered=False, table="edited")), EXPAND, C, r"rank"),
     bad("verify-masa-module-in-two-groups", container(manifest(_module_in_two_groups), src="masa.safetensors"), VERIFY, C, r"(?i)group|state"),
     bad("expand-masa-module-in-two-groups", container(manifest(_module_in_two_groups), src="masa.safetensors"), EXPAND, C, r"(?i)group|state"),
+    bad("verify-lora-state-unknown-entry", container(manifest(lambda m: m["state"].update(ranks=[4] * 8)), src="lora.safetensors"), VERIFY, C, r"state does not fit form lora: ranks"),
+    bad("expand-vblora-state-rank-halved", container(manifest(lambda m: m["state"].update(rank=m["state"]["rank"] // 2)), src="vblora.safetensors"), EXPAND, C, r"state does not fit form vblora"),
     bad("expand-peft-vblora-flipped-payload-byte", container(flip_payload, src="vblora.safetensors"), (*EXPAND, "--to", "peft-vblora"), C, SHA),
     bad("expand-peft-vblora-nan-with-recomputed-hash", container(nan_in("bank"), src="vblora.safetensors"), (*EXPAND, "--to", "peft-vblora"), C, NON_FINITE),
     bad("verify-vblora-index-past-the-bank", container(first_byte("topk_indices", 200), src="vblora.safetensors"), VERIFY, C, r"(?i)index|indices|bank|range"),
