@@ -137,6 +137,7 @@ class Built(NamedTuple):
     tensors: dict[str, torch.Tensor]
     manifest: dict
     size: int
+    timings: dict = {}  # measured times (distillation seconds, tokens/s): reported, never stored
 
 
 def fit_to_budget(

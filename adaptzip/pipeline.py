@@ -57,8 +57,6 @@ MEASURE_KEYS = (
     "distill_stop",
     "distill_precision",
     "distill_best_step",
-    "distill_seconds",
-    "distill_tokens_per_s",
     "heldout_before",
     "heldout_after",
     "ppl_compressed_before",
@@ -66,6 +64,9 @@ MEASURE_KEYS = (
     "hidden_rel_mse_before",
     "hidden_rel_mse_after",
 )
+# Measured times: in the result (and --json), never in the container, whose bytes depend only on
+# the inputs and --seed (formats/container.md §9).
+TIMING_KEYS = ("distill_seconds", "distill_tokens_per_s")
 REFERENCE_KEYS = (
     "task",
     "calib_tokens",
@@ -190,7 +191,7 @@ def compress(
         bytes=written,
         stored_params=form.float_params(),
         source_params=adapter.n_params,
-        metrics=dict(manifest["metrics"]),
+        metrics={**manifest["metrics"], **built.timings},
         quant=qinfo,
         auto=auto_report,
         sharing=form.sharing(form.modules_info, form.config, form.state_info, manifest["metrics"]),
@@ -425,7 +426,7 @@ def fit_and_distil(
     m["worst_module_rel_error"] = m["worst_module_output_rel_error"]
     if baseline and not auto:
         if is_baseline(form):  # the form is its own same-bytes baseline
-            m.update({"svd_baseline_" + k: m[k] for k in MEASURE_KEYS if k in m})
+            m.update({"svd_baseline_" + k: m[k] for k in MEASURE_KEYS + TIMING_KEYS if k in m})
             m["svd_baseline_bytes"] = size
         else:
             b, bsize = svd_baseline(adapter, size, dtype, ctx)
@@ -448,14 +449,16 @@ def fit_and_distil(
 
 
 def build_within(req: FitRequest, form: Form, metrics: dict, command: str | None) -> Built:
-    """Build the container; if (unexpectedly) over the budget, drop the least essential metrics."""
+    """Build the container; if (unexpectedly) over the budget, drop the least essential metrics.
+    Measured times (:data:`TIMING_KEYS`, with any prefix) go to ``Built.timings``, not the manifest."""
     metrics = dict(metrics)
+    timings = {k: metrics.pop(k) for k in list(metrics) if k.endswith(TIMING_KEYS)}
     while True:
         tensors, manifest = ct.build(form, req.adapter, req.dtype, metrics=metrics, command=command)
         size = ct.serialized_size(tensors, manifest)
         droppable = [k for k in metrics if k not in _ESSENTIAL]
         if req.budget is None or size <= req.budget or not droppable:
-            return Built(form, tensors, manifest, size)
+            return Built(form, tensors, manifest, size, timings)
         metrics.pop(droppable[-1])
 
 

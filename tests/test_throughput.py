@@ -5,6 +5,7 @@ bench/bench_calibrate.py and bench/bench_converge.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -22,6 +23,7 @@ from fixtures import FAST_FIT, one_torch_thread
 from rich.console import Console
 
 from adaptzip import api, distill, load_adapter, progress, runtime
+from adaptzip import container as ct
 from adaptzip.errors import OptionError
 from adaptzip.forms import FitContext, get_form
 from adaptzip.options import CalibrationOptions, FitOptions, RunOptions, parse_duration
@@ -273,3 +275,23 @@ def test_stats_sketch_by_default_exact_on_request(env, tmp_path):
     )
     kinds = {type(s).__name__ for s in cal.stats.values()}
     assert "SigmaSketch" in kinds
+
+
+def test_calibrated_containers_are_byte_identical_and_keep_no_timings(env, tmp_path):
+    """Same inputs and seed give the same bytes also with distillation: its measured times are
+    reported in the result, and never stored in the container (formats/container.md §9)."""
+    outs = []
+    for i in range(2):
+        r = api.compress(
+            env["lora"],
+            tmp_path / f"c{i}.safetensors",
+            to="bslora-ke",
+            budget=0.3,
+            calibration=_calib(env, steps=3, precision="fp32"),
+            fitting=dataclasses.replace(FAST_FIT, seed=7),
+        )
+        assert r.metrics["distill_seconds"] > 0 and r.metrics["svd_baseline_distill_tokens_per_s"] > 0
+        outs.append((tmp_path / f"c{i}.safetensors").read_bytes())
+    assert outs[0] == outs[1]
+    stored = ct.open_container(tmp_path / "c0.safetensors").manifest["metrics"]
+    assert stored["distill_steps"] == 3 and not [k for k in stored if k.endswith(("_seconds", "_per_s"))]
