@@ -241,11 +241,13 @@ def check_output(path: Path, force: bool, sources: tuple[Path, ...] = (), folder
     path = Path(path)
     try:
         rp = path.resolve()
+        exists = os.path.lexists(path)
         for s in sources:
             sr = Path(s).resolve()
             if rp == sr or sr.is_relative_to(rp):  # replacing the output would destroy an input
                 raise OutputExists(path, "is an input of this command; choose another output")
-        exists = os.path.lexists(path)
+            if exists and rp.is_relative_to(sr) and sr.is_dir():  # e.g. the adapter's own config file
+                raise OutputExists(path, f"is a file of the input folder {s}; choose another output")
     except OSError as e:
         raise OutputError(path, _reason(e.errno, e)) from e
     except RuntimeError as e:  # Python < 3.13: a symlink loop on the way

@@ -736,6 +736,8 @@ CASES: list[Case] = [
     bad("expand-dense-output-exists", inputs(container(), out_file("delta.safetensors")), DENSE, r"{out}/delta\.safetensors", EXISTS),
     bad("report-output-exists", inputs(container(), out_file("report/x")), REPORT, r"{out}/report", EXISTS),
     bad("compress-output-is-the-weights-file", adapter(), ("compress", "{in}/ad", "-o", f"{{in}}/ad/{WEIGHTS}", "--force"), W, INPUT),
+    bad("compress-output-is-the-adapter-config", adapter(), ("compress", "{in}/ad", "-o", f"{{in}}/ad/{CONFIG}", "--force"), CFG, INPUT),
+    bad("expand-merged-output-is-a-file-of-the-base", container(base=True), (*MERGED[:3], "{in}/base/config.json", *MERGED[4:], "--force"), r"{in}/base/config\.json", INPUT),
     bad("compress-output-is-the-adapter-folder", adapter(), ("compress", "{in}/ad", "-o", "{in}/ad", "--force"), AD, INPUT),
     bad("expand-dense-output-is-the-container", container(), ("expand", "{in}/c.safetensors", "-o", "{in}/c.safetensors", "--to", "dense", "--force"), C, INPUT),
     bad("expand-merged-output-is-the-base", container(base=True), (*MERGED[:3], "{in}/base", *MERGED[4:], "--force"), r"{in}/base", INPUT),
