@@ -242,10 +242,11 @@ def check_output(path: Path, force: bool, sources: tuple[Path, ...] = (), folder
     try:
         rp = path.resolve()
         exists = os.path.lexists(path)
-        for s in sources:
-            sr = Path(s).resolve()
+        resolved = [(s, Path(s).resolve()) for s in sources]
+        for s, sr in resolved:
             if rp == sr or sr.is_relative_to(rp):  # replacing the output would destroy an input
                 raise OutputExists(path, "is an input of this command; choose another output")
+        for s, sr in resolved:
             if exists and rp.is_relative_to(sr) and sr.is_dir():  # e.g. the adapter's own config file
                 raise OutputExists(path, f"is a file of the input folder {s}; choose another output")
     except OSError as e:

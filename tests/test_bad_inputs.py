@@ -444,6 +444,21 @@ def shared_reference(altered: bool, table: str = "manifest") -> Mutation:
     return mut
 
 
+def svd_rank_padded(p: Path) -> None:
+    """Module 0 of the svd container stored at its source rank + 1 (a zero row and column
+    appended, the manifest and payload hash made to agree): what a truncation cannot be."""
+    t = load_file(p)
+    h, _ = read_st(p)
+    m = json.loads(h["__metadata__"]["adaptzip"])
+    r = m["modules"][0]["rank"]
+    A, B = t["A.0"], t["B.0"]
+    t["A.0"] = torch.cat([A, torch.zeros(r + 1 - A.shape[0], A.shape[1], dtype=A.dtype)])
+    t["B.0"] = torch.cat([B, torch.zeros(B.shape[0], r + 1 - B.shape[1], dtype=B.dtype)], 1)
+    m["state"]["ranks"][0] = r + 1
+    save_file(t, p, metadata={"adaptzip": json.dumps(m, sort_keys=True, separators=(",", ":"))})
+    rehash(p)
+
+
 def _bump_first_rank(m: dict) -> None:
     m["state"]["ranks"][0] += 1
 
@@ -688,6 +703,7 @@ CASES: list[Case] = [
     bad("expand-table-in-shared-file-edited-rank", container(shared_reference(altered=False, table="edited")), EXPAND, C, r"rank"),
     bad("verify-masa-module-in-two-groups", container(manifest(_module_in_two_groups), src="masa.safetensors"), VERIFY, C, r"(?i)group|state"),
     bad("expand-masa-module-in-two-groups", container(manifest(_module_in_two_groups), src="masa.safetensors"), EXPAND, C, r"(?i)group|state"),
+    bad("verify-svd-rank-above-the-source", container(svd_rank_padded), VERIFY, C, r"state does not fit form svd: state\.ranks\[0\]"),
     bad("verify-lora-state-unknown-entry", container(manifest(lambda m: m["state"].update(ranks=[4] * 8)), src="lora.safetensors"), VERIFY, C, r"state does not fit form lora: ranks"),
     bad("expand-vblora-state-rank-halved", container(manifest(lambda m: m["state"].update(rank=m["state"]["rank"] // 2)), src="vblora.safetensors"), EXPAND, C, r"state does not fit form vblora"),
     bad("expand-peft-vblora-flipped-payload-byte", container(flip_payload, src="vblora.safetensors"), (*EXPAND, "--to", "peft-vblora"), C, SHA),

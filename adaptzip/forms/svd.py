@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import linalg
 from ..adapter import Adapter, ModuleInfo
-from ..errors import OptionError
+from ..errors import ContainerError, OptionError
 from .base import Directions, FitContext, Form, TensorSpecs, register
 
 
@@ -102,8 +102,14 @@ class SvdForm(Form):
 
     @classmethod
     def tensor_specs(cls, modules, config, state) -> TensorSpecs:
+        ranks = state["ranks"]
+        if len(ranks) != len(modules):
+            raise ContainerError(None, f"state.ranks has {len(ranks)} entries for {len(modules)} modules")
+        bad = next((i for i, (m, k) in enumerate(zip(modules, ranks)) if not 0 <= int(k) <= m.rank), None)
+        if bad is not None:  # a truncation of the source's factors has at most its rank
+            raise ContainerError(None, f"state.ranks[{bad}] = {ranks[bad]} is outside [0, {modules[bad].rank}]")
         specs: TensorSpecs = {}
-        for i, (m, k) in enumerate(zip(modules, state["ranks"])):
+        for i, (m, k) in enumerate(zip(modules, ranks)):
             specs[f"A.{i}"] = ((k, m.in_features), None)
             specs[f"B.{i}"] = ((m.out_features, k), None)
         return specs
