@@ -377,8 +377,9 @@ def to_merged(c: Container, base: Path, out: Path) -> dict:
         except (SafetensorError, OSError) as e:
             raise BaseModelError(s, f"cannot read: {e}") from e
     kset = set(keys)
-    # base key -> its edits, applied in this order: ("replace", j) (a saved tensor of the adapter:
-    # modules_to_save, the base layer PEFT saves with an embedding's LoRA), ("delta", i), ("bias", j, i)
+    # base key -> its edits, applied in this order: ("replace", j, rank) (a saved tensor of the
+    # adapter: modules_to_save, the base layer PEFT saves with an embedding's LoRA; by rank),
+    # ("delta", i), ("bias", j, i)
     edits: dict[str, list[tuple]] = {}
     want: list[tuple[str, tuple[int, ...], str]] = []  # (base key, the shape an edit needs, what needs it)
     magnitude = {x["module"]: j for j, x in enumerate(c.carried) if x["role"] == "dora_magnitude"}
@@ -426,7 +427,10 @@ def to_merged(c: Container, base: Path, out: Path) -> dict:
             k = name if name in kset else _match_key(name.rsplit(".", 1)[0], kset, name.rsplit(".", 1)[1])
             if k is None:
                 raise BaseModelError(base, f"tensor {x['key']} of the adapter has no counterpart in the base model")
-            edits.setdefault(k, []).append(("replace", j))
+            # several saved tensors may name one base tensor (bias="all" saves a modules_to_save
+            # module's original bias too): the copy PEFT runs with, modules_to_save, is applied last
+            rank = 2 if ".modules_to_save." in x["key"] else 0 if ".original_module." in x["key"] else 1
+            edits.setdefault(k, []).append(("replace", j, rank))
             want.append((k, c.stored_shape(x["tensor"]), f"tensor {x['key']} of the adapter"))
     for k, shape, what in want:
         if shapes[k] != tuple(shape):
@@ -446,13 +450,14 @@ def to_merged(c: Container, base: Path, out: Path) -> dict:
                 with StreamingWriter(tmp / s.name, plan, meta) as w:
                     for n, dt, _ in plan:
                         t = fh.get_tensor(n)
-                        for e in sorted(edits.get(n, ()), key=lambda e: _EDIT_ORDER[e[0]]):
+                        for e in sorted(edits.get(n, ()), key=_edit_order):
                             t = _apply(c, form, e, t, magnitude, s)
                         w.write(n, t.to(dt).contiguous())
     return {"output": str(out), "base_model": str(base), "shards": len(shards), "edited_tensors": len(edits)}
 
 
-_EDIT_ORDER = {"replace": 0, "delta": 1, "bias": 2}
+def _edit_order(e: tuple) -> tuple[int, int]:
+    return {"replace": 0, "delta": 1, "bias": 2}[e[0]], e[2] if e[0] == "replace" else 0
 
 
 def _apply(c: Container, form: Form, e: tuple, t: torch.Tensor, magnitude: dict[str, int], shard: Path) -> torch.Tensor:

@@ -243,7 +243,7 @@ def check_output(path: Path, force: bool, sources: tuple[Path, ...] = (), folder
         rp = path.resolve()
         exists = os.path.lexists(path)
         resolved = [(s, Path(s).resolve()) for s in sources]
-        for s, sr in resolved:
+        for _, sr in resolved:
             if rp == sr or sr.is_relative_to(rp):  # replacing the output would destroy an input
                 raise OutputExists(path, "is an input of this command; choose another output")
         for s, sr in resolved:

@@ -429,3 +429,41 @@ def test_peft_features_beyond_plain_lora_stay_with_peft_and_are_refused_elsewher
         with pytest.raises(ExportError, match=feature):
             adaptzip.expand(cont, out, to=to, **kw)
         assert not out.exists()
+
+
+def test_merged_classifier_with_bias_all_uses_the_trained_head(tmp_path):
+    """bias="all" on a sequence classifier: PEFT saves the head three times (its trained
+    modules_to_save copy, the original module's bias, a plain copy), all naming the base's
+    ``classifier.bias``. The merged model takes the copy PEFT runs with, and equals PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, num_labels=3
+    )
+    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "base")
+    pm = get_peft_model(
+        BertForSequenceClassification.from_pretrained(tmp_path / "base"),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", bias="all"),
+    )
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=3e-2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        ids = torch.randint(4, 128, (8, 16), generator=g)
+        loss = pm(input_ids=ids, labels=ids[:, 0] % 3).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pm.save_pretrained(tmp_path / "lora")
+    keys = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert sum(k.endswith("classifier.modules_to_save.bias") or k.endswith("original_module.bias") for k in keys) == 2
+    c = tmp_path / "c.safetensors"
+    adaptzip.compress(tmp_path / "lora", c, to="lora")
+    adaptzip.expand(c, tmp_path / "merged", to="merged", base_model=tmp_path / "base")
+    ids = random_ids()
+    with torch.no_grad():
+        got = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()(input_ids=ids).logits
+        base = BertForSequenceClassification.from_pretrained(tmp_path / "base").eval()
+        want = PeftModel.from_pretrained(base, tmp_path / "lora").eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
