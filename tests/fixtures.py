@@ -118,6 +118,37 @@ def train_lora(
     return out
 
 
+def train_bert_classifier(base: Path, out: Path, *, steps: int, lr: float, seq: int = 24, **lora_kwargs) -> Path:
+    """A tiny BERT sequence classifier (3 labels) saved to ``base`` and a PEFT SEQ_CLS LoRA on it
+    (head in modules_to_save; ``lora_kwargs`` for LoraConfig), trained ``steps`` Adam steps on
+    random token rows labelled by their first token, saved to ``out``."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=128,
+        num_labels=3,
+    )
+    m = BertForSequenceClassification(cfg)
+    m.save_pretrained(base)
+    pm = get_peft_model(m, LoraConfig(task_type="SEQ_CLS", **lora_kwargs))
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids = torch.randint(4, 128, (8, seq), generator=g)
+        loss = pm(input_ids=ids, labels=ids[:, 0] % 3).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pm.save_pretrained(out)
+    return out
+
+
 # What PEFT writes for a plain LoRA; write_adapter's ``config`` overrides or extends it.
 PEFT_LORA_CONFIG = {
     "peft_type": "LORA",

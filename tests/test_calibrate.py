@@ -9,7 +9,7 @@ import pytest
 import torch
 from calib_fixtures import base_with_tokenizer, make_text, train_text_lora
 from clihelp import run_cli, run_json
-from fixtures import FAST_FIT, make_base, one_torch_thread, train_lora
+from fixtures import FAST_FIT, make_base, one_torch_thread, train_bert_classifier, train_lora
 
 from adaptzip import api, distill, fit, load_adapter, trainer
 from adaptzip import calibrate as cb
@@ -505,37 +505,19 @@ def test_encoder_with_classifier_head(tmp_path):
     """BERT-like base + SEQ_CLS LoRA (head in modules_to_save): the live lora form equals the
     teacher, and distillation (hidden-state MSE + class KL) lowers the held-out objective."""
     from calib_fixtures import make_tokenizer
-    from peft import LoraConfig, get_peft_model
-    from transformers import BertConfig, BertForSequenceClassification
 
     text = make_text(500, seed=5)
     (tmp_path / "c.txt").write_text(text)
-    torch.manual_seed(0)
-    m = BertForSequenceClassification(
-        BertConfig(
-            vocab_size=128,
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=96,
-            max_position_embeddings=128,
-            num_labels=3,
-        )
+    train_bert_classifier(
+        tmp_path / "base",
+        tmp_path / "lora",
+        steps=10,
+        lr=1e-2,
+        r=4,
+        lora_alpha=8,
+        target_modules=["query", "value", "dense"],
     )
-    m.save_pretrained(tmp_path / "base")
     make_tokenizer(text).save_pretrained(tmp_path / "base")
-    pm = get_peft_model(
-        m, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value", "dense"], task_type="SEQ_CLS")
-    )
-    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(10):
-        ids = torch.randint(4, 128, (8, 24), generator=g)
-        loss = pm(input_ids=ids, labels=ids[:, 0] % 3).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    pm.save_pretrained(tmp_path / "lora")
     ad = load_adapter(tmp_path / "lora")
     cal = distill.prepare(ad, tmp_path / "base", tmp_path / "c.txt", calib_tokens=3000, seq_len=SEQ)
     assert cal.task == "cls" and cal.eval.base_objective > 0

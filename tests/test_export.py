@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from fixtures import load_base, random_ids
+from fixtures import load_base, random_ids, train_bert_classifier
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
@@ -435,27 +435,19 @@ def test_merged_classifier_with_bias_all_uses_the_trained_head(tmp_path):
     """bias="all" on a sequence classifier: PEFT saves the head three times (its trained
     modules_to_save copy, the original module's bias, a plain copy), all naming the base's
     ``classifier.bias``. The merged model takes the copy PEFT runs with, and equals PEFT."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, num_labels=3
+    train_bert_classifier(
+        tmp_path / "base",
+        tmp_path / "lora",
+        steps=5,
+        lr=3e-2,
+        seq=16,
+        r=4,
+        lora_alpha=8,
+        target_modules=["query", "value"],
+        bias="all",
     )
-    BertForSequenceClassification(cfg).save_pretrained(tmp_path / "base")
-    pm = get_peft_model(
-        BertForSequenceClassification.from_pretrained(tmp_path / "base"),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", bias="all"),
-    )
-    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=3e-2)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(5):
-        ids = torch.randint(4, 128, (8, 16), generator=g)
-        loss = pm(input_ids=ids, labels=ids[:, 0] % 3).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    pm.save_pretrained(tmp_path / "lora")
     keys = load_file(tmp_path / "lora" / "adapter_model.safetensors")
     assert sum(k.endswith("classifier.modules_to_save.bias") or k.endswith("original_module.bias") for k in keys) == 2
     c = tmp_path / "c.safetensors"
