@@ -285,8 +285,8 @@ def test_calibrated_containers_are_byte_identical_and_keep_no_timings(env, tmp_p
         r = api.compress(
             env["lora"],
             tmp_path / f"c{i}.safetensors",
-            to="bslora-ke",
-            budget=0.3,
+            to="svd",
+            budget=0.3,  # (svd at a budget is its own same-bytes baseline: one distillation)
             calibration=_calib(env, steps=3, precision="fp32"),
             fitting=dataclasses.replace(FAST_FIT, seed=7),
         )
