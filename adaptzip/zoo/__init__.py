@@ -133,8 +133,6 @@ def batch(
     zoo, out = Path(zoo), Path(output)
     if not zoo.is_dir():
         raise OptionError(zoo, "no such folder (expected a folder of PEFT LoRA adapters)")
-    if not os.access(zoo, os.R_OK | os.X_OK):
-        raise OptionError(zoo, "cannot list folder: permission denied")  # (its sub-folders are rows)
     zoo_real, out_real = os.path.realpath(zoo), os.path.realpath(out)
     if inside(zoo_real, out_real):
         raise OptionError(out, "the output folder must not contain the zoo")
@@ -162,8 +160,11 @@ def batch(
                 )
     opts = batch_options(to, budget, config_to_json(config), fitting, calibration, quant)
     digest = options_sha256(opts)
-    if next(iter(discover(zoo, exclude=out)), None) is None:  # (a wrong path, most likely: say so, write nothing)
+    first = next(iter(discover(zoo, exclude=out)), None)
+    if first is None:  # (a wrong path, most likely: say so, write nothing)
         raise OptionError(zoo, "no PEFT adapter below it (no folder with an adapter_config.json)")
+    if first.rel == "" and first.status == "failed":  # the zoo folder itself cannot be listed (sub-folders: rows)
+        raise OptionError(zoo, first.problem)
     check_writable(out, folder=True)
     made = make_dirs(out)
     threads = max(1, runtime.idle_cores() // jobs) if threads is None else threads
